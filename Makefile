@@ -1,0 +1,31 @@
+# Two entry points for a fresh machine (Python 3.10+ with venv):
+#   make demo   set up .venv and run the main job on the bundled Last.fm data
+#   make test   set up .venv and run the test suite
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+
+.PHONY: setup demo test test-all clean
+
+setup: $(VENV)/.installed
+
+# torch first, pinned to the CPU wheel (requirements/cpu.txt), so that nothing later
+# pulls a multi-GB CUDA build; then the project with its test extras.
+$(VENV)/.installed: pyproject.toml requirements/cpu.txt
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -r requirements/cpu.txt
+	$(BIN)/pip install --quiet -e ".[test]"
+	touch $@
+
+demo: setup
+	RAY_USAGE_STATS_ENABLED=0 $(BIN)/gnaq run
+
+test: setup
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q
+
+test-all: setup
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -m "slow or not slow"
+
+clean:
+	rm -rf $(VENV) .pytest_cache runs

@@ -1,0 +1,121 @@
+"""Training configuration: model, method, optimisation and schedule.
+
+One dataclass tree, loaded from layered YAML (see ``gnaq_dist.config``); every key is
+documented in ``docs/config.md``. ``validate`` rejects a config that contradicts
+itself before any data is read or any training starts.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+from gnaq_dist.errors import ConfigError
+
+METHODS = ("fp", "gnaq", "gnaq_ste", "lsq", "n2uq", "bigear")
+QUANT_BITS = (1, 2, 4, 8)
+
+
+@dataclass
+class ModelConfig:
+    method: str = "gnaq"  # fp | gnaq | gnaq_ste | lsq | n2uq | bigear
+    bits: int | None = 2  # code width of the quantized table: 1, 2, 4 or 8 (fp: null)
+    dim: int = 64  # embedding dimension d
+    num_layers: int = 3  # LightGCN propagation layers L
+    phi: Literal["tanh", "identity"] = "tanh"  # GNAQ level activation
+    level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
+    refine_every: int = 1  # GNAQ: steps between code re-assignments (0 = never)
+
+    def validate(self) -> None:
+        if self.method not in METHODS:
+            raise ConfigError(f"model.method: unknown method {self.method!r} (known: {', '.join(METHODS)})")
+        if self.method == "fp":
+            if self.bits not in (None, 32):
+                raise ConfigError(f"model.bits: full precision takes no bit width, got {self.bits}")
+        elif self.method == "bigear":
+            if self.bits not in (None, 1):
+                raise ConfigError(f"model.bits: bigear is 1-bit only, got {self.bits}")
+        elif self.bits not in QUANT_BITS:
+            raise ConfigError(f"model.bits: {self.bits!r} is not a supported bit width (1, 2, 4, 8)")
+        if self.dim < 1 or self.num_layers < 0:
+            raise ConfigError("model.dim must be >= 1 and model.num_layers >= 0")
+        if self.refine_every < 0:
+            raise ConfigError("model.refine_every must be >= 0")
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-3  # Adam learning rate of the full-precision warm-up
+    quant_lr: float | None = None  # Adam learning rate of the quantized phase (null: lr)
+    l2: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN's decay)
+    grad_clip: float | None = 3.0  # gradient value clip (the reference code's 3); null = off
+
+    def validate(self) -> None:
+        if self.lr <= 0 or (self.quant_lr is not None and self.quant_lr <= 0):
+            raise ConfigError("optim.lr and optim.quant_lr must be > 0")
+        if self.l2 < 0:
+            raise ConfigError("optim.l2 must be >= 0")
+
+
+@dataclass
+class ScheduleConfig:
+    epochs: int = 40  # total epochs (warm-up included)
+    warmup_epochs: int = 20  # full-precision epochs before the quantized phase (ignored for fp)
+    batch_size: int = 8192  # positive (user, item) pairs per step
+    num_negatives: int = 4  # sampled negatives per positive (BPR)
+    propagation: Literal["full", "sampled"] = "full"  # full graph per step, or DGL neighbour sampling
+    fanouts: list[int] = field(default_factory=lambda: [10, 10, 10])  # per layer (-1 = all)
+    eval_every: int = 5  # epochs between evaluations (0 = only at the end)
+    max_steps: int | None = None  # stop after this many steps in total (smoke runs)
+
+    def validate(self) -> None:
+        if self.epochs < 1:
+            raise ConfigError("schedule.epochs must be >= 1")
+        if self.warmup_epochs < 0:
+            raise ConfigError("schedule.warmup_epochs must be >= 0")
+        if self.warmup_epochs > self.epochs:
+            raise ConfigError(
+                f"schedule.warmup_epochs ({self.warmup_epochs}) is longer than the run "
+                f"(schedule.epochs = {self.epochs})"
+            )
+        if self.batch_size < 1 or self.num_negatives < 1:
+            raise ConfigError("schedule.batch_size and schedule.num_negatives must be >= 1")
+
+
+@dataclass
+class EvalConfig:
+    ks: list[int] = field(default_factory=lambda: [10, 20, 50])  # cut-offs of Recall@K / NDCG@K
+    batch_size: int = 2048  # users scored at once (bounds memory to batch x items)
+    split: Literal["test", "valid"] = "test"  # which held-out split to rank
+
+
+@dataclass
+class TrainConfig:
+    dataset: str = ""  # URI of an ingested dataset (gnaq ingest output)
+    storage_options: dict = field(default_factory=dict)  # fsspec options for dataset/out
+    out: str = "runs/latest"  # run directory: metrics.jsonl, summary.json, plots
+    seed: int = 0
+    threads: int | None = None  # torch intra-op threads (null: torch's default)
+    progress: bool = True
+    model: ModelConfig = field(default_factory=ModelConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
+
+    def validate(self) -> None:
+        self.model.validate()
+        self.optim.validate()
+        self.schedule.validate()
+        if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:
+            raise ConfigError(
+                f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "
+                f"{self.model.num_layers}"
+            )
+
+    @property
+    def quantized(self) -> bool:
+        return self.model.method != "fp"
+
+    @property
+    def warmup_epochs(self) -> int:
+        return self.schedule.warmup_epochs if self.quantized else self.schedule.epochs

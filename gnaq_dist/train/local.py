@@ -1,0 +1,307 @@
+"""Single-process training of LightGCN with any embedding method (fp, GNAQ, baselines).
+
+The schedule is the paper's, without an external checkpoint: a full-precision warm-up
+(``schedule.warmup_epochs``) trains an fp LightGCN, whose layer-0 table initialises
+the quantized method, which then trains for the rest of the budget. The time of each
+phase is reported, and evaluation always scores from the *packed* table (what a
+checkpoint or an exported bundle holds), not from the training-time tensors.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from gnaq_dist.evaluation import evaluate_ranking, finalize
+from gnaq_dist.graph import BipartiteGraph, build_graph
+from gnaq_dist.interactions import InteractionData
+from gnaq_dist.propagation import propagate_blocks, propagate_full
+from gnaq_dist.quant import build_method
+from gnaq_dist.quant.base import EmbeddingMethod
+from gnaq_dist.quant.packing import storage_report
+from gnaq_dist.runlog import RunLog
+from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
+from gnaq_dist.train.config import TrainConfig
+
+
+@dataclass
+class WarmStart:
+    """Full-precision layer-0 weights after the warm-up, shared by several methods.
+
+    The reproduction pipeline trains the fp model once and branches every quantized
+    method from its state at ``epoch``: same seed and batches, so this equals running
+    each method's own warm-up, at a fraction of the cost.
+    """
+
+    weight: torch.Tensor
+    epoch: int
+    seconds: float
+    steps: int
+
+
+@dataclass
+class TrainResult:
+    metrics: dict[str, float]  # final evaluation (from the packed table)
+    history: list[dict[str, Any]]  # one record per evaluation
+    phase_seconds: dict[str, float]  # warmup / quantized / eval wall time
+    phase_epochs: dict[str, int]
+    seconds_per_epoch: float  # training time only, averaged over all epochs
+    storage: dict[str, float]  # bytes per node, ratio to fp32, ...
+    method: EmbeddingMethod = field(repr=False)
+    warm_start: WarmStart | None = field(default=None, repr=False)  # fp state captured at capture_epoch
+
+
+def seed_everything(seed: int) -> None:
+    """Seeds Python, numpy, torch and DGL so that a run is repeatable."""
+    from gnaq_dist._dgl import dgl
+
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    dgl.seed(seed)
+
+
+def csr_from_pairs(n_rows: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(indptr, indices) of a row -> sorted columns map, for masks and test lists."""
+    order = np.lexsort((cols, rows))
+    indptr = np.zeros(n_rows + 1, dtype=np.int64)
+    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
+    return indptr, cols[order].astype(np.int64)
+
+
+class LocalTrainer:
+    """Holds the state of one single-process run: graph, method, optimizer, log."""
+
+    def __init__(self, config: TrainConfig, data: InteractionData, log: RunLog | None = None):
+        config.validate()
+        self.config = config
+        self.data = data
+        self.log = log or RunLog(None)
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        seed_everything(config.seed)
+        self.graph: BipartiteGraph = build_graph(data)
+        self.train_csr = csr_from_pairs(data.n_users, data.train_user, data.train_item)
+        held_user, held_item = data.split(config.eval.split)
+        self.test_csr = csr_from_pairs(data.n_users, held_user, held_item)
+        self.eval_users = np.flatnonzero(np.diff(self.test_csr[0]) > 0)
+        self.sampler = (
+            NeighborBlockSampler(self.graph, config.schedule.fanouts)
+            if config.schedule.propagation == "sampled"
+            else None
+        )
+        self.steps_per_epoch = math.ceil(data.n_train / config.schedule.batch_size)
+        self.global_step = 0
+
+    # -- one optimisation step -------------------------------------------------------
+    def _final_embeddings_for(self, method: EmbeddingMethod, node_ids: torch.Tensor):
+        """Final embeddings of ``node_ids`` (sorted, unique) and their layer-0 rows."""
+        L = self.config.model.num_layers
+        if self.sampler is None:
+            layers = propagate_full(self.graph, method.embed(None), L, method.layer_fn)
+            return method.combine(layers), None
+        input_nodes, blocks = self.sampler.sample(node_ids)
+        layers = propagate_blocks(blocks, method.embed(input_nodes), L, method.layer_fn)
+        return method.combine(layers), node_ids
+
+    def step(self, method: EmbeddingMethod, optimizer: torch.optim.Optimizer, users, pos, neg) -> float:
+        cfg = self.config
+        n_users = self.data.n_users
+        pos_nodes = pos + n_users
+        neg_nodes = neg + n_users
+        batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
+        final, row_ids = self._final_embeddings_for(method, batch_nodes)
+
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            if row_ids is None:
+                return final[ids]
+            return final[torch.searchsorted(row_ids, ids)]
+
+        u = rows(users)
+        pos_score = (u * rows(pos_nodes)).sum(-1)
+        neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
+        bpr = F.softplus(neg_score - pos_score.unsqueeze(1)).mean()
+        reg_rows = method.reg_embeddings(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
+        reg = cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0]
+        loss = bpr + reg
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.optim.grad_clip is not None:
+            torch.nn.utils.clip_grad_value_(method.parameters(), cfg.optim.grad_clip)
+        optimizer.step()
+        refine_every = cfg.model.refine_every
+        if refine_every and (self.global_step + 1) % refine_every == 0:
+            with torch.no_grad():
+                if row_ids is None:
+                    method.refine(torch.arange(final.shape[0]), final.detach())
+                else:
+                    method.refine(row_ids, final.detach())
+        self.global_step += 1
+        return float(bpr.detach())
+
+    # -- evaluation from the packed table --------------------------------------------
+    @torch.no_grad()
+    def final_embeddings(self, method: EmbeddingMethod) -> torch.Tensor:
+        """All nodes' final embeddings as inference computes them: from storage form."""
+        L = self.config.model.num_layers
+        if method.name == "fp":
+            return method.combine(propagate_full(self.graph, method.embed(None), L, method.layer_fn))
+        level_dtype = getattr(torch, self.config.model.level_dtype)
+        packed = method.pack(level_dtype=level_dtype)
+        table = torch.from_numpy(packed.dequantize())
+        if packed.needs_propagation:
+            return method.combine(propagate_full(self.graph, table, L))
+        weights = torch.tensor(packed.group_weights or [1.0] * packed.groups, dtype=table.dtype)
+        grouped = table.reshape(table.shape[0], packed.groups, -1) * weights.view(1, -1, 1)
+        return grouped.reshape(table.shape[0], -1)
+
+    def evaluate(self, method: EmbeddingMethod) -> dict[str, float]:
+        final = self.final_embeddings(method)
+        n_users = self.data.n_users
+        sums = evaluate_ranking(
+            final[:n_users],
+            final[n_users:],
+            torch.from_numpy(self.eval_users),
+            self.train_csr,
+            self.test_csr,
+            ks=tuple(self.config.eval.ks),
+            batch_size=self.config.eval.batch_size,
+        )
+        return finalize(sums)
+
+    # -- the run ---------------------------------------------------------------------
+    def _optimizer(self, method: EmbeddingMethod, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
+
+    def run(self, warm_start: WarmStart | None = None, capture_epoch: int | None = None) -> TrainResult:
+        """Train; ``warm_start`` skips the warm-up, ``capture_epoch`` snapshots the fp table."""
+        cfg = self.config
+        sched = cfg.schedule
+        data = self.data
+        N, d, L = data.n_nodes, cfg.model.dim, cfg.model.num_layers
+        warmup_epochs = cfg.warmup_epochs
+        total_epochs = sched.epochs
+        total_steps = total_epochs * self.steps_per_epoch
+        if sched.max_steps is not None:
+            total_steps = min(total_steps, sched.max_steps)
+
+        method: EmbeddingMethod = build_method("fp", N, d, None, L)
+        optimizer = self._optimizer(method, cfg.optim.lr)
+        phase = "warmup" if cfg.quantized else "train"
+        phase_seconds = {"warmup": 0.0, "quantized": 0.0, "eval": 0.0}
+        phase_epochs = {"warmup": 0, "quantized": 0}
+        history: list[dict[str, Any]] = []
+        metrics: dict[str, float] = {}
+        self.log.write("start", method=cfg.model.method, bits=cfg.model.bits, n_users=data.n_users,
+                       n_items=data.n_items, n_train=data.n_train, steps_per_epoch=self.steps_per_epoch,
+                       epochs=total_epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0)
+        bar = tqdm(total=total_steps, desc=f"{cfg.model.method}", unit="step", disable=not cfg.progress,
+                   dynamic_ncols=True)
+        epoch = 0
+        first_epoch = 1
+        captured: WarmStart | None = None
+        if warm_start is not None:
+            if not cfg.quantized or warm_start.epoch != warmup_epochs:
+                raise ValueError("a warm start needs a quantized method and the same warm-up length")
+            with torch.no_grad():
+                method.init_from_full_precision(warm_start.weight)
+            first_epoch = warm_start.epoch + 1
+            self.global_step = warm_start.steps
+            phase_seconds["warmup"] = warm_start.seconds
+            phase_epochs["warmup"] = warm_start.epoch
+            bar.update(min(warm_start.steps, total_steps))
+        try:
+            for epoch in range(first_epoch, total_epochs + 1):
+                if self.global_step >= total_steps:
+                    break
+                if cfg.quantized and epoch == warmup_epochs + 1:
+                    method = self._start_quantized_phase(method)
+                    optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)
+                    phase = "quantized"
+                    bar.set_description(f"{cfg.model.method}-{cfg.model.bits}b")
+                phase_key = "warmup" if phase in ("warmup", "train") else "quantized"
+                t0 = time.perf_counter()
+                losses = []
+                for users, pos, neg in BPRBatches(
+                    data.train_user, data.train_item, data.n_items, self.train_csr,
+                    batch_size=sched.batch_size, num_negatives=sched.num_negatives,
+                    seed=cfg.seed * 100_003 + epoch,
+                ):
+                    if self.global_step >= total_steps:
+                        break
+                    losses.append(self.step(method, optimizer, users, pos, neg))
+                    bar.update(1)
+                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", phase=phase_key)
+                phase_seconds[phase_key] += time.perf_counter() - t0
+                phase_epochs[phase_key] += 1
+                if capture_epoch == epoch and method.name == "fp":
+                    captured = WarmStart(method.embed(None).detach().clone(), epoch,
+                                         phase_seconds[phase_key], self.global_step)
+                self.log.write("epoch", epoch=epoch, phase=phase_key, loss=float(np.mean(losses)),
+                               seconds=time.perf_counter() - t0, step=self.global_step)
+                last = epoch == total_epochs or self.global_step >= total_steps
+                if last or (sched.eval_every and epoch % sched.eval_every == 0):
+                    t1 = time.perf_counter()
+                    metrics = self.evaluate(method)
+                    phase_seconds["eval"] += time.perf_counter() - t1
+                    record = self.log.write("eval", epoch=epoch, phase=phase_key, step=self.global_step, **metrics)
+                    history.append(record)
+                    bar.write(f"epoch {epoch} [{phase_key}] " + "  ".join(
+                        f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("@20") or k.endswith("@10")))
+        finally:
+            bar.close()
+        if cfg.quantized and method.name == "fp":
+            # The budget ended inside the warm-up (max_steps): quantize what we have.
+            method = self._start_quantized_phase(method)
+            metrics = self.evaluate(method)
+            history.append(self.log.write("eval", epoch=epoch, phase="quantized", step=self.global_step, **metrics))
+        storage = self.storage(method)
+        train_seconds = phase_seconds["warmup"] + phase_seconds["quantized"]
+        epochs_run = max(1, phase_epochs["warmup"] + phase_epochs["quantized"])
+        result = TrainResult(
+            metrics=metrics, history=history, phase_seconds=phase_seconds, phase_epochs=phase_epochs,
+            seconds_per_epoch=train_seconds / epochs_run, storage=storage, method=method,
+            warm_start=captured,
+        )
+        self.log.write("end", metrics=metrics, phase_seconds=phase_seconds, phase_epochs=phase_epochs,
+                       seconds_per_epoch=result.seconds_per_epoch, storage=storage)
+        return result
+
+    def _start_quantized_phase(self, fp_method: EmbeddingMethod) -> EmbeddingMethod:
+        cfg = self.config
+        method = build_method(
+            cfg.model.method, self.data.n_nodes, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
+            phi=cfg.model.phi,
+        )
+        with torch.no_grad():
+            method.init_from_full_precision(fp_method.embed(None).detach().clone())
+        return method
+
+    def storage(self, method: EmbeddingMethod) -> dict[str, float]:
+        d = self.config.model.dim
+        if method.name == "fp":
+            return {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
+        packed = method.pack(level_dtype=getattr(torch, self.config.model.level_dtype))
+        report = storage_report(packed)
+        # Compare with the fp32 layer-0 table the model replaces (d floats per node).
+        report["fp32_bytes_per_node"] = 4.0 * d
+        report["compression_ratio"] = 4.0 * d / report["bytes_per_node"]
+        return report
+
+
+def train_local(config: TrainConfig, data: InteractionData | None = None, log_path: str | Path | None = None) -> TrainResult:
+    """Train one configuration in this process (loads ``config.dataset`` if no data given)."""
+    if data is None:
+        from gnaq_dist.dataset import load_dataset
+
+        data = load_dataset(config.dataset, storage_options=config.storage_options)
+    return LocalTrainer(config, data, RunLog(log_path)).run()

@@ -1,0 +1,119 @@
+"""The interface every embedding method (fp, GNAQ, baselines) offers the training loop.
+
+The model code owns propagation; a method owns the layer-0 table and how it is
+quantized, plus two hooks on the propagated layers (``layer_fn``, ``combine``) that only
+BiGeaR overrides. Keeping the methods behind one small interface lets the single-process
+and distributed trainers treat them alike: ``trainable_row_params`` are sharded by row,
+``dense_params`` are all-reduced.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.packing import PackedTable
+
+
+class EmbeddingMethod(torch.nn.Module):
+    """Base class: identity ``layer_fn``, mean ``combine``, no refinement."""
+
+    name: str = "base"
+    bits: int | None = None
+
+    def __init__(self, num_nodes: int, dim: int, num_layers: int = 3) -> None:
+        super().__init__()
+        if num_nodes < 1 or dim < 1:
+            raise GnaqInputError(f"num_nodes and dim must be >= 1, got {num_nodes} and {dim}")
+        if num_layers < 0:
+            raise GnaqInputError(f"num_layers must be >= 0, got {num_layers}")
+        self.num_nodes = int(num_nodes)
+        self.dim = int(dim)
+        self.num_layers = int(num_layers)
+
+    # -- helpers ---------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        for t in self.parameters():
+            return t.device
+        for t in self.buffers():
+            return t.device
+        return torch.device("cpu")
+
+    def _ids(self, ids: torch.Tensor | None) -> torch.Tensor | None:
+        """Row ids as int64 on this method's device (None stays None = all rows)."""
+        if ids is None:
+            return None
+        ids = torch.as_tensor(ids)
+        if ids.dim() != 1:
+            raise GnaqInputError(f"ids must be 1-D, got shape {tuple(ids.shape)}")
+        return ids.to(device=self._device(), dtype=torch.int64)
+
+    def _check_weight(self, weight: torch.Tensor) -> torch.Tensor:
+        if weight.dim() != 2 or tuple(weight.shape) != (self.num_nodes, self.dim):
+            raise GnaqInputError(
+                f"full-precision weight must be ({self.num_nodes}, {self.dim}), got {tuple(weight.shape)}"
+            )
+        return weight.detach().to(device=self._device(), dtype=torch.float32)
+
+    def _check_table(self, table: PackedTable, groups: int = 1) -> None:
+        if table.method != self.name or table.bits != self.bits:
+            raise GnaqInputError(
+                f"packed table is {table.method}/{table.bits} bits, this method is {self.name}/{self.bits}"
+            )
+        if table.num_rows != self.num_nodes or table.dim != self.dim or table.groups != groups:
+            raise GnaqInputError(
+                f"packed table is {table.num_rows} x {table.groups} x {table.dim}, expected "
+                f"{self.num_nodes} x {groups} x {self.dim}"
+            )
+
+    # -- the interface ---------------------------------------------------------------
+    def embed(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """Layer-0 embeddings of rows ``ids`` (all rows if None), (len(ids), dim)."""
+        raise NotImplementedError
+
+    def layer_fn(self, h: torch.Tensor, layer: int) -> torch.Tensor:
+        """Transform of every layer output H^l; identity unless the method binarizes layers."""
+        return h
+
+    def combine(self, layers: list[torch.Tensor]) -> torch.Tensor:
+        """LightGCN's final embedding: the mean of H^0..H^L."""
+        if not layers:
+            raise GnaqInputError("combine needs at least one layer")
+        return torch.stack(layers, dim=0).mean(dim=0)
+
+    def init_from_full_precision(self, weight: torch.Tensor) -> None:
+        """Start the quantized phase from warm-up weights (N, dim)."""
+        raise NotImplementedError
+
+    def refine(self, ids: torch.Tensor, propagated: torch.Tensor) -> None:
+        """GNAQ's dynamic code re-assignment; a no-op for every other method."""
+        return None
+
+    def reg_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
+        """What L2 applies to: the layer-0 embedding the model propagates."""
+        return self.embed(ids)
+
+    def pack(self, level_dtype: torch.dtype = torch.float16) -> PackedTable:
+        raise NotImplementedError
+
+    def load_packed(self, table: PackedTable) -> None:
+        raise NotImplementedError
+
+    def trainable_row_params(self) -> list[torch.nn.Parameter]:
+        """Parameters with one row per node (sharded across workers, row-sparse updates)."""
+        return []
+
+    def dense_params(self) -> list[torch.nn.Parameter]:
+        """Parameters shared by all nodes (all-reduced across workers)."""
+        return []
+
+    def extra_repr(self) -> str:
+        return f"name={self.name}, bits={self.bits}, num_nodes={self.num_nodes}, dim={self.dim}"
+
+
+def init_normal_table(num_nodes: int, dim: int, std: float = 0.1) -> torch.Tensor:
+    """N(0, std^2) table from the global torch seed (LightGCN's initialisation)."""
+    return torch.randn(num_nodes, dim) * std
+
+
+__all__ = ["EmbeddingMethod", "init_normal_table"]

@@ -1,0 +1,176 @@
+"""GNAQ: node-aware dynamic quantization (per-node codebooks, codes refined from the graph).
+
+Every node i has 2^b learnable levels ``c_i`` and b-bit codes ``q_i`` (a uint8 buffer);
+its layer-0 embedding is ``x_i[d] = phi(c_i[q_i[d]])``. The codes are never
+differentiated. The *graph relation-aware gradient* needs no custom backward: the
+caller propagates ``x`` over the graph, so ``dL/dx_i`` already sums the multi-hop
+neighbours' gradients, and autograd through the gather and ``phi`` gives exactly
+``dL/dc_i[k] = sum_{d: q_i[d]=k} phi'(c_i[k]) g_i[d]``.
+
+Decisions where the method note is silent:
+
+* With ``phi = tanh`` the levels live in the pre-activation domain. Initialisation maps
+  the warm-up table back through ``u = atanh(clip(e, -0.999, 0.999))`` and applies the
+  paper's formulas to ``u`` (levels ``m + (k+1)(M-m)/(2^b+1)``, codes = equal-width
+  bins of ``[m, M]`` of ``u``), so the quantized start approximates the warm-up model
+  instead of a squashed copy of it. With ``phi = identity`` ``u = e``.
+* ``refine`` bins the propagated final embedding ``h`` as it is (the paper's rule); the
+  levels are not touched by refinement.
+* A row with ``max == min`` gets code 0 everywhere and all levels equal to that value
+  (no division by zero, no NaN).
+* Levels are computed as ``phi(c)`` first and then gathered, so the training-time table
+  equals the packed table's dequantization bit for bit with float32 levels.
+
+``straight_through=True`` is the GNAQ-STE ablation: a latent fp table ``w`` decides the
+codes at every forward (equal-width bins of each row of ``phi^-1(w)``), the forward value
+is still ``phi(c[q])``, and the backward passes ``dL/dx`` to ``w`` unchanged (the levels
+also get their gather gradient). ``refine`` is a no-op there: codes follow ``w``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.base import EmbeddingMethod, init_normal_table
+from gnaq_dist.quant.packing import PackedTable, make_table
+
+PHIS = ("tanh", "identity")
+_INIT_CLIP = 0.999  # atanh(0.999) = 3.8: keeps initial levels finite and tanh not saturated
+
+
+def equal_width_codes(values: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """uint8 index of the equal-width bin of each row's [min, max] (num_levels bins) holding each value."""
+    lo = values.amin(dim=1, keepdim=True)
+    hi = values.amax(dim=1, keepdim=True)
+    width = hi - lo
+    safe = torch.where(width > 0, width, torch.ones_like(width))
+    t = torch.where(width > 0, (values - lo) / safe, torch.zeros_like(values))
+    return torch.floor(t * num_levels).clamp_(0, num_levels - 1).to(torch.uint8)
+
+
+def paper_levels(values: torch.Tensor, num_levels: int) -> torch.Tensor:
+    """Levels evenly spaced inside each row's (min, max): m + (k+1)(M-m)/(2^b+1)."""
+    lo = values.amin(dim=1, keepdim=True)
+    hi = values.amax(dim=1, keepdim=True)
+    steps = torch.arange(1, num_levels + 1, dtype=values.dtype, device=values.device)
+    return lo + steps * (hi - lo) / (num_levels + 1)
+
+
+class GNAQ(EmbeddingMethod):
+    """Per-node learnable levels (N, 2^b) + uint8 codes (N, d); see the module docstring."""
+
+    name = "gnaq"
+
+    def __init__(
+        self,
+        num_nodes: int,
+        dim: int,
+        bits: int = 2,
+        num_layers: int = 3,
+        phi: str = "tanh",
+        straight_through: bool = False,
+    ) -> None:
+        super().__init__(num_nodes, dim, num_layers)
+        if phi not in PHIS:
+            raise GnaqInputError(f"phi must be one of {PHIS}, got {phi!r}")
+        self.bits = int(bits)
+        self.num_levels = 1 << self.bits
+        self.phi_name = phi
+        self.straight_through = bool(straight_through)
+        if self.straight_through:
+            self.name = "gnaq_ste"
+        self.levels = torch.nn.Parameter(torch.zeros(num_nodes, self.num_levels))
+        self.register_buffer("codes", torch.zeros(num_nodes, dim, dtype=torch.uint8))
+        self.latent: torch.nn.Parameter | None = None
+        if self.straight_through:
+            self.latent = torch.nn.Parameter(torch.zeros(num_nodes, dim))
+        # Usable before a warm-up: quantize LightGCN's N(0, 0.1^2) start.
+        self.init_from_full_precision(init_normal_table(num_nodes, dim))
+
+    # -- phi ---------------------------------------------------------------------------
+    def phi(self, c: torch.Tensor) -> torch.Tensor:
+        return torch.tanh(c) if self.phi_name == "tanh" else c
+
+    def phi_inv(self, x: torch.Tensor, clip: float = _INIT_CLIP) -> torch.Tensor:
+        """Pre-activation of a value, clipped where tanh cannot reach it."""
+        if self.phi_name == "tanh":
+            return torch.atanh(x.clamp(-clip, clip))
+        return x
+
+    # -- forward -----------------------------------------------------------------------
+    def _codes_of(self, ids: torch.Tensor | None) -> torch.Tensor:
+        """Codes of the rows (GNAQ: the buffer; STE: re-derived from the latent table)."""
+        if self.latent is None:
+            return self.codes if ids is None else self.codes[ids]
+        w = self.latent.detach() if ids is None else self.latent.detach()[ids]
+        return equal_width_codes(self.phi_inv(w), self.num_levels)
+
+    def embed(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        ids = self._ids(ids)
+        c = self.levels if ids is None else self.levels[ids]
+        q = self._codes_of(ids).long()
+        x = torch.gather(self.phi(c), 1, q)
+        if self.latent is not None:
+            w = self.latent if ids is None else self.latent[ids]
+            x = x + (w - w.detach())  # forward value unchanged, dL/dx reaches w as is
+        return x
+
+    # -- initialisation and refinement ------------------------------------------------
+    @torch.no_grad()
+    def init_from_full_precision(self, weight: torch.Tensor) -> None:
+        e = self._check_weight(weight)
+        u = self.phi_inv(e)
+        self.levels.copy_(paper_levels(u, self.num_levels))
+        if self.latent is not None:
+            self.latent.copy_(e)
+            self.codes.copy_(equal_width_codes(u, self.num_levels))
+        else:
+            self.codes.copy_(equal_width_codes(u, self.num_levels))
+
+    @torch.no_grad()
+    def refine(self, ids: torch.Tensor, propagated: torch.Tensor) -> None:
+        """q_ids <- equal-width bins of the propagated h over each row's [min, max] (GNAQ only)."""
+        if self.latent is not None:
+            return None
+        ids = self._ids(ids)
+        if propagated.dim() != 2 or tuple(propagated.shape) != (ids.shape[0], self.dim):
+            raise GnaqInputError(
+                f"refine needs propagated embeddings ({ids.shape[0]}, {self.dim}), got {tuple(propagated.shape)}"
+            )
+        h = propagated.detach().to(device=self.codes.device, dtype=torch.float32)
+        self.codes[ids] = equal_width_codes(h, self.num_levels)
+        return None
+
+    # -- storage ------------------------------------------------------------------------
+    @torch.no_grad()
+    def pack(self, level_dtype: torch.dtype = torch.float16) -> PackedTable:
+        codes = self._codes_of(None)
+        return make_table(self.name, self.bits, codes, self.phi(self.levels).unsqueeze(1), level_dtype)
+
+    @torch.no_grad()
+    def load_packed(self, table: PackedTable) -> None:
+        """Restore levels (phi^-1 of the stored values) and codes.
+
+        GNAQ-STE has no latent table in storage; ``w`` is rebuilt as ``phi(-1 + 2q/(k-1))``,
+        which re-derives exactly the stored codes whenever each row uses codes 0 and
+        2^b-1 (every table GNAQ-STE packs does), but is not the trained latent: resume
+        training from a state_dict, not from a packed table.
+        """
+        self._check_table(table)
+        dev = self.levels.device
+        codes = torch.from_numpy(table.unpacked_codes()).to(dev)
+        values = torch.from_numpy(table.levels.astype("float32")).to(dev)[:, 0, :]
+        values = values.expand(self.num_nodes, self.num_levels)
+        eps = torch.finfo(torch.float32).eps
+        self.levels.copy_(self.phi_inv(values, clip=1.0 - eps))
+        self.codes.copy_(codes)
+        if self.latent is not None:
+            u = -1.0 + 2.0 * codes.to(torch.float32) / (self.num_levels - 1)
+            self.latent.copy_(self.phi(u))
+
+    def trainable_row_params(self) -> list[torch.nn.Parameter]:
+        return [self.levels] if self.latent is None else [self.latent, self.levels]
+
+
+__all__ = ["GNAQ", "PHIS", "equal_width_codes", "paper_levels"]

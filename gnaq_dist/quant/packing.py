@@ -1,0 +1,247 @@
+"""Storage form of a quantized embedding table: bit-packed codes plus level tables.
+
+Why a separate module: checkpoints, inference bundles and the distributed row exchange
+all ship the same bytes, so the layout is defined once here. Codes are packed
+little-endian within a byte (code ``j`` of a row sits in byte ``j*b // 8`` at bit offset
+``j*b % 8``): 8 one-bit, 4 two-bit, 2 four-bit or 1 eight-bit code per byte. A row's
+codes are padded with zero bits to a whole byte, so rows can be sliced independently.
+
+Sizes are counted honestly: a per-node codebook costs ``2^b`` level values per row; a
+per-tensor codebook (first axis 1) is stored once and counted once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+
+SUPPORTED_BITS = (1, 2, 4, 8)
+
+
+def _check_bits(bits: int) -> None:
+    if bits not in SUPPORTED_BITS:
+        raise GnaqInputError(f"packing supports {SUPPORTED_BITS} bits, got {bits}")
+
+
+def packed_row_bytes(dim: int, bits: int) -> int:
+    """Bytes one row of ``dim`` b-bit codes takes (padded to a whole byte)."""
+    _check_bits(bits)
+    return (dim * bits + 7) // 8
+
+
+def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:
+    """(R, D) codes with values < 2**bits -> (R, ceil(D*bits/8)) uint8, little-endian in a byte."""
+    _check_bits(bits)
+    codes = np.asarray(codes)
+    if codes.ndim != 2:
+        raise GnaqInputError(f"codes must be 2-D (rows, dim), got shape {codes.shape}")
+    if codes.size and int(codes.max()) >= (1 << bits):
+        raise GnaqInputError(f"a code is >= 2**{bits}: {int(codes.max())}")
+    rows, dim = codes.shape
+    per = 8 // bits
+    nbytes = packed_row_bytes(dim, bits)
+    padded = np.zeros((rows, nbytes * per), dtype=np.uint8)
+    padded[:, :dim] = codes
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    return np.bitwise_or.reduce(padded.reshape(rows, nbytes, per) << shifts, axis=2).astype(np.uint8)
+
+
+def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
+    """Inverse of :func:`pack_codes`: (R, nbytes) uint8 -> (R, dim) uint8 codes."""
+    _check_bits(bits)
+    packed = np.asarray(packed, dtype=np.uint8)
+    if packed.ndim != 2 or packed.shape[1] != packed_row_bytes(dim, bits):
+        raise GnaqInputError(
+            f"packed codes must be (rows, {packed_row_bytes(dim, bits)}) for dim {dim} at {bits} bits, "
+            f"got {packed.shape}"
+        )
+    per = 8 // bits
+    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
+    mask = np.uint8((1 << bits) - 1)
+    out = (packed[:, :, None] >> shifts) & mask
+    return out.reshape(packed.shape[0], -1)[:, :dim]
+
+
+def pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Torch version of :func:`pack_codes` (any device), for shipping rows over torch.distributed."""
+    _check_bits(bits)
+    if codes.dim() != 2:
+        raise GnaqInputError(f"codes must be 2-D (rows, dim), got shape {tuple(codes.shape)}")
+    rows, dim = codes.shape
+    per = 8 // bits
+    nbytes = packed_row_bytes(dim, bits)
+    padded = torch.zeros((rows, nbytes * per), dtype=torch.int32, device=codes.device)
+    padded[:, :dim] = codes.to(torch.int32)
+    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
+    # Fields do not overlap, so their sum is their bitwise or and stays < 256.
+    return (padded.reshape(rows, nbytes, per) << shifts).sum(dim=2).to(torch.uint8)
+
+
+def unpack_codes_torch(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Torch version of :func:`unpack_codes` (any device)."""
+    _check_bits(bits)
+    if packed.dim() != 2 or packed.shape[1] != packed_row_bytes(dim, bits):
+        raise GnaqInputError(
+            f"packed codes must be (rows, {packed_row_bytes(dim, bits)}) for dim {dim} at {bits} bits, "
+            f"got {tuple(packed.shape)}"
+        )
+    per = 8 // bits
+    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
+    out = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    return out.reshape(packed.shape[0], -1)[:, :dim].to(torch.uint8)
+
+
+def _np_float(dtype: torch.dtype) -> type:
+    if dtype == torch.float16:
+        return np.float16
+    if dtype == torch.float32:
+        return np.float32
+    raise GnaqInputError(f"level dtype must be float16 or float32, got {dtype}")
+
+
+@dataclass
+class PackedTable:
+    """A quantized table as stored: codes (packed) and the value each code stands for.
+
+    ``levels`` already has the activation applied (GNAQ's tanh), so dequantizing is a
+    pure gather: ``x[r, g*dim + j] = levels[r or 0, g, code[r, g*dim + j]]``.
+    """
+
+    method: str
+    bits: int
+    dim: int  # values per group (the embedding dimension d)
+    num_rows: int
+    codes: np.ndarray  # uint8 (num_rows, ceil(groups*dim*bits/8))
+    levels: np.ndarray  # float16/float32 (num_rows or 1, groups, 2**bits)
+    groups: int = 1  # BiGeaR: L+1 binarized layers
+    needs_propagation: bool = True  # False: rows are already final-layer representations
+    group_weights: list[float] | None = field(default=None)
+
+    def __post_init__(self) -> None:
+        _check_bits(self.bits)
+        want_codes = (self.num_rows, packed_row_bytes(self.groups * self.dim, self.bits))
+        if self.codes.dtype != np.uint8 or self.codes.shape != want_codes:
+            raise GnaqInputError(f"codes must be uint8 {want_codes}, got {self.codes.dtype} {self.codes.shape}")
+        k = 1 << self.bits
+        if self.levels.ndim != 3 or self.levels.shape[0] not in (1, self.num_rows) or self.levels.shape[1:] != (
+            self.groups,
+            k,
+        ):
+            raise GnaqInputError(
+                f"levels must be (num_rows or 1, {self.groups}, {k}), got {self.levels.shape}"
+            )
+        if self.levels.dtype not in (np.float16, np.float32):
+            raise GnaqInputError(f"levels must be float16 or float32, got {self.levels.dtype}")
+        if self.group_weights is not None and len(self.group_weights) != self.groups:
+            raise GnaqInputError(f"group_weights needs {self.groups} entries, got {len(self.group_weights)}")
+
+    def unpacked_codes(self) -> np.ndarray:
+        """(num_rows, groups*dim) uint8 codes."""
+        return unpack_codes(self.codes, self.bits, self.groups * self.dim)
+
+    def dequantize(self, rows: np.ndarray | None = None) -> np.ndarray:
+        """(num_rows, groups*dim) float32 (or only ``rows``), by one vectorised gather."""
+        codes = self.codes if rows is None else self.codes[rows]
+        levels = self.levels if rows is None or self.levels.shape[0] == 1 else self.levels[rows]
+        n = codes.shape[0]
+        q = unpack_codes(codes, self.bits, self.groups * self.dim).reshape(n, self.groups, self.dim)
+        lv = np.broadcast_to(levels.astype(np.float32), (n, self.groups, 1 << self.bits))
+        return np.take_along_axis(lv, q.astype(np.intp), axis=2).reshape(n, self.groups * self.dim)
+
+    def code_bytes(self) -> int:
+        return int(self.codes.nbytes)
+
+    def level_bytes(self) -> int:
+        return int(self.levels.nbytes)
+
+    def bytes_total(self) -> int:
+        return self.code_bytes() + self.level_bytes()
+
+    def bytes_per_node(self) -> float:
+        return self.bytes_total() / max(self.num_rows, 1)
+
+    def fp32_bytes(self) -> int:
+        """The float32 layer-0 table this replaces: num_rows * dim * 4 (not times groups).
+
+        For BiGeaR the packed form holds L+1 binarized layers, but the model it stands in
+        for is still a d-dimensional fp32 embedding per node, so that is the baseline.
+        """
+        return self.num_rows * self.dim * 4
+
+    def compression_ratio(self) -> float:
+        return self.fp32_bytes() / max(self.bytes_total(), 1)
+
+    def to_state(self) -> dict:
+        """Plain dict of arrays and scalars (for checkpoint writers)."""
+        return {
+            "method": self.method, "bits": self.bits, "dim": self.dim, "num_rows": self.num_rows,
+            "codes": self.codes, "levels": self.levels, "groups": self.groups,
+            "needs_propagation": self.needs_propagation, "group_weights": self.group_weights,
+        }
+
+    @classmethod
+    def from_state(cls, state: dict) -> PackedTable:
+        gw = state.get("group_weights")
+        return cls(
+            method=str(state["method"]), bits=int(state["bits"]), dim=int(state["dim"]),
+            num_rows=int(state["num_rows"]), codes=np.asarray(state["codes"], dtype=np.uint8),
+            levels=np.asarray(state["levels"]), groups=int(state.get("groups", 1)),
+            needs_propagation=bool(state.get("needs_propagation", True)),
+            group_weights=None if gw is None else [float(w) for w in gw],
+        )
+
+
+def make_table(
+    method: str,
+    bits: int,
+    codes: torch.Tensor,
+    levels: torch.Tensor,
+    level_dtype: torch.dtype,
+    *,
+    groups: int = 1,
+    needs_propagation: bool = True,
+    group_weights: list[float] | None = None,
+) -> PackedTable:
+    """Build a :class:`PackedTable` from torch codes (R, groups*dim) and levels (R or 1, groups, 2**b)."""
+    np_dtype = _np_float(level_dtype)
+    rows, width = codes.shape
+    packed = pack_codes_torch(codes.detach(), bits).cpu().numpy()
+    lv = levels.detach().to(torch.float32).cpu().numpy().astype(np_dtype)
+    return PackedTable(
+        method=method, bits=bits, dim=width // groups, num_rows=rows, codes=packed, levels=lv,
+        groups=groups, needs_propagation=needs_propagation, group_weights=group_weights,
+    )
+
+
+def storage_report(table: PackedTable) -> dict[str, float]:
+    """Bytes per node as stored, the fp32 baseline, the ratio, and the b*d/8 + levels floor."""
+    n = max(table.num_rows, 1)
+    level_per_node = table.level_bytes() / n
+    floor = table.bits * table.dim * table.groups / 8 + level_per_node
+    return {
+        "bytes_per_node": table.bytes_per_node(),
+        "code_bytes_per_node": table.code_bytes() / n,
+        "level_bytes_per_node": level_per_node,
+        "floor_bytes_per_node": floor,
+        "fp32_bytes_per_node": table.fp32_bytes() / n,
+        "compression_ratio": table.compression_ratio(),
+        "bits": float(table.bits),
+        "groups": float(table.groups),
+    }
+
+
+__all__ = [
+    "SUPPORTED_BITS",
+    "PackedTable",
+    "make_table",
+    "pack_codes",
+    "pack_codes_torch",
+    "packed_row_bytes",
+    "storage_report",
+    "unpack_codes",
+    "unpack_codes_torch",
+]

@@ -1,0 +1,104 @@
+"""Reading an ingested dataset back (the layout written by ``gnaq_dist.ingest``).
+
+A directory is a dataset only if it has ``manifest.json`` (the commit mark written
+last); with ``verify`` every file's sha256 and row count must match the manifest, so a
+truncated or swapped file is caught before training on it.
+"""
+
+from __future__ import annotations
+
+import json
+import posixpath
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.interactions import InteractionData
+from gnaq_dist.storage import MANIFEST, join, resolve, sha256_of
+
+SPLITS = ("train", "test", "valid")
+
+
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The dataset's manifest; error if ``uri`` is not a committed gnaq dataset."""
+    fs, path = resolve(uri, storage_options)
+    mpath = join(path, MANIFEST)
+    try:
+        with fs.open(mpath, "rb") as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise GnaqInputError(f"{uri}: not a gnaq dataset (no {MANIFEST}; an unfinished or foreign directory)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise GnaqInputError(f"{mpath}: not valid JSON") from None
+    if manifest.get("format") != "gnaq-dataset":
+        raise GnaqInputError(f"{mpath}: format {manifest.get('format')!r} is not 'gnaq-dataset'")
+    if manifest.get("schema_version") != 1:
+        raise GnaqInputError(f"{mpath}: schema_version {manifest.get('schema_version')!r} is not supported (expected 1)")
+    return manifest
+
+
+def read_tables(
+    uri: str, storage_options: dict[str, Any] | None = None, verify: bool = True, names: tuple[str, ...] | None = None
+) -> tuple[dict[str, Any], dict[str, pa.Table]]:
+    """(manifest, {file name: table}) for the files listed in the manifest."""
+    manifest = read_manifest(uri, storage_options)
+    fs, path = resolve(uri, storage_options)
+    tables: dict[str, pa.Table] = {}
+    for name, entry in manifest["files"].items():
+        if names is not None and name not in names:
+            continue
+        fpath = join(path, entry["path"])
+        if not fs.exists(fpath):
+            raise GnaqInputError(f"{fpath}: file listed in the manifest is missing")
+        if verify:
+            digest = sha256_of(fs, fpath)
+            if digest != entry["sha256"]:
+                raise GnaqInputError(f"{fpath}: sha256 {digest[:12]}... does not match the manifest ({entry['sha256'][:12]}...)")
+        with fs.open(fpath, "rb") as handle:
+            table = pq.read_table(handle)
+        if verify and table.num_rows != entry["rows"]:
+            raise GnaqInputError(f"{fpath}: {table.num_rows} rows, the manifest says {entry['rows']}")
+        tables[name] = table
+    return manifest, tables
+
+
+def load_dataset(uri: str, storage_options: dict[str, Any] | None = None, verify: bool = True) -> InteractionData:
+    """Dataset at ``uri`` -> :class:`InteractionData` (contiguous user/item indices)."""
+    manifest, tables = read_tables(uri, storage_options, verify, names=SPLITS)
+
+    def col(name: str, column: str) -> np.ndarray | None:
+        if name not in tables:
+            return None
+        return tables[name].column(column).to_numpy().astype(np.int64)
+
+    meta = {"manifest": manifest}
+    for split, table in tables.items():
+        for extra in ("timestamp", "weight"):
+            if extra in table.column_names:
+                meta[f"{split}_{extra}"] = table.column(extra).to_numpy(zero_copy_only=False)
+    return InteractionData(
+        n_users=int(manifest["n_users"]),
+        n_items=int(manifest["n_items"]),
+        train_user=col("train", "user"),
+        train_item=col("train", "item"),
+        test_user=col("test", "user"),
+        test_item=col("test", "item"),
+        valid_user=col("valid", "user"),
+        valid_item=col("valid", "item"),
+        fingerprint=manifest["fingerprint"],
+        name=posixpath.basename(str(uri).rstrip("/")),
+        meta=meta,
+    )
+
+
+def load_id_maps(uri: str, storage_options: dict[str, Any] | None = None, verify: bool = False) -> tuple[pa.Array, pa.Array]:
+    """(user raw ids, item raw ids): element ``j`` is the raw id of contiguous index ``j``."""
+    _, tables = read_tables(uri, storage_options, verify, names=("user_map", "item_map"))
+    out = []
+    for name in ("user_map", "item_map"):
+        table = tables[name].sort_by("index")
+        out.append(table.column("raw_id").combine_chunks())
+    return out[0], out[1]

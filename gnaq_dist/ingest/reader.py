@@ -1,0 +1,337 @@
+"""Streamed reading of Parquet interaction logs from any fsspec location.
+
+The source is resolved once (file, directory, glob, Hive tree), every file's footer is
+checked before any row is read (so a bad file is named before work is wasted), and rows
+are then streamed file by file in record batches: only mapped int/float numpy chunks of
+the kept rows are retained.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import posixpath
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as ds
+import pyarrow.parquet as pq
+import pyarrow.types as pat
+def has_magic(path: str) -> bool:
+    return any(c in path for c in "*?[")
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.ingest.config import IngestConfig
+from gnaq_dist.ingest.edges import TEST, TRAIN, TS_NULL, VALID, Edges
+from gnaq_dist.ingest.idmap import IdMap
+from gnaq_dist.storage import arrow_fs, resolve
+
+
+@dataclass
+class SourceFile:
+    path: str
+    size: int
+    stamp: str  # etag or mtime: part of the source fingerprint
+    rows: int = 0
+    schema: pa.Schema | None = None
+
+
+@dataclass
+class Source:
+    uri: str
+    fs: Any
+    base: str
+    files: list[SourceFile]
+    partition_schema: pa.Schema = field(default_factory=lambda: pa.schema([]))
+
+    @property
+    def total_rows(self) -> int:
+        return sum(f.rows for f in self.files)
+
+    def fingerprint(self) -> str:
+        digest = hashlib.sha256()
+        for f in sorted(self.files, key=lambda f: f.path):
+            digest.update(f"{f.path}\0{f.size}\0{f.stamp}\n".encode())
+        return digest.hexdigest()
+
+
+def _stamp(info: dict) -> str:
+    for key in ("ETag", "etag", "mtime", "LastModified", "last_modified", "created"):
+        if info.get(key) is not None:
+            return str(info[key])
+    return ""
+
+
+def _hidden(rel: str) -> bool:
+    return any(part.startswith((".", "_")) for part in rel.split("/") if part)
+
+
+def list_files(uri: str, storage_options: dict | None = None) -> tuple[Any, str, list[SourceFile]]:
+    """Source URI (file, directory, glob) -> (fs, partition base dir, files); hidden files skipped."""
+    fs, path = resolve(uri, storage_options)
+    try:
+        if has_magic(path):
+            base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
+            found = fs.glob(path, detail=True)
+            infos = {p: i for p, i in found.items() if i.get("type") == "file"}
+            for p, i in found.items():
+                if i.get("type") == "directory":
+                    infos.update(fs.find(p, detail=True))
+        elif fs.isdir(path):
+            base = path
+            infos = fs.find(path, detail=True)
+        elif fs.exists(path):
+            base = posixpath.dirname(path)
+            infos = {path: fs.info(path)}
+        else:
+            raise GnaqInputError(f"{uri}: path not found")
+    except FileNotFoundError:
+        raise GnaqInputError(f"{uri}: path not found") from None
+    files = [
+        SourceFile(p, int(i.get("size") or 0), _stamp(i))
+        for p, i in sorted(infos.items())
+        if not _hidden(p[len(base):] if p.startswith(base) else posixpath.basename(p))
+    ]
+    if not files:
+        raise GnaqInputError(f"{uri}: path not found (no data files there)")
+    return fs, base, files
+
+
+def open_source(uri: str, storage_options: dict | None = None) -> Source:
+    """Resolve the source and read every file's footer (row counts, schema)."""
+    fs, base, files = list_files(uri, storage_options)
+    afs = arrow_fs(fs)
+    for f in files:
+        try:
+            meta = pq.ParquetFile(afs.open_input_file(f.path)).metadata
+            f.rows = meta.num_rows
+            f.schema = meta.schema.to_arrow_schema()
+        except (pa.ArrowInvalid, OSError) as exc:
+            raise GnaqInputError(f"{f.path}: not a Parquet file ({str(exc).splitlines()[0][:120]})") from None
+    dataset = ds.dataset([f.path for f in files], filesystem=afs, format="parquet", partitioning="hive", partition_base_dir=base)
+    part = dataset.partitioning.schema if dataset.partitioning is not None else pa.schema([])
+    return Source(uri, fs, base, files, part)
+
+
+# -- column type rules -------------------------------------------------------------------
+def _value_type(t: pa.DataType) -> pa.DataType:
+    return t.value_type if pat.is_dictionary(t) else t
+
+
+def _is_str(t: pa.DataType) -> bool:
+    return pat.is_string(t) or pat.is_large_string(t) or pat.is_string_view(t)
+
+
+def id_kind(t: pa.DataType) -> str | None:
+    v = _value_type(t)
+    if _is_str(v):
+        return "string"
+    if pat.is_integer(v):
+        return "int"
+    return None
+
+
+def _check_schema(f: SourceFile, schema: pa.Schema, config: IngestConfig, kinds: dict[str, str]) -> set[str]:
+    """Validate one file's columns; returns the optional columns it has."""
+    cols = config.columns
+    have: set[str] = set()
+    for role in ("user", "item"):
+        name = getattr(cols, role)
+        if name not in schema.names:
+            raise GnaqInputError(f"{f.path}: missing {role} column {name!r} (columns: {', '.join(schema.names)})")
+        kind = id_kind(schema.field(name).type)
+        if kind is None:
+            raise GnaqInputError(
+                f"{f.path}: column {name!r} has unsupported type {schema.field(name).type} (ids must be string or integer)"
+            )
+        if kinds.setdefault(role, kind) != kind:
+            raise GnaqInputError(f"{f.path}: column {name!r} holds {kind} ids but earlier files hold {kinds[role]} ids")
+    if cols.timestamp and cols.timestamp in schema.names:
+        t = _value_type(schema.field(cols.timestamp).type)
+        if not (pat.is_timestamp(t) or pat.is_date(t) or pat.is_integer(t)):
+            raise GnaqInputError(
+                f"{f.path}: column {cols.timestamp!r} has type {t} (expected timestamp, date or integer unix seconds)"
+            )
+        have.add("timestamp")
+    if cols.weight:
+        if cols.weight not in schema.names:
+            raise GnaqInputError(f"{f.path}: missing weight column {cols.weight!r}")
+        t = _value_type(schema.field(cols.weight).type)
+        if not (pat.is_integer(t) or pat.is_floating(t) or pat.is_decimal(t)):
+            raise GnaqInputError(f"{f.path}: column {cols.weight!r} has type {t} (expected a number)")
+    for role, needed in (("event", config.keep_events is not None), ("split", config.split.strategy == "column")):
+        name = getattr(cols, role)
+        if name and needed:
+            if name not in schema.names:
+                raise GnaqInputError(f"{f.path}: missing {role} column {name!r} (columns: {', '.join(schema.names)})")
+            t = _value_type(schema.field(name).type)
+            if not (_is_str(t) or pat.is_integer(t)):
+                raise GnaqInputError(f"{f.path}: column {name!r} has type {t} (expected string labels)")
+    return have
+
+
+# -- per-batch conversion ----------------------------------------------------------------
+def _plain(arr: pa.Array) -> pa.Array:
+    return arr.dictionary_decode() if pat.is_dictionary(arr.type) else arr
+
+
+def _as_str(arr: pa.Array) -> pa.Array:
+    arr = _plain(arr)
+    return arr if _is_str(arr.type) else arr.cast(pa.string())
+
+
+def _ids(arr: pa.Array, kind: str) -> pa.Array:
+    arr = _plain(arr)
+    if kind == "int":
+        return arr.cast(pa.int64())
+    return arr if pat.is_string(arr.type) else arr.cast(pa.string())
+
+
+def _bad_ids(arr: pa.Array, kind: str) -> tuple[int, int]:
+    nulls = arr.null_count
+    empty = 0
+    if kind == "string":
+        empty = int(pc.sum(pc.equal(arr, "")).as_py() or 0)
+    return nulls, empty
+
+
+def to_unix_seconds(arr: pa.Array) -> np.ndarray:
+    """timestamp[*] / date32 / date64 / integer -> int64 unix seconds (TS_NULL for nulls)."""
+    arr = _plain(arr)
+    t = arr.type
+    if pat.is_timestamp(t):
+        per_s = {"s": 1, "ms": 1_000, "us": 1_000_000, "ns": 1_000_000_000}[t.unit]
+        raw = arr.cast(pa.int64())
+        vals = raw.fill_null(0).to_numpy(zero_copy_only=False) // per_s
+    elif pat.is_date32(t):
+        raw = arr.cast(pa.int32()).cast(pa.int64())
+        vals = raw.fill_null(0).to_numpy(zero_copy_only=False) * 86_400
+    elif pat.is_date64(t):
+        raw = arr.cast(pa.int64())
+        vals = raw.fill_null(0).to_numpy(zero_copy_only=False) // 1_000
+    else:
+        raw = arr.cast(pa.int64())
+        vals = raw.fill_null(0).to_numpy(zero_copy_only=False)
+    vals = np.asarray(vals, dtype=np.int64)
+    if raw.null_count:
+        vals = vals.copy()
+        vals[np.asarray(raw.is_null().to_numpy(zero_copy_only=False))] = TS_NULL
+    return vals
+
+
+@dataclass
+class ReadStats:
+    rows_read: int = 0
+    filtered_by_event: int = 0
+    has_timestamp: bool = False
+
+
+def _progress(total: int, enabled: bool):
+    from tqdm import tqdm
+
+    return tqdm(total=total, unit="rows", unit_scale=True, file=sys.stderr, disable=not enabled, desc="ingest", smoothing=0.1)
+
+
+def read_parquet(source: Source, config: IngestConfig, users: IdMap, items: IdMap) -> tuple[Edges, ReadStats]:
+    """Validate all files, then stream them, mapping ids into ``users`` / ``items``."""
+    cols = config.columns
+    kinds: dict[str, str] = {}
+    if users.kind:
+        kinds["user"] = users.kind
+    if items.kind:
+        kinds["item"] = items.kind
+    has: dict[str, set[str]] = {}
+    for f in source.files:
+        schema = pa.unify_schemas([f.schema, source.partition_schema]) if len(source.partition_schema) else f.schema
+        f.schema = schema
+        try:
+            has[f.path] = _check_schema(f, schema, config, kinds)
+        except GnaqInputError as exc:
+            if users.kind and str(exc).find("earlier files") >= 0:
+                raise GnaqInputError(str(exc).replace("earlier files", "the existing dataset")) from None
+            raise
+    with_ts = [p for p, h in has.items() if "timestamp" in h]
+    if with_ts and len(with_ts) != len(has):
+        missing = next(p for p, h in has.items() if "timestamp" not in h)
+        raise GnaqInputError(f"{missing}: missing timestamp column {cols.timestamp!r} (other files have it)")
+    use_ts = bool(with_ts)
+    if config.split.strategy.startswith("temporal") and not use_ts and config.format == "parquet":
+        raise GnaqInputError(
+            f"{source.files[0].path}: missing timestamp column {cols.timestamp!r} (split {config.split.strategy!r} needs it)"
+        )
+    users.kind, items.kind = kinds["user"], kinds["item"]
+    use_event = config.keep_events is not None
+    use_split = config.split.strategy == "column"
+    names = [cols.user, cols.item]
+    for flag, name in ((use_ts, cols.timestamp), (bool(cols.weight), cols.weight), (use_event, cols.event), (use_split, cols.split)):
+        if flag and name not in names:
+            names.append(name)
+    keep = pa.array(config.keep_events or [], type=pa.string())
+    labels = {config.split.train_value: TRAIN, config.split.test_value: TEST, config.split.valid_value: VALID}
+    label_set = pa.array(list(labels), type=pa.string())
+    label_codes = np.array(list(labels.values()), dtype=np.int8)
+
+    stats = ReadStats(has_timestamp=use_ts)
+    parts: list[Edges] = []
+    afs = arrow_fs(source.fs)
+    bar = _progress(source.total_rows, config.progress)
+    try:
+        for f in source.files:
+            dataset = ds.dataset(f.path, filesystem=afs, format="parquet", partitioning="hive", partition_base_dir=source.base)
+            fragment = next(iter(dataset.get_fragments()))
+            scanner = fragment.scanner(schema=f.schema, columns=names, batch_size=config.batch_rows, use_threads=True)
+            for batch in scanner.to_batches():
+                n = batch.num_rows
+                stats.rows_read += n
+                bar.update(n)
+                if n == 0:
+                    continue
+                if use_event:
+                    mask = pc.fill_null(pc.is_in(_as_str(batch.column(cols.event)), value_set=keep), False)
+                    batch = batch.filter(mask)
+                    stats.filtered_by_event += n - batch.num_rows
+                    if batch.num_rows == 0:
+                        continue
+                parts.append(_convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set, label_codes))
+    finally:
+        bar.close()
+    return Edges.concat(parts), stats
+
+
+def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set, label_codes) -> Edges:
+    cols = config.columns
+    mapped = []
+    for role, idmap in (("user", users), ("item", items)):
+        name = getattr(cols, role)
+        arr = _ids(batch.column(name), idmap.kind)
+        nulls, empty = _bad_ids(arr, idmap.kind)
+        if nulls or empty:
+            whole = _ids(fragment.to_table(schema=f.schema, columns=[name]).column(name).combine_chunks(), idmap.kind)
+            nulls, empty = _bad_ids(whole, idmap.kind)
+            raise GnaqInputError(
+                f"{f.path}: column {name!r} has {nulls} null and {empty} empty-string {role} ids (of {len(whole)} rows)"
+            )
+        mapped.append(idmap.map(arr).astype(np.int32))
+    ts = to_unix_seconds(batch.column(cols.timestamp)) if use_ts else None
+    weight = None
+    if cols.weight:
+        w = _plain(batch.column(cols.weight))
+        if w.null_count:
+            raise GnaqInputError(f"{f.path}: column {cols.weight!r} has {w.null_count} null weights in a batch")
+        weight = np.asarray(w.cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+    label = None
+    if use_split:
+        values = _as_str(batch.column(cols.split))
+        pos = pc.index_in(values, value_set=label_set)
+        if pos.null_count:
+            bad = pc.filter(values, pos.is_null())
+            first = bad[0].as_py()
+            raise GnaqInputError(
+                f"{f.path}: column {cols.split!r} has value {first!r} "
+                f"(expected {', '.join(repr(v) for v in label_set.to_pylist())}; {len(bad)} such rows in a batch)"
+            )
+        label = label_codes[pos.to_numpy(zero_copy_only=False)]
+    return Edges(mapped[0], mapped[1], ts, weight, label)

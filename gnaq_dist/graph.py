@@ -1,0 +1,142 @@
+"""The user-item training graph that LightGCN propagates over.
+
+One structure serves three consumers: full-graph propagation (a torch sparse CSR
+``A_hat``), neighbour sampling (a DGL graph whose edge ids index :attr:`BipartiteGraph.norm`)
+and ranking/negative sampling (the user->items CSR of the training interactions).
+Nodes ``0..n_users-1`` are users, ``n_users..n_users+n_items-1`` are items.
+
+Directed edges are stored sorted by (dst, src), so ``A_hat`` in CSR form is built from
+them without a copy and ``A_hat[dst, src] = norm[e]``. The degrees are those of the
+FULL training graph: sampled computations re-weight against them (see
+:mod:`gnaq_dist.propagation`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.interactions import InteractionData
+
+
+def interactions_csr(
+    users: np.ndarray, items: np.ndarray, n_users: int, n_items: int
+) -> tuple[np.ndarray, np.ndarray]:
+    """User->items CSR ``(indptr, indices)`` of deduplicated pairs, items sorted per row.
+
+    Sorted rows let callers test membership of ``(u, i)`` with one ``searchsorted`` on
+    the global keys ``u * n_items + i`` (see :func:`csr_keys`).
+    """
+    users = np.asarray(users, dtype=np.int64)
+    items = np.asarray(items, dtype=np.int64)
+    if users.shape != items.shape or users.ndim != 1:
+        raise GnaqInputError(f"users and items must be 1-D of equal length, got {users.shape} and {items.shape}")
+    if users.size:
+        if users.min() < 0 or users.max() >= n_users:
+            raise GnaqInputError(f"user ids must lie in [0, {n_users}), got [{users.min()}, {users.max()}]")
+        if items.min() < 0 or items.max() >= n_items:
+            raise GnaqInputError(f"item ids must lie in [0, {n_items}), got [{items.min()}, {items.max()}]")
+    keys = np.unique(users * np.int64(n_items) + items)  # sorted by (user, item), duplicates gone
+    row = keys // n_items
+    indices = keys - row * n_items
+    indptr = np.zeros(n_users + 1, dtype=np.int64)
+    np.cumsum(np.bincount(row, minlength=n_users), out=indptr[1:])
+    return indptr, indices
+
+
+def csr_keys(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.ndarray:
+    """Globally sorted keys ``u * n_items + i`` of a row-sorted CSR (for membership tests)."""
+    rows = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
+    return rows * np.int64(n_items) + indices
+
+
+@dataclass(eq=False)
+class BipartiteGraph:
+    """Symmetric user-item graph of the train edges with LightGCN normalisation."""
+
+    n_users: int
+    n_items: int
+    src: torch.Tensor  # int64 (2E,), sorted by (dst, src)
+    dst: torch.Tensor  # int64 (2E,)
+    degree: torch.Tensor  # float32 (N,), full-graph degree (0 for isolated nodes)
+    norm: torch.Tensor  # float32 (2E,), 1 / sqrt(deg_src * deg_dst)
+    csr_indptr: np.ndarray  # int64 (n_users + 1,), user -> items of the train edges
+    csr_indices: np.ndarray  # int64 (E,)
+    _cache: dict[Any, Any] = field(default_factory=dict, repr=False)
+
+    @property
+    def n_nodes(self) -> int:
+        return self.n_users + self.n_items
+
+    @property
+    def n_edges(self) -> int:
+        """Number of undirected (user, item) train edges."""
+        return int(self.csr_indices.shape[0])
+
+    def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        """User->items CSR ``(indptr, indices)`` of the train edges, items sorted per row."""
+        return self.csr_indptr, self.csr_indices
+
+    def adjacency(self, dtype: torch.dtype = torch.float32, device: torch.device | str = "cpu") -> torch.Tensor:
+        """``A_hat`` as an (N, N) torch sparse CSR tensor, cached per dtype and device."""
+        key = ("adj", dtype, torch.device(device))
+        if key not in self._cache:
+            crow = torch.zeros(self.n_nodes + 1, dtype=torch.int64)
+            torch.cumsum(torch.bincount(self.dst, minlength=self.n_nodes), 0, out=crow[1:])
+            with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and tested here
+                warnings.simplefilter("ignore", UserWarning)
+                adj = torch.sparse_csr_tensor(
+                    crow, self.src, self.norm.to(dtype), size=(self.n_nodes, self.n_nodes), check_invariants=False
+                )
+            self._cache[key] = adj.to(device)
+        return self._cache[key]
+
+    def dgl_graph(self):
+        """DGL graph of the same directed edges (edge id = position), ``edata['w'] = norm``."""
+        if "dgl" not in self._cache:
+            from gnaq_dist._dgl import dgl
+
+            g = dgl.graph((self.src, self.dst), num_nodes=self.n_nodes)
+            g.edata["w"] = self.norm
+            self._cache["dgl"] = g
+        return self._cache["dgl"]
+
+
+def build_graph_from_arrays(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> BipartiteGraph:
+    """Build the graph from train (user, item) pairs; duplicates are dropped."""
+    if n_users <= 0 or n_items <= 0:
+        raise GnaqInputError(f"n_users and n_items must be positive, got {n_users} and {n_items}")
+    indptr, item_idx = interactions_csr(users, items, n_users, n_items)
+    n_nodes = n_users + n_items
+    user_idx = np.repeat(np.arange(n_users, dtype=np.int64), np.diff(indptr))
+    # Rows of users first (dst = user, src = item, already sorted by (user, item)), then
+    # rows of items (dst = item, src = user), sorted by (item, user) with a stable sort.
+    by_item = np.argsort(item_idx, kind="stable")
+    dst = np.concatenate([user_idx, item_idx[by_item] + n_users])
+    src = np.concatenate([item_idx + n_users, user_idx[by_item]])
+    degree = np.bincount(dst, minlength=n_nodes).astype(np.float32)
+    inv_sqrt = 1.0 / np.sqrt(np.maximum(degree, 1.0))  # isolated nodes: no edges, no NaN
+    norm = (inv_sqrt[src] * inv_sqrt[dst]).astype(np.float32)
+    return BipartiteGraph(
+        n_users=int(n_users),
+        n_items=int(n_items),
+        src=torch.from_numpy(src),
+        dst=torch.from_numpy(dst),
+        degree=torch.from_numpy(degree),
+        norm=torch.from_numpy(norm),
+        csr_indptr=indptr,
+        csr_indices=item_idx,
+    )
+
+
+def build_graph(data: InteractionData) -> BipartiteGraph:
+    """Build the training graph of an :class:`InteractionData`."""
+    return build_graph_from_arrays(data.n_users, data.n_items, data.train_user, data.train_item)
+
+
+__all__ = ["BipartiteGraph", "build_graph", "build_graph_from_arrays", "interactions_csr", "csr_keys"]

@@ -169,5 +169,4 @@ def ingest(source: str, out: str, config: IngestConfig, *, overwrite: bool = Fal
         out, opts, edges, label, user_raw, item_raw,
         has_timestamp=has_ts, has_weight=bool(config.columns.weight), info=info, version=version, mode=mode,
     )
-    manifest["source"]["seconds"] = round(time.perf_counter() - t0, 3)
     return manifest

@@ -112,7 +112,15 @@ def open_source(uri: str, storage_options: dict | None = None) -> Source:
         except (pa.ArrowInvalid, OSError) as exc:
             raise GnaqInputError(f"{f.path}: not a Parquet file ({str(exc).splitlines()[0][:120]})") from None
     dataset = ds.dataset([f.path for f in files], filesystem=afs, format="parquet", partitioning="hive", partition_base_dir=base)
-    part = dataset.partitioning.schema if dataset.partitioning is not None else pa.schema([])
+    # partitioning.schema can echo data columns when there are no keys: keep real keys only
+    keys = {
+        part.split("=", 1)[0]
+        for f in files
+        for part in f.path[len(base):].split("/")[:-1]
+        if "=" in part
+    }
+    found = dataset.partitioning.schema if dataset.partitioning is not None else pa.schema([])
+    part = pa.schema([found.field(k) for k in found.names if k in keys])
     return Source(uri, fs, base, files, part)
 
 
@@ -245,7 +253,8 @@ def read_parquet(source: Source, config: IngestConfig, users: IdMap, items: IdMa
         kinds["item"] = items.kind
     has: dict[str, set[str]] = {}
     for f in source.files:
-        schema = pa.unify_schemas([f.schema, source.partition_schema]) if len(source.partition_schema) else f.schema
+        extra = [fld for fld in source.partition_schema if fld.name not in f.schema.names]
+        schema = pa.schema(list(f.schema) + extra) if extra else f.schema
         f.schema = schema
         try:
             has[f.path] = _check_schema(f, schema, config, kinds)

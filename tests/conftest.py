@@ -1,0 +1,47 @@
+"""Shared fixtures: a clean memory:// filesystem and helpers to write real Parquet logs."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import fsspec
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+SHARED_DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data"
+
+
+def _clear_memory() -> None:
+    fs = fsspec.filesystem("memory")
+    fs.store.clear()
+    fs.pseudo_dirs.clear()
+    fs.pseudo_dirs.append("")
+
+
+@pytest.fixture
+def memfs():
+    """The process-wide memory:// filesystem, empty before and after the test."""
+    _clear_memory()
+    yield fsspec.filesystem("memory")
+    _clear_memory()
+
+
+def write_log(uri: str, data: dict | pa.Table, **kwargs) -> str:
+    """Write ``data`` as a Parquet file at ``uri`` (any fsspec URI); returns ``uri``."""
+    table = data if isinstance(data, pa.Table) else pa.table(data)
+    fs, path = fsspec.core.url_to_fs(str(uri))
+    parent = path.rsplit("/", 1)[0]
+    if parent:
+        fs.makedirs(parent, exist_ok=True)
+    with fs.open(path, "wb") as handle:
+        pq.write_table(table, handle, **kwargs)
+    return str(uri)
+
+
+@pytest.fixture
+def shared_data() -> Path:
+    path = SHARED_DATA.resolve()
+    if not path.is_dir():
+        pytest.skip(f"shared datasets not found at {path}")
+    return path

@@ -83,6 +83,7 @@ def test_gnaq_gradient_reaches_levels_only_and_rows_without_upstream_stay_zero()
     assert not m.codes.requires_grad and m.codes.dtype == torch.uint8
     assert [p for p in m.parameters()] == [m.levels]
     assert m.trainable_row_params() == [m.levels] and m.dense_params() == []
+    assert len(m.row_buffers()) == 1 and m.row_buffers()[0] is m.codes
 
 
 def test_gnaq_level_gradient_matches_hand_formula():

@@ -107,6 +107,10 @@ class EmbeddingMethod(torch.nn.Module):
         """Parameters shared by all nodes (all-reduced across workers)."""
         return []
 
+    def row_buffers(self) -> list[torch.Tensor]:
+        """Non-trained per-row state that must be sharded with the rows (GNAQ's codes)."""
+        return []
+
     def extra_repr(self) -> str:
         return f"name={self.name}, bits={self.bits}, num_nodes={self.num_nodes}, dim={self.dim}"
 

@@ -40,13 +40,15 @@ _INIT_CLIP = 0.999  # atanh(0.999) = 3.8: keeps initial levels finite and tanh n
 
 
 def equal_width_codes(values: torch.Tensor, num_levels: int) -> torch.Tensor:
-    """uint8 index of the equal-width bin of each row's [min, max] (num_levels bins) holding each value."""
+    """uint8 index of the equal-width bin of each row's [min, max] (num_levels bins) holding each value.
+
+    Computed as ``floor((v - min) * (k / (max - min)))`` clamped to [0, k-1]: one fused
+    pass over the (n, d) values; a row with max == min gets code 0 everywhere.
+    """
     lo = values.amin(dim=1, keepdim=True)
-    hi = values.amax(dim=1, keepdim=True)
-    width = hi - lo
-    safe = torch.where(width > 0, width, torch.ones_like(width))
-    t = torch.where(width > 0, (values - lo) / safe, torch.zeros_like(values))
-    return torch.floor(t * num_levels).clamp_(0, num_levels - 1).to(torch.uint8)
+    width = values.amax(dim=1, keepdim=True) - lo
+    inv = torch.where(width > 0, num_levels / width, torch.zeros_like(width))
+    return (values - lo).mul_(inv).floor_().clamp_(0, num_levels - 1).to(torch.uint8)
 
 
 def paper_levels(values: torch.Tensor, num_levels: int) -> torch.Tensor:
@@ -122,11 +124,9 @@ class GNAQ(EmbeddingMethod):
         e = self._check_weight(weight)
         u = self.phi_inv(e)
         self.levels.copy_(paper_levels(u, self.num_levels))
+        self.codes.copy_(equal_width_codes(u, self.num_levels))
         if self.latent is not None:
             self.latent.copy_(e)
-            self.codes.copy_(equal_width_codes(u, self.num_levels))
-        else:
-            self.codes.copy_(equal_width_codes(u, self.num_levels))
 
     @torch.no_grad()
     def refine(self, ids: torch.Tensor, propagated: torch.Tensor) -> None:
@@ -171,6 +171,9 @@ class GNAQ(EmbeddingMethod):
 
     def trainable_row_params(self) -> list[torch.nn.Parameter]:
         return [self.levels] if self.latent is None else [self.latent, self.levels]
+
+    def row_buffers(self) -> list[torch.Tensor]:
+        return [self.codes]
 
 
 __all__ = ["GNAQ", "PHIS", "equal_width_codes", "paper_levels"]

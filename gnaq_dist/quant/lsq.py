@@ -125,7 +125,7 @@ class LSQ(EmbeddingMethod):
         self._check_table(table)
         dev = self.step.device
         lv = torch.from_numpy(table.levels.astype("float32")).to(dev)[:, 0, :]
-        s = lv[:, 1] if self.bits == 1 else lv[:, self.q_n + 1] if self.q_p >= 1 else lv[:, 0].neg()
+        s = lv[:, 1] if self.bits == 1 else lv[:, self.q_n + 1]  # the level that stands for +1 * s
         self.step.copy_(s.reshape(self.step.shape) if self.per_row else s[:1].reshape(1))
         self.latent.copy_(torch.from_numpy(table.dequantize()).to(dev))
 

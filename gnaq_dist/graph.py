@@ -90,8 +90,10 @@ class BipartiteGraph:
             torch.cumsum(torch.bincount(self.dst, minlength=self.n_nodes), 0, out=crow[1:])
             with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and tested here
                 warnings.simplefilter("ignore", UserWarning)
+                inv_sqrt = self.degree.to(torch.float64).clamp(min=1.0).rsqrt()
+                values = (inv_sqrt[self.src] * inv_sqrt[self.dst]).to(dtype)  # exact in dtype, not via float32
                 adj = torch.sparse_csr_tensor(
-                    crow, self.src, self.norm.to(dtype), size=(self.n_nodes, self.n_nodes), check_invariants=False
+                    crow, self.src, values, size=(self.n_nodes, self.n_nodes), check_invariants=False
                 )
             self._cache[key] = adj.to(device)
         return self._cache[key]

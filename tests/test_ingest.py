@@ -352,3 +352,16 @@ def test_gowalla_lightgcn_conversion(shared_data, tmp_path):
         first = [int(x) for x in handle.readline().split()]
     d = load_dataset(str(tmp_path / "gowalla"))
     assert sorted(d.test_item[d.test_user == first[0]].tolist()) == sorted(first[1:])
+
+
+def test_dedup_ties_and_no_timestamp_keep_the_last_row():
+    from gnaq_dist.ingest.clean import dedup
+    from gnaq_dist.ingest.edges import Edges
+
+    u = np.array([0, 0, 1, 0, 1], np.int32)
+    i = np.array([0, 0, 0, 0, 1], np.int32)
+    w = np.array([1, 2, 3, 4, 5], np.float32)
+    kept, dropped = dedup(Edges(u, i, np.array([7, 9, 1, 9, 2]), w))
+    assert dropped == 2 and kept.weight.tolist() == [3, 4, 5]  # tie at t=9: the later row; file order kept
+    kept, dropped = dedup(Edges(u, i, None, w))
+    assert dropped == 2 and kept.weight.tolist() == [3, 4, 5]

@@ -22,14 +22,21 @@ def dedup(edges: Edges) -> tuple[Edges, int]:
     if n == 0:
         return edges, 0
     keys = pair_keys(edges.user, edges.item)
-    if edges.timestamp is not None:
-        order = np.lexsort((edges.timestamp, keys))  # stable: equal times keep file order
-    else:
-        order = np.argsort(keys, kind="stable")
+    order = np.argsort(keys, kind="stable")  # grouped by pair, file order within a pair
     sorted_keys = keys[order]
+    same = sorted_keys[1:] == sorted_keys[:-1]
+    if not same.any():
+        return edges, 0
+    if edges.timestamp is not None:
+        # re-order only rows of repeated pairs by time (stable: equal times keep file order)
+        dup = np.zeros(n, dtype=bool)
+        dup[1:] |= same
+        dup[:-1] |= same
+        sub = order[dup]
+        order[dup] = sub[np.lexsort((edges.timestamp[sub], keys[sub]))]
     del keys
     last = np.ones(n, dtype=bool)
-    last[:-1] = sorted_keys[1:] != sorted_keys[:-1]
+    last[:-1] = ~same
     kept = np.sort(order[last])
     if len(kept) == n:
         return edges, 0

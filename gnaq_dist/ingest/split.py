@@ -54,8 +54,8 @@ def _rank_labels(user: np.ndarray, order: np.ndarray, n_users: int, n_test: np.n
 def random_split(edges: Edges, n_users: int, cfg: SplitConfig) -> np.ndarray:
     """Per user: shuffle (seeded) and hold out the first n_test then n_valid rows."""
     rng = np.random.default_rng(cfg.seed)
-    shuffle = rng.random(len(edges))
-    order = np.lexsort((shuffle, edges.user))
+    shuffle = rng.integers(0, 1 << 31, size=len(edges), dtype=np.int64)
+    order = np.argsort((edges.user.astype(np.int64) << 31) | shuffle, kind="stable")  # by user, then random
     counts = np.bincount(edges.user, minlength=n_users)
     n_test, n_valid = holdout_counts(counts, cfg.test_fraction, cfg.valid_fraction)
     return _rank_labels(edges.user, order, n_users, n_test, n_valid)

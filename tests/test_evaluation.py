@@ -90,7 +90,8 @@ def test_perfect_ranking_scores_one() -> None:
     n_users, n_items = 6, 12
     train = interactions_csr(np.array([0, 0, 1, 5]), np.array([1, 2, 3, 4]), n_users, n_items)
     test_u = np.repeat(np.arange(n_users), 3)
-    test_i = np.array([rng.choice([i for i in range(n_items) if i not in (1, 2, 3, 4)], 3, replace=False) for _ in range(n_users)]).ravel()
+    unseen = [i for i in range(n_items) if i not in (1, 2, 3, 4)]
+    test_i = np.concatenate([rng.choice(unseen, 3, replace=False) for _ in range(n_users)])
     test = interactions_csr(test_u, test_i, n_users, n_items)
     user_emb = torch.zeros(n_users, n_items)
     user_emb[torch.from_numpy(test_u), torch.from_numpy(test_i)] = 1.0

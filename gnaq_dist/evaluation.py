@@ -78,7 +78,10 @@ def _ragged_positions(indptr: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray,
     return batch_row, starts[batch_row] + offsets
 
 
-def _check_csr(name: str, csr: tuple[np.ndarray, np.ndarray], n_users: int | None = None) -> tuple[np.ndarray, np.ndarray]:
+def _check_csr(
+    name: str, csr: tuple[np.ndarray, np.ndarray], n_users: int | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """As int64 arrays; the user count checked where it must agree with another CSR."""
     indptr = np.asarray(csr[0], dtype=np.int64)
     indices = np.asarray(csr[1], dtype=np.int64)
     if n_users is not None and indptr.shape[0] != n_users + 1:

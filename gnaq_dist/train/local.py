@@ -9,12 +9,11 @@ checkpoint or an exported bundle holds), not from the training-time tensors.
 
 from __future__ import annotations
 
-import math
 import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gnaq_dist.evaluation import evaluate_ranking, finalize
-from gnaq_dist.graph import BipartiteGraph, build_graph
+from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
@@ -70,14 +69,6 @@ def seed_everything(seed: int) -> None:
     dgl.seed(seed)
 
 
-def csr_from_pairs(n_rows: int, rows: np.ndarray, cols: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(indptr, indices) of a row -> sorted columns map, for masks and test lists."""
-    order = np.lexsort((cols, rows))
-    indptr = np.zeros(n_rows + 1, dtype=np.int64)
-    np.cumsum(np.bincount(rows, minlength=n_rows), out=indptr[1:])
-    return indptr, cols[order].astype(np.int64)
-
-
 class LocalTrainer:
     """Holds the state of one single-process run: graph, method, optimizer, log."""
 
@@ -90,16 +81,18 @@ class LocalTrainer:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
         self.graph: BipartiteGraph = build_graph(data)
-        self.train_csr = csr_from_pairs(data.n_users, data.train_user, data.train_item)
+        self.train_csr = self.graph.train_csr()
         held_user, held_item = data.split(config.eval.split)
-        self.test_csr = csr_from_pairs(data.n_users, held_user, held_item)
+        self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
         self.eval_users = np.flatnonzero(np.diff(self.test_csr[0]) > 0)
         self.sampler = (
-            NeighborBlockSampler(self.graph, config.schedule.fanouts)
+            NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=config.model.num_layers)
             if config.schedule.propagation == "sampled"
             else None
         )
-        self.steps_per_epoch = math.ceil(data.n_train / config.schedule.batch_size)
+        self.batches = BPRBatches(self.graph, config.schedule.batch_size, config.schedule.num_negatives,
+                                  seed=config.seed)
+        self.steps_per_epoch = len(self.batches)
         self.global_step = 0
 
     # -- one optimisation step -------------------------------------------------------
@@ -170,7 +163,7 @@ class LocalTrainer:
         sums = evaluate_ranking(
             final[:n_users],
             final[n_users:],
-            torch.from_numpy(self.eval_users),
+            self.eval_users,
             self.train_csr,
             self.test_csr,
             ks=tuple(self.config.eval.ks),
@@ -182,8 +175,14 @@ class LocalTrainer:
     def _optimizer(self, method: EmbeddingMethod, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
 
-    def run(self, warm_start: WarmStart | None = None, capture_epoch: int | None = None) -> TrainResult:
-        """Train; ``warm_start`` skips the warm-up, ``capture_epoch`` snapshots the fp table."""
+    def run(
+        self,
+        warm_start: WarmStart | None = None,
+        capture_epoch: int | None = None,
+        on_epoch_end: Callable[[int, EmbeddingMethod], None] | None = None,
+    ) -> TrainResult:
+        """Train; ``warm_start`` skips the warm-up, ``capture_epoch`` snapshots the fp table,
+        ``on_epoch_end(epoch, method)`` runs after every epoch (checkpoints, snapshots)."""
         cfg = self.config
         sched = cfg.schedule
         data = self.data
@@ -231,11 +230,8 @@ class LocalTrainer:
                 phase_key = "warmup" if phase in ("warmup", "train") else "quantized"
                 t0 = time.perf_counter()
                 losses = []
-                for users, pos, neg in BPRBatches(
-                    data.train_user, data.train_item, data.n_items, self.train_csr,
-                    batch_size=sched.batch_size, num_negatives=sched.num_negatives,
-                    seed=cfg.seed * 100_003 + epoch,
-                ):
+                self.batches.set_epoch(epoch)
+                for users, pos, neg in self.batches:
                     if self.global_step >= total_steps:
                         break
                     losses.append(self.step(method, optimizer, users, pos, neg))
@@ -248,6 +244,8 @@ class LocalTrainer:
                                          phase_seconds[phase_key], self.global_step)
                 self.log.write("epoch", epoch=epoch, phase=phase_key, loss=float(np.mean(losses)),
                                seconds=time.perf_counter() - t0, step=self.global_step)
+                if on_epoch_end is not None:
+                    on_epoch_end(epoch, method)
                 last = epoch == total_epochs or self.global_step >= total_steps
                 if last or (sched.eval_every and epoch % sched.eval_every == 0):
                     t1 = time.perf_counter()
@@ -280,7 +278,7 @@ class LocalTrainer:
         cfg = self.config
         method = build_method(
             cfg.model.method, self.data.n_nodes, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-            phi=cfg.model.phi,
+            phi=cfg.model.phi, graph=self.graph,
         )
         with torch.no_grad():
             method.init_from_full_precision(fp_method.embed(None).detach().clone())

@@ -99,7 +99,7 @@ def run_reproduction(
 
 
 COLUMNS = ["method", "recall@10", "recall@20", "ndcg@10", "ndcg@20", "bytes_per_node", "compression",
-           "s_per_epoch", "warmup_epochs", "quant_epochs"]
+           "s_per_epoch", "fp_epochs", "quant_epochs"]
 
 
 def _row_values(row: Row) -> dict[str, object]:
@@ -110,7 +110,7 @@ def _row_values(row: Row) -> dict[str, object]:
         "ndcg@10": r.metrics.get("ndcg@10"), "ndcg@20": r.metrics.get("ndcg@20"),
         "bytes_per_node": r.storage["bytes_per_node"], "compression": r.storage["compression_ratio"],
         "s_per_epoch": r.seconds_per_epoch,
-        "warmup_epochs": r.phase_epochs["warmup"], "quant_epochs": r.phase_epochs["quantized"],
+        "fp_epochs": r.phase_epochs["fp"], "quant_epochs": r.phase_epochs["quantized"],
     }
 
 

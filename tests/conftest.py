@@ -45,3 +45,15 @@ def shared_data() -> Path:
     if not path.is_dir():
         pytest.skip(f"shared datasets not found at {path}")
     return path
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _one_torch_thread():
+    """Tests use one intra-op thread: the models are tiny, and on a 2-core machine two
+    OpenMP threads fighting another process make a step 10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

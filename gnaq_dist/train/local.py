@@ -51,7 +51,7 @@ class WarmStart:
 class TrainResult:
     metrics: dict[str, float]  # final evaluation (from the packed table)
     history: list[dict[str, Any]]  # one record per evaluation
-    phase_seconds: dict[str, float]  # warmup / quantized / eval wall time
+    phase_seconds: dict[str, float]  # fp (warm-up) / quantized / eval wall time
     phase_epochs: dict[str, int]
     seconds_per_epoch: float  # training time only, averaged over all epochs
     storage: dict[str, float]  # bytes per node, ratio to fp32, ...
@@ -133,11 +133,11 @@ class LocalTrainer:
         optimizer.step()
         refine_every = cfg.model.refine_every
         if refine_every and (self.global_step + 1) % refine_every == 0:
+            # Re-assign the codes of the nodes this step scored, from their propagated
+            # embeddings (computed before the optimizer step). Both propagation paths
+            # refine the same rows, and so will a worker that owns only some of them.
             with torch.no_grad():
-                if row_ids is None:
-                    method.refine(torch.arange(final.shape[0]), final.detach())
-                else:
-                    method.refine(row_ids, final.detach())
+                method.refine(batch_nodes, rows(batch_nodes).detach())
         self.global_step += 1
         return float(bpr.detach())
 
@@ -195,9 +195,10 @@ class LocalTrainer:
 
         method: EmbeddingMethod = build_method("fp", N, d, None, L)
         optimizer = self._optimizer(method, cfg.optim.lr)
-        phase = "warmup" if cfg.quantized else "train"
-        phase_seconds = {"warmup": 0.0, "quantized": 0.0, "eval": 0.0}
-        phase_epochs = {"warmup": 0, "quantized": 0}
+        # "fp": the full-precision phase (the warm-up of a quantized method, or all of fp).
+        phase = "fp"
+        phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
+        phase_epochs = {"fp": 0, "quantized": 0}
         history: list[dict[str, Any]] = []
         metrics: dict[str, float] = {}
         self.log.write("start", method=cfg.model.method, bits=cfg.model.bits, n_users=data.n_users,
@@ -215,8 +216,8 @@ class LocalTrainer:
                 method.init_from_full_precision(warm_start.weight)
             first_epoch = warm_start.epoch + 1
             self.global_step = warm_start.steps
-            phase_seconds["warmup"] = warm_start.seconds
-            phase_epochs["warmup"] = warm_start.epoch
+            phase_seconds["fp"] = warm_start.seconds
+            phase_epochs["fp"] = warm_start.epoch
             bar.update(min(warm_start.steps, total_steps))
         try:
             for epoch in range(first_epoch, total_epochs + 1):
@@ -227,7 +228,6 @@ class LocalTrainer:
                     optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)
                     phase = "quantized"
                     bar.set_description(f"{cfg.model.method}-{cfg.model.bits}b")
-                phase_key = "warmup" if phase in ("warmup", "train") else "quantized"
                 t0 = time.perf_counter()
                 losses = []
                 self.batches.set_epoch(epoch)
@@ -236,13 +236,13 @@ class LocalTrainer:
                         break
                     losses.append(self.step(method, optimizer, users, pos, neg))
                     bar.update(1)
-                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", phase=phase_key)
-                phase_seconds[phase_key] += time.perf_counter() - t0
-                phase_epochs[phase_key] += 1
+                    bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", phase=phase)
+                phase_seconds[phase] += time.perf_counter() - t0
+                phase_epochs[phase] += 1
                 if capture_epoch == epoch and method.name == "fp":
                     captured = WarmStart(method.embed(None).detach().clone(), epoch,
-                                         phase_seconds[phase_key], self.global_step)
-                self.log.write("epoch", epoch=epoch, phase=phase_key, loss=float(np.mean(losses)),
+                                         phase_seconds[phase], self.global_step)
+                self.log.write("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
                                seconds=time.perf_counter() - t0, step=self.global_step)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
@@ -251,9 +251,9 @@ class LocalTrainer:
                     t1 = time.perf_counter()
                     metrics = self.evaluate(method)
                     phase_seconds["eval"] += time.perf_counter() - t1
-                    record = self.log.write("eval", epoch=epoch, phase=phase_key, step=self.global_step, **metrics)
+                    record = self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
                     history.append(record)
-                    bar.write(f"epoch {epoch} [{phase_key}] " + "  ".join(
+                    bar.write(f"epoch {epoch} [{phase}] " + "  ".join(
                         f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("@20") or k.endswith("@10")))
         finally:
             bar.close()
@@ -263,8 +263,8 @@ class LocalTrainer:
             metrics = self.evaluate(method)
             history.append(self.log.write("eval", epoch=epoch, phase="quantized", step=self.global_step, **metrics))
         storage = self.storage(method)
-        train_seconds = phase_seconds["warmup"] + phase_seconds["quantized"]
-        epochs_run = max(1, phase_epochs["warmup"] + phase_epochs["quantized"])
+        train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
+        epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])
         result = TrainResult(
             metrics=metrics, history=history, phase_seconds=phase_seconds, phase_epochs=phase_epochs,
             seconds_per_epoch=train_seconds / epochs_run, storage=storage, method=method,

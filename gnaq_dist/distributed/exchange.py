@@ -1,0 +1,435 @@
+"""Row exchange between workers over torch.distributed (gloo on CPU, nccl on GPU).
+
+Why: each worker owns a shard of the embedding rows (see :mod:`.partition`) but its
+batches touch rows of every shard. As in DGL's distributed sparse optimizers, only the
+touched rows move: requests and gradients are grouped by owner, the counts go first
+(``all_to_all_single`` of a small header), then one variable-size ``all_to_all_single``
+carries the rows. Rows travel in quantized form: a GNAQ row is its packed 2-bit codes
+plus its fp16 levels (:class:`QuantizedShard`), a gradient row is b-bit codes plus an
+fp16 scale (:class:`~gnaq_dist.distributed.compression.RowCompressor`).
+
+Every rank must call the same functions in the same order (they are collectives); a
+rank with nothing to send still calls them, with empty tensors. The header each rank
+sends also carries its row size and width, so a rank built with other settings makes
+*every* rank raise instead of some of them hanging.
+
+Messages (``n`` rows from one rank to one peer, ids int32 when the graph has fewer than
+2^31 nodes, else int64):
+
+* header: ``(count, row_bytes, width)`` int64 per peer (24 bytes), for every exchange;
+* fetch request: ``n`` ids; fetch answer: ``n`` rows of ``server.row_bytes`` bytes, in
+  request order (no ids);
+* gradient push: ``n`` rows of ``id | payload`` (the compressor's row bytes).
+
+Bookkeeping (owners, local rows) happens on the CPU; buffers move to the GPU only for
+nccl collectives. Rows a rank sends to itself never touch the wire: fetches go through
+the same serve/decode path (so a local row equals what a peer would get), gradients for
+own rows stay fp32 and uncompressed.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Protocol, Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
+from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_torch
+
+WIRE_KINDS = ("rows_fetched", "gradients_sent", "allreduce", "control")
+HEADER_FIELDS = 3  # count, row_bytes, width
+
+
+# -- accounting ----------------------------------------------------------------------------
+@dataclass
+class WireCounter:
+    """Bytes this rank sent to other ranks, by kind, with their fp32 equivalents.
+
+    ``control`` is headers and row ids: the same whatever the row format, so it is kept
+    apart from the payload kinds (their ratios compare like with like) and added back in
+    :meth:`total`. Bytes a rank sends to itself are not counted: they never leave it.
+    """
+
+    sent: dict[str, int] = field(default_factory=lambda: {k: 0 for k in WIRE_KINDS})
+    fp32: dict[str, int] = field(default_factory=lambda: {k: 0 for k in WIRE_KINDS})
+    messages: dict[str, int] = field(default_factory=lambda: {k: 0 for k in WIRE_KINDS})
+
+    def add(self, kind: str, nbytes: int, fp32_bytes: int | None = None) -> None:
+        if kind not in WIRE_KINDS:
+            raise GnaqInputError(f"wire kind must be one of {WIRE_KINDS}, got {kind!r}")
+        self.sent[kind] += int(nbytes)
+        self.fp32[kind] += int(nbytes if fp32_bytes is None else fp32_bytes)
+        self.messages[kind] += 1
+
+    def total(self) -> int:
+        return sum(self.sent.values())
+
+    def total_fp32(self) -> int:
+        return sum(self.fp32.values())
+
+    def ratio(self, kind: str | None = None) -> float:
+        """fp32-equivalent bytes over bytes sent (for ``kind``, or all kinds); inf if nothing sent."""
+        sent = self.total() if kind is None else self.sent[kind]
+        fp32 = self.total_fp32() if kind is None else self.fp32[kind]
+        return float("inf") if sent == 0 else fp32 / sent
+
+    def summary(self) -> dict[str, float]:
+        """Flat dict for a training log: ``<kind>_bytes``, ``<kind>_fp32_bytes``, totals, ratio."""
+        out: dict[str, float] = {}
+        for k in WIRE_KINDS:
+            out[f"{k}_bytes"] = self.sent[k]
+            out[f"{k}_fp32_bytes"] = self.fp32[k]
+        out["total_bytes"] = self.total()
+        out["total_fp32_bytes"] = self.total_fp32()
+        out["total_ratio"] = self.ratio()
+        return out
+
+    def reset(self) -> None:
+        for k in WIRE_KINDS:
+            self.sent[k] = self.fp32[k] = self.messages[k] = 0
+
+    def pop(self) -> dict[str, float]:
+        """:meth:`summary`, then :meth:`reset` (call once per step)."""
+        out = self.summary()
+        self.reset()
+        return out
+
+
+def _count(counter: WireCounter | None, kind: str, nbytes: int, fp32_bytes: int | None = None) -> None:
+    if counter is not None:
+        counter.add(kind, nbytes, fp32_bytes)
+
+
+# -- shards that serve rows ----------------------------------------------------------------
+class RowServer(Protocol):
+    """What :func:`fetch_rows` needs from a rank's shard: fixed-size rows in and out."""
+
+    row_bytes: int  # wire bytes of one served row
+    width: int  # values per decoded row
+    fp32_row_bytes: int  # what the row would cost as fp32 (for the counter)
+
+    def serve(self, local_rows: torch.Tensor) -> torch.Tensor: ...  # uint8 (n, row_bytes)
+
+    def decode(self, payload: torch.Tensor) -> torch.Tensor: ...  # (n, width) float32
+
+
+class QuantizedShard:
+    """A rank's rows in PackedTable form: packed codes + per-row levels, served as is.
+
+    Row on the wire: ``ceil(groups*dim*b/8)`` code bytes, then ``groups * 2^b`` levels in
+    the table's level dtype (fp16: 2 bytes each). With a per-tensor codebook (levels of
+    first axis 1) only codes travel; every rank holds the shared levels. 2-bit GNAQ,
+    d = 64, fp16 levels: 16 + 8 = 24 bytes a row against 256 in fp32 (10.7x).
+    """
+
+    def __init__(self, codes: torch.Tensor, levels: torch.Tensor, bits: int, dim: int, groups: int = 1) -> None:
+        self.bits, self.dim, self.groups = int(bits), int(dim), int(groups)
+        self.width = self.groups * self.dim
+        self.code_bytes = packed_row_bytes(self.width, self.bits)
+        if codes.dtype != torch.uint8 or codes.dim() != 2 or codes.shape[1] != self.code_bytes:
+            raise GnaqInputError(f"codes must be uint8 (n, {self.code_bytes}), got {codes.dtype} {tuple(codes.shape)}")
+        k = 1 << self.bits
+        if levels.dim() != 3 or levels.shape[1:] != (self.groups, k) or levels.shape[0] not in (1, codes.shape[0]):
+            raise GnaqInputError(f"levels must be (n or 1, {self.groups}, {k}), got {tuple(levels.shape)}")
+        if levels.dtype not in (torch.float16, torch.float32):
+            raise GnaqInputError(f"levels must be float16 or float32, got {levels.dtype}")
+        self.codes = codes.contiguous()
+        self.levels = levels.contiguous()
+        self.shared_levels = levels.shape[0] == 1 and codes.shape[0] != 1
+        self.level_bytes = 0 if self.shared_levels else self.groups * k * levels.element_size()
+        self.row_bytes = self.code_bytes + self.level_bytes
+        self.fp32_row_bytes = 4 * self.dim  # the fp32 embedding a row stands for (PackedTable.fp32_bytes)
+
+    @classmethod
+    def from_packed(cls, table: PackedTable, rows: np.ndarray | None = None) -> QuantizedShard:
+        """The shard of ``table`` holding ``rows`` (e.g. ``partition.owned_ids(rank)``), or all of it."""
+        codes, levels = table.codes, table.levels
+        if rows is not None:
+            rows = np.asarray(rows, dtype=np.int64)
+            codes = codes[rows]
+            levels = levels if levels.shape[0] == 1 else levels[rows]
+        return cls(torch.from_numpy(np.ascontiguousarray(codes)), torch.from_numpy(np.ascontiguousarray(levels)),
+                   table.bits, table.dim, table.groups)
+
+    @property
+    def num_rows(self) -> int:
+        return int(self.codes.shape[0])
+
+    def serve(self, local_rows: torch.Tensor) -> torch.Tensor:
+        local_rows = local_rows.to(torch.int64)
+        if local_rows.numel() and (int(local_rows.min()) < 0 or int(local_rows.max()) >= self.num_rows):
+            raise GnaqInputError(f"local rows must lie in [0, {self.num_rows}), got "
+                                 f"[{int(local_rows.min())}, {int(local_rows.max())}]")
+        codes = self.codes[local_rows]
+        if self.shared_levels:
+            return codes
+        lv = self.levels[local_rows].reshape(local_rows.shape[0], -1).view(torch.uint8)
+        return torch.cat([codes, lv], dim=1)
+
+    def decode_parts(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wire rows -> (codes uint8 (n, groups*dim), levels float32 (n, groups, 2^b)): for training,
+        where the requester needs the levels as their own (differentiable) tensor."""
+        n = payload.shape[0]
+        codes = unpack_codes_torch(payload[:, : self.code_bytes].contiguous(), self.bits, self.width)
+        if self.shared_levels:
+            levels = self.levels.to(torch.float32).expand(n, -1, -1)
+        else:
+            levels = (payload[:, self.code_bytes:].contiguous().view(self.levels.dtype)
+                      .reshape(n, self.groups, 1 << self.bits).to(torch.float32))
+        return codes, levels
+
+    def decode(self, payload: torch.Tensor) -> torch.Tensor:
+        """Wire rows -> dequantized (n, groups*dim) float32, as :meth:`PackedTable.dequantize`."""
+        codes, levels = self.decode_parts(payload)
+        n = codes.shape[0]
+        q = codes.to(torch.int64).reshape(n, self.groups, self.dim)
+        return torch.gather(levels, 2, q).reshape(n, self.width)
+
+
+class DenseShard:
+    """A rank's rows as a float32 table (the full-precision warm-up): 4*d bytes a row."""
+
+    def __init__(self, weight: torch.Tensor) -> None:
+        if weight.dim() != 2:
+            raise GnaqInputError(f"weight must be 2-D (n, d), got shape {tuple(weight.shape)}")
+        self.weight = weight
+        self.width = int(weight.shape[1])
+        self.row_bytes = self.fp32_row_bytes = 4 * self.width
+
+    def serve(self, local_rows: torch.Tensor) -> torch.Tensor:
+        rows = self.weight.detach()[local_rows.to(torch.int64)].to(torch.float32).contiguous()
+        return rows.view(torch.uint8).reshape(rows.shape[0], self.row_bytes)
+
+    def decode(self, payload: torch.Tensor) -> torch.Tensor:
+        return payload.contiguous().view(torch.float32).reshape(payload.shape[0], self.width)
+
+
+# -- collectives ---------------------------------------------------------------------------
+def comm_device() -> torch.device:
+    """Where collective buffers must live: the current CUDA device for nccl, else the CPU."""
+    if dist.is_initialized() and dist.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _world() -> tuple[int, int]:
+    if not dist.is_initialized():
+        raise RuntimeError("the row exchange needs an initialised default process group")
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _all_to_all(buf: torch.Tensor, send: Sequence[int], recv: Sequence[int]) -> torch.Tensor:
+    """Variable-size all_to_all of a 1-D tensor (``send[r]`` elements to rank r), on the comm device."""
+    dev = comm_device()
+    out = torch.empty(int(sum(recv)), dtype=buf.dtype, device=dev)
+    dist.all_to_all_single(out, buf.to(dev).contiguous(), [int(x) for x in recv], [int(x) for x in send])
+    return out.cpu()
+
+
+def _exchange_header(counts: torch.Tensor, row_bytes: int, width: int, what: str,
+                     counter: WireCounter | None) -> torch.Tensor:
+    """Send (count, row_bytes, width) to every peer; returns the counts received, after
+    checking that every peer uses the same row format (every rank sees a mismatch)."""
+    rank, world = _world()
+    hdr = torch.empty((world, HEADER_FIELDS), dtype=torch.int64)
+    hdr[:, 0] = counts
+    hdr[:, 1] = row_bytes
+    hdr[:, 2] = width
+    got = _all_to_all(hdr.reshape(-1), [HEADER_FIELDS] * world, [HEADER_FIELDS] * world).reshape(world, HEADER_FIELDS)
+    _count(counter, "control", (world - 1) * HEADER_FIELDS * 8)
+    bad = ((got[:, 1] != row_bytes) | (got[:, 2] != width)).nonzero().reshape(-1).tolist()
+    if bad:
+        raise GnaqInputError(
+            f"{what}: rank {rank} uses rows of {row_bytes} bytes / {width} values but rank(s) {bad} use "
+            f"{got[bad, 1].tolist()} bytes / {got[bad, 2].tolist()} values"
+        )
+    return got[:, 0]
+
+
+def _id_dtype(partition: Partition) -> torch.dtype:
+    return torch.int32 if partition.num_nodes < 2**31 else torch.int64
+
+
+def _check_ids(ids: torch.Tensor, partition: Partition, what: str) -> torch.Tensor:
+    ids = torch.as_tensor(ids)
+    if ids.dim() != 1 or ids.dtype.is_floating_point or ids.dtype == torch.bool:
+        raise GnaqInputError(f"{what}: ids must be a 1-D integer tensor, got {ids.dtype} {tuple(ids.shape)}")
+    ids = ids.to(device="cpu", dtype=torch.int64)
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= partition.num_nodes):
+        raise GnaqInputError(f"{what}: ids must lie in [0, {partition.num_nodes}), got "
+                             f"[{int(ids.min())}, {int(ids.max())}]")
+    return ids
+
+
+def _group_by_owner(ids: torch.Tensor, partition: Partition) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable order of ``ids`` by owner, and the count per owner."""
+    owner = partition.owner_of(ids)
+    order = torch.sort(owner, stable=True).indices
+    counts = torch.bincount(owner, minlength=partition.world_size)
+    return order, counts
+
+
+def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer, *,
+               counter: WireCounter | None = None, decode: bool = True) -> torch.Tensor:
+    """Rows of the global ``needed_ids`` (unique), from their owners, in the order asked.
+
+    ``server`` is this rank's own shard (rows ``partition.owned_ids(rank)``); it answers
+    the peers' requests and decodes the answers. Returns (n, server.width) float32, or
+    with ``decode=False`` the uint8 (n, server.row_bytes) wire rows (e.g. for
+    ``QuantizedShard.decode_parts``). Collective: every rank calls it, possibly with no ids.
+    """
+    rank, world = _world()
+    if partition.world_size != world:
+        raise GnaqInputError(f"partition is for {partition.world_size} ranks, the process group has {world}")
+    ids = _check_ids(needed_ids, partition, "fetch_rows")
+    if ids.numel() > 1 and bool((torch.sort(ids).values.diff() == 0).any()):
+        raise GnaqInputError("fetch_rows: needed_ids must be unique")
+    device = torch.as_tensor(needed_ids).device
+    order, send_counts = _group_by_owner(ids, partition)
+    rb = int(server.row_bytes)
+    recv_counts = _exchange_header(send_counts, rb, int(server.width), "fetch_rows", counter)
+
+    id_dtype = _id_dtype(partition)
+    id_bytes = torch.empty(0, dtype=id_dtype).element_size()
+    remote_asked = int(ids.numel() - send_counts[rank])
+    _count(counter, "control", remote_asked * id_bytes)
+    asked = _all_to_all(ids[order].to(id_dtype), send_counts.tolist(), recv_counts.tolist()).to(torch.int64)
+    if asked.numel() and bool((partition.owner_of(asked) != rank).any()):
+        raise RuntimeError(f"fetch_rows: rank {rank} was asked for rows it does not own")
+
+    payload = server.serve(partition.local_of(asked))
+    if payload.dtype != torch.uint8 or tuple(payload.shape) != (asked.shape[0], rb):
+        raise RuntimeError(f"server returned {payload.dtype} {tuple(payload.shape)}, expected uint8 "
+                           f"({asked.shape[0]}, {rb})")
+    served_remote = int(asked.numel() - recv_counts[rank])
+    _count(counter, "rows_fetched", served_remote * rb, served_remote * int(server.fp32_row_bytes))
+    answer = _all_to_all(payload.reshape(-1), (recv_counts * rb).tolist(), (send_counts * rb).tolist())
+    answer = answer.reshape(-1, rb)
+
+    out_rows = server.decode(answer) if decode else answer
+    out = torch.empty((ids.shape[0],) + tuple(out_rows.shape[1:]), dtype=out_rows.dtype)
+    out[order] = out_rows.cpu()
+    return out.to(device)
+
+
+def push_row_gradients(
+    ids: torch.Tensor,
+    grads: torch.Tensor,
+    partition: Partition,
+    compressor: RowCompressor | None = None,
+    error_feedback: ErrorFeedback | None = None,
+    *,
+    counter: WireCounter | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Send (global id, gradient row) pairs to the rows' owners; owners sum them.
+
+    Duplicate ids are summed at the sender first (one row per id on the wire, one
+    residual per id). Rows for other ranks are compressed (``compressor``; None or
+    ``bits=None`` sends fp32) with ``error_feedback`` applied; rows this rank owns stay
+    fp32. Returns this rank's touched local rows (sorted) and their summed gradients
+    (float32, on ``grads``' device). Collective: every rank calls it, possibly with
+    ``(0, k)`` gradients.
+    """
+    rank, world = _world()
+    if partition.world_size != world:
+        raise GnaqInputError(f"partition is for {partition.world_size} ranks, the process group has {world}")
+    ids = _check_ids(ids, partition, "push_row_gradients")
+    if grads.dim() != 2 or grads.shape[0] != ids.shape[0]:
+        raise GnaqInputError(f"push_row_gradients: grads must be ({ids.shape[0]}, k), got {tuple(grads.shape)}")
+    device = grads.device
+    k = int(grads.shape[1])
+    comp = compressor if compressor is not None else RowCompressor(bits=None)
+    if error_feedback is not None and error_feedback.dim != k:
+        raise GnaqInputError(f"error feedback holds rows of {error_feedback.dim} values, gradients have {k}")
+
+    uids, inverse = torch.unique(ids, sorted=True, return_inverse=True)
+    g = torch.zeros((uids.shape[0], k), dtype=torch.float32).index_add_(0, inverse, grads.detach().cpu().float())
+    order, send_counts = _group_by_owner(uids, partition)
+    uids, g = uids[order], g[order]
+    starts = torch.cumsum(send_counts, 0) - send_counts
+    mine = slice(int(starts[rank]), int(starts[rank] + send_counts[rank]))
+    remote = torch.ones(uids.shape[0], dtype=torch.bool)
+    remote[mine] = False
+    own_ids, own_g = uids[mine], g[mine]
+    rem_ids, rem_g = uids[remote], g[remote]
+    wire_counts = send_counts.clone()
+    wire_counts[rank] = 0
+
+    id_dtype = _id_dtype(partition)
+    id_bytes = torch.empty(0, dtype=id_dtype).element_size()
+    rb = comp.row_bytes(k)
+    recv_counts = _exchange_header(wire_counts, id_bytes + rb, k, "push_row_gradients", counter)
+
+    if error_feedback is not None and comp.bits is not None:
+        p = error_feedback.compensate(rem_ids, rem_g).cpu()
+        wire, carried = comp.encode(p)
+        error_feedback.update(rem_ids, p, carried)
+    else:
+        wire, _ = comp.encode(rem_g)
+    n_rem = rem_ids.shape[0]
+    msg = torch.cat([rem_ids.to(id_dtype).view(torch.uint8).reshape(n_rem, id_bytes), wire.cpu()], dim=1)
+    _count(counter, "control", n_rem * id_bytes)
+    _count(counter, "gradients_sent", n_rem * rb, n_rem * 4 * k)
+    got = _all_to_all(msg.reshape(-1), (wire_counts * (id_bytes + rb)).tolist(),
+                      (recv_counts * (id_bytes + rb)).tolist()).reshape(-1, id_bytes + rb)
+    got_ids = got[:, :id_bytes].contiguous().view(id_dtype).reshape(-1).to(torch.int64)
+    got_g = comp.decode(got[:, id_bytes:].contiguous(), k)
+
+    # Sum in rank order (own rows at this rank's place): the same order on every run.
+    chunks_ids, chunks_g = [], []
+    offsets = torch.cumsum(recv_counts, 0) - recv_counts
+    for r in range(world):
+        if r == rank:
+            chunks_ids.append(own_ids)
+            chunks_g.append(own_g)
+        else:
+            a, n = int(offsets[r]), int(recv_counts[r])
+            chunks_ids.append(got_ids[a: a + n])
+            chunks_g.append(got_g[a: a + n])
+    all_ids = torch.cat(chunks_ids)
+    if all_ids.numel() and bool((partition.owner_of(all_ids) != rank).any()):
+        raise RuntimeError(f"push_row_gradients: rank {rank} received gradients for rows it does not own")
+    local = partition.local_of(all_ids)
+    rows, inv = torch.unique(local, sorted=True, return_inverse=True)
+    summed = torch.zeros((rows.shape[0], k), dtype=torch.float32).index_add_(0, inv, torch.cat(chunks_g))
+    return rows.to(device), summed.to(device)
+
+
+@torch.no_grad()
+def allreduce_dense(tensors: Sequence[torch.Tensor], *, counter: WireCounter | None = None) -> None:
+    """Average ``tensors`` (e.g. dense parameters' gradients) over ranks, in place, in one all_reduce.
+
+    Counted as a ring all-reduce: ``2 (W-1)/W`` times the buffer's bytes sent per rank.
+    """
+    _, world = _world()
+    tensors = [t for t in tensors if t is not None]
+    if not tensors:
+        return
+    flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors]).to(comm_device())
+    dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+    flat /= world
+    nbytes = int(round(2 * (world - 1) / world * flat.numel() * 4))
+    _count(counter, "allreduce", nbytes, nbytes)
+    offset = 0
+    for t in tensors:
+        n = t.numel()
+        t.copy_(flat[offset: offset + n].reshape(t.shape).to(device=t.device, dtype=t.dtype))
+        offset += n
+
+
+__all__ = [
+    "WIRE_KINDS",
+    "DenseShard",
+    "QuantizedShard",
+    "RowServer",
+    "WireCounter",
+    "allreduce_dense",
+    "comm_device",
+    "fetch_rows",
+    "push_row_gradients",
+]

@@ -1,0 +1,265 @@
+"""Which worker owns which embedding row: the node partition of the user-item graph.
+
+Why a module of its own: every rank must agree, bit for bit, on the owner of each row,
+and a checkpoint must record it (``describe()``'s checksum). Nodes are global ids
+(users ``0..n_users-1``, items after them, as in :class:`~gnaq_dist.graph.BipartiteGraph`);
+a rank's shard holds its owned rows sorted by global id, so ``local_index`` is the
+position of a node in ``owned_ids(owner)``.
+
+Two methods:
+
+* ``"metis"``: DGL's ``metis_partition_assignment`` on the symmetric graph, with users
+  and items balanced separately (``balance_ntypes``), which keeps most user-item
+  edges inside a partition, so fewer rows cross the wire. METIS as DGL 2.1.0 calls it
+  takes no seed and is **not repeatable** (measured: different assignments for
+  3 parts from one process to the next). So partition on one rank and
+  :func:`broadcast_partition` it, and store it with the checkpoint.
+* ``"hash"``: a keyed hash (splitmix64 of ``id ^ seed``) orders the users and the items;
+  they are dealt round-robin, so every rank owns ``n/W`` users and items, +-1, and the
+  same seed gives the same partition everywhere. It is the fallback when METIS is
+  unavailable, fails, or returns an unusable (empty-part) assignment.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import logging
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.graph import BipartiteGraph
+
+log = logging.getLogger(__name__)
+
+METHODS = ("metis", "hash")
+
+
+@dataclass(eq=False)
+class Partition:
+    """Owner and local row of every global node id, for ``world_size`` ranks."""
+
+    world_size: int
+    n_users: int
+    n_items: int
+    owner: np.ndarray  # int32 (N,), rank owning each global node id
+    local_index: np.ndarray  # int64 (N,), the node's row in its owner's shard
+    method: str = "hash"
+
+    def __post_init__(self) -> None:
+        n = self.n_users + self.n_items
+        self.owner = np.ascontiguousarray(self.owner, dtype=np.int32)
+        if self.world_size < 1:
+            raise GnaqInputError(f"world_size must be >= 1, got {self.world_size}")
+        if self.owner.shape != (n,):
+            raise GnaqInputError(f"owner must have one entry per node ({n}), got shape {self.owner.shape}")
+        if n and (self.owner.min() < 0 or self.owner.max() >= self.world_size):
+            raise GnaqInputError(f"owner ranks must lie in [0, {self.world_size}), got "
+                                 f"[{self.owner.min()}, {self.owner.max()}]")
+        self.local_index = np.ascontiguousarray(self.local_index, dtype=np.int64)
+        self._owner_t = torch.from_numpy(self.owner.astype(np.int64))
+        self._local_t = torch.from_numpy(self.local_index)
+
+    @classmethod
+    def from_owner(cls, owner: np.ndarray, world_size: int, n_users: int, n_items: int,
+                   method: str = "hash") -> Partition:
+        """Build the local rows from an owner array (rows sorted by global id per rank)."""
+        owner = np.asarray(owner, dtype=np.int32)
+        order = np.argsort(owner, kind="stable")  # by owner, then by global id
+        counts = np.bincount(owner, minlength=world_size) if owner.size else np.zeros(world_size, np.int64)
+        starts = np.concatenate([[0], np.cumsum(counts)[:-1]])
+        local = np.empty(owner.shape[0], dtype=np.int64)
+        local[order] = np.arange(owner.shape[0], dtype=np.int64) - np.repeat(starts, counts)
+        return cls(world_size=int(world_size), n_users=int(n_users), n_items=int(n_items),
+                   owner=owner, local_index=local, method=method)
+
+    @property
+    def num_nodes(self) -> int:
+        return self.n_users + self.n_items
+
+    def owner_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 owner rank of each global id (CPU tensor in, CPU tensor out)."""
+        return self._owner_t[ids]
+
+    def local_of(self, ids: torch.Tensor) -> torch.Tensor:
+        """int64 row in the owner's shard of each global id."""
+        return self._local_t[ids]
+
+    def owned_ids(self, rank: int) -> np.ndarray:
+        """Sorted global ids that ``rank`` owns (row ``i`` of its shard is ``owned_ids[i]``)."""
+        self._check_rank(rank)
+        return np.flatnonzero(self.owner == rank).astype(np.int64)
+
+    def counts(self) -> np.ndarray:
+        """Rows per rank, (world_size,)."""
+        return np.bincount(self.owner, minlength=self.world_size).astype(np.int64)
+
+    def user_counts(self) -> np.ndarray:
+        return np.bincount(self.owner[: self.n_users], minlength=self.world_size).astype(np.int64)
+
+    def item_counts(self) -> np.ndarray:
+        return np.bincount(self.owner[self.n_users:], minlength=self.world_size).astype(np.int64)
+
+    def checksum(self) -> str:
+        """sha256 (16 hex digits) of the owner array and the sizes: equal on every rank or a bug."""
+        h = hashlib.sha256()
+        h.update(np.array([self.world_size, self.n_users, self.n_items], dtype=np.int64).tobytes())
+        h.update(self.owner.tobytes())
+        return h.hexdigest()[:16]
+
+    def describe(self) -> dict:
+        """What a manifest records about the partition."""
+        return {
+            "method": self.method,
+            "world_size": self.world_size,
+            "n_users": self.n_users,
+            "n_items": self.n_items,
+            "rows_per_rank": self.counts().tolist(),
+            "users_per_rank": self.user_counts().tolist(),
+            "items_per_rank": self.item_counts().tolist(),
+            "owner_checksum": self.checksum(),
+        }
+
+    def _check_rank(self, rank: int) -> None:
+        if not 0 <= rank < self.world_size:
+            raise GnaqInputError(f"rank must lie in [0, {self.world_size}), got {rank}")
+
+
+def _splitmix64(x: np.ndarray) -> np.ndarray:
+    """A fixed 64-bit mixer: the same keys on every platform and numpy version."""
+    with np.errstate(over="ignore"):
+        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def hash_owner(n_users: int, n_items: int, world_size: int, seed: int = 0) -> np.ndarray:
+    """Users and items each ordered by a keyed hash and dealt round-robin: balance +-1."""
+    owner = np.empty(n_users + n_items, dtype=np.int32)
+    salt = _splitmix64(np.array([seed], dtype=np.int64))[0]
+    for start, n in ((0, n_users), (n_users, n_items)):
+        ids = np.arange(start, start + n, dtype=np.int64)
+        keys = _splitmix64(ids.astype(np.uint64) ^ salt)
+        order = np.lexsort((ids, keys))  # ties (never in practice) broken by id
+        owner[ids[order]] = np.arange(n, dtype=np.int64) % world_size
+    return owner
+
+
+def _metis_owner(graph: BipartiteGraph, world_size: int, max_imbalance: float) -> np.ndarray:
+    from gnaq_dist._dgl import dgl
+
+    g = dgl.graph((graph.src, graph.dst), num_nodes=graph.n_nodes)
+    ntype = torch.cat([torch.zeros(graph.n_users, dtype=torch.int64), torch.ones(graph.n_items, dtype=torch.int64)])
+    with contextlib.redirect_stdout(io.StringIO()):  # DGL prints timings to stdout
+        assignment = dgl.metis_partition_assignment(g, world_size, balance_ntypes=ntype)
+    if assignment is None:
+        raise RuntimeError("METIS returned no assignment")
+    owner = assignment.numpy().astype(np.int32)
+    if owner.shape != (graph.n_nodes,):
+        raise RuntimeError(f"METIS returned {owner.shape[0]} assignments for {graph.n_nodes} nodes")
+    for name, part in (("users", owner[: graph.n_users]), ("items", owner[graph.n_users:])):
+        counts = np.bincount(part, minlength=world_size)
+        if part.size >= world_size and counts.min() == 0:
+            raise RuntimeError(f"METIS left a rank without {name}")
+        limit = -(-part.size // world_size) * (1.0 + max_imbalance)
+        if counts.max() > limit:
+            raise RuntimeError(f"METIS gave a rank {counts.max()} {name}, more than {limit:.1f} "
+                               f"(max_imbalance {max_imbalance})")
+    return owner
+
+
+def partition_nodes(graph: BipartiteGraph, world_size: int, method: str = "metis", seed: int = 0,
+                    max_imbalance: float = 0.10) -> Partition:
+    """Partition users and items over ``world_size`` ranks (METIS, hash as the fallback).
+
+    A METIS result that gives a rank more than ``(1 + max_imbalance) * ceil(n / W)``
+    users (or items) is rejected for hash partitioning: a straggler costs more than the
+    rows a better cut saves. ``seed`` only affects hash partitioning.
+    """
+    if not max_imbalance >= 0:
+        raise GnaqInputError(f"max_imbalance must be >= 0, got {max_imbalance!r}")
+    if method not in METHODS:
+        raise GnaqInputError(f"partition method must be one of {METHODS}, got {method!r}")
+    if not isinstance(world_size, (int, np.integer)) or world_size < 1:
+        raise GnaqInputError(f"world_size must be a positive integer, got {world_size!r}")
+    world_size = int(world_size)
+    used = method
+    owner: np.ndarray | None = None
+    if method == "metis" and world_size > 1:
+        try:
+            owner = _metis_owner(graph, world_size, max_imbalance)
+        except Exception as exc:  # DGL without METIS, a METIS error, an unusable result
+            log.warning("METIS partitioning failed (%s: %s); falling back to hash partitioning",
+                        type(exc).__name__, exc)
+            used = "hash"
+    elif method == "metis":
+        used = "hash"  # one rank: nothing to cut
+    if owner is None:
+        owner = hash_owner(graph.n_users, graph.n_items, world_size, seed)
+    part = Partition.from_owner(owner, world_size, graph.n_users, graph.n_items, method=used)
+    log.info("partitioned %d users and %d items over %d ranks with %s: rows per rank %s",
+             graph.n_users, graph.n_items, world_size, used, part.counts().tolist())
+    return part
+
+
+def edges_for_rank(partition: Partition, train_user: np.ndarray, train_item: np.ndarray, n_users: int,
+                   rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """The training (user, item) pairs whose user ``rank`` owns: that rank's BPR batches."""
+    partition._check_rank(rank)
+    if n_users != partition.n_users:
+        raise GnaqInputError(f"n_users is {n_users} but the partition has {partition.n_users} users")
+    users = np.asarray(train_user, dtype=np.int64)
+    items = np.asarray(train_item, dtype=np.int64)
+    if users.shape != items.shape or users.ndim != 1:
+        raise GnaqInputError(f"train_user and train_item must be 1-D of equal length, got {users.shape} and "
+                             f"{items.shape}")
+    if users.size and (users.min() < 0 or users.max() >= n_users):
+        raise GnaqInputError(f"user ids must lie in [0, {n_users}), got [{users.min()}, {users.max()}]")
+    mask = partition.owner[users] == rank
+    return users[mask], items[mask]
+
+
+def edge_cut_fraction(partition: Partition, graph: BipartiteGraph) -> float:
+    """Share of the train edges whose user and item have different owners (rows that must travel)."""
+    if graph.n_nodes != partition.num_nodes:
+        raise GnaqInputError(f"graph has {graph.n_nodes} nodes, the partition {partition.num_nodes}")
+    if graph.src.numel() == 0:
+        return 0.0
+    cut = partition.owner[graph.src.numpy()] != partition.owner[graph.dst.numpy()]
+    return float(cut.mean())
+
+
+def broadcast_partition(partition: Partition | None, src: int = 0) -> Partition:
+    """Every rank gets ``src``'s partition (needed for METIS, which is not repeatable).
+
+    ``partition`` may be None on ranks other than ``src``. Uses the default process group.
+    """
+    import torch.distributed as dist
+
+    from gnaq_dist.distributed.exchange import comm_device
+
+    dev = comm_device()
+    rank = dist.get_rank()
+    header = torch.zeros(4, dtype=torch.int64, device=dev)
+    if rank == src:
+        if partition is None:
+            raise GnaqInputError(f"rank {src} must pass the partition it broadcasts")
+        header = torch.tensor([partition.world_size, partition.n_users, partition.n_items,
+                               METHODS.index(partition.method)], dtype=torch.int64, device=dev)
+    dist.broadcast(header, src)
+    world, n_users, n_items, m = (int(v) for v in header.cpu())
+    owner = torch.empty(n_users + n_items, dtype=torch.int32, device=dev)
+    if rank == src:
+        owner.copy_(torch.from_numpy(partition.owner))
+    dist.broadcast(owner, src)
+    if rank == src:
+        return partition
+    return Partition.from_owner(owner.cpu().numpy(), world, n_users, n_items, method=METHODS[m])
+
+
+__all__ = ["METHODS", "Partition", "broadcast_partition", "edge_cut_fraction", "edges_for_rank", "hash_owner", "partition_nodes"]

@@ -83,9 +83,19 @@ def _cmd_reproduce(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
     return run_reproduce_from_args
 
 
+def _cmd_run(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from gnaq_dist.demo import add_run_arguments, run_demo_from_args
+
+    add_run_arguments(parser)
+    _add_config_args(parser)
+    return run_demo_from_args
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {
     "ingest": ("turn interaction logs (Parquet, any fsspec URI) into a training dataset", _cmd_ingest),
     "train": ("train LightGCN with GNAQ or a baseline on an ingested dataset", _cmd_train),
+    "run": ("the main job on the bundled Last.fm sample: ingest, train fp and GNAQ 2-bit, report",
+            _cmd_run),
     "reproduce": ("run fp, GNAQ and the baselines on one dataset and budget; write a table and a plot",
                   _cmd_reproduce),
 }

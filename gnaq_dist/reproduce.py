@@ -51,7 +51,8 @@ def parse_methods(text: str) -> list[tuple[str, int | None]]:
     for part in filter(None, (p.strip() for p in text.split(","))):
         name, _, bits = part.partition(":")
         try:
-            out.append((name, int(bits) if bits else (None if name == "fp" else 2)))
+            default = {"fp": None, "bigear": 1}.get(name, 2)
+            out.append((name, int(bits) if bits else default))
         except ValueError as exc:
             raise GnaqInputError(f"--methods: bad bit width in {part!r}") from exc
     return out

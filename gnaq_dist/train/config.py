@@ -22,9 +22,9 @@ class ModelConfig:
     bits: int | None = 2  # code width of the quantized table: 1, 2, 4 or 8 (fp: null)
     dim: int = 64  # embedding dimension d
     num_layers: int = 3  # LightGCN propagation layers L
-    phi: Literal["tanh", "identity"] = "tanh"  # GNAQ level activation
+    phi: Literal["tanh", "identity"] = "identity"  # GNAQ level activation (the reference code: tanh)
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
-    refine_every: int = 1  # GNAQ: steps between code re-assignments (0 = never)
+    refine_every: int = 0  # GNAQ: steps between code re-assignments from propagated embeddings (0 = never)
 
     def validate(self) -> None:
         if self.method not in METHODS:

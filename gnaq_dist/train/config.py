@@ -94,9 +94,9 @@ class TrainConfig:
     dataset: str = ""  # URI of an ingested dataset (gnaq ingest output)
     storage_options: dict = field(default_factory=dict)  # fsspec options for dataset/out
     out: str = "runs/latest"  # run directory: metrics.jsonl, summary.json, plots
-    seed: int = 0
+    seed: int = 0  # seeds Python, numpy, torch and DGL: same seed and data = same run
     threads: int | None = None  # torch intra-op threads (null: torch's default)
-    progress: bool = True
+    progress: bool = True  # show a progress bar with loss and ETA on stderr
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)

@@ -21,21 +21,27 @@ DEMO_CONFIG = PACKAGE / "configs" / "demo.yaml"
 DEMO_METHODS: list[tuple[str, int | None]] = [("fp", None), ("gnaq", 2)]
 
 
+def ingest_bundled(out: str | Path, progress: bool = True) -> str:
+    """Ingest the bundled Last.fm sample (its own train/test split) into ``out``."""
+    from gnaq_dist.ingest import IngestConfig, ingest
+
+    config = from_dict(IngestConfig, {
+        "columns": {"weight": "weight", "split": "split"}, "split": {"strategy": "column"},
+        "progress": progress,
+    })
+    ingest(str(BUNDLED_LOG), str(out), config, overwrite=True)
+    return str(out)
+
+
 def run_demo(out: str | Path = "runs/demo", configs: list[str] = (), overrides: list[str] = (),
              progress: bool = True) -> Path:
     from gnaq_dist.dataset import load_dataset
-    from gnaq_dist.ingest import IngestConfig, ingest
     from gnaq_dist.reproduce import run_reproduction
     from gnaq_dist.train.config import TrainConfig
 
     out = Path(out)
     t0 = time.time()
-    dataset = out / "dataset"
-    ingest_config = from_dict(IngestConfig, {
-        "columns": {"weight": "weight", "split": "split"}, "split": {"strategy": "column"},
-        "progress": progress,
-    })
-    ingest(str(BUNDLED_LOG), str(dataset), ingest_config, overwrite=True)
+    dataset = ingest_bundled(out / "dataset", progress)
     base = load_config(TrainConfig, [DEMO_CONFIG, *configs],
                        [f"dataset={dataset}", f"progress={str(progress).lower()}", *overrides])
     data = load_dataset(base.dataset)

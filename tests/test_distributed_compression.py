@@ -142,9 +142,11 @@ def test_error_feedback_stores_only_rows_that_were_sent_and_round_trips_its_stat
     assert torch.equal(ef.get(torch.tensor([3, 5, 7])), torch.stack([vals[2], torch.zeros(4), vals[0]]))
     ef.set(torch.tensor([7]), torch.ones(1, 4))  # overwrite, no new slot
     assert ef.num_tracked == 3
+    ef.set(torch.tensor([11, 11]), torch.full((2, 4), 2.0))  # a repeated new id: one slot
+    assert ef.num_tracked == 4 and torch.equal(ef.get(torch.tensor([11])), torch.full((1, 4), 2.0))
     for i in range(40):  # grow past the first capacity
         ef.set(torch.tensor([1000 + i]), torch.full((1, 4), float(i)))
-    assert ef.num_tracked == 43 and float(ef.get(torch.tensor([1039]))[0, 0]) == 39.0
+    assert ef.num_tracked == 44 and float(ef.get(torch.tensor([1039]))[0, 0]) == 39.0
     s_ids, s_vals = ef.state()
     assert torch.equal(s_ids, torch.sort(s_ids).values)
     other = ErrorFeedback(num_rows=100_000, dim=4)

@@ -343,3 +343,45 @@ def test_a_rank_that_raises_fails_the_run_promptly_with_its_error():
     with pytest.raises(RankError, match="boom on rank 1"):
         run_ranks(scenario_rank_raises, 2, timeout=60)
     assert time.monotonic() - t0 < 20  # well before the 30 s process-group timeout
+
+
+# -- shards (no process group needed) -------------------------------------------------------
+def test_quantized_shard_serves_compact_rows_and_decodes_them_like_the_table():
+    table = _table()
+    shard = QuantizedShard.from_packed(table, np.arange(10, 20))
+    assert shard.row_bytes == 16 + 8 and shard.fp32_row_bytes == 256
+    rows = torch.tensor([3, 0, 9])
+    wire = shard.serve(rows)
+    assert wire.dtype == torch.uint8 and tuple(wire.shape) == (3, 24)
+    np.testing.assert_array_equal(shard.decode(wire).numpy(), table.dequantize(np.array([13, 10, 19])))
+    assert shard.decode(shard.serve(torch.empty(0, dtype=torch.int64))).shape == (0, DIM)
+    # A per-tensor codebook travels once, not with every row.
+    shared = PackedTable("lsq", BITS, DIM, N, table.codes, table.levels[:1])
+    sshard = QuantizedShard.from_packed(shared, np.arange(N))
+    assert sshard.row_bytes == 16
+    np.testing.assert_array_equal(sshard.decode(sshard.serve(torch.tensor([5, 6]))).numpy(),
+                                  shared.dequantize(np.array([5, 6])))
+    with pytest.raises(GnaqInputError, match="local rows"):
+        shard.serve(torch.tensor([10]))
+    with pytest.raises(GnaqInputError, match="codes must be uint8"):
+        QuantizedShard(torch.zeros(2, 3, dtype=torch.uint8), torch.zeros(2, 1, 4), BITS, DIM)
+
+
+def test_dense_shard_round_trips_fp32_rows():
+    w = torch.randn(6, 8)
+    shard = DenseShard(w)
+    assert shard.row_bytes == 32
+    np.testing.assert_array_equal(shard.decode(shard.serve(torch.tensor([4, 1]))).numpy(), w[[4, 1]].numpy())
+
+
+def test_wire_counter_ratios_and_pop():
+    c = WireCounter()
+    c.add("gradients_sent", 18, 256)
+    c.add("control", 4)
+    assert c.ratio("gradients_sent") == pytest.approx(256 / 18)
+    assert c.ratio() == pytest.approx(260 / 22)
+    assert c.ratio("rows_fetched") == float("inf")
+    summary = c.pop()
+    assert summary["total_bytes"] == 22 and c.total() == 0
+    with pytest.raises(GnaqInputError, match="wire kind"):
+        c.add("gossip", 1)

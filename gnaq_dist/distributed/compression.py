@@ -227,7 +227,7 @@ class ErrorFeedback:
     def set(self, ids: torch.Tensor, values: torch.Tensor) -> None:
         """``e[ids] = values`` (ids unique), allocating slots for rows seen the first time."""
         ids = self._check(ids, values)
-        new = ids[self.slot[ids] < 0]
+        new = torch.unique(ids[self.slot[ids] < 0])  # a repeated new id gets one slot
         if new.numel():
             need = self.num_tracked + new.numel()
             if need > self.residual.shape[0]:

@@ -262,4 +262,12 @@ def broadcast_partition(partition: Partition | None, src: int = 0) -> Partition:
     return Partition.from_owner(owner.cpu().numpy(), world, n_users, n_items, method=METHODS[m])
 
 
-__all__ = ["METHODS", "Partition", "broadcast_partition", "edge_cut_fraction", "edges_for_rank", "hash_owner", "partition_nodes"]
+__all__ = [
+    "METHODS",
+    "Partition",
+    "broadcast_partition",
+    "edge_cut_fraction",
+    "edges_for_rank",
+    "hash_owner",
+    "partition_nodes",
+]

@@ -187,3 +187,17 @@ def test_bigear_bytes_count_all_layers():
     t = m.pack(torch.float16)
     assert t.bytes_per_node() == 4 * 8 + 4 * 2 * 2  # 4 binarized layers of 64 bits + {-a, +a} each
     assert t.compression_ratio() == pytest.approx(256 / 48)
+
+
+def test_zero_rows_unpack_to_zero_rows():
+    """A worker with nothing to send still encodes/decodes an empty message."""
+    import numpy as np
+    import torch
+
+    from gnaq_dist.quant.packing import pack_codes, pack_codes_torch, unpack_codes, unpack_codes_torch
+
+    for bits in (1, 2, 4, 8):
+        empty = pack_codes(np.zeros((0, 5), dtype=np.uint8), bits)
+        assert unpack_codes(empty, bits, 5).shape == (0, 5)
+        empty_t = pack_codes_torch(torch.zeros((0, 5), dtype=torch.uint8), bits)
+        assert tuple(unpack_codes_torch(empty_t, bits, 5).shape) == (0, 5)

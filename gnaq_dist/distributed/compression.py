@@ -42,13 +42,6 @@ COMPRESSION_BITS = (2, 4, 8)
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
-def unpack_rows(packed: torch.Tensor, bits: int, width: int) -> torch.Tensor:
-    """:func:`unpack_codes_torch` that also takes zero rows (empty messages are normal here)."""
-    if packed.shape[0] == 0:
-        return torch.empty((0, width), dtype=torch.uint8, device=packed.device)
-    return unpack_codes_torch(packed, bits, width)
-
-
 @dataclass
 class CompressedRows:
     """``n`` compressed rows of ``dim`` values; ``bits=None`` means plain fp32 ``values``."""
@@ -151,7 +144,7 @@ class RowCompressor:
             return c.values.to(torch.float32)
         if c.bits != self.bits:
             raise GnaqInputError(f"rows were compressed at {c.bits} bits, this compressor uses {self.bits}")
-        q = unpack_rows(c.codes, c.bits, c.dim).to(torch.float32) - self.max_level
+        q = unpack_codes_torch(c.codes, c.bits, c.dim).to(torch.float32) - self.max_level
         return q * self.step(c.scale).unsqueeze(1)
 
     # -- wire form -----------------------------------------------------------------------
@@ -267,4 +260,4 @@ class ErrorFeedback:
         return int(self.slot.numel() * 4 + self.residual.numel() * 4)
 
 
-__all__ = ["COMPRESSION_BITS", "CompressedRows", "ErrorFeedback", "RowCompressor", "unpack_rows"]
+__all__ = ["COMPRESSION_BITS", "CompressedRows", "ErrorFeedback", "RowCompressor"]

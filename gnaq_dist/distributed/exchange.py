@@ -36,10 +36,10 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, unpack_rows
+from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.quant.packing import PackedTable, packed_row_bytes
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_torch
 
 WIRE_KINDS = ("rows_fetched", "gradients_sent", "allreduce", "control")
 HEADER_FIELDS = 3  # count, row_bytes, width
@@ -176,7 +176,7 @@ class QuantizedShard:
         """Wire rows -> (codes uint8 (n, groups*dim), levels float32 (n, groups, 2^b)): for training,
         where the requester needs the levels as their own (differentiable) tensor."""
         n = payload.shape[0]
-        codes = unpack_rows(payload[:, : self.code_bytes].contiguous(), self.bits, self.width)
+        codes = unpack_codes_torch(payload[:, : self.code_bytes].contiguous(), self.bits, self.width)
         if self.shared_levels:
             levels = self.levels.to(torch.float32).expand(n, -1, -1)
         else:

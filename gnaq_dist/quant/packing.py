@@ -63,7 +63,7 @@ def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
     shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
     mask = np.uint8((1 << bits) - 1)
     out = (packed[:, :, None] >> shifts) & mask
-    return out.reshape(packed.shape[0], -1)[:, :dim]
+    return out.reshape(packed.shape[0], per * packed.shape[1])[:, :dim]  # explicit width: 0 rows ok
 
 
 def pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -92,7 +92,7 @@ def unpack_codes_torch(packed: torch.Tensor, bits: int, dim: int) -> torch.Tenso
     per = 8 // bits
     shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
     out = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return out.reshape(packed.shape[0], -1)[:, :dim].to(torch.uint8)
+    return out.reshape(packed.shape[0], per * packed.shape[1])[:, :dim].to(torch.uint8)
 
 
 def _np_float(dtype: torch.dtype) -> type:

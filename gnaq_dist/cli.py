@@ -48,6 +48,10 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int)
     parser.add_argument("--no-progress", action="store_true")
+    parser.add_argument("--workers", type=int,
+                        help="train with W Ray Train workers (sharded tables, sampled blocks); "
+                             "without it, train in this process on the full graph")
+    parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
 
     def run(args: argparse.Namespace) -> int:
         import json
@@ -61,6 +65,17 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
         if not config.dataset:
             raise GnaqInputError("no dataset: pass --dataset URI or set dataset: in a config file")
         out = Path(config.out)
+        if args.workers is not None or args.address:
+            from gnaq_dist.dataset import read_manifest
+            from gnaq_dist.distributed.ray_launch import train_on_ray
+
+            read_manifest(config.dataset, config.storage_options)  # fail here, not in the workers
+            summary = train_on_ray(config, args.workers or 1, address=args.address)
+            out.mkdir(parents=True, exist_ok=True)
+            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes")},
+                             indent=2, default=str))
+            return 0
         result = train_local(config, log_path=out / "metrics.jsonl")
         summary = {
             "config": to_dict(config), "metrics": result.metrics, "phase_seconds": result.phase_seconds,
@@ -121,6 +136,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GnaqInputError as exc:
         print(f"gnaq {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
+    except RuntimeError as exc:
+        if type(exc).__name__ != "DistributedTrainingError":
+            raise
+        print(f"gnaq {args.command}: training failed: {exc}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -1,0 +1,161 @@
+"""Run the distributed training loop as Ray Train workers.
+
+``train_on_ray`` starts (or joins, with ``address``) a Ray cluster, checks that it can
+give the requested workers before any of them starts, and runs one
+``TorchTrainer`` whose workers each call the per-worker loop inside a
+``torch.distributed`` group that Ray Train sets up (gloo on CPU, nccl on GPU).
+
+Results come back through Ray Train's own channel: rank 0 reports a checkpoint
+directory holding ``summary.json`` (Train v2 keeps metrics only with checkpoints),
+and every rank reports the same number of times, since ``ray.train.report`` is a
+barrier. A worker that raises fails the job with that worker's error.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any, Callable
+
+from gnaq_dist.config import from_dict, to_dict
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.train.config import TrainConfig
+
+WorkerFn = Callable[[TrainConfig, Callable[[dict], None]], dict]
+
+
+class DistributedTrainingError(RuntimeError):
+    """A worker failed; the message carries the worker's own error."""
+
+
+def ray_environment() -> None:
+    """Defaults for local runs: no usage stats, no auth token written to ~/.ray."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+
+
+def check_reachable(address: str, timeout: float = 5.0) -> None:
+    """Fail fast on an address nobody listens on (ray.init would wait a minute or more)."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    target = address.split("://", 1)[-1]
+    host, _, port = target.rpartition(":")
+    if not host or not port.isdigit():
+        raise GnaqInputError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host, int(port)), timeout=timeout).close()
+    except OSError as exc:
+        raise GnaqInputError(f"--address {address}: no Ray cluster reachable there ({exc.strerror or exc})") from exc
+
+
+def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> bool:
+    """Start a local Ray on this machine's CPUs (or join ``address``). True if we started it.
+
+    A local Ray declares one logical CPU more than the machine has: Train v2 runs its
+    controller as an actor, which is idle most of the time and must not wait for a CPU
+    that the workers hold.
+    """
+    import ray
+
+    ray_environment()
+    if address:
+        check_reachable(address)
+    if ray.is_initialized():
+        return False
+    if address:
+        try:
+            ray.init(address=address, include_dashboard=False, log_to_driver=True)
+        except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError
+            raise GnaqInputError(f"--address {address}: cannot connect to a Ray cluster ({exc})") from exc
+        return False
+    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
+             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True)
+    return True
+
+
+def check_capacity(workers: int, cpus_per_worker: float = 1.0) -> None:
+    """Refuse, before any worker starts, a job the cluster cannot place."""
+    import ray
+
+    if workers < 1:
+        raise GnaqInputError(f"--workers {workers}: need at least 1 worker")
+    total = ray.cluster_resources().get("CPU", 0.0)
+    needed = workers * cpus_per_worker + 1  # + the Train controller
+    if needed > total:
+        raise GnaqInputError(
+            f"--workers {workers}: the Ray cluster has {total:g} CPUs, {needed:g} are needed "
+            f"({workers} workers x {cpus_per_worker:g} CPU + 1 for the Train controller)"
+        )
+
+
+def _worker_entry(payload: dict[str, Any]) -> None:
+    """Runs in every Ray Train worker (a fresh process: imports happen here)."""
+    import ray.train
+    import torch.distributed as dist
+
+    from gnaq_dist.distributed.loop import train_worker
+
+    config = from_dict(TrainConfig, payload["config"])
+    worker: WorkerFn = payload.get("worker_fn") or train_worker
+    rank = dist.get_rank()
+
+    def report(record: dict) -> None:
+        ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))})
+
+    summary = worker(config, report)
+    summary = dict(summary)
+    summary["node_id"] = ray.get_runtime_context().get_node_id()
+    nodes: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(nodes, summary["node_id"])
+    summary["worker_nodes"] = nodes
+    with tempfile.TemporaryDirectory() as tmp:
+        checkpoint = None
+        if rank == 0:
+            Path(tmp, "summary.json").write_text(json.dumps(summary, default=str))
+            checkpoint = ray.train.Checkpoint.from_directory(tmp)
+        ray.train.report({"final": 1}, checkpoint=checkpoint)
+
+
+def train_on_ray(
+    config: TrainConfig,
+    workers: int,
+    address: str | None = None,
+    storage_path: str | None = None,
+    worker_fn: WorkerFn | None = None,
+    use_gpu: bool = False,
+) -> dict[str, Any]:
+    """Train ``config`` with ``workers`` Ray Train workers; returns rank 0's summary."""
+    config.validate()
+    import ray
+    from ray.train import RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    started = connect(address, workers)
+    try:
+        check_capacity(workers)
+        storage = storage_path or str(Path(config.out).resolve() / "ray")
+        trainer = TorchTrainer(
+            _worker_entry,
+            train_loop_config={"config": to_dict(config), "worker_fn": worker_fn},
+            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
+            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": 1}),
+            run_config=RunConfig(storage_path=storage, name="train"),
+        )
+        try:
+            result = trainer.fit()
+        except Exception as exc:  # ray.train.WorkerGroupError / TrainingFailedError
+            raise DistributedTrainingError(str(exc)) from exc
+        if result.error is not None:
+            raise DistributedTrainingError(str(result.error))
+        if result.checkpoint is None:
+            raise DistributedTrainingError("the workers finished without reporting a summary")
+        with result.checkpoint.as_directory() as path:
+            return json.loads(Path(path, "summary.json").read_text())
+    finally:
+        if started:
+            ray.shutdown()

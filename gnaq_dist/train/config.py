@@ -90,6 +90,21 @@ class EvalConfig:
 
 
 @dataclass
+class DistributedConfig:
+    workers: int = 1  # data-parallel workers (ranks); each owns ~1/W of the embedding rows
+    partition: Literal["metis", "hash"] = "metis"  # row owners: METIS cut (hash if it fails or W = 1) or keyed hash
+    grad_bits: int | None = None  # bits of row gradients sent to their owners: 2, 4, 8 or null (fp32, exact)
+    stochastic_rounding: bool = False  # unbiased stochastic rounding of compressed gradients (seed + rank)
+    error_feedback: bool = True  # carry each compressed row's residual into its next message (only with grad_bits)
+
+    def validate(self) -> None:
+        if self.workers < 1:
+            raise ConfigError(f"distributed.workers must be >= 1, got {self.workers}")
+        if self.grad_bits not in (None, 2, 4, 8):
+            raise ConfigError(f"distributed.grad_bits: {self.grad_bits!r} is not one of 2, 4, 8 or null")
+
+
+@dataclass
 class TrainConfig:
     dataset: str = ""  # URI of an ingested dataset (gnaq ingest output)
     storage_options: dict = field(default_factory=dict)  # fsspec options for dataset/out
@@ -101,11 +116,13 @@ class TrainConfig:
     optim: OptimConfig = field(default_factory=OptimConfig)
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
+    distributed: DistributedConfig = field(default_factory=DistributedConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.optim.validate()
         self.schedule.validate()
+        self.distributed.validate()
         if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:
             raise ConfigError(
                 f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "

@@ -1,0 +1,460 @@
+"""The per-worker distributed training loop (data parallel, row-sharded embeddings).
+
+Called on every rank inside an initialised default process group (Ray Train sets one up;
+tests use plain gloo ranks): :func:`train_worker`. It mirrors ``train/local.py`` (fp
+warm-up, then the quantized phase from ``init_from_full_precision``, BPR + L2, evaluation
+from the packed table), with these differences, documented in docs/distributed.md:
+
+* every rank holds only the rows it owns (``partition``) and their optimizer state;
+  the rows a step needs travel in the method's wire form (:mod:`.sharded`);
+* all ranks walk the same global BPR batches; a rank keeps the positives whose user it
+  owns and normalises its loss by the *global* batch size, so the gradients the owners
+  sum are the single-process gradient;
+* propagation is always on sampled blocks (``propagation: full`` means fan-out -1, which
+  is exact);
+* row parameters use lazy, row-sparse Adam (:mod:`.sparse_adam`), the same for every W.
+
+Everything a rank does per step is a fixed sequence of collectives, so a rank with no
+positive in a batch still joins every one of them (with empty messages).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
+from gnaq_dist.distributed.exchange import WIRE_KINDS, QuantizedShard, WireCounter, allreduce_dense, fetch_rows, \
+    push_row_gradients
+from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
+from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
+from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
+from gnaq_dist.interactions import InteractionData
+from gnaq_dist.propagation import propagate_blocks, propagate_full
+from gnaq_dist.quant import build_method
+from gnaq_dist.quant.base import init_normal_table
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_report
+from gnaq_dist.runlog import RunLog
+from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
+from gnaq_dist.train.config import TrainConfig
+from gnaq_dist.train.local import seed_everything
+
+log = logging.getLogger(__name__)
+
+Report = Callable[[dict], None]
+
+
+def _agree(ok: bool, what: str) -> None:
+    """Raise on every rank if some rank failed ``what`` (the failed rank raises its own error first)."""
+    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
+    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    if ok and int(flag) > 0:
+        raise RuntimeError(f"{what} failed on {int(flag)} other rank(s); see their error")
+
+
+class DistributedTrainer:
+    """One rank's state: replicated graph, the partition, its shard, counters and log."""
+
+    def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None):
+        if not dist.is_initialized():
+            raise RuntimeError("train_worker needs an initialised default process group")
+        self.rank, self.world = dist.get_rank(), dist.get_world_size()
+        self.report = report
+        self.log = RunLog(None)
+        self.history: list[dict[str, Any]] = []
+        error: BaseException | None = None
+        try:  # a rank that cannot set up makes every rank raise instead of hanging
+            config.validate()
+            if data is None:
+                from gnaq_dist.dataset import load_dataset
+
+                data = load_dataset(config.dataset, storage_options=config.storage_options)
+        except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
+            error = exc
+        _agree(error is None, "loading the config and the dataset")
+        if error is not None:
+            raise error
+        self.config = config
+        self.data = data
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        if config.distributed.workers not in (1, self.world):
+            log.warning("distributed.workers is %d but the process group has %d ranks: using %d",
+                        config.distributed.workers, self.world, self.world)
+        seed_everything(config.seed)
+        self.graph: BipartiteGraph = build_graph(data)
+        self.train_csr = self.graph.train_csr()
+        held_user, held_item = data.split(config.eval.split)
+        self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
+        self.partition = self._partition()
+        all_eval_users = np.flatnonzero(np.diff(self.test_csr[0]) > 0)
+        self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
+        L = config.model.num_layers
+        fanouts = config.schedule.fanouts if config.schedule.propagation == "sampled" else [-1] * L
+        self.sampler = NeighborBlockSampler(self.graph, fanouts, num_layers=L) if L > 0 else None
+        self.batches = BPRBatches(self.graph, config.schedule.batch_size, config.schedule.num_negatives,
+                                  seed=config.seed)
+        self.steps_per_epoch = len(self.batches)
+        self.global_step = 0
+        self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
+        self.counter = WireCounter()  # per-step exchanges (fetch, gradients, all-reduce)
+        self.refine_counter = WireCounter()  # propagated rows sent to owners for refinement
+        self.gather_counter = WireCounter()  # whole-table gathers (evaluation, quantized start)
+        self.wire_totals = {"train": WireCounter(), "refine": WireCounter(), "gather": WireCounter()}
+        self.positives = 0  # global positives trained on (edges)
+        self.level_dtype = getattr(torch, config.model.level_dtype)
+        self.shard: MethodShard | None = None
+        self.compressors: list[RowCompressor] = []
+        self.feedback: list[ErrorFeedback | None] = []
+
+    # -- setup ---------------------------------------------------------------------------
+    def _partition(self) -> Partition:
+        part = None
+        if self.rank == 0:
+            part = partition_nodes(self.graph, self.world, self.config.distributed.partition, seed=self.config.seed)
+        return broadcast_partition(part, 0)
+
+    def _new_shard(self, method, lr: float) -> None:
+        dcfg = self.config.distributed
+        self.shard = MethodShard(method, self.partition, self.rank, lr, self.level_dtype)
+        self.compressors, self.feedback = [], []
+        for i, k in enumerate(self.shard.gradient_widths()):
+            # Each rank and message gets its own stream for stochastic rounding.
+            seed = (self.config.seed * 1_000_003 + self.rank * 101 + i) % (2**63)
+            self.compressors.append(RowCompressor(dcfg.grad_bits, stochastic=dcfg.stochastic_rounding, seed=seed))
+            use_ef = dcfg.grad_bits is not None and dcfg.error_feedback
+            self.feedback.append(ErrorFeedback(self.partition.num_nodes, k) if use_ef else None)
+
+    def _start_fp(self) -> None:
+        """The warm-up table: N(0, 0.1^2) of the whole table from the seed (as ``local.py``), own rows kept."""
+        cfg = self.config
+        full = init_normal_table(self.data.n_nodes, cfg.model.dim)
+        own = full[self.owned_t].clone()
+        del full
+        method = build_shard_method("fp", own, cfg.model.dim, None, cfg.model.num_layers, cfg.model.phi)
+        self._new_shard(method, cfg.optim.lr)
+
+    def _start_quantized(self) -> None:
+        cfg = self.config
+        fp = self.shard.method
+        own = fp.weight.detach()[: self.shard.num_owned].clone()
+        with torch.random.fork_rng():
+            probe = build_method(cfg.model.method, 1, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
+                                 phi=cfg.model.phi)
+        full = self._gather_latent(fp) if probe.dense_params() else None
+        method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
+                                    cfg.model.phi, full_table=full)
+        self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
+        self._fold(self.gather_counter, "gather")
+
+    def _gather_latent(self, method) -> torch.Tensor:
+        """The whole table of a latent row format (fp weights) on every rank (collective)."""
+        server = LatentShard(list(method.trainable_row_params()), method.dim)
+        ids = torch.arange(self.partition.num_nodes, dtype=torch.int64)
+        return fetch_rows(ids, self.partition, server, counter=self.gather_counter)
+
+    # -- one step --------------------------------------------------------------------------
+    def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+        """One data-parallel step; returns this rank's share of the global BPR loss."""
+        cfg = self.config
+        shard = self.shard
+        n_users = self.data.n_users
+        global_batch = int(users.shape[0])
+        self.positives += global_batch
+        mine = self.partition.owner_of(users) == self.rank
+        users, pos, neg = users[mine], pos[mine], neg[mine]
+        pos_nodes, neg_nodes = pos + n_users, neg + n_users
+        occurrences = torch.cat([users, pos_nodes, neg_nodes.reshape(-1)])
+        batch_nodes = torch.unique(occurrences)
+        if batch_nodes.numel() and self.sampler is not None:
+            input_nodes, blocks = self.sampler.sample(batch_nodes)
+        else:
+            input_nodes, blocks = batch_nodes, []
+        server = shard.server()
+        payload = fetch_rows(input_nodes, self.partition, server, counter=self.counter, decode=False)
+        view = shard.view(server, payload)
+        shard.zero_dense_grads()
+        bpr_value = 0.0
+        final = None
+        if batch_nodes.numel():
+            L = cfg.model.num_layers
+            layers = propagate_blocks(blocks, view.embeddings, L, shard.method.layer_fn) if L else \
+                [shard.method.layer_fn(view.embeddings, 0)]
+            final = shard.method.combine(layers)
+
+            def rows(ids: torch.Tensor) -> torch.Tensor:
+                return final[torch.searchsorted(batch_nodes, ids)]
+
+            u = rows(users)
+            pos_score = (u * rows(pos_nodes)).sum(-1)
+            neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
+            bpr = F.softplus(neg_score - pos_score.unsqueeze(1)).sum() / (global_batch * neg.shape[1])
+            x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
+            reg_rows = x0[torch.searchsorted(batch_nodes, occurrences)]
+            reg = cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / global_batch
+            (bpr + reg).backward()
+            bpr_value = float(bpr.detach())
+        grads = shard.leaf_grads(view)
+        clip = cfg.optim.grad_clip
+        local_rows = None
+        summed = []
+        for g, comp, ef in zip(grads, self.compressors, self.feedback):
+            rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.counter)
+            if local_rows is not None and not torch.equal(local_rows, rows_i):
+                raise RuntimeError("row gradient messages disagree on the touched rows")
+            local_rows = rows_i
+            summed.append(g_i)
+        shard.apply_row_gradients(local_rows, summed, clip)
+        if shard.dense:
+            allreduce_dense([p.grad for p in shard.dense], counter=self.counter)
+            for p in shard.dense:
+                p.grad.mul_(self.world)  # allreduce_dense averages; the loss is already global
+            shard.apply_dense(clip)
+        refine_every = cfg.model.refine_every
+        if refine_every and shard.method.name == "gnaq" and (self.global_step + 1) % refine_every == 0:
+            self._refine(batch_nodes, final)
+        self.global_step += 1
+        return bpr_value
+
+    def _refine(self, batch_nodes: torch.Tensor, final: torch.Tensor | None) -> None:
+        """Owners re-assign codes of the step's batch nodes from the requesters' propagated rows.
+
+        Each requester sends ``[h, 1]`` for its seeds (fp32, uncompressed); an owner that gets
+        a node from several ranks averages them (identical at fan-out -1).
+        """
+        d = self.config.model.dim
+        h = final.detach() if final is not None else torch.zeros(0, d)
+        if h.shape[1] != d:
+            raise GnaqInputError("refinement needs final embeddings of dimension d")
+        msg = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)
+        rows, summed = push_row_gradients(batch_nodes, msg, self.partition, None, None, counter=self.refine_counter)
+        if rows.numel():
+            self.shard.refine(rows, summed[:, :d] / summed[:, d:])
+
+    # -- evaluation --------------------------------------------------------------------------
+    @torch.no_grad()
+    def gathered_table(self) -> tuple[str, Any]:
+        """The full layer-0 table on every rank, in storage form (collective).
+
+        ``("fp", weight)`` for fp (no packed form); ``("packed", PackedTable)`` otherwise,
+        built from the shards' wire rows (BiGeaR packs a full instance, since its packed
+        form is the binarized propagated layers).
+        """
+        method = self.shard.method
+        cfg = self.config
+        if method.name in ("fp", "bigear"):
+            weight = self._gather_latent(method)
+            if method.name == "fp":
+                return "fp", weight
+            with torch.random.fork_rng():
+                full = build_method("bigear", self.data.n_nodes, cfg.model.dim, 1, cfg.model.num_layers,
+                                    graph=self.graph)
+            full.init_from_full_precision(weight)
+            return "packed", full.pack(level_dtype=self.level_dtype)
+        own = method.pack(level_dtype=self.level_dtype)
+        if self.shard.num_owned == 0:  # a placeholder row: serve nothing
+            own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
+                              if own.levels.shape[0] != 1 else own.levels)
+        server = QuantizedShard.from_packed(own)
+        if own.num_rows == 1 and own.levels.shape[0] == 1 and method.name not in ("gnaq", "gnaq_ste"):
+            server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
+            server.row_bytes = server.code_bytes
+        ids = torch.arange(self.partition.num_nodes, dtype=torch.int64)
+        payload = fetch_rows(ids, self.partition, server, counter=self.gather_counter, decode=False)
+        cb = packed_row_bytes(own.groups * own.dim, own.bits)
+        codes = payload[:, :cb].contiguous().numpy()
+        if server.shared_levels:
+            levels = own.levels
+        else:
+            levels = (payload[:, cb:].contiguous().view(server.levels.dtype)
+                      .reshape(-1, own.groups, 1 << own.bits).numpy())
+        return "packed", PackedTable(own.method, own.bits, own.dim, self.partition.num_nodes, codes, levels,
+                                     own.groups, own.needs_propagation, own.group_weights)
+
+    @torch.no_grad()
+    def final_embeddings(self, kind: str, table) -> torch.Tensor:
+        """All nodes' final embeddings from the gathered table, exactly as ``local.py`` scores them."""
+        method = self.shard.method
+        L = self.config.model.num_layers
+        if kind == "fp":
+            return method.combine(propagate_full(self.graph, table, L, method.layer_fn))
+        x = torch.from_numpy(table.dequantize())
+        if table.needs_propagation:
+            return method.combine(propagate_full(self.graph, x, L))
+        weights = torch.tensor(table.group_weights or [1.0] * table.groups, dtype=x.dtype)
+        grouped = x.reshape(x.shape[0], table.groups, -1) * weights.view(1, -1, 1)
+        return grouped.reshape(x.shape[0], -1)
+
+    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Metrics (the same on every rank) and the storage report of the gathered table."""
+        cfg = self.config
+        kind, table = self.gathered_table()
+        self._fold(self.gather_counter, "gather")
+        final = self.final_embeddings(kind, table)
+        n_users = self.data.n_users
+        sums = evaluate_ranking(final[:n_users], final[n_users:], self.eval_users, self.train_csr, self.test_csr,
+                                ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size)
+        flat = sums.to_tensor()
+        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        metrics = finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
+        d = cfg.model.dim
+        if kind == "fp":
+            storage = {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
+        else:
+            storage = storage_report(table)
+            storage["fp32_bytes_per_node"] = 4.0 * d
+            storage["compression_ratio"] = 4.0 * d / storage["bytes_per_node"]
+        return metrics, storage
+
+    # -- logging -------------------------------------------------------------------------------
+    def _emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = self.log.write(event, **fields)
+        self.history.append(record)
+        if self.report is not None:
+            self.report(record)
+        return record
+
+    def _fold(self, counter: WireCounter, name: str) -> None:
+        """Add all ranks' bytes in ``counter`` to the run totals and reset it (collective)."""
+        vec = [v for k in WIRE_KINDS for v in (counter.sent[k], counter.fp32[k])]
+        t = torch.tensor(vec, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        for j, k in enumerate(WIRE_KINDS):
+            self.wire_totals[name].add(k, int(t[2 * j]), int(t[2 * j + 1]))
+        counter.reset()
+
+    def _epoch_wire(self, loss_sum: float, steps: int) -> tuple[float, dict[str, float]]:
+        """All ranks' loss and bytes for the epoch (one all_reduce): the same on every rank."""
+        counters = (self.counter, self.refine_counter)
+        vec = [loss_sum]
+        for c in counters:
+            for k in WIRE_KINDS:
+                vec += [c.sent[k], c.fp32[k]]
+        t = torch.tensor(vec, dtype=torch.float64)
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        values = t.tolist()
+        loss = values[0] / max(steps, 1)
+        wire: dict[str, float] = {"steps": steps, "world_size": self.world}
+        i = 1
+        for name, c in zip(("train", "refine"), counters):
+            total = self.wire_totals[name]
+            for k in WIRE_KINDS:
+                sent, fp32 = int(values[i]), int(values[i + 1])
+                i += 2
+                total.add(k, sent, fp32)
+                if name == "train":
+                    wire[f"{k}_bytes"] = sent
+                    wire[f"{k}_fp32_bytes"] = fp32
+                elif sent:
+                    wire[f"{name}_{k}_bytes"] = sent
+            c.reset()
+        train = [wire[f"{k}_bytes"] for k in WIRE_KINDS]
+        wire["bytes_per_step"] = sum(train) / max(steps, 1)
+        wire["fp32_bytes_per_step"] = sum(wire[f"{k}_fp32_bytes"] for k in WIRE_KINDS) / max(steps, 1)
+        return loss, wire
+
+    def wire_summary(self) -> dict[str, Any]:
+        """Bytes all ranks sent over the run, by kind, with fp32 equivalents and ratios."""
+        out: dict[str, Any] = {}
+        for name, c in self.wire_totals.items():
+            s = c.summary()
+            for k in WIRE_KINDS:
+                s[f"{k}_ratio"] = c.ratio(k)
+            out[name] = s
+        steps = max(self.global_step, 1)
+        out["train_bytes_per_step"] = out["train"]["total_bytes"] / steps
+        out["train_fp32_bytes_per_step"] = out["train"]["total_fp32_bytes"] / steps
+        return out
+
+    # -- the run -------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.config
+        sched = cfg.schedule
+        warmup_epochs = cfg.warmup_epochs
+        total_steps = sched.epochs * self.steps_per_epoch
+        if sched.max_steps is not None:
+            total_steps = min(total_steps, sched.max_steps)
+        self._start_fp()
+        phase = "fp"
+        phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
+        phase_epochs = {"fp": 0, "quantized": 0}
+        phase_steps = {"fp": 0, "quantized": 0}
+        metrics: dict[str, float] = {}
+        storage: dict[str, float] = {}
+        evals = 0
+        epoch = 0
+        for epoch in range(1, sched.epochs + 1):
+            if self.global_step >= total_steps:
+                break
+            if cfg.quantized and epoch == warmup_epochs + 1:
+                self._start_quantized()
+                phase = "quantized"
+            t0 = time.perf_counter()
+            loss_sum, steps = 0.0, 0
+            self.batches.set_epoch(epoch)
+            for users, pos, neg in self.batches:
+                if self.global_step >= total_steps:
+                    break
+                loss_sum += self.step(users, pos, neg)
+                steps += 1
+            seconds = time.perf_counter() - t0
+            phase_seconds[phase] += seconds
+            phase_epochs[phase] += 1
+            phase_steps[phase] += steps
+            loss, wire = self._epoch_wire(loss_sum, steps)
+            self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step)
+            self._emit("wire", epoch=epoch, phase=phase, **wire)
+            last = epoch == sched.epochs or self.global_step >= total_steps
+            if last or (sched.eval_every and epoch % sched.eval_every == 0):
+                if last and cfg.quantized and phase == "fp":
+                    break  # the budget ended inside the warm-up: quantize first (below)
+                t1 = time.perf_counter()
+                metrics, storage = self.evaluate()
+                phase_seconds["eval"] += time.perf_counter() - t1
+                self._emit("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
+                evals += 1
+        if cfg.quantized and phase == "fp":
+            self._start_quantized()
+            metrics, storage = self.evaluate()
+            self._emit("eval", epoch=epoch, phase="quantized", step=self.global_step, **metrics)
+        train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
+        epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])
+        steps_run = max(1, phase_steps["fp"] + phase_steps["quantized"])
+        return {
+            "metrics": metrics,
+            "history": self.history,
+            "phase_seconds": phase_seconds,
+            "phase_epochs": phase_epochs,
+            "phase_steps": phase_steps,
+            "seconds_per_epoch": train_seconds / epochs_run,
+            "seconds_per_step": train_seconds / steps_run,
+            "edges_per_second": self.positives / max(train_seconds, 1e-9),
+            "storage": storage,
+            "wire": self.wire_summary(),
+            "partition": self.partition.describe(),
+            "rows": self.shard.row_counts(),
+            "rank": self.rank,
+            "world_size": self.world,
+            "steps": self.global_step,
+        }
+
+
+def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None) -> dict:
+    """Train ``config`` as this rank of the default process group; every rank returns the same
+    metrics, phase times, storage report and wire summary (plus its own ``rows`` and ``rank``).
+
+    ``report(record)`` gets every log record (``epoch``, ``wire``, ``eval``), on every rank
+    the same number of times (Ray Train's ``report`` is a barrier).
+    """
+    return DistributedTrainer(config, data, report).run()
+
+
+__all__ = ["DistributedTrainer", "train_worker"]

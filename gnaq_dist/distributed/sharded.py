@@ -1,0 +1,242 @@
+"""A worker's shard of an embedding method: its own rows, how they travel, how they learn.
+
+Why one class per shard and not per method: the training loop must treat every method
+alike, but the methods differ in what a row *is* on the wire. Two row formats:
+
+* ``"packed"`` (GNAQ): the storage form, packed b-bit codes plus ``phi(levels)`` in
+  ``model.level_dtype`` (:class:`~gnaq_dist.distributed.exchange.QuantizedShard`,
+  24 bytes a row at d = 64, b = 2 with fp16 levels). The requester's differentiable
+  view is ``x = gather(levels, codes)`` with the fetched levels as the leaf, so the
+  gradient it sends back has ``2^b`` values a row. The owner chains it through
+  ``phi`` with its own fp32 levels (``dL/dc = phi'(c) dL/dphi(c)``).
+* ``"latent"`` (fp, gnaq_ste, lsq, n2uq, bigear): the trainable row parameters as fp32,
+  concatenated (``4 * sum(widths)`` bytes a row: ``4d`` for fp/lsq/n2uq/bigear,
+  ``4(d + 2^b)`` for gnaq_ste). Straight-through methods train a d-dim latent, so
+  they must ship d-dim rows and get d-dim gradients back, whatever their storage
+  form; the view runs the method's own ``embed`` on the fetched rows (via
+  :func:`torch.func.functional_call`), so its forward and backward are the method's.
+
+Dense parameters (LSQ's step, N2UQ's intervals) are replicated; the loop all-reduces
+their gradients. The method instance holds only the owned rows (``num_nodes`` = owned
+rows); where a method's maths uses the table size (LSQ's gradient scale ``n_w = N d``)
+the view presents the global ``N``, so every W computes the same function.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+
+from gnaq_dist.distributed.exchange import QuantizedShard
+from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.distributed.sparse_adam import RowSparseAdam
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant import build_method
+from gnaq_dist.quant.base import EmbeddingMethod
+from gnaq_dist.quant.packing import pack_codes_torch
+
+
+class LatentShard:
+    """RowServer of fp32 row parameters, concatenated per row (``4 * width`` bytes)."""
+
+    def __init__(self, params: list[torch.Tensor], dim: int) -> None:
+        self.params = params
+        self.widths = [int(p.reshape(p.shape[0], -1).shape[1]) for p in params]
+        self.width = sum(self.widths)
+        self.row_bytes = 4 * self.width
+        self.fp32_row_bytes = 4 * self.width  # what travels is already fp32
+        self.dim = dim
+
+    def serve(self, local_rows: torch.Tensor) -> torch.Tensor:
+        rows = local_rows.to(torch.int64)
+        parts = [p.detach()[rows].reshape(rows.shape[0], -1).to(torch.float32) for p in self.params]
+        out = torch.cat(parts, dim=1).contiguous() if parts else torch.empty(rows.shape[0], 0)
+        return out.view(torch.uint8).reshape(rows.shape[0], self.row_bytes)
+
+    def decode(self, payload: torch.Tensor) -> torch.Tensor:
+        return payload.contiguous().view(torch.float32).reshape(payload.shape[0], self.width)
+
+    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
+        return list(torch.split(values, self.widths, dim=1))
+
+
+class _EmbedCall(torch.nn.Module):
+    """``forward()`` = ``method.embed(None)``, so functional_call can swap the row parameters."""
+
+    def __init__(self, method: EmbeddingMethod) -> None:
+        super().__init__()
+        self.m = method
+
+    def forward(self) -> torch.Tensor:
+        return self.m.embed(None)
+
+
+@contextlib.contextmanager
+def _logical_rows(method: EmbeddingMethod, n: int) -> Iterator[None]:
+    """Present ``n`` as the method's table size while a view runs (LSQ's gradient scale)."""
+    saved = method.num_nodes
+    method.num_nodes = n
+    try:
+        yield
+    finally:
+        method.num_nodes = saved
+
+
+@dataclass
+class RowView:
+    """Fetched rows as differentiable leaves, and their layer-0 embeddings (n, d)."""
+
+    leaves: list[torch.Tensor]  # one per row parameter the wire carries gradients for
+    embeddings: torch.Tensor
+
+
+class MethodShard:
+    """The rows ``partition.owned_ids(rank)`` of an embedding method, with their optimizer."""
+
+    def __init__(self, method: EmbeddingMethod, partition: Partition, rank: int, lr: float,
+                 level_dtype: torch.dtype = torch.float16) -> None:
+        owned = partition.owned_ids(rank)
+        if method.num_nodes != max(int(owned.shape[0]), 1):
+            raise GnaqInputError(f"method has {method.num_nodes} rows, rank {rank} owns {owned.shape[0]}")
+        self.method = method
+        self.partition = partition
+        self.rank = rank
+        self.owned = owned
+        self.level_dtype = level_dtype
+        self.format = "packed" if method.name == "gnaq" else "latent"
+        self.row_params = list(method.trainable_row_params())
+        self.dense = [p for p in method.dense_params() if p.requires_grad]
+        self.optimizer = RowSparseAdam(self.row_params, lr)
+        self.dense_optimizer = torch.optim.Adam(self.dense, lr=lr) if self.dense else None
+        names = {id(p): n for n, p in method.named_parameters()}
+        self._names = [f"m.{names[id(p)]}" for p in self.row_params]
+        self._call = _EmbedCall(method)
+        self._packed_codes: torch.Tensor | None = None
+        if self.format == "packed":
+            self._packed_codes = pack_codes_torch(method.codes, method.bits)
+        self._latent = LatentShard(self.row_params, method.dim)
+
+    @property
+    def num_owned(self) -> int:
+        return int(self.owned.shape[0])
+
+    # -- serving and viewing rows ------------------------------------------------------
+    def server(self):
+        """This rank's RowServer for the training fetch (the method's wire row format)."""
+        if self.format == "packed":
+            levels = self.method.phi(self.method.levels.detach()).to(self.level_dtype).unsqueeze(1)
+            return QuantizedShard(self._packed_codes, levels, self.method.bits, self.method.dim)
+        return self._latent
+
+    def gradient_widths(self) -> list[int]:
+        """Values per row of each gradient message (one message per row parameter)."""
+        return [1 << self.method.bits] if self.format == "packed" else list(self._latent.widths)
+
+    def view(self, server, payload: torch.Tensor) -> RowView:
+        """Differentiable layer-0 embeddings of fetched wire rows (``fetch_rows(decode=False)``)."""
+        if self.format == "packed":
+            codes, levels = server.decode_parts(payload)
+            leaf = levels[:, 0, :].clone().requires_grad_(True)
+            return RowView([leaf], torch.gather(leaf, 1, codes.to(torch.int64)))
+        values = server.decode(payload)
+        if values.shape[0] == 0:  # nothing fetched (a rank without positives): no forward to run
+            leaves = [v.reshape((0,) + tuple(p.shape[1:])).clone().requires_grad_(True)
+                      for v, p in zip(self._latent.split(values), self.row_params)]
+            return RowView(leaves, torch.zeros(0, self.method.dim))
+        leaves = [v.reshape((v.shape[0],) + tuple(p.shape[1:])).clone().requires_grad_(True)
+                  for v, p in zip(self._latent.split(values), self.row_params)]
+        with _logical_rows(self.method, self.partition.num_nodes):
+            x = torch.func.functional_call(self._call, dict(zip(self._names, leaves)), ())
+        return RowView(leaves, x)
+
+    @staticmethod
+    def leaf_grads(view: RowView) -> list[torch.Tensor]:
+        """Each leaf's gradient as (n, width) (zeros where autograd left none)."""
+        out = []
+        for leaf in view.leaves:
+            g = leaf.grad if leaf.grad is not None else torch.zeros_like(leaf)
+            out.append(g.reshape(leaf.shape[0], -1))
+        return out
+
+    # -- applying summed gradients at the owner ------------------------------------------
+    def _param_grads(self, rows: torch.Tensor, wire_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+        if self.format == "packed":
+            (g,) = wire_grads
+            if self.method.phi_name == "identity":
+                return [g]
+            with torch.enable_grad():
+                c = self.method.levels.detach()[rows].requires_grad_(True)
+                (gc,) = torch.autograd.grad(self.method.phi(c), c, g)
+            return [gc]
+        return [g.reshape((g.shape[0],) + tuple(p.shape[1:])) for g, p in zip(wire_grads, self.row_params)]
+
+    def apply_row_gradients(self, rows: torch.Tensor, wire_grads: list[torch.Tensor], clip: float | None) -> None:
+        """Owner side: summed wire gradients of local ``rows`` -> parameter gradients -> clip -> Adam."""
+        grads = self._param_grads(rows, wire_grads)
+        if clip is not None:
+            grads = [g.clamp(-clip, clip) for g in grads]
+        self.optimizer.step(rows, grads)
+
+    def zero_dense_grads(self) -> None:
+        for p in self.dense:
+            p.grad = torch.zeros_like(p)
+
+    def apply_dense(self, clip: float | None) -> None:
+        """Dense step, the same on every rank (gradients already summed over ranks)."""
+        if self.dense_optimizer is None:
+            return
+        if clip is not None:
+            torch.nn.utils.clip_grad_value_(self.dense, clip)
+        self.dense_optimizer.step()
+
+    @torch.no_grad()
+    def refine(self, rows: torch.Tensor, propagated: torch.Tensor) -> None:
+        """Re-assign codes of owned ``rows`` and keep the packed wire codes in step."""
+        self.method.refine(rows, propagated)
+        if self._packed_codes is not None and rows.numel():
+            self._packed_codes[rows] = pack_codes_torch(self.method.codes[rows], self.method.bits)
+
+    # -- sizes -------------------------------------------------------------------------
+    def row_counts(self) -> dict[str, int]:
+        """Rows of every row parameter, row buffer and optimizer state this rank holds."""
+        return {
+            "owned_rows": self.num_owned,
+            "param_rows": max(int(p.shape[0]) for p in self.row_params),
+            "buffer_rows": max((int(b.shape[0]) for b in self.method.row_buffers()), default=0),
+            "optimizer_state_rows": self.optimizer.state_rows(),
+            "optimizer_moment_rows": max(int(m.shape[0]) for m in self.optimizer.exp_avg),
+        }
+
+
+def build_shard_method(name: str, owned_rows: torch.Tensor, dim: int, bits: int | None, num_layers: int,
+                       phi: str, full_table: torch.Tensor | None = None,
+                       graph=None) -> EmbeddingMethod:
+    """A method over the owned rows, initialised from their fp rows (``owned_rows``, (n, d)).
+
+    Per-row initialisations (GNAQ's levels and codes, the latent tables) need only the
+    owned rows, so this is exact. Dense parameters whose initialisation looks at the
+    whole table (LSQ's step, N2UQ's breakpoints and output map) are copied from a
+    method initialised on ``full_table``, so every rank and every W starts alike.
+    Construction draws from the global torch RNG; it is forked so the run's stream does
+    not depend on how many rows a rank owns.
+    """
+    n = max(int(owned_rows.shape[0]), 1)
+    with torch.random.fork_rng():
+        method = build_method(name, n, dim, bits, num_layers, phi=phi)
+        if owned_rows.shape[0]:
+            method.init_from_full_precision(owned_rows)
+        if method.dense_params():
+            if full_table is None:
+                raise GnaqInputError(f"{name}: dense parameters need the full warm-up table to initialise")
+            full = build_method(name, int(full_table.shape[0]), dim, bits, num_layers, phi=phi)
+            full.init_from_full_precision(full_table)
+            with torch.no_grad():
+                for mine, ref in zip(method.dense_params(), full.dense_params()):
+                    mine.copy_(ref)
+    return method
+
+
+__all__ = ["LatentShard", "MethodShard", "RowView", "build_shard_method"]

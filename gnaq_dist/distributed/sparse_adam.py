@@ -1,0 +1,76 @@
+"""Row-sparse ("lazy") Adam for the embedding rows a worker owns.
+
+Why not ``torch.optim.Adam``: a worker holds only its own rows and, in a step, receives
+gradients for only the rows some rank's batch touched. Dense Adam would decay every
+row's moments (and move every row on its momentum) each step, which needs a gradient
+for all N rows. Lazy Adam changes only the touched rows: their moments, their values
+and their own step count (bias correction per row, as DGL's ``SparseAdam``). Rows are
+touched by the same global batches whatever the number of workers, so the algorithm is
+the same for every W; it differs from ``local.py``'s dense Adam on rows that a step does
+not touch.
+
+The update of a touched row is torch's Adam (no weight decay, no amsgrad):
+``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``,
+``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+
+
+class RowSparseAdam:
+    """Adam state (two moments and a step count per row) for row parameters sharing one row index."""
+
+    def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
+                 eps: float = 1e-8) -> None:
+        if not params:
+            raise GnaqInputError("RowSparseAdam needs at least one row parameter")
+        rows = {int(p.shape[0]) for p in params}
+        if len(rows) != 1:
+            raise GnaqInputError(f"row parameters must have the same number of rows, got {sorted(rows)}")
+        if lr <= 0:
+            raise GnaqInputError(f"lr must be > 0, got {lr}")
+        self.params = list(params)
+        self.num_rows = rows.pop()
+        self.lr = float(lr)
+        self.beta1, self.beta2 = (float(b) for b in betas)
+        self.eps = float(eps)
+        self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
+        self.steps = torch.zeros(self.num_rows, dtype=torch.int64)
+
+    def state_rows(self) -> int:
+        """Rows of optimizer state held (equal to the owned rows)."""
+        return int(self.steps.shape[0])
+
+    def state_bytes(self) -> int:
+        return int(sum(t.numel() * t.element_size() for t in self.exp_avg + self.exp_avg_sq)
+                   + self.steps.numel() * self.steps.element_size())
+
+    @torch.no_grad()
+    def step(self, rows: torch.Tensor, grads: list[torch.Tensor]) -> None:
+        """Apply ``grads[i]`` (len(rows), width_i) to ``params[i][rows]``; ``rows`` unique local rows."""
+        rows = torch.as_tensor(rows, dtype=torch.int64)
+        if len(grads) != len(self.params):
+            raise GnaqInputError(f"got {len(grads)} gradients for {len(self.params)} row parameters")
+        if rows.numel() == 0:
+            return
+        self.steps[rows] += 1
+        t = self.steps[rows].to(torch.float64)
+        bc1 = (1.0 - torch.pow(self.beta1, t)).to(torch.float32).unsqueeze(1)
+        bc2_sqrt = (1.0 - torch.pow(self.beta2, t)).sqrt().to(torch.float32).unsqueeze(1)
+        for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
+            g = g.to(torch.float32).reshape(rows.shape[0], -1)
+            m = m_all[rows].reshape(rows.shape[0], -1).mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+            v = v_all[rows].reshape(rows.shape[0], -1).mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+            m_all[rows] = m.reshape(m_all[rows].shape)
+            v_all[rows] = v.reshape(v_all[rows].shape)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            update = (m / bc1) / denom * self.lr
+            p.data[rows] -= update.reshape(p.data[rows].shape).to(p.dtype)
+
+
+__all__ = ["RowSparseAdam"]

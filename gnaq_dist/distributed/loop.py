@@ -30,8 +30,15 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
-from gnaq_dist.distributed.exchange import WIRE_KINDS, QuantizedShard, WireCounter, allreduce_dense, fetch_rows, \
-    push_row_gradients
+from gnaq_dist.distributed.exchange import (
+    WIRE_KINDS,
+    QuantizedShard,
+    WireCounter,
+    allreduce_dense,
+    comm_device,
+    fetch_rows,
+    push_row_gradients,
+)
 from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
@@ -52,10 +59,16 @@ log = logging.getLogger(__name__)
 Report = Callable[[dict], None]
 
 
+def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
+    """Sum a small CPU tensor over ranks (on the comm device, so nccl works too)."""
+    buf = t.to(comm_device())
+    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    return buf.cpu()
+
+
 def _agree(ok: bool, what: str) -> None:
     """Raise on every rank if some rank failed ``what`` (the failed rank raises its own error first)."""
-    flag = torch.tensor([0 if ok else 1], dtype=torch.int64)
-    dist.all_reduce(flag, op=dist.ReduceOp.SUM)
+    flag = _allreduce_sum(torch.tensor([0 if ok else 1], dtype=torch.int64))
     if ok and int(flag) > 0:
         raise RuntimeError(f"{what} failed on {int(flag)} other rank(s); see their error")
 
@@ -302,8 +315,7 @@ class DistributedTrainer:
         n_users = self.data.n_users
         sums = evaluate_ranking(final[:n_users], final[n_users:], self.eval_users, self.train_csr, self.test_csr,
                                 ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size)
-        flat = sums.to_tensor()
-        dist.all_reduce(flat, op=dist.ReduceOp.SUM)
+        flat = _allreduce_sum(sums.to_tensor())
         metrics = finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
         d = cfg.model.dim
         if kind == "fp":
@@ -325,8 +337,7 @@ class DistributedTrainer:
     def _fold(self, counter: WireCounter, name: str) -> None:
         """Add all ranks' bytes in ``counter`` to the run totals and reset it (collective)."""
         vec = [v for k in WIRE_KINDS for v in (counter.sent[k], counter.fp32[k])]
-        t = torch.tensor(vec, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = _allreduce_sum(torch.tensor(vec, dtype=torch.float64))
         for j, k in enumerate(WIRE_KINDS):
             self.wire_totals[name].add(k, int(t[2 * j]), int(t[2 * j + 1]))
         counter.reset()
@@ -338,8 +349,7 @@ class DistributedTrainer:
         for c in counters:
             for k in WIRE_KINDS:
                 vec += [c.sent[k], c.fp32[k]]
-        t = torch.tensor(vec, dtype=torch.float64)
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t = _allreduce_sum(torch.tensor(vec, dtype=torch.float64))
         values = t.tolist()
         loss = values[0] / max(steps, 1)
         wire: dict[str, float] = {"steps": steps, "world_size": self.world}

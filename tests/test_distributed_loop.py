@@ -7,6 +7,7 @@ rank costs seconds), several runs inside a scenario where they can share it.
 
 from __future__ import annotations
 
+import json
 import time
 
 import numpy as np
@@ -176,6 +177,7 @@ def test_every_method_trains_on_two_ranks():
     ranks = run_ranks(scenario_methods, 2, timeout=240)
     for r0, r1 in zip(*ranks):
         assert r0["metrics"] == r1["metrics"], r0["method"]
+        json.dumps(r0, allow_nan=False)  # the summary a launcher writes must be valid JSON
         assert r0["metrics"] and all(np.isfinite(v) for v in r0["metrics"].values()), r0["method"]
         assert r0["metrics"]["recall@20"] > 0, r0["method"]
         want = {"fp": 9, "quantized": 0} if r0["method"] == "fp" else {"fp": 6, "quantized": 3}

@@ -375,10 +375,11 @@ class DistributedTrainer:
         """Bytes all ranks sent over the run, by kind, with fp32 equivalents and ratios."""
         out: dict[str, Any] = {}
         for name, c in self.wire_totals.items():
-            s = c.summary()
+            s: dict[str, Any] = c.summary()
             for k in WIRE_KINDS:
                 s[f"{k}_ratio"] = c.ratio(k)
-            out[name] = s
+            # A kind that sent nothing has no ratio (None, not inf: the summary must stay valid JSON).
+            out[name] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in s.items()}
         steps = max(self.global_step, 1)
         out["train_bytes_per_step"] = out["train"]["total_bytes"] / steps
         out["train_fp32_bytes_per_step"] = out["train"]["total_fp32_bytes"] / steps

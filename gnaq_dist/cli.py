@@ -70,7 +70,7 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
             from gnaq_dist.distributed.ray_launch import train_on_ray
 
             read_manifest(config.dataset, config.storage_options)  # fail here, not in the workers
-            summary = train_on_ray(config, args.workers or 1, address=args.address)
+            summary = train_on_ray(config, args.workers, address=args.address)
             out.mkdir(parents=True, exist_ok=True)
             (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes")},

@@ -23,7 +23,7 @@ from gnaq_dist.config import from_dict, to_dict
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.train.config import TrainConfig
 
-WorkerFn = Callable[[TrainConfig, Callable[[dict], None]], dict]
+WorkerFn = Callable[..., dict]  # fn(config, report=callable) -> summary dict
 
 
 class DistributedTrainingError(RuntimeError):
@@ -106,7 +106,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     def report(record: dict) -> None:
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))})
 
-    summary = worker(config, report)
+    summary = worker(config, report=report)
     summary = dict(summary)
     summary["node_id"] = ray.get_runtime_context().get_node_id()
     nodes: list[Any] = [None] * dist.get_world_size()
@@ -122,14 +122,20 @@ def _worker_entry(payload: dict[str, Any]) -> None:
 
 def train_on_ray(
     config: TrainConfig,
-    workers: int,
+    workers: int | None = None,
     address: str | None = None,
     storage_path: str | None = None,
     worker_fn: WorkerFn | None = None,
     use_gpu: bool = False,
 ) -> dict[str, Any]:
-    """Train ``config`` with ``workers`` Ray Train workers; returns rank 0's summary."""
+    """Train ``config`` with Ray Train workers; returns rank 0's summary.
+
+    ``workers`` overrides ``config.distributed.workers``.
+    """
+    if workers is not None:
+        config.distributed.workers = workers
     config.validate()
+    workers = config.distributed.workers
     import ray
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -138,33 +138,48 @@ def write_results(rows: list[Row], base: TrainConfig, out_dir: Path) -> None:
 
 
 def plot_results(rows: list[Row], path: Path) -> None:
+    plot_table([dict(_row_values(r), method_key=r.method, run_dir=str(r.run_dir)) for r in rows], path)
+
+
+def plot_table(entries: list[dict], path: Path) -> None:
+    """Training curves (from each run's metrics.jsonl) and final quality with table size.
+
+    ``entries``: one dict per method with the results.csv columns plus ``method_key``
+    and ``run_dir``, so a finished reproduction can be re-plotted from its files.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, (ax_curve, ax_bar) = plt.subplots(1, 2, figsize=(12, 4.5))
-    for row in rows:
-        log = row.run_dir / "metrics.jsonl"
-        points = [(rec["epoch"], rec["recall@20"]) for rec in read_log(log, "eval")] if log.exists() else []
+    curves = {}
+    for e in entries:
+        log = Path(e["run_dir"]) / "metrics.jsonl"
+        curves[e["method"]] = [(r["epoch"], r["recall@20"]) for r in read_log(log, "eval")] if log.exists() else []
+    fp_curve = next((curves[e["method"]] for e in entries if e["method_key"] == "fp"), [])
+    for e in entries:
+        points = curves[e["method"]]
+        if e["method_key"] != "fp" and points:
+            # A quantized run starts from the fp curve at the end of its warm-up.
+            points = [p for p in fp_curve if p[0] == int(e["fp_epochs"])] + points
         if points:
             xs, ys = zip(*points)
-            ax_curve.plot(xs, ys, marker="o", label=row.label)
+            ax_curve.plot(xs, ys, marker="o", label=e["method"])
     ax_curve.set_xlabel("epoch")
     ax_curve.set_ylabel("Recall@20")
     ax_curve.set_title("Training curves (evaluated from the packed tables)")
     ax_curve.grid(alpha=0.3)
     ax_curve.legend(fontsize=8)
-    labels = [r.label for r in rows]
-    recalls = [r.result.metrics.get("recall@20", 0.0) for r in rows]
-    bars = ax_bar.bar(range(len(rows)), recalls, color="tab:blue")
-    ax_bar.set_xticks(range(len(rows)), labels, rotation=25, ha="right", fontsize=8)
+    recalls = [float(e["recall@20"] or 0.0) for e in entries]
+    bars = ax_bar.bar(range(len(entries)), recalls, color="tab:blue")
+    ax_bar.set_xticks(range(len(entries)), [e["method"] for e in entries], rotation=25, ha="right", fontsize=8)
     ax_bar.set_ylabel("Recall@20")
-    for bar, row in zip(bars, rows):
-        ax_bar.annotate(f"{row.result.storage['bytes_per_node']:.0f} B/node\n"
-                        f"{row.result.storage['compression_ratio']:.1f}x",
+    for bar, e in zip(bars, entries):
+        ax_bar.annotate(f"{float(e['bytes_per_node']):.0f} B/node\n{float(e['compression']):.1f}x",
                         (bar.get_x() + bar.get_width() / 2, bar.get_height()),
                         ha="center", va="bottom", fontsize=7)
+    ax_bar.set_ylim(0, max(recalls + [1e-3]) * 1.2)
     ax_bar.set_title("Final quality and table size per node")
     fig.tight_layout()
     fig.savefig(path, dpi=120)

@@ -64,7 +64,7 @@ def test_a_failing_worker_fails_the_job_with_its_error(local_ray, tmp_path):
     t0 = time.time()
     with pytest.raises(DistributedTrainingError, match="worker 1 found a broken shard"):
         train_on_ray(config, workers=2, worker_fn=fails_on_rank_one)
-    assert time.time() - t0 < 120  # an error, not a hang
+    assert time.time() - t0 < 300  # an error, not a hang (Ray's group timeout is 30 minutes)
 
 
 def test_more_workers_than_cpus_is_refused_before_start(local_ray):

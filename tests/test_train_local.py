@@ -152,11 +152,11 @@ def test_cli_train_on_ingested_lastfm(tmp_path, lastfm_dataset, capsys):
     """`gnaq train` reads an ingested real dataset and writes its log and summary."""
     out = tmp_path / "run"
     code = gnaq_main(["train", "--dataset", lastfm_dataset, "--out", str(out), "--no-progress",
-                      "--set", "schedule.epochs=2", "--set", "schedule.warmup_epochs=1",
-                      "--set", "schedule.batch_size=4096", "--set", "model.dim=32"])
+                      "--set", "schedule.epochs=3", "--set", "schedule.warmup_epochs=2",
+                      "--set", "schedule.batch_size=4096", "--set", "model.dim=32", "--set", "optim.lr=0.01"])
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["phase_epochs"] == {"fp": 1, "quantized": 1}
+    assert summary["phase_epochs"] == {"fp": 2, "quantized": 1}
     assert summary["metrics"]["recall@20"] > 0.02  # popularity alone gives about 0.07 here
     events = [json.loads(line)["event"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert events[0] == "start" and events[-1] == "end" and "eval" in events

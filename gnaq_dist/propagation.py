@@ -122,3 +122,20 @@ __all__ = [
     "propagate_blocks",
     "propagate_full",
 ]
+
+
+@torch.no_grad()
+def final_from_packed(graph: BipartiteGraph, table, combine: Callable[[list[torch.Tensor]], torch.Tensor],
+                      num_layers: int) -> torch.Tensor:
+    """All nodes' final embeddings from a packed table, as inference computes them.
+
+    ``table`` is a :class:`~gnaq_dist.quant.packing.PackedTable`: a layer-0 table is
+    dequantized and propagated; a table of already-propagated layers (BiGeaR) is only
+    weighted per group. Evaluation, checkpoints and bundles share this one path.
+    """
+    x = torch.from_numpy(table.dequantize())
+    if table.needs_propagation:
+        return combine(propagate_full(graph, x, num_layers))
+    weights = torch.tensor(table.group_weights or [1.0] * table.groups, dtype=x.dtype)
+    grouped = x.reshape(x.shape[0], table.groups, -1) * weights.view(1, -1, 1)
+    return grouped.reshape(x.shape[0], -1)

@@ -45,7 +45,7 @@ from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
 from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
-from gnaq_dist.propagation import propagate_blocks, propagate_full
+from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_table
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_report
@@ -299,12 +299,7 @@ class DistributedTrainer:
         L = self.config.model.num_layers
         if kind == "fp":
             return method.combine(propagate_full(self.graph, table, L, method.layer_fn))
-        x = torch.from_numpy(table.dequantize())
-        if table.needs_propagation:
-            return method.combine(propagate_full(self.graph, x, L))
-        weights = torch.tensor(table.group_weights or [1.0] * table.groups, dtype=x.dtype)
-        grouped = x.reshape(x.shape[0], table.groups, -1) * weights.view(1, -1, 1)
-        return grouped.reshape(x.shape[0], -1)
+        return final_from_packed(self.graph, table, method.combine, L)
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
         """Metrics (the same on every rank) and the storage report of the gathered table."""

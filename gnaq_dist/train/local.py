@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from gnaq_dist.evaluation import evaluate_ranking, finalize
 from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
-from gnaq_dist.propagation import propagate_blocks, propagate_full
+from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.packing import storage_report
@@ -148,14 +148,8 @@ class LocalTrainer:
         L = self.config.model.num_layers
         if method.name == "fp":
             return method.combine(propagate_full(self.graph, method.embed(None), L, method.layer_fn))
-        level_dtype = getattr(torch, self.config.model.level_dtype)
-        packed = method.pack(level_dtype=level_dtype)
-        table = torch.from_numpy(packed.dequantize())
-        if packed.needs_propagation:
-            return method.combine(propagate_full(self.graph, table, L))
-        weights = torch.tensor(packed.group_weights or [1.0] * packed.groups, dtype=table.dtype)
-        grouped = table.reshape(table.shape[0], packed.groups, -1) * weights.view(1, -1, 1)
-        return grouped.reshape(table.shape[0], -1)
+        packed = method.pack(level_dtype=getattr(torch, self.config.model.level_dtype))
+        return final_from_packed(self.graph, packed, method.combine, L)
 
     def evaluate(self, method: EmbeddingMethod) -> dict[str, float]:
         final = self.final_embeddings(method)

@@ -169,3 +169,20 @@ def test_bad_settings_raise_one_line_errors():
         ef.set(torch.tensor([1]), torch.zeros(1, 3))
     with pytest.raises(GnaqInputError, match="wire rows"):
         RowCompressor(bits=2).from_wire(torch.zeros(2, 5, dtype=torch.uint8), 64)
+
+
+def test_bytes_view_reads_any_column_slice_of_a_received_buffer():
+    """A peer that sends exactly one row: its (1, 4 + rb) buffer sliced by column must
+    still read back (a plain .contiguous().view() rejects the stride/offset)."""
+    import torch
+
+    from gnaq_dist.distributed.compression import bytes_view
+
+    ids = torch.tensor([123456, -7], dtype=torch.int32)
+    scales = torch.tensor([0.5, 2.0], dtype=torch.float16)
+    buf = torch.cat([ids.view(torch.uint8).reshape(2, 4), torch.full((2, 1), 9, dtype=torch.uint8),
+                     scales.view(torch.uint8).reshape(2, 2)], dim=1)  # rows of 7 bytes
+    for n in (1, 2):
+        rows = buf[:n]
+        assert bytes_view(rows[:, :4], torch.int32).reshape(-1).tolist() == ids[:n].tolist()
+        assert bytes_view(rows[:, 5:], torch.float16).reshape(-1).tolist() == scales[:n].tolist()

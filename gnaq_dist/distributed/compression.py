@@ -42,6 +42,16 @@ COMPRESSION_BITS = (2, 4, 8)
 SCALE_DTYPES = (torch.float16, torch.float32)
 
 
+def bytes_view(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """uint8 rows ``(n, b)`` reinterpreted as ``(n, b // itemsize)`` of ``dtype``.
+
+    Copies first: a column slice of a received buffer (or a single row of one) has
+    strides or a storage offset that ``Tensor.view(dtype)`` rejects.
+    """
+    n, width = buf.shape[0], buf.shape[1] // torch.empty(0, dtype=dtype).element_size()
+    return buf.reshape(-1).clone().view(dtype).reshape(n, width)  # explicit width: 0 rows ok
+
+
 @dataclass
 class CompressedRows:
     """``n`` compressed rows of ``dim`` values; ``bits=None`` means plain fp32 ``values``."""
@@ -161,9 +171,9 @@ class RowCompressor:
         if buf.dtype != torch.uint8 or buf.dim() != 2 or buf.shape[1] != rb:
             raise GnaqInputError(f"wire rows must be uint8 (n, {rb}), got {buf.dtype} {tuple(buf.shape)}")
         if self.bits is None:
-            return CompressedRows(None, dim, None, None, values=buf.contiguous().view(torch.float32))
+            return CompressedRows(None, dim, None, None, values=bytes_view(buf, torch.float32))
         cb = packed_row_bytes(dim, self.bits)
-        scale = buf[:, cb:].contiguous().view(self.scale_dtype).reshape(-1)
+        scale = bytes_view(buf[:, cb:], self.scale_dtype).reshape(-1)
         return CompressedRows(self.bits, dim, buf[:, :cb].contiguous(), scale)
 
     def encode(self, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -36,7 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
+from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_torch
@@ -180,7 +180,7 @@ class QuantizedShard:
         if self.shared_levels:
             levels = self.levels.to(torch.float32).expand(n, -1, -1)
         else:
-            levels = (payload[:, self.code_bytes:].contiguous().view(self.levels.dtype)
+            levels = (bytes_view(payload[:, self.code_bytes:], self.levels.dtype)
                       .reshape(n, self.groups, 1 << self.bits).to(torch.float32))
         return codes, levels
 
@@ -207,7 +207,7 @@ class DenseShard:
         return rows.view(torch.uint8).reshape(rows.shape[0], self.row_bytes)
 
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
-        return payload.contiguous().view(torch.float32).reshape(payload.shape[0], self.width)
+        return bytes_view(payload, torch.float32).reshape(payload.shape[0], self.width)
 
 
 # -- collectives ---------------------------------------------------------------------------
@@ -378,7 +378,7 @@ def push_row_gradients(
     _count(counter, "gradients_sent", n_rem * rb, n_rem * 4 * k)
     got = _all_to_all(msg.reshape(-1), (wire_counts * (id_bytes + rb)).tolist(),
                       (recv_counts * (id_bytes + rb)).tolist()).reshape(-1, id_bytes + rb)
-    got_ids = got[:, :id_bytes].contiguous().view(id_dtype).reshape(-1).to(torch.int64)
+    got_ids = bytes_view(got[:, :id_bytes], id_dtype).reshape(-1).to(torch.int64)
     got_g = comp.decode(got[:, id_bytes:].contiguous(), k)
 
     # Sum in rank order (own rows at this rank's place): the same order on every run.

@@ -29,7 +29,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
+from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.exchange import (
     WIRE_KINDS,
     QuantizedShard,
@@ -287,7 +287,7 @@ class DistributedTrainer:
         if server.shared_levels:
             levels = own.levels
         else:
-            levels = (payload[:, cb:].contiguous().view(server.levels.dtype)
+            levels = (bytes_view(payload[:, cb:], server.levels.dtype)
                       .reshape(-1, own.groups, 1 << own.bits).numpy())
         return "packed", PackedTable(own.method, own.bits, own.dim, self.partition.num_nodes, codes, levels,
                                      own.groups, own.needs_propagation, own.group_weights)

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import tempfile
 from pathlib import Path
 from typing import Any, Callable
@@ -106,12 +107,13 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     def report(record: dict) -> None:
         ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))})
 
-    summary = worker(config, report=report)
-    summary = dict(summary)
-    summary["node_id"] = ray.get_runtime_context().get_node_id()
-    nodes: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(nodes, summary["node_id"])
-    summary["worker_nodes"] = nodes
+    summary = dict(worker(config, report=report))
+    # Where each worker ran and its peak resident memory (MiB), gathered for rank 0's summary.
+    mine = (ray.get_runtime_context().get_node_id(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    everyone: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(everyone, mine)
+    summary["worker_nodes"] = [node for node, _ in everyone]
+    summary["worker_peak_rss_mb"] = [round(rss, 1) for _, rss in everyone]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

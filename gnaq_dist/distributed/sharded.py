@@ -30,6 +30,7 @@ from typing import Iterator
 
 import torch
 
+from gnaq_dist.distributed.compression import bytes_view
 from gnaq_dist.distributed.exchange import QuantizedShard
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.distributed.sparse_adam import RowSparseAdam
@@ -57,7 +58,7 @@ class LatentShard:
         return out.view(torch.uint8).reshape(rows.shape[0], self.row_bytes)
 
     def decode(self, payload: torch.Tensor) -> torch.Tensor:
-        return payload.contiguous().view(torch.float32).reshape(payload.shape[0], self.width)
+        return bytes_view(payload, torch.float32).reshape(payload.shape[0], self.width)
 
     def split(self, values: torch.Tensor) -> list[torch.Tensor]:
         return list(torch.split(values, self.widths, dim=1))

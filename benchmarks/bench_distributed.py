@@ -1,0 +1,67 @@
+"""Distributed training throughput: the same GNAQ job on W = 1 and W = 2 Ray workers.
+
+Runs one epoch (or --steps steps) of the sharded loop in Ray Train workers for each W,
+one after the other in this run, and prints edges/s, bytes sent per step against the
+fp32 equivalent, peak RSS per worker, and the W=2 / W=1 throughput ratio.
+
+    python benchmarks/bench_distributed.py --dataset data/gowalla            # one epoch each
+    python benchmarks/bench_distributed.py --dataset data/gowalla --steps 20 # shorter
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+
+from gnaq_dist.config import load_config
+from gnaq_dist.distributed.ray_launch import train_on_ray
+from gnaq_dist.train.config import TrainConfig
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--workers", default="1,2")
+    parser.add_argument("--steps", type=int, default=None, help="steps per run (default: one epoch)")
+    parser.add_argument("--method", default="gnaq")
+    parser.add_argument("--grad-bits", default="2")
+    parser.add_argument("--fanouts", default="10,10,10")
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--out", default="runs/bench-distributed")
+    args = parser.parse_args()
+    rows = []
+    for workers in (int(w) for w in args.workers.split(",")):
+        overrides = [
+            f"dataset={args.dataset}", f"out={args.out}/w{workers}", f"model.method={args.method}",
+            "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0",
+            f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4",
+            "schedule.propagation=sampled", f"schedule.fanouts=[{args.fanouts}]",
+            f"distributed.grad_bits={args.grad_bits}", "threads=1", "progress=false",
+        ] + ([f"schedule.max_steps={args.steps}"] if args.steps else [])
+        config = load_config(TrainConfig, [], overrides)
+        t0 = time.time()
+        summary = train_on_ray(config, workers)
+        wall = time.time() - t0
+        wire = summary["wire"]
+        rows.append({
+            "workers": workers, "steps": summary["steps"], "wall_s": round(wall, 1),
+            "s_per_step": summary["seconds_per_step"], "edges_per_s": summary["edges_per_second"],
+            "bytes_per_step": wire["train_bytes_per_step"], "fp32_bytes_per_step": wire["train_fp32_bytes_per_step"],
+            "peak_rss_mb": summary["worker_peak_rss_mb"], "recall@20": summary["metrics"].get("recall@20"),
+        })
+    print(f"{'W':>2} {'steps':>5} {'s/step':>7} {'edges/s':>9} {'MB sent/step':>12} {'fp32 MB/step':>12} "
+          f"{'ratio':>6}  peak RSS per worker (MiB)")
+    for r in rows:
+        ratio = r["fp32_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("nan")
+        print(f"{r['workers']:>2} {r['steps']:>5} {r['s_per_step']:>7.3f} {r['edges_per_s']:>9.0f} "
+              f"{r['bytes_per_step'] / 1e6:>12.2f} {r['fp32_bytes_per_step'] / 1e6:>12.2f} {ratio:>6.1f}  "
+              f"{r['peak_rss_mb']}")
+    if len(rows) >= 2:
+        print(f"throughput W={rows[-1]['workers']} / W={rows[0]['workers']}: "
+              f"{rows[-1]['edges_per_s'] / rows[0]['edges_per_s']:.2f}x")
+    print(json.dumps(rows))
+
+
+if __name__ == "__main__":
+    main()

@@ -10,7 +10,7 @@ import argparse
 import sys
 from typing import Callable, Sequence
 
-from gnaq_dist.errors import EXIT_BAD_INPUT, GnaqInputError
+from gnaq_dist.errors import EXIT_BAD_INPUT, DistributedTrainingError, GnaqInputError
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -136,9 +136,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except GnaqInputError as exc:
         print(f"gnaq {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
-    except RuntimeError as exc:
-        if type(exc).__name__ != "DistributedTrainingError":
-            raise
+    except DistributedTrainingError as exc:
         print(f"gnaq {args.command}: training failed: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

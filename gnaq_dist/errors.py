@@ -16,3 +16,7 @@ class GnaqInputError(ValueError):
 
 class ConfigError(GnaqInputError):
     """A config file or override that does not fit the schema."""
+
+
+class DistributedTrainingError(RuntimeError):
+    """A distributed worker failed; the message carries the worker's own error (exit 1)."""

@@ -21,14 +21,10 @@ from pathlib import Path
 from typing import Any, Callable
 
 from gnaq_dist.config import from_dict, to_dict
-from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.errors import DistributedTrainingError, GnaqInputError
 from gnaq_dist.train.config import TrainConfig
 
 WorkerFn = Callable[..., dict]  # fn(config, report=callable) -> summary dict
-
-
-class DistributedTrainingError(RuntimeError):
-    """A worker failed; the message carries the worker's own error."""
 
 
 def ray_environment() -> None:

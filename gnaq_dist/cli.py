@@ -73,6 +73,9 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
             summary = train_on_ray(config, args.workers, address=args.address)
             out.mkdir(parents=True, exist_ok=True)
             (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+            # The workers' log records (epoch, wire, eval), as the single-process run writes them.
+            with (out / "metrics.jsonl").open("w") as fh:
+                fh.writelines(json.dumps(record, default=str) + "\n" for record in summary.get("history", []))
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes")},
                              indent=2, default=str))
             return 0

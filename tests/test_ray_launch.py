@@ -105,3 +105,6 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
     assert summary["phase_epochs"] == {"fp": 2, "quantized": 1}
     assert summary["storage"]["compression_ratio"] > 5
     assert summary["wire"]["train"]["gradients_sent_bytes"] > 0
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [r for r in records if r["event"] == "eval"]
+    assert evals and evals[-1]["recall@20"] == summary["metrics"]["recall@20"]

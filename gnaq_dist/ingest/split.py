@@ -15,26 +15,24 @@ from gnaq_dist.ingest.config import SplitConfig
 from gnaq_dist.ingest.edges import TEST, TRAIN, TS_NULL, VALID, Edges
 
 
+def _share(n: np.ndarray, room: np.ndarray, fraction: float, fixed: int | None) -> np.ndarray:
+    """Rows to hold out per user: ``fixed`` each, or round(fraction * n) but at least 1,
+    never more than ``room`` (the rows the user can spare)."""
+    if fixed is not None:
+        return np.minimum(fixed, room)
+    if fraction > 0:
+        wanted = np.clip(np.floor(fraction * n + 0.5), 1, None).astype(np.int64)
+        return np.where(room >= 1, np.minimum(wanted, room), 0)
+    return np.zeros_like(n)
+
+
 def holdout_counts(n: np.ndarray, test_fraction: float, valid_fraction: float,
                    test_n: int | None = None, valid_n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-user (n_test, n_valid) from user sizes ``n``, keeping >= 1 training row per user."""
     n = n.astype(np.int64)
     cap = np.maximum(n - 1, 0)
-    if test_n is not None:
-        n_test = np.minimum(test_n, cap)
-    elif test_fraction > 0:
-        n_test = np.where(n >= 2, np.clip(np.floor(test_fraction * n + 0.5), 1, None), 0).astype(np.int64)
-        n_test = np.minimum(n_test, cap)
-    else:
-        n_test = np.zeros_like(n)
-    rest = cap - n_test
-    if valid_n is not None:
-        n_valid = np.minimum(valid_n, rest)
-    elif valid_fraction > 0:
-        n_valid = np.where(rest >= 1, np.clip(np.floor(valid_fraction * n + 0.5), 1, None), 0).astype(np.int64)
-        n_valid = np.minimum(n_valid, rest)
-    else:
-        n_valid = np.zeros_like(n)
+    n_test = _share(n, cap, test_fraction, test_n)
+    n_valid = _share(n, cap - n_test, valid_fraction, valid_n)
     return n_test, n_valid
 
 

@@ -109,11 +109,20 @@ def _cmd_run(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], 
     return run_demo_from_args
 
 
+def _cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    from gnaq_dist.synthetic_logs import add_generate_arguments, run_generate_from_args
+
+    add_generate_arguments(parser)
+    return run_generate_from_args
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {
     "ingest": ("turn interaction logs (Parquet, any fsspec URI) into a training dataset", _cmd_ingest),
     "train": ("train LightGCN with GNAQ or a baseline on an ingested dataset", _cmd_train),
     "run": ("the main job on the bundled Last.fm sample: ingest, train fp and GNAQ 2-bit, report",
             _cmd_run),
+    "generate": ("write a large synthetic interaction log (Parquet, power-law, latent clusters)",
+                 _cmd_generate),
     "reproduce": ("run fp, GNAQ and the baselines on one dataset and budget; write a table and a plot",
                   _cmd_reproduce),
 }

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.serving import dequantize_codes, unpack_bits  # numpy-only: the edge reader shares them
 
 SUPPORTED_BITS = (1, 2, 4, 8)
 
@@ -59,11 +60,7 @@ def unpack_codes(packed: np.ndarray, bits: int, dim: int) -> np.ndarray:
             f"packed codes must be (rows, {packed_row_bytes(dim, bits)}) for dim {dim} at {bits} bits, "
             f"got {packed.shape}"
         )
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    mask = np.uint8((1 << bits) - 1)
-    out = (packed[:, :, None] >> shifts) & mask
-    return out.reshape(packed.shape[0], per * packed.shape[1])[:, :dim]  # explicit width: 0 rows ok
+    return unpack_bits(packed, bits, dim)
 
 
 def pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -147,10 +144,7 @@ class PackedTable:
         """(num_rows, groups*dim) float32 (or only ``rows``), by one vectorised gather."""
         codes = self.codes if rows is None else self.codes[rows]
         levels = self.levels if rows is None or self.levels.shape[0] == 1 else self.levels[rows]
-        n = codes.shape[0]
-        q = unpack_codes(codes, self.bits, self.groups * self.dim).reshape(n, self.groups, self.dim)
-        lv = np.broadcast_to(levels.astype(np.float32), (n, self.groups, 1 << self.bits))
-        return np.take_along_axis(lv, q.astype(np.intp), axis=2).reshape(n, self.groups * self.dim)
+        return dequantize_codes(codes, levels, self.bits, self.groups, self.dim)
 
     def code_bytes(self) -> int:
         return int(self.codes.nbytes)

@@ -116,6 +116,50 @@ def _cmd_generate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     return run_generate_from_args
 
 
+def _cmd_export(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    parser.add_argument("checkpoint", help="checkpoint directory (any fsspec URI)")
+    parser.add_argument("out", help="bundle directory to write (any fsspec URI)")
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
+
+    def run(args: argparse.Namespace) -> int:
+        from gnaq_dist.export import export_checkpoint, format_size_report
+
+        report = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+        print(f"wrote {args.out}")
+        print(format_size_report(report))
+        return 0
+
+    return run
+
+
+def _cmd_recommend(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    parser.add_argument("bundle", help="bundle directory written by gnaq export (a local path)")
+    who = parser.add_mutually_exclusive_group(required=True)
+    who.add_argument("--user", action="append", metavar="RAW_ID", help="a raw user id; repeat for several")
+    who.add_argument("--users-file", metavar="FILE",
+                     help="raw user ids: one a line, or a Parquet file with a 'user' column")
+    parser.add_argument("-k", type=int, default=10, help="items per user (default 10)")
+    parser.add_argument("--output", metavar="FILE",
+                        help="write user, rank, item, score as Parquet (*.parquet) or CSV; default: print")
+
+    def run(args: argparse.Namespace) -> int:
+        # numpy + pyarrow only: this path must not import torch, DGL, Ray or fsspec.
+        from gnaq_dist.serving import Bundle, read_user_ids, recommendations_table, write_table_atomic
+
+        users = args.user if args.user else read_user_ids(args.users_file)
+        table = recommendations_table(Bundle.load(args.bundle), users, args.k)
+        if args.output:
+            write_table_atomic(table, args.output)
+            print(f"wrote {table.num_rows} rows for {len(users)} users to {args.output}")
+            return 0
+        print("user\trank\titem\tscore")
+        for user, rank, item, score in zip(*(table.column(c).to_pylist() for c in table.column_names)):
+            print(f"{user}\t{rank}\t{item}\t{score:.6g}")
+        return 0
+
+    return run
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {
     "ingest": ("turn interaction logs (Parquet, any fsspec URI) into a training dataset", _cmd_ingest),
     "train": ("train LightGCN with GNAQ or a baseline on an ingested dataset", _cmd_train),
@@ -128,17 +172,30 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[arg
 }
 
 
-def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+COMMANDS.update({
+    "export": ("write a trained checkpoint as an edge bundle (Parquet + bundle.json)", _cmd_export),
+    "recommend": ("top-K items for users from an exported bundle (numpy only, no torch)", _cmd_recommend),
+})
+
+
+def build_parser(
+    command: str | None = None,
+) -> tuple[argparse.ArgumentParser, dict[str, Callable[[argparse.Namespace], int]]]:
+    """All subcommands, or only ``command``'s arguments set up: a setup imports its modules,
+    and ``gnaq recommend`` must not pull in torch through another command's."""
     parser = argparse.ArgumentParser(prog="gnaq", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers = {}
     for name, (help_text, setup) in COMMANDS.items():
-        handlers[name] = setup(sub.add_parser(name, help=help_text, description=help_text))
+        sub_parser = sub.add_parser(name, help=help_text, description=help_text)
+        if command is None or command == name:
+            handlers[name] = setup(sub_parser)
     return parser, handlers
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser, handlers = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser, handlers = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:
         parser.print_help()

@@ -92,6 +92,11 @@ class RowCompressor:
     def __repr__(self) -> str:
         return f"RowCompressor(bits={self.bits}, stochastic={self.stochastic}, seed={self.seed})"
 
+    def reseed(self, seed: int) -> None:
+        """Restart the rounding stream (per epoch, so a resumed run rounds as the uninterrupted one)."""
+        self.seed = int(seed)
+        self._generators.clear()
+
     # -- sizes --------------------------------------------------------------------------
     def row_bytes(self, dim: int) -> int:
         """Wire bytes of one row of ``dim`` values."""

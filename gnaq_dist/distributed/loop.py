@@ -25,10 +25,13 @@ import time
 from typing import Any, Callable
 
 import numpy as np
+import pyarrow as pa
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from tqdm.auto import tqdm
 
+from gnaq_dist import checkpoint as ckpt
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.exchange import (
     WIRE_KINDS,
@@ -48,7 +51,7 @@ from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_table
-from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_report
+from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
 from gnaq_dist.train.config import TrainConfig
@@ -57,6 +60,7 @@ from gnaq_dist.train.local import seed_everything
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict], None]
+ResumeHint = Callable[[], "str | None"]  # the checkpoint URI a restarted Ray Train run was handed
 
 
 def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
@@ -76,7 +80,8 @@ def _agree(ok: bool, what: str) -> None:
 class DistributedTrainer:
     """One rank's state: replicated graph, the partition, its shard, counters and log."""
 
-    def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None):
+    def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
+                 resume_hint: ResumeHint | None = None):
         if not dist.is_initialized():
             raise RuntimeError("train_worker needs an initialised default process group")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -107,6 +112,8 @@ class DistributedTrainer:
         self.train_csr = self.graph.train_csr()
         held_user, held_item = data.split(config.eval.split)
         self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
+        self.data_key = ckpt.data_key(data)
+        self.resume = self._find_resume(resume_hint)
         self.partition = self._partition()
         all_eval_users = np.flatnonzero(np.diff(self.test_csr[0]) > 0)
         self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
@@ -130,6 +137,15 @@ class DistributedTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _partition(self) -> Partition:
+        if self.resume is not None and self.resume.manifest["world_size"] == self.world:
+            # The checkpoint's owners: each rank reloads exactly its own shard.
+            m = self.resume.manifest
+            owner = ckpt.read_table(self.resume.uri, "partition.parquet", self.config.storage_options)["owner"]
+            part = Partition.from_owner(owner.to_numpy(), self.world, self.data.n_users, self.data.n_items,
+                                        method=m["partition"]["method"])
+            if part.checksum() != m["partition"]["owner_checksum"]:
+                raise ckpt.CheckpointError(f"{self.resume.uri}/partition.parquet does not match its manifest")
+            return part
         part = None
         if self.rank == 0:
             part = partition_nodes(self.graph, self.world, self.config.distributed.partition, seed=self.config.seed)
@@ -173,6 +189,163 @@ class DistributedTrainer:
         server = LatentShard(list(method.trainable_row_params()), method.dim)
         ids = torch.arange(self.partition.num_nodes, dtype=torch.int64)
         return fetch_rows(ids, self.partition, server, counter=self.gather_counter)
+
+    # -- checkpoints -----------------------------------------------------------------------------
+    def _model_key(self) -> dict[str, Any]:
+        m = self.config.model
+        return {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
+
+    def _choose_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
+        """Rank 0: the checkpoint to start from (an explicit URI, Ray's hint, or the newest complete)."""
+        ck = self.config.checkpoint
+        so = self.config.storage_options
+        if ck.resume == "never":
+            return None
+        if ck.resume != "auto":
+            return ckpt.Loaded(ck.resume, ckpt.verify(ck.resume, so, self.data_key, self._model_key()))
+        if not ck.every_epochs:
+            return None
+        uri = hint() if hint is not None else None
+        loaded = None
+        if uri:
+            try:
+                loaded = ckpt.Loaded(uri, ckpt.verify(uri, so))
+            except ckpt.CheckpointError as exc:
+                log.warning("the checkpoint Ray Train handed back cannot be loaded (%s); looking for the "
+                            "newest complete one under %s", exc, self.config.checkpoint_root)
+        if loaded is None:
+            loaded = ckpt.CheckpointStore(self.config.checkpoint_root, so).latest()
+        if loaded is not None:  # a checkpoint of other data or another model is an error, not a skip
+            ckpt.verify(loaded.uri, so, self.data_key, self._model_key())
+        return loaded
+
+    def _find_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
+        """Collective: rank 0 chooses and verifies, every rank gets the same checkpoint (or none)."""
+        choice, error = None, None
+        if self.rank == 0:
+            try:
+                choice = self._choose_resume(hint)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                error = exc
+        _agree(error is None, "choosing the checkpoint to resume from")
+        if error is not None:
+            raise error
+        box = [choice.uri if choice is not None else None]
+        dist.broadcast_object_list(box, 0)
+        if box[0] is None:
+            return None
+        if self.rank == 0:
+            return choice
+        return ckpt.Loaded(box[0], ckpt.read_manifest(box[0], self.config.storage_options))
+
+    def _restore(self, loaded: ckpt.Loaded) -> None:
+        """Load this rank's rows (from any number of writer ranks), optimizer state and residuals."""
+        cfg = self.config
+        m, so = loaded.manifest, cfg.storage_options
+        owned = self.partition.owned_ids(self.rank)
+        same = m["world_size"] == self.world and m["partition"]["owner_checksum"] == self.partition.checksum()
+        rows = ckpt.read_rows(loaded.uri, m, owned, so, shards=[self.rank] if same else None)
+        method = ckpt.build_for_rows(m, len(owned))
+        ckpt.load_rows(method, rows)
+        lr = cfg.optim.lr if m["shard_method"] == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
+        self._new_shard(method, lr)
+        ckpt.load_rows(method, rows, self.shard.optimizer)
+        ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", so), self.shard.dense_optimizer)
+        if self.shard.format == "packed":  # the wire codes follow the loaded codes
+            self.shard._packed_codes = pack_codes_torch(method.codes, method.bits)
+        self._restore_residuals(loaded, same)
+        progress = m["progress"]
+        self.global_step = int(m["step"])
+        self.positives = int(progress.get("positives", 0))
+        self.history = list(m.get("history", []))
+
+    def _restore_residuals(self, loaded: ckpt.Loaded, same: bool) -> None:
+        """Error-feedback residuals: a rank's own on a plain resume; on a reshard, each row's summed
+        residual (gradient not yet delivered) goes to one rank that does not own the row."""
+        if not any(ef is not None for ef in self.feedback):
+            return
+        m, so = loaded.manifest, self.config.storage_options
+        table = ckpt.read_residuals(loaded.uri, m, so, ranks=[self.rank] if same else None)
+        if table.num_rows == 0:
+            return
+        msg = table["message"].to_numpy().astype(np.int64)
+        gid = table["global_id"].to_numpy()
+        values = table["residual"].combine_chunks()
+        for i, ef in enumerate(self.feedback):
+            if ef is None:
+                continue
+            sel = np.flatnonzero(msg == i)
+            if not sel.size:
+                continue
+            res = values.take(pa.array(sel)).flatten().to_numpy(zero_copy_only=False).reshape(sel.size, ef.dim)
+            ids = gid[sel]
+            if not same:
+                uniq, inv = np.unique(ids, return_inverse=True)
+                summed = np.zeros((uniq.size, ef.dim), dtype=np.float32)
+                np.add.at(summed, inv, res)
+                keeper = (self.partition.owner[uniq] + 1) % self.world
+                mine = (keeper == self.rank) & (self.partition.owner[uniq] != self.rank)
+                ids, res = uniq[mine], summed[mine]
+            ef.load_state(torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(res)))
+
+    def save_checkpoint(self, epoch: int, phase: str) -> str:
+        """Collective: every rank writes its shard, rank 0 the replicated parts and, last, the manifest."""
+        cfg = self.config
+        so = cfg.storage_options
+        store = ckpt.CheckpointStore(cfg.checkpoint_root, so)
+        name = ckpt.checkpoint_name(self.global_step)
+        shard = self.shard
+        files: dict[str, Any] = {}
+        error: BaseException | None = None
+        try:
+            table = ckpt.shard_table(shard.method, shard.owned, shard.optimizer)
+            files[ckpt.shard_name(self.rank, self.world)] = store.write_file(
+                name, ckpt.shard_name(self.rank, self.world), ckpt.parquet_bytes(table))
+            residuals = []
+            for ef, width in zip(self.feedback, shard.gradient_widths()):
+                if ef is None:
+                    residuals.append((np.zeros(0, np.int64), np.zeros((0, width), np.float32)))
+                else:
+                    ids, res = ef.state()
+                    residuals.append((ids.cpu().numpy(), res.cpu().numpy()))
+            files[ckpt.residual_name(self.rank, self.world)] = store.write_file(
+                name, ckpt.residual_name(self.rank, self.world), ckpt.parquet_bytes(ckpt.residual_table(residuals)))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below
+            error = exc
+        _agree(error is None, "writing checkpoint shards")
+        if error is not None:
+            raise error
+        everyone: list[Any] = [None] * self.world
+        dist.all_gather_object(everyone, files)
+        uri = None
+        if self.rank == 0:
+            try:
+                merged = {k: v for part in everyone for k, v in part.items()}
+                merged["dense.parquet"] = store.write_file(
+                    name, "dense.parquet", ckpt.parquet_bytes(ckpt.dense_table(shard.method, shard.dense_optimizer)))
+                merged["partition.parquet"] = store.write_file(
+                    name, "partition.parquet", ckpt.parquet_bytes(pa.table({"owner": self.partition.owner})))
+                from gnaq_dist.config import to_dict
+
+                manifest = ckpt.new_manifest(
+                    step=self.global_step, epoch=epoch, phase=phase, shard_method=shard.method.name,
+                    world_size=self.world, config=to_dict(cfg), data=self.data_key,
+                    partition=self.partition.describe(), files=merged,
+                    progress={"positives": self.positives}, history=self.history)
+                uri = store.commit(name, manifest)
+                removed = store.prune(cfg.checkpoint.keep_last)
+                if removed:
+                    log.info("removed old checkpoints %s", removed)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below
+                error = exc
+        _agree(error is None, "committing the checkpoint")
+        if error is not None:
+            raise error
+        box = [uri]
+        dist.broadcast_object_list(box, 0)
+        self._last_checkpoint_step = self.global_step
+        self._emit("checkpoint", epoch=epoch, phase=phase, step=self.global_step, uri=box[0])
+        return box[0]
 
     # -- one step --------------------------------------------------------------------------
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
@@ -388,19 +561,41 @@ class DistributedTrainer:
         total_steps = sched.epochs * self.steps_per_epoch
         if sched.max_steps is not None:
             total_steps = min(total_steps, sched.max_steps)
-        self._start_fp()
-        phase = "fp"
         phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
         phase_epochs = {"fp": 0, "quantized": 0}
         phase_steps = {"fp": 0, "quantized": 0}
         metrics: dict[str, float] = {}
         storage: dict[str, float] = {}
-        evals = 0
-        epoch = 0
-        for epoch in range(1, sched.epochs + 1):
+        every = cfg.checkpoint.every_epochs
+        self._last_checkpoint_step = -1
+        resumed = None
+        if self.resume is not None:
+            self._restore(self.resume)
+            m = self.resume.manifest
+            phase, first_epoch = m["phase"], int(m["epoch"]) + 1
+            self._last_checkpoint_step = self.global_step
+            resumed = {"uri": self.resume.uri, "step": self.global_step, "epoch": int(m["epoch"]),
+                       "world_size_then": int(m["world_size"])}
+            log.info("resumed from %s (epoch %d, step %d, written by %d workers)", self.resume.uri, m["epoch"],
+                     self.global_step, m["world_size"])
+            if cfg.checkpoint.eval_on_resume:
+                metrics, storage = self.evaluate()
+                self._emit("eval", epoch=int(m["epoch"]), phase="resume", step=self.global_step, **metrics)
+        else:
+            self._start_fp()
+            phase, first_epoch = "fp", 1
+        epoch = first_epoch - 1
+        bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), unit="step", mininterval=1.0,
+                   desc=f"{cfg.model.method} W={self.world}", disable=not (cfg.progress and self.rank == 0))
+        for epoch in range(first_epoch, sched.epochs + 1):
             if self.global_step >= total_steps:
                 break
-            if cfg.quantized and epoch == warmup_epochs + 1:
+            # Each epoch's randomness (neighbour sampling, stochastic rounding) restarts from
+            # (seed, epoch): a run resumed at an epoch boundary continues as if never stopped.
+            seed_everything(cfg.seed * 100_003 + epoch)
+            for i, comp in enumerate(self.compressors):
+                comp.reseed((cfg.seed * 1_000_003 + self.rank * 101 + i) * 100_003 + epoch)
+            if cfg.quantized and phase == "fp" and epoch == warmup_epochs + 1:
                 self._start_quantized()
                 phase = "quantized"
             t0 = time.perf_counter()
@@ -411,26 +606,35 @@ class DistributedTrainer:
                     break
                 loss_sum += self.step(users, pos, neg)
                 steps += 1
+                bar.update(1)
             seconds = time.perf_counter() - t0
             phase_seconds[phase] += seconds
             phase_epochs[phase] += 1
             phase_steps[phase] += steps
             loss, wire = self._epoch_wire(loss_sum, steps)
+            bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step)
             self._emit("wire", epoch=epoch, phase=phase, **wire)
             last = epoch == sched.epochs or self.global_step >= total_steps
+            if last and cfg.quantized and phase == "fp":
+                break  # the budget ended inside the warm-up: quantize first (below)
             if last or (sched.eval_every and epoch % sched.eval_every == 0):
-                if last and cfg.quantized and phase == "fp":
-                    break  # the budget ended inside the warm-up: quantize first (below)
                 t1 = time.perf_counter()
                 metrics, storage = self.evaluate()
                 phase_seconds["eval"] += time.perf_counter() - t1
                 self._emit("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
-                evals += 1
+            if every and (last or epoch % every == 0):
+                self.save_checkpoint(epoch, phase)
+        bar.close()
         if cfg.quantized and phase == "fp":
             self._start_quantized()
+            phase = "quantized"
             metrics, storage = self.evaluate()
             self._emit("eval", epoch=epoch, phase="quantized", step=self.global_step, **metrics)
+        if not metrics:  # resumed a finished run without evaluating on load
+            metrics, storage = self.evaluate()
+        if every and self._last_checkpoint_step != self.global_step:
+            self.save_checkpoint(epoch, phase)
         train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
         epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])
         steps_run = max(1, phase_steps["fp"] + phase_steps["quantized"])
@@ -450,17 +654,21 @@ class DistributedTrainer:
             "rank": self.rank,
             "world_size": self.world,
             "steps": self.global_step,
+            "resumed_from": resumed,
+            "checkpoint": self.history[-1]["uri"] if every and self.history and
+            self.history[-1].get("event") == "checkpoint" else None,
         }
 
 
-def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None) -> dict:
+def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
+                 resume_hint: ResumeHint | None = None) -> dict:
     """Train ``config`` as this rank of the default process group; every rank returns the same
     metrics, phase times, storage report and wire summary (plus its own ``rows`` and ``rank``).
 
     ``report(record)`` gets every log record (``epoch``, ``wire``, ``eval``), on every rank
     the same number of times (Ray Train's ``report`` is a barrier).
     """
-    return DistributedTrainer(config, data, report).run()
+    return DistributedTrainer(config, data, report, resume_hint).run()
 
 
 __all__ = ["DistributedTrainer", "train_worker"]

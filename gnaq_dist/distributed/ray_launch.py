@@ -96,14 +96,38 @@ def _worker_entry(payload: dict[str, Any]) -> None:
 
     from gnaq_dist.distributed.loop import train_worker
 
+    from gnaq_dist.checkpoint import POINTER
+
     config = from_dict(TrainConfig, payload["config"])
-    worker: WorkerFn = payload.get("worker_fn") or train_worker
+    custom: WorkerFn | None = payload.get("worker_fn")
     rank = dist.get_rank()
 
     def report(record: dict) -> None:
-        ray.train.report({k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))})
+        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
+        if record.get("event") == "checkpoint" and record.get("uri"):
+            # Ray Train keeps a pointer to our sharded checkpoint (its own copy would double the
+            # bytes); get_checkpoint() hands it back to the workers of a restarted run.
+            with tempfile.TemporaryDirectory() as tmp:
+                checkpoint = None
+                if rank == 0:
+                    Path(tmp, POINTER).write_text(json.dumps({"uri": record["uri"]}))
+                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
+                ray.train.report(metrics, checkpoint=checkpoint)
+            return
+        ray.train.report(metrics)
 
-    summary = dict(worker(config, report=report))
+    def resume_hint() -> str | None:
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            return None
+        with checkpoint.as_directory() as path:
+            pointer = Path(path, POINTER)
+            return json.loads(pointer.read_text())["uri"] if pointer.exists() else None
+
+    if custom is not None:
+        summary = dict(custom(config, report=report))
+    else:
+        summary = dict(train_worker(config, report=report, resume_hint=resume_hint))
     # Where each worker ran and its peak resident memory (MiB), gathered for rank 0's summary.
     mine = (ray.get_runtime_context().get_node_id(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
     everyone: list[Any] = [None] * dist.get_world_size()
@@ -114,8 +138,20 @@ def _worker_entry(payload: dict[str, Any]) -> None:
         checkpoint = None
         if rank == 0:
             Path(tmp, "summary.json").write_text(json.dumps(summary, default=str))
+            if summary.get("checkpoint"):
+                Path(tmp, POINTER).write_text(json.dumps({"uri": summary["checkpoint"]}))
             checkpoint = ray.train.Checkpoint.from_directory(tmp)
         ray.train.report({"final": 1}, checkpoint=checkpoint)
+
+
+def _absolute_paths(config: TrainConfig) -> None:
+    """Local paths as absolute ones: Ray workers do not run in the driver's directory."""
+    for obj, key in ((config, "dataset"), (config, "out"), (config.checkpoint, "dir")):
+        value = getattr(obj, key)
+        if value and "://" not in value:
+            setattr(obj, key, str(Path(value).resolve()))
+    if config.checkpoint.resume not in ("auto", "never") and "://" not in config.checkpoint.resume:
+        config.checkpoint.resume = str(Path(config.checkpoint.resume).resolve())
 
 
 def train_on_ray(
@@ -133,9 +169,10 @@ def train_on_ray(
     if workers is not None:
         config.distributed.workers = workers
     config.validate()
+    _absolute_paths(config)
     workers = config.distributed.workers
     import ray
-    from ray.train import RunConfig, ScalingConfig
+    from ray.train import FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = connect(address, workers)
@@ -148,7 +185,8 @@ def train_on_ray(
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1}),
-            run_config=RunConfig(storage_path=storage, name="train"),
+            run_config=RunConfig(storage_path=storage, name="train",
+                                 failure_config=FailureConfig(max_failures=config.checkpoint.max_failures)),
         )
         try:
             result = trainer.fit()

@@ -105,6 +105,23 @@ class DistributedConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    dir: str | None = None  # URI of the checkpoint root (local, memory://, s3://...); null: <out>/checkpoints
+    every_epochs: int = 0  # write a sharded checkpoint every N epochs and at the end (0 = off); distributed runs
+    keep_last: int = 3  # complete checkpoints to keep (older ones are deleted)
+    resume: str = "auto"  # auto (with every_epochs > 0: newest complete checkpoint under dir), never, or a checkpoint URI
+    eval_on_resume: bool = True  # evaluate right after loading (the metrics of the checkpoint, on this W)
+    max_failures: int = 0  # Ray Train restarts of the worker group after a worker dies (FailureConfig)
+
+    def validate(self) -> None:
+        if self.every_epochs < 0 or self.keep_last < 1 or self.max_failures < 0:
+            raise ConfigError("checkpoint.every_epochs and checkpoint.max_failures must be >= 0, "
+                              "checkpoint.keep_last >= 1")
+        if not self.resume:
+            raise ConfigError("checkpoint.resume must be auto, never or a checkpoint URI")
+
+
+@dataclass
 class TrainConfig:
     dataset: str = ""  # URI of an ingested dataset (gnaq ingest output)
     storage_options: dict = field(default_factory=dict)  # fsspec options for dataset/out
@@ -117,17 +134,24 @@ class TrainConfig:
     schedule: ScheduleConfig = field(default_factory=ScheduleConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
     distributed: DistributedConfig = field(default_factory=DistributedConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
         self.model.validate()
         self.optim.validate()
         self.schedule.validate()
         self.distributed.validate()
+        self.checkpoint.validate()
         if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:
             raise ConfigError(
                 f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "
                 f"{self.model.num_layers}"
             )
+
+    @property
+    def checkpoint_root(self) -> str:
+        """Where checkpoints go: ``checkpoint.dir``, or ``<out>/checkpoints``."""
+        return self.checkpoint.dir or f"{self.out.rstrip('/')}/checkpoints"
 
     @property
     def quantized(self) -> bool:

@@ -1,0 +1,473 @@
+"""Sharded checkpoints: the on-disk format, its verification, retention and loading.
+
+Layout (PyTorch-BigGraph style: one file per shard, a manifest as the commit mark)::
+
+    ROOT/ckpt-000000001234/            global step, zero-padded: names sort by step
+        shard-00000-of-00002.parquet   rank 0's rows: global_id, parameters, packed codes,
+                                       row-sparse Adam moments and step counts
+        residuals-00000-of-00002.parquet  rank 0's error-feedback residuals (message, global_id)
+        dense.parquet                  replicated parameters and their Adam state (rank 0)
+        partition.parquet              the owner rank of every node (rank 0)
+        manifest.json                  written LAST: world size, method, bits, dim, step,
+                                       config, dataset key, partition, sha256 of every file
+
+Why this shape: every rank writes only what it owns, in parallel, through fsspec (local,
+``memory://``, ``s3://``); nothing is pickled, and every file is readable with pyarrow
+alone. A directory without ``manifest.json``, or with a file whose size or sha256
+differs from it, is never loaded: :meth:`CheckpointStore.latest` skips it (with a
+warning naming the file) and falls back to the newest complete checkpoint.
+
+This module knows the format and the methods' parameters; the collective parts (who
+writes what, when) live in :mod:`gnaq_dist.distributed.loop`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import hashlib
+import io
+import json
+import logging
+import os
+import posixpath
+import re
+import uuid
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.interactions import InteractionData
+from gnaq_dist.quant import build_method
+from gnaq_dist.quant.base import EmbeddingMethod
+from gnaq_dist.quant.packing import pack_codes, unpack_codes
+from gnaq_dist.storage import is_local, join, resolve
+
+log = logging.getLogger(__name__)
+
+FORMAT = "gnaq-checkpoint"
+VERSION = 1
+MANIFEST = "manifest.json"
+POINTER = "gnaq_checkpoint.json"  # what Ray Train keeps: {"uri": ...} of our checkpoint
+_NAME = re.compile(r"^ckpt-(\d{12})$")
+
+
+class CheckpointError(GnaqInputError):
+    """A checkpoint that must not be loaded (missing manifest, bad checksum, wrong dataset)."""
+
+
+def checkpoint_name(step: int) -> str:
+    return f"ckpt-{int(step):012d}"
+
+
+def shard_name(rank: int, world: int) -> str:
+    return f"shard-{rank:05d}-of-{world:05d}.parquet"
+
+
+def residual_name(rank: int, world: int) -> str:
+    return f"residuals-{rank:05d}-of-{world:05d}.parquet"
+
+
+def data_key(data: InteractionData) -> dict[str, Any]:
+    """What identifies the training data: a checkpoint of other data must not load."""
+    digest = hashlib.sha256()
+    digest.update(np.array([data.n_users, data.n_items], dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(data.train_user, dtype=np.int64).tobytes())
+    digest.update(np.ascontiguousarray(data.train_item, dtype=np.int64).tobytes())
+    return {"fingerprint": data.fingerprint, "n_users": int(data.n_users), "n_items": int(data.n_items),
+            "n_train": int(data.n_train), "train_sha256": digest.hexdigest()[:32]}
+
+
+# -- files ---------------------------------------------------------------------------------
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink, compression="zstd")
+    return sink.getvalue().to_pybytes()
+
+
+def write_file(fs, path: str, data: bytes) -> dict[str, Any]:
+    """Write ``data`` so that ``path`` holds all of it or nothing; returns its manifest entry.
+
+    Local files are written beside the target and renamed; object stores publish a PUT
+    whole. The checksum is of the bytes we meant to write; readers compare against it.
+    """
+    parent = posixpath.dirname(path)
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        tmp = os.path.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+        try:
+            with open(tmp, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+    else:
+        fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+# -- tables of a method's state ----------------------------------------------------------------
+def _column(values: np.ndarray) -> pa.Array:
+    """(n, w) float array -> fixed-size list column; 1-D -> plain column."""
+    if values.ndim == 1:
+        return pa.array(values)
+    flat = np.ascontiguousarray(values.reshape(values.shape[0], -1))
+    width = flat.shape[1]
+    return pa.FixedSizeListArray.from_arrays(pa.array(flat.reshape(-1)), width)
+
+
+def _array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype=np.float32) -> np.ndarray:
+    if isinstance(column, pa.ChunkedArray):
+        column = column.combine_chunks()
+    if pa.types.is_fixed_size_list(column.type):
+        values = column.flatten().to_numpy(zero_copy_only=False)
+    else:
+        values = column.to_numpy(zero_copy_only=False)
+    return np.array(values, dtype=dtype).reshape(shape)  # a writable copy (torch wraps it)
+
+
+def row_names(method: EmbeddingMethod) -> tuple[list[str], list[str]]:
+    """Names of the method's row parameters (in ``trainable_row_params`` order) and row buffers."""
+    names = {id(p): n for n, p in method.named_parameters()}
+    buffers = {id(b): n for n, b in method.named_buffers()}
+    return [names[id(p)] for p in method.trainable_row_params()], [buffers[id(b)] for b in method.row_buffers()]
+
+
+def dense_names(method: EmbeddingMethod) -> list[str]:
+    names = {id(p): n for n, p in method.named_parameters()}
+    return [names[id(p)] for p in method.dense_params()]
+
+
+def shard_table(method: EmbeddingMethod, global_ids: np.ndarray, optimizer=None) -> pa.Table:
+    """One row per owned node: ``global_id``, ``param.*``, ``buffer.codes`` (packed) and ``adam.*``.
+
+    A rank that owns no node holds a one-row placeholder method; it writes zero rows.
+    """
+    n = int(global_ids.shape[0])
+    cols: dict[str, pa.Array] = {"global_id": pa.array(np.asarray(global_ids, dtype=np.int64))}
+    params, buffers = row_names(method)
+    for name, p in zip(params, method.trainable_row_params()):
+        cols[f"param.{name}"] = _column(p.detach()[:n].to(torch.float32).numpy())
+    for name, b in zip(buffers, method.row_buffers()):
+        if name == "codes" and method.bits:
+            packed = pack_codes(b[:n].numpy(), method.bits)
+            width = packed.shape[1]
+            cols["buffer.codes"] = pa.FixedSizeBinaryArray.from_buffers(
+                pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
+        else:
+            cols[f"buffer.{name}"] = _column(b[:n].to(torch.float32).numpy())
+    if optimizer is not None:
+        for name, m, v in zip(params, optimizer.exp_avg, optimizer.exp_avg_sq):
+            cols[f"adam.m.{name}"] = _column(m[:n].numpy())
+            cols[f"adam.v.{name}"] = _column(v[:n].numpy())
+        cols["adam.steps"] = pa.array(optimizer.steps[:n].numpy())
+    return pa.table(cols)
+
+
+def dense_table(method: EmbeddingMethod, optimizer: torch.optim.Optimizer | None) -> pa.Table:
+    """Replicated parameters (LSQ's step, N2UQ's intervals) and their Adam state, by name."""
+    names, kinds, shapes, values = [], [], [], []
+    state = optimizer.state_dict()["state"] if optimizer is not None else {}
+    for i, (name, p) in enumerate(zip(dense_names(method), method.dense_params())):
+        entries = [("value", p.detach())]
+        if i in state:
+            entries += [(f"adam.{k}", torch.as_tensor(state[i][k])) for k in ("step", "exp_avg", "exp_avg_sq")]
+        for kind, t in entries:
+            names.append(name)
+            kinds.append(kind)
+            shapes.append(list(t.shape))
+            values.append(t.detach().reshape(-1).to(torch.float64).tolist())
+    return pa.table({"name": pa.array(names, pa.string()), "kind": pa.array(kinds, pa.string()),
+                     "shape": pa.array(shapes, pa.list_(pa.int64())), "values": pa.array(values, pa.list_(pa.float64()))})
+
+
+def residual_table(residuals: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
+    """Error-feedback residuals of every gradient message: (message, global_id, residual)."""
+    tables = [pa.table({"message": pa.array([], pa.int16()), "global_id": pa.array([], pa.int64()),
+                        "residual": pa.array([], pa.list_(pa.float32()))})]
+    for i, (gid, res) in enumerate(residuals):
+        n = int(gid.shape[0])
+        res = np.ascontiguousarray(res, dtype=np.float32)
+        if res.ndim != 2 or res.shape[0] != n:
+            raise GnaqInputError(f"residuals of message {i} must be ({n}, width), got {res.shape}")
+        offsets = pa.array(np.arange(n + 1, dtype=np.int32) * res.shape[1])
+        tables.append(pa.table({"message": pa.array(np.full(n, i, dtype=np.int16)),
+                                "global_id": pa.array(np.asarray(gid, dtype=np.int64)),
+                                "residual": pa.ListArray.from_arrays(offsets, pa.array(res.reshape(-1)))}))
+    return pa.concat_tables(tables)
+
+
+def load_rows(method: EmbeddingMethod, rows: pa.Table, optimizer=None) -> None:
+    """Set ``method``'s row parameters, buffers (and ``optimizer``'s row state) from ``rows``."""
+    n = rows.num_rows
+    params, buffers = row_names(method)
+    with torch.no_grad():
+        for name, p in zip(params, method.trainable_row_params()):
+            width = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
+            p[:n] = torch.from_numpy(_array(rows[f"param.{name}"], (n, width))).reshape((n,) + tuple(p.shape[1:]))
+        for name, b in zip(buffers, method.row_buffers()):
+            if name == "codes" and method.bits:
+                col = rows["buffer.codes"].combine_chunks()
+                raw = np.frombuffer(col.buffers()[1], dtype=np.uint8,
+                                    count=n * col.type.byte_width, offset=col.offset * col.type.byte_width)
+                codes = unpack_codes(raw.reshape(n, col.type.byte_width), method.bits, b.shape[1])
+                b[:n] = torch.from_numpy(codes.copy())
+            else:
+                b[:n] = torch.from_numpy(_array(rows[f"buffer.{name}"], (n, b.shape[1]))).to(b.dtype)
+    if optimizer is not None:
+        for name, m, v in zip(params, optimizer.exp_avg, optimizer.exp_avg_sq):
+            width = int(np.prod(m.shape[1:])) if m.dim() > 1 else 1
+            m[:n] = torch.from_numpy(_array(rows[f"adam.m.{name}"], (n, width))).reshape((n,) + tuple(m.shape[1:]))
+            v[:n] = torch.from_numpy(_array(rows[f"adam.v.{name}"], (n, width))).reshape((n,) + tuple(v.shape[1:]))
+        optimizer.steps[:n] = torch.from_numpy(_array(rows["adam.steps"], (n,), np.int64))
+
+
+def load_dense(method: EmbeddingMethod, table: pa.Table, optimizer: torch.optim.Optimizer | None) -> None:
+    """Inverse of :func:`dense_table` (a method without dense parameters ignores it)."""
+    entries = {(n, k): (s, v) for n, k, s, v in zip(*(table[c].to_pylist() for c in ("name", "kind", "shape", "values")))}
+    state: dict[int, dict[str, torch.Tensor]] = {}
+    with torch.no_grad():
+        for i, (name, p) in enumerate(zip(dense_names(method), method.dense_params())):
+            if (name, "value") not in entries:
+                raise CheckpointError(f"dense.parquet has no value for parameter {name!r}")
+            shape, values = entries[(name, "value")]
+            p.copy_(torch.tensor(values, dtype=p.dtype).reshape(shape))
+            if (name, "adam.step") in entries:
+                state[i] = {k: torch.tensor(entries[(name, f"adam.{k}")][1], dtype=torch.float32)
+                            .reshape(entries[(name, f"adam.{k}")][0]) for k in ("step", "exp_avg", "exp_avg_sq")}
+    if optimizer is not None and state:
+        sd = optimizer.state_dict()
+        sd["state"] = state
+        optimizer.load_state_dict(sd)
+
+
+# -- the store -------------------------------------------------------------------------------
+@dataclass
+class Loaded:
+    """A verified checkpoint: where it is and its manifest."""
+
+    uri: str
+    manifest: dict[str, Any]
+
+
+class CheckpointStore:
+    """The checkpoints under one root URI: list, verify, find the newest complete, prune."""
+
+    def __init__(self, root: str, storage_options: dict[str, Any] | None = None) -> None:
+        self.root = root.rstrip("/")
+        self.storage_options = storage_options or {}
+        self.fs, self.path = resolve(self.root, self.storage_options)
+
+    def uri(self, name: str) -> str:
+        return f"{self.root}/{name}"
+
+    def dir_path(self, name: str) -> str:
+        return join(self.path, name)
+
+    def names(self) -> list[str]:
+        """Checkpoint directory names, oldest first (complete or not)."""
+        try:
+            entries = self.fs.ls(self.path, detail=False)
+        except FileNotFoundError:
+            return []
+        return sorted(n for n in (posixpath.basename(e.rstrip("/")) for e in entries) if _NAME.match(n))
+
+    def write_file(self, name: str, file: str, data: bytes) -> dict[str, Any]:
+        return write_file(self.fs, join(self.dir_path(name), file), data)
+
+    def commit(self, name: str, manifest: dict[str, Any]) -> str:
+        """Write the manifest (the commit mark) of checkpoint ``name``; returns its URI."""
+        write_file(self.fs, join(self.dir_path(name), MANIFEST), json.dumps(manifest, indent=1).encode())
+        return self.uri(name)
+
+    def latest(self, data: dict[str, Any] | None = None) -> Loaded | None:
+        """The newest checkpoint that verifies (and matches ``data``); incomplete ones are skipped."""
+        for name in reversed(self.names()):
+            try:
+                return Loaded(self.uri(name), verify(self.uri(name), self.storage_options, data))
+            except CheckpointError as exc:
+                log.warning("skipping checkpoint %s: %s", self.uri(name), exc)
+        return None
+
+    def prune(self, keep: int) -> list[str]:
+        """Keep the newest ``keep`` complete checkpoints; remove older ones and older debris."""
+        if keep < 1:
+            return []
+        names = self.names()
+        complete = [n for n in names if self.fs.exists(join(self.dir_path(n), MANIFEST))]
+        if len(complete) <= keep:
+            cutoff = complete[0] if complete else None
+            doomed = [n for n in names if cutoff is not None and n < cutoff and n not in complete]
+        else:
+            cutoff = complete[-keep]
+            doomed = [n for n in names if n < cutoff]
+        for n in doomed:
+            try:
+                self.fs.rm(self.dir_path(n), recursive=True)
+            except (FileNotFoundError, OSError) as exc:
+                log.warning("could not remove old checkpoint %s: %s", self.uri(n), exc)
+        return doomed
+
+
+def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    fs, path = resolve(uri, storage_options)
+    mpath = join(path, MANIFEST)
+    try:
+        with fs.open(mpath, "rb") as handle:
+            manifest = json.loads(handle.read().decode("utf-8"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}: no {MANIFEST} (an unfinished checkpoint, or not a checkpoint)") from None
+    except (ValueError, UnicodeDecodeError):
+        raise CheckpointError(f"{uri}/{MANIFEST}: not valid JSON") from None
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{uri}/{MANIFEST}: not a {FORMAT} v{VERSION} manifest")
+    return manifest
+
+
+def verify(uri: str, storage_options: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
+           model: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of ``uri`` if every file it lists is there with its size and sha256.
+
+    ``data`` (a :func:`data_key`) and ``model`` (``method``/``bits``/``dim``) must match
+    when given: a checkpoint of other data or another table format is refused.
+    """
+    manifest = read_manifest(uri, storage_options)
+    fs, path = resolve(uri, storage_options)
+    for name, entry in manifest["files"].items():
+        fpath = join(path, name)
+        try:
+            size = fs.size(fpath)
+        except FileNotFoundError:
+            raise CheckpointError(f"{uri}/{name}: listed in the manifest but missing") from None
+        if size != entry["bytes"]:
+            raise CheckpointError(f"{uri}/{name}: {size} bytes, the manifest says {entry['bytes']} (truncated?)")
+        with fs.open(fpath, "rb") as handle:
+            digest = hashlib.sha256(handle.read()).hexdigest()
+        if digest != entry["sha256"]:
+            raise CheckpointError(f"{uri}/{name}: sha256 does not match the manifest (corrupted)")
+    if data is not None:
+        mine = manifest["data"]
+        for key in ("n_users", "n_items", "n_train", "train_sha256"):
+            if mine.get(key) != data.get(key):
+                raise CheckpointError(
+                    f"{uri}: written for another dataset ({key} {mine.get(key)!r}, this run's data has "
+                    f"{data.get(key)!r})")
+    if model is not None:
+        want = manifest["model"]
+        for key in ("method", "bits", "dim", "num_layers"):
+            if key in model and want.get(key) != model[key]:
+                raise CheckpointError(f"{uri}: model.{key} is {want.get(key)!r} in the checkpoint, "
+                                      f"{model[key]!r} in this config")
+    return manifest
+
+
+def read_table(uri: str, name: str, storage_options: dict[str, Any] | None = None,
+               filter_ids: np.ndarray | None = None) -> pa.Table:
+    """One Parquet file of a verified checkpoint (optionally only rows whose global_id is listed)."""
+    fs, path = resolve(uri, storage_options)
+    with fs.open(join(path, name), "rb") as handle:
+        table = pq.read_table(io.BytesIO(handle.read()))
+    if filter_ids is not None:
+        import pyarrow.compute as pc
+
+        table = table.filter(pc.is_in(table["global_id"], value_set=pa.array(filter_ids, pa.int64())))
+    return table
+
+
+def read_rows(uri: str, manifest: dict[str, Any], global_ids: np.ndarray,
+              storage_options: dict[str, Any] | None = None, shards: list[int] | None = None) -> pa.Table:
+    """The shard rows of ``global_ids`` (sorted ascending), gathered from the shards that hold them."""
+    world = int(manifest["world_size"])
+    ranks = range(world) if shards is None else shards
+    want = np.asarray(global_ids, dtype=np.int64)
+    parts = [read_table(uri, shard_name(r, world), storage_options, want) for r in ranks]
+    table = pa.concat_tables(parts).sort_by("global_id")
+    got = table["global_id"].to_numpy()
+    if got.shape != want.shape or not np.array_equal(got, np.sort(want)):
+        missing = np.setdiff1d(want, got)
+        raise CheckpointError(f"{uri}: {missing.shape[0]} of the requested rows are in no shard "
+                              f"(first: node {int(missing[0]) if missing.size else '?'})")
+    return table
+
+
+def read_residuals(uri: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None,
+                   ranks: list[int] | None = None) -> pa.Table:
+    world = int(manifest["world_size"])
+    files = [residual_name(r, world) for r in (range(world) if ranks is None else ranks)]
+    return pa.concat_tables([read_table(uri, f, storage_options) for f in files if f in manifest["files"]])
+
+
+def new_manifest(*, step: int, epoch: int, phase: str, shard_method: str, world_size: int, config: dict,
+                 data: dict, partition: dict, files: dict, progress: dict, history: list) -> dict[str, Any]:
+    model = config["model"]
+    return {
+        "format": FORMAT, "version": VERSION,
+        "created": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "step": int(step), "epoch": int(epoch), "phase": phase, "shard_method": shard_method,
+        "world_size": int(world_size),
+        "model": {"method": model["method"], "bits": model["bits"], "dim": model["dim"],
+                  "num_layers": model["num_layers"], "phi": model["phi"], "level_dtype": model["level_dtype"]},
+        "config": config, "data": data, "partition": partition, "files": files,
+        "progress": progress, "history": history,
+    }
+
+
+def build_for_rows(manifest: dict[str, Any], n: int, graph=None) -> EmbeddingMethod:
+    """An empty method of the checkpoint's phase for ``n`` rows (BiGeaR packing needs ``graph``)."""
+    model = manifest["model"]
+    name = manifest["shard_method"]
+    bits = None if name == "fp" else model["bits"]
+    options = {"phi": model["phi"]}
+    if graph is not None and name == "bigear":
+        options["graph"] = graph
+    with torch.random.fork_rng():
+        return build_method(name, max(n, 1), model["dim"], bits, model["num_layers"], **options)
+
+
+def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
+    """``(manifest, kind, table, data)`` of a checkpoint, for ``gnaq export``.
+
+    Reads every shard into one method over all rows and packs it as the evaluator does:
+    ``kind`` is ``"packed"`` (a PackedTable) or ``"fp"`` (a float32 (N, d) tensor).
+    ``data`` is the training dataset the manifest names (its id maps and train edges).
+    """
+    from gnaq_dist.dataset import load_dataset
+    from gnaq_dist.graph import build_graph
+
+    manifest = verify(uri, storage_options)
+    dataset = manifest["config"].get("dataset")
+    if not dataset:
+        raise CheckpointError(f"{uri}: the manifest names no dataset (trained on in-memory data)")
+    data = load_dataset(dataset, manifest["config"].get("storage_options") or None)
+    key = data_key(data)
+    if key["train_sha256"] != manifest["data"]["train_sha256"]:
+        raise CheckpointError(f"{uri}: dataset {dataset} has changed since the checkpoint was written")
+    n = data.n_nodes
+    rows = read_rows(uri, manifest, np.arange(n, dtype=np.int64), storage_options)
+    graph = build_graph(data) if manifest["shard_method"] == "bigear" else None
+    method = build_for_rows(manifest, n, graph)
+    load_rows(method, rows)
+    load_dense(method, read_table(uri, "dense.parquet", storage_options), None)
+    if method.name == "fp":
+        return manifest, "fp", method.weight.detach().clone(), data
+    if method.name == "bigear":
+        method.init_from_full_precision(method.weight.detach().clone())
+    level_dtype = getattr(torch, manifest["model"]["level_dtype"])
+    return manifest, "packed", method.pack(level_dtype=level_dtype), data
+
+
+__all__ = [
+    "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "build_for_rows", "checkpoint_name", "data_key",
+    "dense_table", "load_dense", "load_for_export", "load_rows", "new_manifest", "parquet_bytes", "read_manifest",
+    "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name", "shard_table",
+    "verify", "write_file",
+]

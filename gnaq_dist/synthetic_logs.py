@@ -379,3 +379,19 @@ def iter_rows(spec: LogSpec, chunk: int = BLOCK_ROWS) -> Iterator[dict[str, np.n
 
 __all__ = ["BLOCK_ROWS", "LatentModel", "LogSpec", "generate_log", "hidden_clusters", "iter_rows",
            "add_generate_arguments", "run_generate_from_args"]
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m gnaq_dist.synthetic_logs OUT ...``: ``gnaq generate`` without the other commands' imports."""
+    parser = argparse.ArgumentParser(prog="gnaq generate", description=__doc__.splitlines()[0])
+    add_generate_arguments(parser)
+    args = parser.parse_args(argv)
+    try:
+        return run_generate_from_args(args)
+    except GnaqInputError as exc:
+        print(f"gnaq generate: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

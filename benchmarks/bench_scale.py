@@ -1,0 +1,324 @@
+"""Scaling benchmark: generate -> ingest -> train GNAQ 2-bit on W=1 and W=2 Ray workers -> evaluate.
+
+For each size (a fraction of the largest: by default 5M users, 1M items, 100M log rows)
+it runs, each stage in its own process so that peak RSS (``ru_maxrss`` from ``wait4``)
+is that stage's own:
+
+1. ``python -m gnaq_dist.synthetic_logs`` (= ``gnaq generate``): the Parquet log;
+2. ``python -m gnaq_dist.ingest.cli`` (= ``gnaq ingest``, random split, dedup);
+3. for each W: ``train_on_ray`` with ``schedule.max_steps`` steps of GNAQ 2-bit
+   (warm-up 0: every step is quantized; 2-bit gradients with error feedback; sampled
+   fan-outs), then its final evaluation (all test users against all items).
+
+Every stage writes ``<workdir>/<size>/<stage>.json``; a stage whose JSON exists is not
+run again (resumable: re-run the same command after an interruption). Afterwards it
+writes ``scale.csv``, ``scale.md`` and ``scale.png`` (log-log time and memory against
+log rows) into ``--report-dir``.
+
+    python benchmarks/bench_scale.py --fractions 0.001,0.01 --workdir /tmp/gnaq-scale
+    python benchmarks/bench_scale.py --fractions 0.001,0.01 --report-dir docs/img  # report only what exists
+
+The ``gnaq`` entry point itself imports torch for its other commands (about 250 MiB
+more RSS), so the generate and ingest stages run their modules' standalone entries.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import os
+import subprocess
+import sys
+import time
+from fractions import Fraction
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def run_measured(cmd: list[str], log_path: Path, timeout: float | None = None) -> tuple[int, float, float]:
+    """Run ``cmd`` (output to ``log_path``); (exit status, wall seconds, peak RSS MiB of that process)."""
+    t0 = time.perf_counter()
+    with log_path.open("w") as log:
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
+            if pid:
+                break
+            if deadline is not None and time.monotonic() > deadline:
+                proc.kill()
+                pid, status, usage = os.wait4(proc.pid, 0)
+                break
+            time.sleep(0.2)
+        proc.returncode = os.waitstatus_to_exitcode(status)
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024
+
+
+def size_name(fraction: Fraction) -> str:
+    return "full" if fraction == 1 else f"1-{fraction.denominator}" if fraction.numerator == 1 else f"f{float(fraction):g}"
+
+
+def scaled(n: int, fraction: Fraction) -> int:
+    return max(1, int(n * fraction))
+
+
+# -- stages (each in a child process) ----------------------------------------------------------
+
+def stage_generate(d: Path, users: int, items: int, rows: int, args) -> dict[str, Any]:
+    log = d / "log"
+    cmd = [sys.executable, "-m", "gnaq_dist.synthetic_logs", str(log), "--users", str(users), "--items",
+           str(items), "--rows", str(rows), "--seed", str(args.seed), "--files", str(max(1, rows // 25_000_000)),
+           "--row-group-rows", str(args.row_group_rows), "--overwrite", "--no-progress"]
+    rc, wall, rss = run_measured(cmd, d / "generate.log", args.stage_timeout)
+    if rc != 0:
+        raise RuntimeError(f"generate failed ({rc}): see {d / 'generate.log'}")
+    meta = json.loads((log / "_generate.json").read_text())
+    return {"wall_s": wall, "seconds": meta["seconds"], "rows": rows, "rows_per_s": rows / meta["seconds"],
+            "bytes": meta["bytes"], "files": len(meta["files"]), "peak_rss_mib": rss, "clusters": meta["clusters"]}
+
+
+def stage_ingest(d: Path, args) -> dict[str, Any]:
+    out = d / "ds"
+    cmd = [sys.executable, "-m", "gnaq_dist.ingest.cli", str(d / "log"), str(out), "--overwrite", "--no-progress"]
+    rc, wall, rss = run_measured(cmd, d / "ingest.log", args.stage_timeout)
+    if rc != 0:
+        raise RuntimeError(f"ingest failed ({rc}): see {d / 'ingest.log'}")
+    m = json.loads((out / "manifest.json").read_text())
+    rows = m["source"]["rows_read"]
+    return {"wall_s": wall, "rows_per_s": rows / wall, "peak_rss_mib": rss, "n_users": m["n_users"],
+            "n_items": m["n_items"], "n_interactions": m["n_interactions"], "counts": m["counts"],
+            "duplicates_dropped": m["source"]["duplicates_dropped"],
+            "seconds_before_write": m["source"]["seconds_before_write"],
+            "dataset_bytes": sum(f["bytes"] for f in m["files"].values())}
+
+
+def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
+    result = d / f"train_w{workers}.summary.json"
+    cmd = [sys.executable, __file__, "--child-train", str(d / "ds"), "--child-out", str(d / f"run_w{workers}"),
+           "--child-result", str(result), "--workers", str(workers), "--steps", str(args.steps),
+           "--batch-size", str(args.batch_size), "--fanouts", args.fanouts, "--eval-batch", str(args.eval_batch)]
+    rc, wall, rss = run_measured(cmd, d / f"train_w{workers}.log", args.stage_timeout)
+    if rc != 0:
+        raise RuntimeError(f"training W={workers} failed ({rc}): see {d / f'train_w{workers}.log'}")
+    s = json.loads(result.read_text())
+    wire = s["wire"]
+    return {
+        "wall_s": wall, "driver_peak_rss_mib": rss, "workers": workers, "steps": s["steps"],
+        "s_per_step": s["seconds_per_step"], "edges_per_s": s["edges_per_second"],
+        "train_s": s["phase_seconds"]["fp"] + s["phase_seconds"]["quantized"],
+        "eval_s": s["phase_seconds"]["eval"], "worker_peak_rss_mib": s["worker_peak_rss_mb"],
+        "bytes_per_step": wire["train_bytes_per_step"], "fp32_bytes_per_step": wire["train_fp32_bytes_per_step"],
+        "gather_bytes": wire["gather"]["total_bytes"], "storage": s["storage"], "metrics": s["metrics"],
+        "rows": s.get("rows"), "partition_method": (s.get("partition") or {}).get("method"),
+        "setup_and_ray_s": s.get("_outer_seconds", wall) - s["phase_seconds"]["fp"] - s["phase_seconds"]["quantized"]
+        - s["phase_seconds"]["eval"],
+    }
+
+
+def child_train(args) -> None:
+    """In the child: one ``train_on_ray`` run; its summary (+ the call's wall time) to --child-result."""
+    from gnaq_dist.config import load_config
+    from gnaq_dist.distributed.ray_launch import train_on_ray
+    from gnaq_dist.train.config import TrainConfig
+
+    overrides = [
+        f"dataset={args.child_train}", f"out={args.child_out}", "model.method=gnaq", "model.bits=2",
+        "schedule.epochs=1000000", "schedule.warmup_epochs=0", "schedule.eval_every=0",
+        f"schedule.max_steps={args.steps}", f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4",
+        "schedule.propagation=sampled", f"schedule.fanouts=[{args.fanouts}]", "distributed.grad_bits=2",
+        f"eval.batch_size={args.eval_batch}", "threads=1", "progress=false",
+    ]
+    config = load_config(TrainConfig, [], overrides)
+    t0 = time.perf_counter()
+    summary = train_on_ray(config, args.workers)
+    summary["_outer_seconds"] = time.perf_counter() - t0
+    summary.pop("history", None)
+    Path(args.child_result).write_text(json.dumps(summary, default=str))
+
+
+# -- driver ------------------------------------------------------------------------------------
+
+def run_size(fraction: Fraction, args) -> dict[str, Any]:
+    users, items, rows = (scaled(n, fraction) for n in (args.users, args.items, args.rows))
+    d = Path(args.workdir) / size_name(fraction)
+    d.mkdir(parents=True, exist_ok=True)
+    spec = {"users": users, "items": items, "rows": rows, "seed": args.seed, "steps": args.steps,
+            "batch_size": args.batch_size, "fanouts": args.fanouts, "row_group_rows": args.row_group_rows,
+            "eval_batch": args.eval_batch}
+    spec_file = d / "spec.json"
+    if spec_file.exists() and json.loads(spec_file.read_text()) != spec:
+        raise SystemExit(f"{d}: made with other parameters ({spec_file}); use another --workdir")
+    spec_file.write_text(json.dumps(spec))
+    out: dict[str, Any] = {"size": size_name(fraction), "fraction": float(fraction), **spec}
+    stages: list[tuple[str, Any]] = [("generate", lambda: stage_generate(d, users, items, rows, args)),
+                                     ("ingest", lambda: stage_ingest(d, args))]
+    stages += [(f"train_w{w}", (lambda w=w: stage_train(d, w, args))) for w in args.workers]
+    for name, fn in stages:
+        path = d / f"{name}.json"
+        if path.exists():
+            out[name] = json.loads(path.read_text())
+            print(f"[{out['size']}] {name}: done before, kept ({path})", flush=True)
+            continue
+        if args.report_only:
+            continue
+        print(f"[{out['size']}] {name} ...", flush=True)
+        t0 = time.perf_counter()
+        result = fn()
+        path.write_text(json.dumps(result, indent=2))
+        out[name] = result
+        rss = result.get("peak_rss_mib") or max(result.get("worker_peak_rss_mib") or [0])
+        print(f"[{out['size']}] {name}: {time.perf_counter() - t0:.1f} s, peak RSS {rss:,.0f} MiB", flush=True)
+    return out
+
+
+def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
+    g, i = r.get("generate", {}), r.get("ingest", {})
+    row: dict[str, Any] = {
+        "size": r["size"], "users": r["users"], "items": r["items"], "rows": r["rows"],
+        "log_mib": g.get("bytes", 0) / 2**20 if g else None,
+        "gen_s": g.get("seconds"), "gen_rows_per_s": g.get("rows_per_s"), "gen_rss_mib": g.get("peak_rss_mib"),
+        "ingest_s": i.get("wall_s"), "ingest_rows_per_s": i.get("rows_per_s"), "ingest_rss_mib": i.get("peak_rss_mib"),
+        "n_users": i.get("n_users"), "n_items": i.get("n_items"), "n_interactions": i.get("n_interactions"),
+        "n_train": (i.get("counts") or {}).get("train"),
+    }
+    for w in workers:
+        t = r.get(f"train_w{w}")
+        if not t:
+            continue
+        st = t["storage"]
+        row.update({
+            "bytes_per_node": st.get("bytes_per_node"), "fp32_bytes_per_node": st.get("fp32_bytes_per_node"),
+            "floor_bytes_per_node": st.get("floor_bytes_per_node"),
+            f"w{w}_s_per_step": t["s_per_step"], f"w{w}_edges_per_s": t["edges_per_s"],
+            f"w{w}_worker_rss_mib": max(t["worker_peak_rss_mib"]), f"w{w}_driver_rss_mib": t["driver_peak_rss_mib"],
+            f"w{w}_setup_s": t["setup_and_ray_s"], f"w{w}_eval_s": t["eval_s"],
+            f"w{w}_bytes_per_step": t["bytes_per_step"], f"w{w}_fp32_bytes_per_step": t["fp32_bytes_per_step"],
+            f"w{w}_recall20": t["metrics"].get("recall@20"),
+        })
+    if len(workers) >= 2 and f"w{workers[0]}_edges_per_s" in row and f"w{workers[-1]}_edges_per_s" in row:
+        row["throughput_ratio"] = row[f"w{workers[-1]}_edges_per_s"] / row[f"w{workers[0]}_edges_per_s"]
+    return row
+
+
+def _f(v: Any, spec: str = ",.0f") -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float) and math.isnan(v):
+        return "-"
+    return format(v, spec) if isinstance(v, (int, float)) else str(v)
+
+
+def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
+    w1, w2 = workers[0], workers[-1]
+    lines = [
+        "| size | users / items / log rows | train edges | generate rows/s (peak RSS MiB) | ingest rows/s (peak RSS MiB) "
+        f"| table B/node (fp32, floor) | W={w1} edges/s | W={w2} edges/s | W={w2}/W={w1} | W={w2} MB/step (fp32) "
+        f"| worker peak RSS MiB W={w1} / W={w2} | setup s W={w1} / W={w2} | eval s W={w1} / W={w2} | Recall@20 W={w1} / W={w2} |",
+        "|" + "---|" * 14,
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['size']} | {_f(r['users'])} / {_f(r['items'])} / {_f(r['rows'])} | {_f(r.get('n_train'))} "
+            f"| {_f(r.get('gen_rows_per_s'))} ({_f(r.get('gen_rss_mib'))}) "
+            f"| {_f(r.get('ingest_rows_per_s'))} ({_f(r.get('ingest_rss_mib'))}) "
+            f"| {_f(r.get('bytes_per_node'), '.1f')} ({_f(r.get('fp32_bytes_per_node'), '.0f')}, "
+            f"{_f(r.get('floor_bytes_per_node'), '.1f')}) "
+            f"| {_f(r.get(f'w{w1}_edges_per_s'))} | {_f(r.get(f'w{w2}_edges_per_s'))} "
+            f"| {_f(r.get('throughput_ratio'), '.2f')}x "
+            f"| {_f((r.get(f'w{w2}_bytes_per_step') or 0) / 1e6, '.2f')} "
+            f"({_f((r.get(f'w{w2}_fp32_bytes_per_step') or 0) / 1e6, '.2f')}) "
+            f"| {_f(r.get(f'w{w1}_worker_rss_mib'))} / {_f(r.get(f'w{w2}_worker_rss_mib'))} "
+            f"| {_f(r.get(f'w{w1}_setup_s'), '.1f')} / {_f(r.get(f'w{w2}_setup_s'), '.1f')} "
+            f"| {_f(r.get(f'w{w1}_eval_s'), '.1f')} / {_f(r.get(f'w{w2}_eval_s'), '.1f')} "
+            f"| {_f(r.get(f'w{w1}_recall20'), '.4f')} / {_f(r.get(f'w{w2}_recall20'), '.4f')} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    x = [r["rows"] for r in rows]
+
+    def series(ax, key, label, marker, scale=1.0):
+        pts = [(xi, r[key] * scale) for xi, r in zip(x, rows) if r.get(key)]
+        if pts:
+            ax.plot(*zip(*pts), marker=marker, label=label)
+
+    series(ax_t, "gen_s", "generate (s)", "o")
+    series(ax_t, "ingest_s", "ingest (s)", "s")
+    for w in workers:
+        series(ax_t, f"w{w}_s_per_step", f"train s/step W={w}", "^")
+        series(ax_t, f"w{w}_setup_s", f"setup + Ray start W={w} (s)", "x")
+        series(ax_t, f"w{w}_eval_s", f"evaluation W={w} (s)", "v")
+    series(ax_m, "gen_rss_mib", "generate", "o")
+    series(ax_m, "ingest_rss_mib", "ingest", "s")
+    for w in workers:
+        series(ax_m, f"w{w}_worker_rss_mib", f"train worker W={w} (max)", "^")
+    for ax, title in ((ax_t, "time"), (ax_m, "peak RSS (MiB)")):
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.set_xlabel("log rows")
+        ax.set_title(title)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--users", type=int, default=5_000_000, help="largest size: users")
+    p.add_argument("--items", type=int, default=1_000_000, help="largest size: items")
+    p.add_argument("--rows", type=int, default=100_000_000, help="largest size: log rows")
+    p.add_argument("--fractions", default="1/100,1/10,1", help="sizes as fractions of the largest, e.g. 1/1000,1/100")
+    p.add_argument("--workers", default="1,2", help="Ray worker counts to train with")
+    p.add_argument("--steps", type=int, default=20, help="training steps per run (schedule.max_steps)")
+    p.add_argument("--batch-size", type=int, default=8192)
+    p.add_argument("--fanouts", default="10,10,10")
+    p.add_argument("--eval-batch", type=int, default=512, help="users scored at once (eval.batch_size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--row-group-rows", type=int, default=1_000_000)
+    p.add_argument("--stage-timeout", type=float, default=None, help="kill a stage after this many seconds")
+    p.add_argument("--workdir", default="/tmp/gnaq-scale", help="per-size stage outputs (kept: resumable)")
+    p.add_argument("--report-dir", default=None, help="where scale.csv/.md/.png go (default: the workdir)")
+    p.add_argument("--report-only", action="store_true", help="run nothing; report the stages already done")
+    p.add_argument("--child-train", help=argparse.SUPPRESS)
+    p.add_argument("--child-out", help=argparse.SUPPRESS)
+    p.add_argument("--child-result", help=argparse.SUPPRESS)
+    args = p.parse_args()
+    if args.child_train:
+        args.workers = int(args.workers)
+        child_train(args)
+        return
+    args.workers = [int(w) for w in args.workers.split(",")]
+    fractions = sorted(Fraction(f.strip()) for f in args.fractions.split(","))
+    rows = []
+    for fraction in fractions:
+        r = run_size(fraction, args)
+        rows.append(flat_row(r, args.workers))
+    report = Path(args.report_dir or args.workdir)
+    report.mkdir(parents=True, exist_ok=True)
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    with (report / "scale.csv").open("w", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=keys)
+        writer.writeheader()
+        writer.writerows(rows)
+    table = markdown(rows, args.workers)
+    (report / "scale.md").write_text(table)
+    plot(rows, args.workers, report / "scale.png")
+    print(table)
+    print(f"wrote {report / 'scale.csv'}, {report / 'scale.md'}, {report / 'scale.png'}")
+
+
+if __name__ == "__main__":
+    main()

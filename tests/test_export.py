@@ -52,7 +52,7 @@ def lastfm(tmp_path_factory):
     """The bundled Last.fm sample, ingested: real string ids and a real train graph."""
     uri = ingest_bundled(tmp_path_factory.mktemp("lastfm") / "dataset", progress=False)
     data = load_dataset(uri)
-    return data, build_graph(data), load_id_maps(uri)
+    return data, build_graph(data), load_id_maps(uri), uri
 
 
 def trained_gnaq(data):
@@ -119,7 +119,7 @@ def test_bundle_ranks_like_the_evaluator(tmp_path, synth, case):
 
 
 def test_lastfm_bundle_with_raw_ids(tmp_path, lastfm):
-    data, graph, id_maps = lastfm
+    data, graph, id_maps, _ = lastfm
     method, table = packed("gnaq", 2, data, graph)
     report = export_bundle(str(tmp_path / "b"), "packed", table, data, LAYERS, {}, id_maps=id_maps)
     bundle = Bundle.load(tmp_path / "b")
@@ -310,3 +310,36 @@ def test_export_input_errors(tmp_path, synth):
     export_bundle(str(tmp_path / "x"), "packed", table, data, LAYERS, {})
     bundle = Bundle.load(tmp_path / "x")
     assert bundle.info["raw_ids"] == "internal" and bundle.user_rows(["3", 4]).tolist() == [3, 4]
+
+
+def scenario_checkpoint(rank: int, world: int, dataset: str, out: str) -> str:
+    """Train GNAQ 2-bit briefly as a one-rank group, writing a sharded checkpoint."""
+    from gnaq_dist.distributed.loop import train_worker
+
+    config = load_config(TrainConfig, [], [
+        f"dataset={dataset}", f"out={out}", "model.method=gnaq", "model.bits=2", "model.dim=16",
+        f"model.num_layers={LAYERS}", "schedule.epochs=2", "schedule.warmup_epochs=1", "schedule.batch_size=8192",
+        "schedule.eval_every=0", "progress=false", "seed=2", "eval.ks=[10]", "checkpoint.every_epochs=2",
+    ])
+    return train_worker(config, load_dataset(dataset))["checkpoint"]
+
+
+def test_gnaq_export_from_a_real_checkpoint(tmp_path, lastfm, capsys):
+    """``gnaq export`` end to end: checkpoint -> bundle whose top-K is the evaluator's."""
+    ckpt = pytest.importorskip("gnaq_dist.checkpoint")
+    from distributed_utils import run_ranks
+
+    data, graph, id_maps, dataset = lastfm
+    uri = run_ranks(scenario_checkpoint, 1, dataset, str(tmp_path / "run"), timeout=120)[0]
+    out = str(tmp_path / "bundle")
+    assert gnaq_main(["export", uri, out]) == 0
+    printed = capsys.readouterr().out
+    assert "12.00 bytes/node" in printed and "5.33x smaller" in printed  # 4 bytes of codes + 8 of levels vs 64
+    assert gnaq_main(["export", uri, out]) == 2 and "already exists" in capsys.readouterr().err
+    assert gnaq_main(["export", uri, out, "--overwrite"]) == 0
+    manifest, kind, table, ck_data = ckpt.load_for_export(uri)
+    final = final_from_packed(graph, table, lambda layers: torch.stack(layers).mean(0), LAYERS)
+    bundle = Bundle.load(out)
+    assert kind == "packed" and bundle.info["meta"]["step"] == manifest["step"]
+    assert_same_ranking(bundle, final, data, graph)
+    assert bundle.user_ids == id_maps[0].to_pylist() and bundle.item_ids == id_maps[1].to_pylist()

@@ -11,9 +11,9 @@ for tables of already-propagated layers such as BiGeaR's, only weight each group
 
 Ranking follows :func:`gnaq_dist.evaluation.rank_topk`: all items are scored, a user's
 train items score ``-inf`` (they appear, last, only when the user has fewer than ``k``
-other items) and ``k`` is capped at the number of items. Exact score ties, which
-``torch.topk`` orders arbitrarily, are ordered here by item index, so results are
-deterministic.
+other items) and ``k`` is capped at the number of items. Scores are summed in float64
+and exact ties, which ``torch.topk`` orders arbitrarily, are ordered by item index, so
+the lists are deterministic and do not depend on the device's BLAS.
 """
 
 from __future__ import annotations
@@ -146,10 +146,15 @@ def weight_groups(x: np.ndarray, groups: int, weights: Sequence[float] | None) -
 # -- ranking ---------------------------------------------------------------------------------
 def top_k(
     user_emb: np.ndarray, item_emb: np.ndarray, seen_indptr: np.ndarray, seen_indices: np.ndarray,
-    users: np.ndarray, k: int, batch_size: int = 1024,
+    users: np.ndarray, k: int, batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(items, scores), each (len(users), min(k, n_items)): best first, ties by item index,
-    seen items at ``-inf``. ``user_emb`` rows are indexed by the ids in ``users``."""
+    """(items, float32 scores), each (len(users), min(k, n_items)): best first, ties by item
+    index, seen items at ``-inf``. ``user_emb`` rows are indexed by the ids in ``users``.
+
+    Dot products of the float32 embeddings are taken in float64 (the products are exact,
+    the sums nearly so), so the order does not depend on the BLAS or CPU an edge device
+    has; only items whose scores agree to ~1e-16 count as tied.
+    """
     if k <= 0:
         raise GnaqInputError(f"k must be positive, got {k}")
     users = np.asarray(users, dtype=np.int64)
@@ -157,9 +162,10 @@ def top_k(
     k = min(int(k), n_items)
     items_out = np.zeros((users.shape[0], k), dtype=np.int64)
     scores_out = np.zeros((users.shape[0], k), dtype=np.float32)
+    item_t = item_emb.astype(np.float64).T
     for start in range(0, users.shape[0], batch_size):
         bu = users[start : start + batch_size]
-        scores = user_emb[bu] @ item_emb.T
+        scores = user_emb[bu].astype(np.float64) @ item_t
         for r, u in enumerate(bu):
             scores[r, seen_indices[seen_indptr[u] : seen_indptr[u + 1]]] = -np.inf
         kth = -np.partition(-scores, k - 1, axis=1)[:, k - 1]  # the k-th best score of each row
@@ -214,7 +220,8 @@ def _read_file(path: str, name: str, entry: dict[str, Any], verify: bool) -> pa.
         raise GnaqInputError(f"{fpath}: file listed in {BUNDLE_JSON} is missing") from None
     if verify:
         if len(data) != entry.get("bytes"):
-            raise GnaqInputError(f"{fpath}: {len(data)} bytes, {BUNDLE_JSON} says {entry.get('bytes')} (truncated or replaced)")
+            raise GnaqInputError(f"{fpath}: {len(data)} bytes, {BUNDLE_JSON} says {entry.get('bytes')} "
+                                 "(truncated or replaced)")
         digest = hashlib.sha256(data).hexdigest()
         if digest != entry.get("sha256"):
             raise GnaqInputError(f"{fpath}: sha256 {digest[:12]}... does not match {BUNDLE_JSON} "
@@ -324,7 +331,8 @@ class Bundle:
             else:
                 rows.append(j)
         if unknown:
-            shown = ", ".join(repr(u) for u in unknown[:5]) + (f" and {len(unknown) - 5} more" if len(unknown) > 5 else "")
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            shown = ", ".join(repr(u) for u in unknown[:5]) + more
             raise GnaqInputError(f"unknown user id {shown}: not among the {self.n_users} users of bundle {self.path}")
         return np.asarray(rows, dtype=np.int64)
 

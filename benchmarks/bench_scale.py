@@ -29,6 +29,7 @@ import csv
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -39,23 +40,59 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def run_measured(cmd: list[str], log_path: Path, timeout: float | None = None) -> tuple[int, float, float]:
-    """Run ``cmd`` (output to ``log_path``); (exit status, wall seconds, peak RSS MiB of that process)."""
+def mem_available_mib() -> float:
+    with open("/proc/meminfo") as fh:
+        for line in fh:
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 1024
+    return float("inf")
+
+
+class StageKilled(RuntimeError):
+    pass
+
+
+def run_measured(cmd: list[str], log_path: Path, timeout: float | None = None,
+                 min_free_mib: float = 0.0) -> tuple[int, float, float, float]:
+    """Run ``cmd`` in its own session (output to ``log_path``).
+
+    Returns (exit status, wall seconds, peak RSS MiB of that process from ``wait4``, the
+    largest drop of the machine's MemAvailable during the run in MiB: every process of the
+    stage, Ray's included, but also whatever else the machine ran meanwhile). The
+    stage's whole process group is killed if it runs past ``timeout`` or MemAvailable
+    falls below ``min_free_mib`` (so a size too large for the machine fails this stage,
+    not the other jobs), and :class:`StageKilled` says why.
+    """
     t0 = time.perf_counter()
+    base = mem_available_mib()
+    low = base
+    why = None
     with log_path.open("w") as log:
-        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         deadline = None if timeout is None else time.monotonic() + timeout
         while True:
             pid, status, usage = os.wait4(proc.pid, os.WNOHANG)
             if pid:
                 break
+            free = mem_available_mib()
+            low = min(low, free)
             if deadline is not None and time.monotonic() > deadline:
-                proc.kill()
+                why = f"ran past {timeout:.0f} s"
+            elif free < min_free_mib:
+                why = f"MemAvailable fell to {free:,.0f} MiB (< {min_free_mib:,.0f}); the stage had taken {base - free:,.0f} MiB"
+            if why:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
                 pid, status, usage = os.wait4(proc.pid, 0)
                 break
-            time.sleep(0.2)
+            time.sleep(0.5)
         proc.returncode = os.waitstatus_to_exitcode(status)
-    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024
+    if why:
+        raise StageKilled(f"{log_path.stem}: killed, {why} (peak RSS of its main process "
+                          f"{usage.ru_maxrss / 1024:,.0f} MiB, {time.perf_counter() - t0:.0f} s)")
+    return proc.returncode, time.perf_counter() - t0, usage.ru_maxrss / 1024, base - low
 
 
 def size_name(fraction: Fraction) -> str:
@@ -73,23 +110,24 @@ def stage_generate(d: Path, users: int, items: int, rows: int, args) -> dict[str
     cmd = [sys.executable, "-m", "gnaq_dist.synthetic_logs", str(log), "--users", str(users), "--items",
            str(items), "--rows", str(rows), "--seed", str(args.seed), "--files", str(max(1, rows // 25_000_000)),
            "--row-group-rows", str(args.row_group_rows), "--overwrite", "--no-progress"]
-    rc, wall, rss = run_measured(cmd, d / "generate.log", args.stage_timeout)
+    rc, wall, rss, sysmem = run_measured(cmd, d / "generate.log", args.stage_timeout, args.min_free_mib)
     if rc != 0:
         raise RuntimeError(f"generate failed ({rc}): see {d / 'generate.log'}")
     meta = json.loads((log / "_generate.json").read_text())
     return {"wall_s": wall, "seconds": meta["seconds"], "rows": rows, "rows_per_s": rows / meta["seconds"],
-            "bytes": meta["bytes"], "files": len(meta["files"]), "peak_rss_mib": rss, "clusters": meta["clusters"]}
+            "bytes": meta["bytes"], "files": len(meta["files"]), "peak_rss_mib": rss, "clusters": meta["clusters"], "machine_mem_drop_mib": sysmem}
 
 
 def stage_ingest(d: Path, args) -> dict[str, Any]:
     out = d / "ds"
     cmd = [sys.executable, "-m", "gnaq_dist.ingest.cli", str(d / "log"), str(out), "--overwrite", "--no-progress"]
-    rc, wall, rss = run_measured(cmd, d / "ingest.log", args.stage_timeout)
+    rc, wall, rss, sysmem = run_measured(cmd, d / "ingest.log", args.stage_timeout, args.min_free_mib)
     if rc != 0:
         raise RuntimeError(f"ingest failed ({rc}): see {d / 'ingest.log'}")
     m = json.loads((out / "manifest.json").read_text())
     rows = m["source"]["rows_read"]
-    return {"wall_s": wall, "rows_per_s": rows / wall, "peak_rss_mib": rss, "n_users": m["n_users"],
+    return {"wall_s": wall, "rows_per_s": rows / wall, "peak_rss_mib": rss, "machine_mem_drop_mib": sysmem,
+            "n_users": m["n_users"],
             "n_items": m["n_items"], "n_interactions": m["n_interactions"], "counts": m["counts"],
             "duplicates_dropped": m["source"]["duplicates_dropped"],
             "seconds_before_write": m["source"]["seconds_before_write"],
@@ -101,13 +139,14 @@ def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
     cmd = [sys.executable, __file__, "--child-train", str(d / "ds"), "--child-out", str(d / f"run_w{workers}"),
            "--child-result", str(result), "--workers", str(workers), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--fanouts", args.fanouts, "--eval-batch", str(args.eval_batch)]
-    rc, wall, rss = run_measured(cmd, d / f"train_w{workers}.log", args.stage_timeout)
+    rc, wall, rss, sysmem = run_measured(cmd, d / f"train_w{workers}.log", args.stage_timeout, args.min_free_mib)
     if rc != 0:
         raise RuntimeError(f"training W={workers} failed ({rc}): see {d / f'train_w{workers}.log'}")
     s = json.loads(result.read_text())
     wire = s["wire"]
     return {
-        "wall_s": wall, "driver_peak_rss_mib": rss, "workers": workers, "steps": s["steps"],
+        "wall_s": wall, "driver_peak_rss_mib": rss, "machine_mem_drop_mib": sysmem, "workers": workers,
+        "steps": s["steps"],
         "s_per_step": s["seconds_per_step"], "edges_per_s": s["edges_per_second"],
         "train_s": s["phase_seconds"]["fp"] + s["phase_seconds"]["quantized"],
         "eval_s": s["phase_seconds"]["eval"], "worker_peak_rss_mib": s["worker_peak_rss_mb"],
@@ -167,7 +206,13 @@ def run_size(fraction: Fraction, args) -> dict[str, Any]:
             continue
         print(f"[{out['size']}] {name} ...", flush=True)
         t0 = time.perf_counter()
-        result = fn()
+        try:
+            result = fn()
+        except StageKilled as exc:
+            (d / f"{name}.killed.json").write_text(json.dumps({"reason": str(exc)}))
+            out["killed"] = str(exc)
+            print(f"[{out['size']}] {exc}; the rest of this size is skipped", flush=True)
+            break
         path.write_text(json.dumps(result, indent=2))
         out[name] = result
         rss = result.get("peak_rss_mib") or max(result.get("worker_peak_rss_mib") or [0])
@@ -195,10 +240,13 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
             "floor_bytes_per_node": st.get("floor_bytes_per_node"),
             f"w{w}_s_per_step": t["s_per_step"], f"w{w}_edges_per_s": t["edges_per_s"],
             f"w{w}_worker_rss_mib": max(t["worker_peak_rss_mib"]), f"w{w}_driver_rss_mib": t["driver_peak_rss_mib"],
+            f"w{w}_machine_mem_drop_mib": t.get("machine_mem_drop_mib"),
             f"w{w}_setup_s": t["setup_and_ray_s"], f"w{w}_eval_s": t["eval_s"],
             f"w{w}_bytes_per_step": t["bytes_per_step"], f"w{w}_fp32_bytes_per_step": t["fp32_bytes_per_step"],
             f"w{w}_recall20": t["metrics"].get("recall@20"),
         })
+    if r.get("killed"):
+        row["killed"] = r["killed"]
     if len(workers) >= 2 and f"w{workers[0]}_edges_per_s" in row and f"w{workers[-1]}_edges_per_s" in row:
         row["throughput_ratio"] = row[f"w{workers[-1]}_edges_per_s"] / row[f"w{workers[0]}_edges_per_s"]
     return row
@@ -236,6 +284,9 @@ def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
             f"| {_f(r.get(f'w{w1}_eval_s'), '.1f')} / {_f(r.get(f'w{w2}_eval_s'), '.1f')} "
             f"| {_f(r.get(f'w{w1}_recall20'), '.4f')} / {_f(r.get(f'w{w2}_recall20'), '.4f')} |"
         )
+    for r in rows:
+        if r.get("killed"):
+            lines.append(f"\n{r['size']}: {r['killed']}")
     return "\n".join(lines) + "\n"
 
 
@@ -289,6 +340,8 @@ def main() -> None:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--row-group-rows", type=int, default=1_000_000)
     p.add_argument("--stage-timeout", type=float, default=None, help="kill a stage after this many seconds")
+    p.add_argument("--min-free-mib", type=float, default=3072,
+                   help="kill a stage (its whole process group) when the machine's MemAvailable falls below this")
     p.add_argument("--workdir", default="/tmp/gnaq-scale", help="per-size stage outputs (kept: resumable)")
     p.add_argument("--report-dir", default=None, help="where scale.csv/.md/.png go (default: the workdir)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the stages already done")

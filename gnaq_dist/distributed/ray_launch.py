@@ -161,10 +161,13 @@ def train_on_ray(
     storage_path: str | None = None,
     worker_fn: WorkerFn | None = None,
     use_gpu: bool = False,
+    placement_strategy: str | None = None,
 ) -> dict[str, Any]:
     """Train ``config`` with Ray Train workers; returns rank 0's summary.
 
-    ``workers`` overrides ``config.distributed.workers``.
+    ``workers`` overrides ``config.distributed.workers``. ``placement_strategy`` is the
+    strategy of the workers' placement group (``PACK``, Ray Train's default when None;
+    ``SPREAD``; ``STRICT_SPREAD``: every worker on its own node; ``STRICT_PACK``).
     """
     if workers is not None:
         config.distributed.workers = workers
@@ -184,7 +187,8 @@ def train_on_ray(
             train_loop_config={"config": to_dict(config), "worker_fn": worker_fn},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": 1}),
+                                         resources_per_worker={"CPU": 1},
+                                         placement_strategy=placement_strategy or "PACK"),
             run_config=RunConfig(storage_path=storage, name="train",
                                  failure_config=FailureConfig(max_failures=config.checkpoint.max_failures)),
         )

@@ -294,8 +294,10 @@ class Bundle:
         files = info.get("files")
         kind = info.get("kind")
         needed = ("codes", "levels") if kind == "packed" else ("embeddings",) if kind == "fp" else None
-        if needed is None or not isinstance(files, dict):
+        if needed is None:
             raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: kind must be 'packed' or 'fp', got {kind!r}")
+        if not isinstance(files, dict):
+            raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: no 'files' table")
         tables = {}
         for name in (*needed, "users", "items", "train"):
             if name not in files:

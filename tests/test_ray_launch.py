@@ -108,3 +108,62 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
     assert evals and evals[-1]["recall@20"] == summary["metrics"]["recall@20"]
+
+
+def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", killed: list) -> None:
+    """SIGKILL one Ray Train worker (a child of this test's Ray) once checkpoint ``epoch`` is complete."""
+    import json
+    import os
+    import signal
+
+    import psutil
+
+    while not done.is_set():
+        manifests = sorted(root.glob("ckpt-*/manifest.json")) if root.exists() else []
+        if any(json.loads(m.read_text())["epoch"] >= epoch for m in manifests):
+            for proc in psutil.Process().children(recursive=True):
+                try:
+                    if "RayTrainWorker" in proc.name() or "RayTrainWorker" in " ".join(proc.cmdline()):
+                        os.kill(proc.pid, signal.SIGKILL)
+                        killed.append(proc.pid)
+                        return
+                except (psutil.NoSuchProcess, psutil.AccessDenied):
+                    continue
+        time.sleep(0.1)
+
+
+def test_a_killed_worker_process_resumes_from_the_last_checkpoint(local_ray, tmp_path):
+    """A real SIGKILL of a worker mid-training: Ray Train restarts the group (FailureConfig),
+    the workers resume from the checkpoint that get_checkpoint() points to, and the run ends
+    with the metrics of an uninterrupted run of the same seed and budget."""
+    import threading
+
+    from gnaq_dist.config import load_config
+    from gnaq_dist.demo import ingest_bundled
+
+    dataset = ingest_bundled(tmp_path / "lastfm", progress=False)
+
+    def config(out):
+        return load_config(TrainConfig, [], [
+            f"dataset={dataset}", f"out={out}", "progress=false", "model.dim=16", "model.num_layers=2",
+            "schedule.epochs=5", "schedule.warmup_epochs=2", "schedule.batch_size=2048", "schedule.eval_every=0",
+            "schedule.propagation=sampled", "schedule.fanouts=[5, 5]", "optim.lr=0.01",
+            "distributed.grad_bits=2", "distributed.partition=hash",
+            "checkpoint.every_epochs=1", "checkpoint.max_failures=2",
+        ])
+
+    reference = train_on_ray(config(tmp_path / "ref"), workers=2)
+    done, killed = threading.Event(), []
+    killer = threading.Thread(target=_kill_a_worker_after_checkpoint,
+                              args=(tmp_path / "crash" / "checkpoints", 2, done, killed), daemon=True)
+    killer.start()
+    try:
+        crashed = train_on_ray(config(tmp_path / "crash"), workers=2)
+    finally:
+        done.set()
+        killer.join()
+    assert killed, "no worker was killed: the run finished before its second checkpoint?"
+    assert crashed["resumed_from"] is not None and crashed["resumed_from"]["epoch"] >= 2
+    assert crashed["steps"] == reference["steps"]
+    for k in ("recall@20", "ndcg@20"):
+        assert crashed["metrics"][k] == pytest.approx(reference["metrics"][k], rel=0.01), k

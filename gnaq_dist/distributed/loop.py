@@ -205,16 +205,20 @@ class DistributedTrainer:
             return ckpt.Loaded(ck.resume, ckpt.verify(ck.resume, so, self.data_key, self._model_key()))
         if not ck.every_epochs:
             return None
+        # Ray Train's hint is the last checkpoint it registered; a worker killed between our commit
+        # and that registration leaves a newer complete one under the root: take the newest.
+        candidates = []
         uri = hint() if hint is not None else None
-        loaded = None
         if uri:
             try:
-                loaded = ckpt.Loaded(uri, ckpt.verify(uri, so))
+                candidates.append(ckpt.Loaded(uri, ckpt.verify(uri, so)))
             except ckpt.CheckpointError as exc:
                 log.warning("the checkpoint Ray Train handed back cannot be loaded (%s); looking for the "
                             "newest complete one under %s", exc, self.config.checkpoint_root)
-        if loaded is None:
-            loaded = ckpt.CheckpointStore(self.config.checkpoint_root, so).latest()
+        newest = ckpt.CheckpointStore(self.config.checkpoint_root, so).latest()
+        if newest is not None:
+            candidates.append(newest)
+        loaded = max(candidates, key=lambda c: c.manifest["step"], default=None)
         if loaded is not None:  # a checkpoint of other data or another model is an error, not a skip
             ckpt.verify(loaded.uri, so, self.data_key, self._model_key())
         return loaded

@@ -1,0 +1,130 @@
+"""A real two-node Ray cluster on 127.0.0.1 (gnaq_dist.cluster_local, as cluster/local.sh
+starts it): 2 Ray Train workers land on different nodes (STRICT_SPREAD), train on the
+bundled Last.fm sample, write a sharded checkpoint, and the cluster goes away without
+leftover processes, also when the test fails."""
+
+from __future__ import annotations
+
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+psutil = pytest.importorskip("psutil")
+
+from gnaq_dist import cluster_local  # noqa: E402
+from gnaq_dist.config import load_config  # noqa: E402
+from gnaq_dist.train.config import TrainConfig  # noqa: E402
+
+
+def ray_daemons_of(temp_dir: Path) -> list[str]:
+    """raylet / gcs_server processes (not zombies) whose command line names ``temp_dir``:
+    found independently of cluster_local.cluster_processes."""
+    left = []
+    for proc in psutil.process_iter(["name", "cmdline", "status"]):
+        try:
+            if proc.info["status"] == psutil.STATUS_ZOMBIE:
+                continue
+            cmdline = " ".join(proc.info["cmdline"] or [])
+            if proc.info["name"] in ("raylet", "gcs_server") and str(temp_dir) in cmdline:
+                left.append(f"{proc.pid} {proc.info['name']}")
+        except psutil.Error:
+            continue
+    return left
+
+
+@pytest.fixture(scope="module")
+def two_nodes():
+    """Head (node_a) + one more node (node_b), 2 CPUs each, all on 127.0.0.1."""
+    if ray.is_initialized():
+        ray.shutdown()
+    port = cluster_local.free_port()
+    # Short, under /tmp: Ray's Unix sockets live below it (107-byte limit on a socket path).
+    temp_dir = Path(tempfile.mkdtemp(prefix="gnaq-ray-t", dir="/tmp"))
+    t0 = time.time()
+    try:
+        state = cluster_local.launch(port, node_cpus=(2, 2), temp_dir=temp_dir, object_store_mb=150, timeout=120)
+        state["start_seconds"] = time.time() - t0
+        yield state
+    finally:
+        # The driver first: a driver whose GCS disappears exits its process after a while.
+        if ray.is_initialized():
+            ray.shutdown()
+        stopped = cluster_local.stop(temp_dir=temp_dir, remove=False)
+        left = ray_daemons_of(temp_dir)
+        if not left:
+            import shutil
+
+            shutil.rmtree(temp_dir, ignore_errors=True)
+        assert stopped > 0
+        assert left == [], f"Ray processes of the test cluster outlived stop(): {left}"
+
+
+@pytest.fixture
+def loopback_driver(monkeypatch):
+    """This process may ray.init("127.0.0.1:PORT") the loopback cluster; undone afterwards."""
+    import ray._private.ray_constants as ray_constants
+
+    monkeypatch.setenv(cluster_local.LOOPBACK_ENV, "0")
+    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
+    yield
+    if ray.is_initialized():
+        ray.shutdown()
+
+
+def test_the_cluster_has_two_live_nodes_on_loopback(two_nodes):
+    assert two_nodes["address"].startswith("127.0.0.1:")
+    nodes = two_nodes["nodes"]
+    assert [n["name"] for n in nodes] == ["node_a", "node_b"]
+    assert [n["head"] for n in nodes] == [True, False]
+    assert len({n["node_id"] for n in nodes}) == 2
+    assert all(n["ip"] == "127.0.0.1" and n["cpus"] == 2 for n in nodes)
+    # Every TCP server of the cluster listens on the loopback interface only.
+    listening = []
+    for proc in cluster_local.cluster_processes(two_nodes["temp_dir"]):
+        try:
+            listening += [(proc.name(), c.laddr.ip) for c in proc.net_connections("tcp")
+                          if c.status == psutil.CONN_LISTEN]
+        except psutil.Error:
+            continue
+    assert listening, "no listening socket found"
+    outside = [(name, ip) for name, ip in listening if ip not in ("127.0.0.1", "::ffff:127.0.0.1")]
+    assert outside == []
+
+
+def test_two_workers_train_on_two_nodes(two_nodes, loopback_driver, tmp_path):
+    from gnaq_dist.demo import ingest_bundled
+    from gnaq_dist.distributed.ray_launch import train_on_ray
+
+    dataset = ingest_bundled(tmp_path / "lastfm", progress=False)
+    checkpoints = tmp_path / "checkpoints"
+    config = load_config(TrainConfig, [], [
+        f"dataset={dataset}", f"out={tmp_path / 'run'}", "progress=false", "threads=1",
+        "model.dim=16", "model.num_layers=2", "schedule.epochs=2", "schedule.warmup_epochs=1",
+        "schedule.batch_size=2048", "schedule.max_steps=4", "schedule.eval_every=0",
+        "schedule.propagation=sampled", "schedule.fanouts=[5, 5]", "optim.lr=0.01",
+        "distributed.grad_bits=2", "distributed.partition=hash",
+        f"checkpoint.dir={checkpoints}", "checkpoint.every_epochs=1",
+    ])
+    t0 = time.time()
+    summary = train_on_ray(config, 2, address=two_nodes["address"], placement_strategy="STRICT_SPREAD")
+    seconds = time.time() - t0
+
+    node_ids = {n["node_id"] for n in two_nodes["nodes"]}
+    assert len(summary["worker_nodes"]) == 2
+    assert summary["worker_nodes"][0] != summary["worker_nodes"][1]
+    assert set(summary["worker_nodes"]) == node_ids  # one worker on the head, one on node_b
+    assert summary["world_size"] == 2 and summary["steps"] == 4
+    assert 0.0 <= summary["metrics"]["recall@20"] <= 1.0
+    assert summary["metrics"]["ndcg@20"] >= 0.0
+    assert summary["wire"]["train"]["gradients_sent_bytes"] > 0
+    # The sharded checkpoint: one shard per worker, the manifest written last.
+    manifest_path = Path(summary["checkpoint"]) / "manifest.json"
+    assert manifest_path.parent.parent == checkpoints
+    manifest = json.loads(manifest_path.read_text())
+    assert manifest["world_size"] == 2 and manifest["step"] == 4
+    assert len(list(manifest_path.parent.glob("shard-*-of-00002.parquet"))) == 2
+    print(f"cluster start {two_nodes['start_seconds']:.1f} s, 2-node training {seconds:.1f} s")

@@ -67,16 +67,12 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
         out = Path(config.out)
         if args.workers is not None or args.address:
             from gnaq_dist.dataset import read_manifest
-            from gnaq_dist.distributed.ray_launch import train_on_ray
+            from gnaq_dist.distributed.ray_launch import train_on_ray, write_run_files
 
             read_manifest(config.dataset, config.storage_options)  # fail here, not in the workers
             summary = train_on_ray(config, args.workers, address=args.address)
-            out.mkdir(parents=True, exist_ok=True)
-            (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-            # The workers' log records (epoch, wire, eval), as the single-process run writes them.
-            with (out / "metrics.jsonl").open("w") as fh:
-                fh.writelines(json.dumps(record, default=str) + "\n" for record in summary.get("history", []))
-            print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes")},
+            write_run_files(summary, out)
+            print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes", "checkpoint")},
                              indent=2, default=str))
             return 0
         result = train_local(config, log_path=out / "metrics.jsonl")

@@ -50,13 +50,22 @@ def test_methods_list_is_validated_before_training(tmp_path, capsys):
 
 
 def test_main_job_runs_on_the_bundled_data(tmp_path, capsys):
+    """`gnaq run`: ingest the bundled Last.fm, fp in process, GNAQ 2-bit on 2 local Ray
+    workers with checkpoints, export the last checkpoint, serve a top-K from the bundle."""
     code = gnaq_main(["run", "--out", str(tmp_path), "--no-progress", "--set", "schedule.epochs=3",
-                      "--set", "schedule.warmup_epochs=2", "--set", "model.dim=16"])
+                      "--set", "schedule.warmup_epochs=2", "--set", "model.dim=16", "--set", "schedule.eval_every=1",
+                      "--set", "checkpoint.every_epochs=2"])
     assert code == 0
     out = capsys.readouterr().out
-    assert "GNAQ 2-bit" in out and "LightGCN fp32" in out
+    assert "GNAQ 2-bit (Ray, 2 workers)" in out and "LightGCN fp32" in out
     assert (tmp_path / "dataset" / "manifest.json").exists()
     assert (tmp_path / "results.png").exists()
+    checkpoints = sorted((tmp_path / "gnaq" / "checkpoints").glob("ckpt-*/manifest.json"))
+    assert len(checkpoints) == 2  # epoch 2 and the end of the run
+    assert (tmp_path / "bundle" / "bundle.json").exists()
+    assert "12.00 bytes/node" in out and "gnaq recommend" in out
     with (tmp_path / "results.csv").open() as fh:
         table = list(csv.DictReader(fh))
+    assert table[1]["workers"] == "2"
+    assert float(table[1]["bytes_per_node"]) == 12.0  # d = 16: 4 bytes of codes + 4 fp16 levels
     assert float(table[1]["recall@20"]) > 0.02  # Last.fm: far above random (about 0.005)

@@ -14,6 +14,7 @@ barrier. A worker that raises fails the job with that worker's error.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import resource
 import tempfile
@@ -102,7 +103,12 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     custom: WorkerFn | None = payload.get("worker_fn")
     rank = dist.get_rank()
 
+    # Ray Train logs every report at INFO on every worker; our records come back in the summary.
+    logging.getLogger("ray.train").setLevel(logging.WARNING)
+
     def report(record: dict) -> None:
+        if record.get("event") not in (None, "eval", "checkpoint"):
+            return  # epoch and wire records travel in the summary's history, not one report each
         metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
         if record.get("event") == "checkpoint" and record.get("uri"):
             # Ray Train keeps a pointer to our sharded checkpoint (its own copy would double the
@@ -205,3 +211,13 @@ def train_on_ray(
     finally:
         if started:
             ray.shutdown()
+
+
+def write_run_files(summary: dict[str, Any], out: str | Path) -> None:
+    """``summary.json`` and the workers' log records as ``metrics.jsonl`` (as a local run writes them)."""
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
+    with (out / "metrics.jsonl").open("w") as fh:
+        fh.writelines(json.dumps(record, default=str) + "\n" for record in summary.get("history", []))
+

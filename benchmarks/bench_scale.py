@@ -299,21 +299,23 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
     fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
     x = [r["rows"] for r in rows]
 
-    def series(ax, key, label, marker, scale=1.0):
-        pts = [(xi, r[key] * scale) for xi, r in zip(x, rows) if r.get(key)]
+    def series(ax, key, label, marker, color, style="-"):
+        pts = [(xi, r[key]) for xi, r in zip(x, rows) if r.get(key)]
         if pts:
-            ax.plot(*zip(*pts), marker=marker, label=label)
+            ax.plot(*zip(*pts), marker=marker, color=color, linestyle=style, label=label)
 
-    series(ax_t, "gen_s", "generate (s)", "o")
-    series(ax_t, "ingest_s", "ingest (s)", "s")
-    for w in workers:
-        series(ax_t, f"w{w}_s_per_step", f"train s/step W={w}", "^")
-        series(ax_t, f"w{w}_setup_s", f"setup + Ray start W={w} (s)", "x")
-        series(ax_t, f"w{w}_eval_s", f"evaluation W={w} (s)", "v")
-    series(ax_m, "gen_rss_mib", "generate", "o")
-    series(ax_m, "ingest_rss_mib", "ingest", "s")
-    for w in workers:
-        series(ax_m, f"w{w}_worker_rss_mib", f"train worker W={w} (max)", "^")
+    styles = ["-", "--", ":", "-."]
+    series(ax_t, "gen_s", "generate (s)", "o", "C0")
+    series(ax_t, "ingest_s", "ingest (s)", "s", "C1")
+    for j, w in enumerate(workers):
+        ls = styles[j % len(styles)]
+        series(ax_t, f"w{w}_s_per_step", f"train s/step W={w}", "^", "C2", ls)
+        series(ax_t, f"w{w}_setup_s", f"Ray start + setup W={w} (s)", "x", "C3", ls)
+        series(ax_t, f"w{w}_eval_s", f"evaluation W={w} (s)", "v", "C4", ls)
+    series(ax_m, "gen_rss_mib", "generate", "o", "C0")
+    series(ax_m, "ingest_rss_mib", "ingest", "s", "C1")
+    for j, w in enumerate(workers):
+        series(ax_m, f"w{w}_worker_rss_mib", f"train worker W={w} (max)", "^", "C2", styles[j % len(styles)])
     for ax, title in ((ax_t, "time"), (ax_m, "peak RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")

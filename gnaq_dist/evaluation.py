@@ -16,6 +16,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from tqdm.auto import tqdm
 
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import csr_keys
@@ -145,8 +146,12 @@ def evaluate_ranking(
     test_csr: tuple[np.ndarray, np.ndarray],
     ks: Sequence[int] = (10, 20, 50),
     batch_size: int = 1024,
+    progress: bool = False,
 ) -> EvalSums:
     """Recall/NDCG sums at each K for ``users`` (all users if None) with >= 1 test item.
+
+    ``progress`` shows a bar (users/s, ETA) on stderr: ranking every user against every
+    item is the long part of an evaluation on a large graph.
 
     ``test_csr`` rows must be sorted and duplicate-free, as
     :func:`gnaq_dist.graph.interactions_csr` makes them.
@@ -171,11 +176,14 @@ def evaluate_ranking(
     recall = np.zeros(len(ks))
     ndcg = np.zeros(len(ks))
     done = 0
+    bar = tqdm(total=int(users_np.shape[0]), unit="user", unit_scale=True, desc="evaluate", leave=False,
+               disable=not progress, mininterval=1.0)
     for bu, top_items, top_scores in _topk_batches(
         user_emb, item_emb, users_np, rows, (tr_indptr, tr_indices), k_top, batch_size
     ):
         nt = n_test[done : done + bu.shape[0]]
         done += bu.shape[0]
+        bar.update(bu.shape[0])
         query = bu[:, None] * np.int64(n_items) + top_items.numpy()
         loc = np.minimum(np.searchsorted(test_keys, query), max(test_keys.shape[0] - 1, 0))
         hits = (test_keys[loc] == query) & np.isfinite(top_scores.numpy())  # masked items never hit
@@ -184,6 +192,7 @@ def evaluate_ranking(
             recall[j] += float((h.sum(1) / nt).sum())
             idcg = idcg_table[np.minimum(nt, k).clip(max=k_top)]
             ndcg[j] += float(((h * discount[: h.shape[1]]).sum(1) / idcg).sum())
+    bar.close()
     return EvalSums(ks, recall, ndcg, int(users_np.shape[0]))
 
 

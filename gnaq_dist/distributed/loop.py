@@ -486,7 +486,8 @@ class DistributedTrainer:
         final = self.final_embeddings(kind, table)
         n_users = self.data.n_users
         sums = evaluate_ranking(final[:n_users], final[n_users:], self.eval_users, self.train_csr, self.test_csr,
-                                ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size)
+                                ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size,
+                                progress=cfg.progress and self.rank == 0)
         flat = _allreduce_sum(sums.to_tensor())
         metrics = finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
         d = cfg.model.dim

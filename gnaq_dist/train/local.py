@@ -162,6 +162,7 @@ class LocalTrainer:
             self.test_csr,
             ks=tuple(self.config.eval.ks),
             batch_size=self.config.eval.batch_size,
+            progress=self.config.progress,
         )
         return finalize(sums)
 

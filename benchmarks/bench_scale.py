@@ -265,7 +265,7 @@ def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
     lines = [
         "| size | users / items / log rows | train edges | generate rows/s (peak RSS MiB) | ingest rows/s (peak RSS MiB) "
         f"| table B/node (fp32, floor) | W={w1} edges/s | W={w2} edges/s | W={w2}/W={w1} | W={w2} MB/step (fp32) "
-        f"| worker peak RSS MiB W={w1} / W={w2} | setup s W={w1} / W={w2} | eval s W={w1} / W={w2} | Recall@20 W={w1} / W={w2} |",
+        f"| worker peak RSS MiB W={w1} / W={w2} | Ray start + setup s W={w1} / W={w2} | eval s W={w1} / W={w2} | Recall@20 W={w1} / W={w2} |",
         "|" + "---|" * 14,
     ]
     for r in rows:

@@ -82,8 +82,8 @@ def test_power_law_shape(small_log: Path):
     user_rows = np.sort(np.bincount(_ints(table["user_id"]), minlength=SMALL.users))[::-1]
     top_items = item_rows[: SMALL.items // 100].sum() / item_rows.sum()
     top_users = user_rows[: SMALL.users // 100].sum() / user_rows.sum()
-    assert top_items > 0.10  # top 1% of items: > 10x their uniform share (measured 0.12)
-    assert top_users > 0.05  # top 1% of users: > 5x (measured 0.10)
+    assert top_items > 0.10  # top 1% of items: > 10x their uniform share (measured 0.13)
+    assert top_users > 0.05  # top 1% of users: > 5x (measured 0.14)
     assert user_rows[0] > 10 * np.median(user_rows) and item_rows[0] > 20 * np.median(item_rows)
     # A power-law tail: the rank-frequency slope of items on log-log axes is about -1.
     ranks = np.arange(10, 500)

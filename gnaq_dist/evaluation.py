@@ -138,6 +138,18 @@ def rank_topk(
     return torch.cat(items_out), torch.cat(scores_out)
 
 
+def users_to_evaluate(test_indptr: np.ndarray, max_users: int | None = None, seed: int = 0) -> np.ndarray:
+    """Users with at least one held-out item; a fixed random sample of ``max_users`` of them if set.
+
+    Full ranking costs users x items dot products: on a large graph a sample (the same
+    one at every evaluation, every worker count and every resume) keeps evaluations cheap.
+    """
+    users = np.flatnonzero(np.diff(np.asarray(test_indptr)) > 0)
+    if max_users is not None and users.shape[0] > max_users:
+        users = np.sort(np.random.default_rng(seed).choice(users, int(max_users), replace=False))
+    return users
+
+
 def evaluate_ranking(
     user_emb: torch.Tensor,
     item_emb: torch.Tensor,
@@ -196,4 +208,4 @@ def evaluate_ranking(
     return EvalSums(ks, recall, ndcg, int(users_np.shape[0]))
 
 
-__all__ = ["EvalSums", "evaluate_ranking", "finalize", "rank_topk"]
+__all__ = ["EvalSums", "evaluate_ranking", "finalize", "rank_topk", "users_to_evaluate"]

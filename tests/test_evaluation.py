@@ -126,3 +126,24 @@ def test_bad_inputs() -> None:
         evaluate_ranking(user_emb, item_emb, None, train, test, batch_size=0)
     with pytest.raises(GnaqInputError):
         rank_topk(user_emb, item_emb, np.array([N_USERS]), train, k_max=3)
+
+
+def test_users_to_evaluate_samples_a_fixed_subset():
+    from gnaq_dist.evaluation import users_to_evaluate
+
+    indptr = np.array([0, 1, 1, 3, 4, 4, 6, 7, 9, 10, 12])  # users 1 and 4 hold nothing out
+    everyone = users_to_evaluate(indptr)
+    assert everyone.tolist() == [0, 2, 3, 5, 6, 7, 8, 9]
+    sample = users_to_evaluate(indptr, max_users=3, seed=5)
+    assert sample.shape == (3,) and set(sample) <= set(everyone) and np.all(np.diff(sample) > 0)
+    assert np.array_equal(sample, users_to_evaluate(indptr, max_users=3, seed=5))  # same every time
+    assert np.array_equal(users_to_evaluate(indptr, max_users=100), everyone)
+
+
+def test_eval_max_users_is_validated():
+    from gnaq_dist.config import load_config
+    from gnaq_dist.errors import ConfigError
+    from gnaq_dist.train.config import TrainConfig
+
+    with pytest.raises(ConfigError, match="eval.max_users must be >= 1"):
+        load_config(TrainConfig, [], ["eval.max_users=0"]).validate()

@@ -45,7 +45,7 @@ from gnaq_dist.distributed.exchange import (
 from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
+from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize, users_to_evaluate
 from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
@@ -115,7 +115,7 @@ class DistributedTrainer:
         self.data_key = ckpt.data_key(data)
         self.resume = self._find_resume(resume_hint)
         self.partition = self._partition()
-        all_eval_users = np.flatnonzero(np.diff(self.test_csr[0]) > 0)
+        all_eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
         self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
         L = config.model.num_layers
         fanouts = config.schedule.fanouts if config.schedule.propagation == "sampled" else [-1] * L

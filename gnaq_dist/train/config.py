@@ -87,6 +87,13 @@ class EvalConfig:
     ks: list[int] = field(default_factory=lambda: [10, 20, 50])  # cut-offs of Recall@K / NDCG@K
     batch_size: int = 2048  # users scored at once (bounds memory to batch x items)
     split: Literal["test", "valid"] = "test"  # which held-out split to rank
+    max_users: int | None = None  # rank a fixed random sample of this many users (null: every user with a held-out item)
+
+    def validate(self) -> None:
+        if not self.ks or min(self.ks) < 1 or self.batch_size < 1:
+            raise ConfigError("eval.ks must be positive cut-offs and eval.batch_size >= 1")
+        if self.max_users is not None and self.max_users < 1:
+            raise ConfigError(f"eval.max_users must be >= 1 or null, got {self.max_users}")
 
 
 @dataclass
@@ -140,6 +147,7 @@ class TrainConfig:
         self.model.validate()
         self.optim.validate()
         self.schedule.validate()
+        self.eval.validate()
         self.distributed.validate()
         self.checkpoint.validate()
         if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:

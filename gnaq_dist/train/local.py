@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from gnaq_dist.evaluation import evaluate_ranking, finalize
+from gnaq_dist.evaluation import evaluate_ranking, finalize, users_to_evaluate
 from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
@@ -84,7 +84,7 @@ class LocalTrainer:
         self.train_csr = self.graph.train_csr()
         held_user, held_item = data.split(config.eval.split)
         self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
-        self.eval_users = np.flatnonzero(np.diff(self.test_csr[0]) > 0)
+        self.eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
         self.sampler = (
             NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=config.model.num_layers)
             if config.schedule.propagation == "sampled"

@@ -191,6 +191,10 @@ def start(port: int = DEFAULT_PORT, node_cpus: list[int] | tuple[int, ...] = (2,
     from ray._private.node import Node
 
     address = f"{node_ip}:{port}"
+    # The nodes' processes inherit it: Ray code that looks for "the" local cluster (Ray
+    # Train's placement-group cleaner asks the state API) finds this one, not whichever
+    # other Ray runs on the machine ("Found multiple active Ray instances").
+    os.environ["RAY_ADDRESS"] = address
     try:
         for i, spec in enumerate(specs):
             params = _node_params(spec, temp_dir, object_store_mb, head=i == 0, port=port,

@@ -154,11 +154,12 @@ def scenario_write_then_resume(rank: int, world: int, out: str) -> dict:
     return {"a": a, "b": b}
 
 
-def scenario_load(rank: int, world: int, out: str, uri: str, tag: str) -> dict:
+def scenario_load(rank: int, world: int, out: str, uri: str, tag: str, partition: str = "metis") -> dict:
     """Load ``uri`` on ``world`` ranks, evaluate at once, train to the end of the budget."""
     from gnaq_dist.distributed.loop import train_worker
 
-    return train_worker(ck_config(f"{out}/{tag}", **{"checkpoint.resume": uri}), small_data())
+    config = ck_config(f"{out}/{tag}", **{"checkpoint.resume": uri, "distributed.partition": partition})
+    return train_worker(config, small_data())
 
 
 def _evals(history: list[dict]) -> list[dict]:
@@ -207,8 +208,8 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(two_rank_runs):
     assert b["steps"] == a["steps"]
 
 
-@pytest.mark.parametrize("world_then,world_now", [(2, 1), (1, 2)])
-def test_reshard_loads_with_identical_metrics(two_rank_runs, world_then, world_now, tmp_path):
+@pytest.mark.parametrize("world_then,world_now,partition", [(2, 1, "metis"), (1, 2, "metis"), (2, 2, "hash")])
+def test_reshard_loads_with_identical_metrics(two_rank_runs, world_then, world_now, partition, tmp_path):
     out, results = two_rank_runs
     if world_then == 2:
         source, history = f"{out}/a/checkpoints", results[0]["a"]["history"]
@@ -218,8 +219,10 @@ def test_reshard_loads_with_identical_metrics(two_rank_runs, world_then, world_n
     store = ckpt.CheckpointStore(source)
     name = store.names()[1]  # epoch 2: quantized, mid-run
     written = [r for r in _evals(history) if r["epoch"] == 2 and r["phase"] == "quantized"][0]
-    loaded = run_ranks(scenario_load, world_now, str(tmp_path), store.uri(name), f"re{world_now}", timeout=120)
+    loaded = run_ranks(scenario_load, world_now, str(tmp_path), store.uri(name), f"re{world_now}", partition,
+                       timeout=120)
     assert loaded[0]["resumed_from"]["world_size_then"] == world_then
+    assert loaded[0]["partition"]["method"] == ("hash" if partition == "hash" or world_now == 1 else "metis")
     assert loaded[0]["world_size"] == world_now
     at_load = [r for r in _evals(loaded[0]["history"]) if r["phase"] == "resume"][0]
     for k in ("recall@10", "recall@20", "ndcg@10", "ndcg@20"):

@@ -137,9 +137,10 @@ class DistributedTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _partition(self) -> Partition:
-        if self.resume is not None and self.resume.manifest["world_size"] == self.world:
+        m = self.resume.manifest if self.resume is not None else None
+        if m is not None and m["world_size"] == self.world and \
+                m["partition"]["method"] == self.config.distributed.partition:
             # The checkpoint's owners: each rank reloads exactly its own shard.
-            m = self.resume.manifest
             owner = ckpt.read_table(self.resume.uri, "partition.parquet", self.config.storage_options)["owner"]
             part = Partition.from_owner(owner.to_numpy(), self.world, self.data.n_users, self.data.n_items,
                                         method=m["partition"]["method"])

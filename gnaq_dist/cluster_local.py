@@ -25,8 +25,9 @@ any other Ray on the machine never compete for a fixed port. ``ray==2.60.0`` is 
 Why not ``ray stop``: it kills every Ray process on the machine, other users' and other
 tests' included. All processes of a cluster started here carry its temp dir
 (``/tmp/gnaq-ray-PORT`` by default) in their command lines; ``stop`` ends those (raylet
-and GCS binaries and Ray's Python daemons) and everything they started (the workers),
-SIGTERM first, SIGKILL after a grace period, then removes the temp dir.
+and GCS binaries and Ray's Python daemons) and everything they started (the workers):
+raylets first, then the head's daemons, SIGTERM with SIGKILL after a grace period (about
+4 s in all), then removes the temp dir. It never signals its own process or its parents.
 
 No Ray Client server is started (``ray://`` addresses do not work: connect with
 ``127.0.0.1:PORT`` from this machine). The dashboard and job server (for
@@ -308,41 +309,56 @@ def cluster_processes(temp_dir: str | Path) -> list:
     return live
 
 
+def _signal(procs: list, kill: bool = False) -> None:
+    import psutil
+
+    for proc in procs:
+        try:
+            proc.kill() if kill else proc.terminate()
+        except psutil.Error:
+            pass
+
+
 def stop(port: int | None = DEFAULT_PORT, temp_dir: str | Path | None = None, grace: float = 10.0,
          remove: bool = True) -> int:
-    """End the cluster's processes (SIGTERM, then SIGKILL after ``grace`` s); returns how many.
+    """End the cluster's processes; returns how many there were.
 
-    ``temp_dir`` defaults to the one ``start`` derives from ``port``. With ``remove``, the
-    temp dir (logs, sockets, spilled objects) is deleted afterwards.
+    Raylets first (SIGTERM: their workers and agents go with them, in about 2 s), then the
+    head's GCS, dashboard and log monitor (SIGTERM); whatever is left after ``grace``
+    seconds of each, and the autoscaler monitor (which does not act on SIGTERM), gets
+    SIGKILL. ``temp_dir`` defaults to the one ``start`` derives from ``port``. With
+    ``remove``, the temp dir (logs, sockets, spilled objects) is deleted afterwards.
     """
     import psutil
 
     temp_dir = Path(temp_dir) if temp_dir else default_temp_dir(port)
     procs = cluster_processes(temp_dir)
-    # Raylets and GCS first would make the workers exit by themselves; SIGTERM to all is simpler.
-    for proc in procs:
+
+    def name(proc) -> str:
         try:
-            proc.terminate()
+            return proc.name() + " " + " ".join(proc.cmdline()[:3])
         except psutil.Error:
-            pass
-    _gone, alive = psutil.wait_procs(procs, timeout=grace)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    # Processes started while we stopped (a raylet starting a worker): once more.
+            return ""
+
+    raylets = [p for p in procs if name(p).startswith("raylet")]
+    _signal(raylets)
+    psutil.wait_procs(raylets, timeout=grace)
+    rest = cluster_processes(temp_dir)
+    monitors = [p for p in rest if "autoscaler/_private/monitor.py" in name(p)]
+    others = [p for p in rest if p not in monitors]
+    _signal(others)
+    _signal(monitors, kill=True)
+    _gone, alive = psutil.wait_procs(others, timeout=grace)
+    _signal(alive, kill=True)
+    psutil.wait_procs(alive + monitors, timeout=5)
+    # Anything started meanwhile (a raylet starting a worker as it went down): once more.
     late = cluster_processes(temp_dir)
-    for proc in late:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
+    _signal(late, kill=True)
     psutil.wait_procs(late, timeout=5)
+    seen = {p.pid for p in procs} | {p.pid for p in rest} | {p.pid for p in late}
     if remove and temp_dir.is_dir() and not cluster_processes(temp_dir):
         shutil.rmtree(temp_dir, ignore_errors=True)
-    return len(procs) + len(late)
+    return len(seen)
 
 
 def status(port: int = DEFAULT_PORT, temp_dir: str | Path | None = None) -> dict[str, Any] | None:

@@ -172,7 +172,7 @@ def train_on_ray(
     """Train ``config`` with Ray Train workers; returns rank 0's summary.
 
     ``workers`` overrides ``config.distributed.workers``. ``placement_strategy`` is the
-    strategy of the workers' placement group (``PACK``, Ray Train's default when None;
+    strategy of the workers' placement group (``config.distributed.placement`` when None:
     ``SPREAD``; ``STRICT_SPREAD``: every worker on its own node; ``STRICT_PACK``).
     """
     if workers is not None:
@@ -194,7 +194,7 @@ def train_on_ray(
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1},
-                                         placement_strategy=placement_strategy or "PACK"),
+                                         placement_strategy=placement_strategy or config.distributed.placement),
             run_config=RunConfig(storage_path=storage, name="train",
                                  failure_config=FailureConfig(max_failures=config.checkpoint.max_failures)),
         )

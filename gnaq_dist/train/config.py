@@ -103,6 +103,7 @@ class DistributedConfig:
     grad_bits: int | None = None  # bits of row gradients sent to their owners: 2, 4, 8 or null (fp32, exact)
     stochastic_rounding: bool = False  # unbiased stochastic rounding of compressed gradients (seed + rank)
     error_feedback: bool = True  # carry each compressed row's residual into its next message (only with grad_bits)
+    placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers (STRICT_SPREAD: one per node)
 
     def validate(self) -> None:
         if self.workers < 1:

@@ -196,6 +196,12 @@ def start(port: int = DEFAULT_PORT, node_cpus: list[int] | tuple[int, ...] = (2,
     # Train's placement-group cleaner asks the state API) finds this one, not whichever
     # other Ray runs on the machine ("Found multiple active Ray instances").
     os.environ["RAY_ADDRESS"] = address
+    # Job entrypoints (`ray job submit -- gnaq train ...`) run in a shell the nodes start:
+    # this interpreter's scripts (gnaq, ray) come first on its PATH, as they would on a
+    # cluster whose image installed gnaq-dist, even when the virtualenv is not activated.
+    scripts = str(Path(sys.executable).parent)
+    os.environ["PATH"] = os.pathsep.join([scripts, *(p for p in os.environ.get("PATH", "").split(os.pathsep)
+                                                     if p and p != scripts)])
     try:
         for i, spec in enumerate(specs):
             params = _node_params(spec, temp_dir, object_store_mb, head=i == 0, port=port,

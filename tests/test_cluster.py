@@ -1,11 +1,15 @@
 """A real two-node Ray cluster on 127.0.0.1 (gnaq_dist.cluster_local, as cluster/local.sh
 starts it): 2 Ray Train workers land on different nodes (STRICT_SPREAD), train on the
 bundled Last.fm sample, write a sharded checkpoint, and the cluster goes away without
-leftover processes, also when the test fails."""
+leftover processes, also when the test fails. The head runs the dashboard's job server,
+and ``ray job submit --working-dir DIR -- gnaq train --address auto ...`` runs there."""
 
 from __future__ import annotations
 
 import json
+import os
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -38,7 +42,8 @@ def ray_daemons_of(temp_dir: Path) -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    """Head (node_a) + one more node (node_b), 2 CPUs each, all on 127.0.0.1."""
+    """Head (node_a) + one more node (node_b), 2 CPUs each, all on 127.0.0.1; the head
+    runs the dashboard (job server) on 127.0.0.1 too."""
     if ray.is_initialized():
         ray.shutdown()
     port = cluster_local.free_port()
@@ -46,7 +51,8 @@ def two_nodes():
     temp_dir = Path(tempfile.mkdtemp(prefix="gnaq-ray-t", dir="/tmp"))
     t0 = time.time()
     try:
-        state = cluster_local.launch(port, node_cpus=(2, 2), temp_dir=temp_dir, object_store_mb=150, timeout=120)
+        state = cluster_local.launch(port, node_cpus=(2, 2), temp_dir=temp_dir, object_store_mb=150, timeout=120,
+                                     extra_args=["--dashboard", "--dashboard-port", str(cluster_local.free_port())])
         state["start_seconds"] = time.time() - t0
         yield state
     finally:
@@ -82,6 +88,7 @@ def test_the_cluster_has_two_live_nodes_on_loopback(two_nodes):
     assert [n["head"] for n in nodes] == [True, False]
     assert len({n["node_id"] for n in nodes}) == 2
     assert all(n["ip"] == "127.0.0.1" and n["cpus"] == 2 for n in nodes)
+    assert two_nodes["dashboard"].startswith("http://127.0.0.1:")
     # Every TCP server of the cluster listens on the loopback interface only.
     listening = []
     for proc in cluster_local.cluster_processes(two_nodes["temp_dir"]):
@@ -128,3 +135,36 @@ def test_two_workers_train_on_two_nodes(two_nodes, loopback_driver, tmp_path):
     assert manifest["world_size"] == 2 and manifest["step"] == 4
     assert len(list(manifest_path.parent.glob("shard-*-of-00002.parquet"))) == 2
     print(f"cluster start {two_nodes['start_seconds']:.1f} s, 2-node training {seconds:.1f} s")
+
+
+def test_ray_job_submit_runs_gnaq_train_on_the_cluster(two_nodes, tmp_path):
+    """As docs/cluster.md shows it: the job's config comes from the uploaded working dir,
+    its entrypoint is the installed ``gnaq`` CLI, run by the head with ``--address auto``."""
+    from gnaq_dist.demo import ingest_bundled
+
+    dataset = ingest_bundled(tmp_path / "lastfm", progress=False)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    (job_dir / "job.yaml").write_text(
+        "threads: 1\nmodel: {dim: 16, num_layers: 2}\n"
+        "schedule: {epochs: 2, warmup_epochs: 1, batch_size: 2048, max_steps: 2, eval_every: 0,\n"
+        "           propagation: sampled, fanouts: [5, 5]}\n"
+        "distributed: {grad_bits: 2, partition: hash, placement: STRICT_SPREAD}\n"
+        "checkpoint: {every_epochs: 1}\n")
+    out = tmp_path / "run"
+    ray_cli = Path(sys.executable).parent / "ray"
+    command = [str(ray_cli), "job", "submit", "--address", two_nodes["dashboard"], "--working-dir", str(job_dir),
+               "--", "gnaq", "train", "--config", "job.yaml", "--dataset", str(dataset), "--address", "auto",
+               "--workers", "2", "--no-progress", "--out", str(out)]
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=400, env=env)
+    log = done.stdout[-3000:] + done.stderr[-3000:]
+    assert done.returncode == 0, log
+    assert "succeeded" in log
+
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["world_size"] == 2 and summary["steps"] == 2
+    assert len(set(summary["worker_nodes"])) == 2
+    assert set(summary["worker_nodes"]) == {n["node_id"] for n in two_nodes["nodes"]}
+    manifest = json.loads((Path(summary["checkpoint"]) / "manifest.json").read_text())
+    assert manifest["world_size"] == 2 and Path(summary["checkpoint"]).parent == out / "checkpoints"

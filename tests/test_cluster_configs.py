@@ -55,8 +55,9 @@ def test_ray_cluster_yaml_passes_rays_schema():
     assert any(t["resources"].get("GPU", 0) > 0 and t.get("min_workers", 0) == 0 for t in workers.values())
     # The CPU wheel first, pinned like requirements/cpu.txt; then the project and this Ray.
     setup = "\n".join(config["setup_commands"])
-    assert setup.index("requirements/cpu.txt") < setup.index("gnaq-dist[s3]")
-    assert f"ray[default]=={ray.__version__}" in setup
+    assert setup.index("requirements/cpu.txt") < setup.index("gnaq-dist[s3,cluster]")
+    # The cluster extra brings the dashboard / job server at exactly this Ray's version.
+    assert f'cluster = ["ray[default]=={ray.__version__}"]' in (ROOT / "pyproject.toml").read_text()
     assert (ROOT / "requirements" / "cpu.txt").exists()
     assert "." in config["file_mounts"].values()
 

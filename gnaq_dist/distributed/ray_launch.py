@@ -71,8 +71,27 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
             raise GnaqInputError(f"--address {address}: cannot connect to a Ray cluster ({exc})") from exc
         return False
     ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True)
+             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True,
+             runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_state_api_polling.__name__}"})
     return True
+
+
+class _DropStateApiPolling(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        return "State API may be temporarily unavailable" not in record.getMessage()
+
+
+def quiet_state_api_polling() -> None:
+    """Worker setup hook of the local Ray: drop one warning Ray Train repeats every second.
+
+    Ray Train's PlacementGroupCleaner asks the state API (served by the dashboard) once a
+    second whether the controller lives; the local Ray runs without a dashboard (it would
+    cost memory and a CPU share for nothing here), so each poll logged "Failed to query Ray
+    Train Controller actor state" to the driver: ~3,600 lines an hour. Its only job,
+    removing a dead controller's placement group, is moot on a Ray that ends with the job.
+    """
+    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
+        _DropStateApiPolling())
 
 
 def check_capacity(workers: int, cpus_per_worker: float = 1.0) -> None:
@@ -102,9 +121,6 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     config = from_dict(TrainConfig, payload["config"])
     custom: WorkerFn | None = payload.get("worker_fn")
     rank = dist.get_rank()
-
-    # Ray Train logs every report at INFO on every worker; our records come back in the summary.
-    logging.getLogger("ray.train").setLevel(logging.WARNING)
 
     def report(record: dict) -> None:
         if record.get("event") not in (None, "eval", "checkpoint"):
@@ -181,7 +197,7 @@ def train_on_ray(
     _absolute_paths(config)
     workers = config.distributed.workers
     import ray
-    from ray.train import FailureConfig, RunConfig, ScalingConfig
+    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     started = connect(address, workers)
@@ -196,7 +212,10 @@ def train_on_ray(
                                          resources_per_worker={"CPU": 1},
                                          placement_strategy=placement_strategy or config.distributed.placement),
             run_config=RunConfig(storage_path=storage, name="train",
-                                 failure_config=FailureConfig(max_failures=config.checkpoint.max_failures)),
+                                 failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+                                 # Not Ray Train's INFO line per report with the whole record:
+                                 # our records come back in the summary and metrics.jsonl.
+                                 logging_config=LoggingConfig(log_level="WARNING")),
         )
         try:
             result = trainer.fit()

@@ -44,7 +44,6 @@ from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
-from gnaq_dist.quant.packing import pack_codes, unpack_codes
 from gnaq_dist.storage import is_local, join, resolve
 
 log = logging.getLogger(__name__)
@@ -158,8 +157,8 @@ def shard_table(method: EmbeddingMethod, global_ids: np.ndarray, optimizer=None)
     for name, p in zip(params, method.trainable_row_params()):
         cols[f"param.{name}"] = _column(p.detach()[:n].to(torch.float32).numpy())
     for name, b in zip(buffers, method.row_buffers()):
-        if name == "codes" and method.bits:
-            packed = pack_codes(b[:n].numpy(), method.bits)
+        if name == "packed_codes":  # already the storage layout: one fixed-size binary per row
+            packed = b[:n].numpy()
             width = packed.shape[1]
             cols["buffer.codes"] = pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
@@ -215,12 +214,14 @@ def load_rows(method: EmbeddingMethod, rows: pa.Table, optimizer=None) -> None:
             width = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
             p[:n] = torch.from_numpy(_array(rows[f"param.{name}"], (n, width))).reshape((n,) + tuple(p.shape[1:]))
         for name, b in zip(buffers, method.row_buffers()):
-            if name == "codes" and method.bits:
+            if name == "packed_codes":
                 col = rows["buffer.codes"].combine_chunks()
+                if col.type.byte_width != b.shape[1]:
+                    raise GnaqInputError(f"buffer.codes holds {col.type.byte_width} bytes a row, "
+                                         f"the model packs {b.shape[1]}")
                 raw = np.frombuffer(col.buffers()[1], dtype=np.uint8,
                                     count=n * col.type.byte_width, offset=col.offset * col.type.byte_width)
-                codes = unpack_codes(raw.reshape(n, col.type.byte_width), method.bits, b.shape[1])
-                b[:n] = torch.from_numpy(codes.copy())
+                b[:n] = torch.from_numpy(raw.reshape(n, col.type.byte_width).copy())
             else:
                 b[:n] = torch.from_numpy(_array(rows[f"buffer.{name}"], (n, b.shape[1]))).to(b.dtype)
     if optimizer is not None:

@@ -105,6 +105,14 @@ def test_each_rank_holds_about_half_the_rows(exact_runs):
         assert rows["optimizer_state_rows"] == rows["optimizer_moment_rows"] == r["adam_rows"] == rows["owned_rows"]
         assert abs(rows["owned_rows"] - n_nodes / 2) <= 0.1 * n_nodes / 2
     assert sum(r["rows"]["owned_rows"] for r in two) == n_nodes
+    # The rows are held packed: 2-bit codes (d/4 bytes) + 4 fp32 levels, the training floor.
+    d = 16
+    for r in two:
+        mem = r["memory"]
+        assert mem["floor_bytes_per_node"] == d * 2 / 8 + 4 * 4
+        assert mem["table_bytes_per_node"] == pytest.approx(mem["floor_bytes_per_node"])
+        assert mem["table_bytes"] == r["rows"]["owned_rows"] * (d // 4 + 16)
+        assert mem["optimizer_bytes_per_node"] == 2 * 4 * 4 + 8  # Adam moments of the levels, step count
 
 
 @pytest.fixture(scope="module")

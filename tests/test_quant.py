@@ -14,6 +14,7 @@ from gnaq_dist.quant.bigear import BiGeaR
 from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes
 from gnaq_dist.quant.lsq import LSQ
 from gnaq_dist.quant.n2uq import N2UQ
+from gnaq_dist.quant.packing import unpack_codes_torch
 
 N, D, L = 12, 9, 2
 
@@ -83,14 +84,17 @@ def test_gnaq_gradient_reaches_levels_only_and_rows_without_upstream_stay_zero()
     assert not m.codes.requires_grad and m.codes.dtype == torch.uint8
     assert [p for p in m.parameters()] == [m.levels]
     assert m.trainable_row_params() == [m.levels] and m.dense_params() == []
-    assert len(m.row_buffers()) == 1 and m.row_buffers()[0] is m.codes
+    assert len(m.row_buffers()) == 1 and m.row_buffers()[0] is m.packed_codes
+    # Held packed, four 2-bit codes a byte: N x ceil(d / 4) bytes, not N x d.
+    assert m.packed_codes.dtype == torch.uint8 and m.packed_codes.shape == (m.num_nodes, (m.dim + 3) // 4)
+    assert torch.equal(unpack_codes_torch(m.packed_codes, 2, m.dim), m.codes)
 
 
 def test_gnaq_level_gradient_matches_hand_formula():
     m = GNAQ(2, 5, bits=2, num_layers=1, phi="tanh")
     with torch.no_grad():
         m.levels.copy_(torch.tensor([[-1.0, -0.2, 0.3, 1.5], [0.1, 0.2, 0.4, 0.8]]))
-        m.codes.copy_(torch.tensor([[0, 2, 2, 3, 0], [1, 1, 1, 1, 3]], dtype=torch.uint8))
+        m.codes = torch.tensor([[0, 2, 2, 3, 0], [1, 1, 1, 1, 3]], dtype=torch.uint8)
     g = torch.tensor([[0.5, -1.0, 2.0, 3.0, 0.25], [1.0, 2.0, 3.0, 4.0, -1.0]])
     x = m.embed(torch.tensor([0, 1]))
     c = m.levels.detach()

@@ -51,7 +51,7 @@ from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_table
-from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, storage_report
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
 from gnaq_dist.train.config import TrainConfig
@@ -256,8 +256,6 @@ class DistributedTrainer:
         self._new_shard(method, lr)
         ckpt.load_rows(method, rows, self.shard.optimizer)
         ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", so), self.shard.dense_optimizer)
-        if self.shard.format == "packed":  # the wire codes follow the loaded codes
-            self.shard._packed_codes = pack_codes_torch(method.codes, method.bits)
         self._restore_residuals(loaded, same)
         progress = m["progress"]
         self.global_step = int(m["step"])
@@ -657,6 +655,7 @@ class DistributedTrainer:
             "wire": self.wire_summary(),
             "partition": self.partition.describe(),
             "rows": self.shard.row_counts(),
+            "memory": self.shard.memory(),
             "rank": self.rank,
             "world_size": self.world,
             "steps": self.global_step,

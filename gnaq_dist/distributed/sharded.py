@@ -37,7 +37,6 @@ from gnaq_dist.distributed.sparse_adam import RowSparseAdam
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
-from gnaq_dist.quant.packing import pack_codes_torch
 
 
 class LatentShard:
@@ -115,9 +114,6 @@ class MethodShard:
         names = {id(p): n for n, p in method.named_parameters()}
         self._names = [f"m.{names[id(p)]}" for p in self.row_params]
         self._call = _EmbedCall(method)
-        self._packed_codes: torch.Tensor | None = None
-        if self.format == "packed":
-            self._packed_codes = pack_codes_torch(method.codes, method.bits)
         self._latent = LatentShard(self.row_params, method.dim)
 
     @property
@@ -129,7 +125,7 @@ class MethodShard:
         """This rank's RowServer for the training fetch (the method's wire row format)."""
         if self.format == "packed":
             levels = self.method.phi(self.method.levels.detach()).to(self.level_dtype).unsqueeze(1)
-            return QuantizedShard(self._packed_codes, levels, self.method.bits, self.method.dim)
+            return QuantizedShard(self.method.packed_codes, levels, self.method.bits, self.method.dim)
         return self._latent
 
     def gradient_widths(self) -> list[int]:
@@ -195,10 +191,8 @@ class MethodShard:
 
     @torch.no_grad()
     def refine(self, rows: torch.Tensor, propagated: torch.Tensor) -> None:
-        """Re-assign codes of owned ``rows`` and keep the packed wire codes in step."""
+        """Re-assign codes of owned ``rows`` (the method's packed codes are also the wire codes)."""
         self.method.refine(rows, propagated)
-        if self._packed_codes is not None and rows.numel():
-            self._packed_codes[rows] = pack_codes_torch(self.method.codes[rows], self.method.bits)
 
     # -- sizes -------------------------------------------------------------------------
     def row_counts(self) -> dict[str, int]:
@@ -210,6 +204,26 @@ class MethodShard:
             "optimizer_state_rows": self.optimizer.state_rows(),
             "optimizer_moment_rows": max(int(m.shape[0]) for m in self.optimizer.exp_avg),
         }
+
+
+    def memory(self) -> dict[str, float | None]:
+        """Bytes this rank holds for its rows: the table (row parameters + row buffers) and Adam.
+
+        ``floor_bytes_per_node`` is the least a trainable row can take in its training form:
+        ``b·d/8`` bytes of codes plus ``2^b`` fp32 levels for GNAQ (levels are trained in fp32;
+        the exported table stores them in ``model.level_dtype``), ``4·width`` for fp32 rows.
+        """
+        n = max(self.num_owned, 1)
+        table = sum(t.numel() * t.element_size() for t in self.row_params + self.method.row_buffers())
+        if self.format == "packed":
+            floor = self.method.dim * self.method.bits / 8 + 4 * (1 << self.method.bits)
+        else:
+            floor = float(self._latent.row_bytes)
+        per_node = table / n
+        return {"table_bytes": int(table), "table_bytes_per_node": per_node, "floor_bytes_per_node": floor,
+                "table_over_floor": per_node / floor, "fp32_bytes_per_node": 4.0 * self.method.dim,
+                "optimizer_bytes": self.optimizer.state_bytes(),
+                "optimizer_bytes_per_node": self.optimizer.state_bytes() / n}
 
 
 def build_shard_method(name: str, owned_rows: torch.Tensor, dim: int, bits: int | None, num_layers: int,

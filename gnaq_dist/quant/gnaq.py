@@ -1,7 +1,9 @@
 """GNAQ: node-aware dynamic quantization (per-node codebooks, codes refined from the graph).
 
-Every node i has 2^b learnable levels ``c_i`` and b-bit codes ``q_i`` (a uint8 buffer);
-its layer-0 embedding is ``x_i[d] = phi(c_i[q_i[d]])``. The codes are never
+Every node i has 2^b learnable levels ``c_i`` and b-bit codes ``q_i``; its layer-0
+embedding is ``x_i[d] = phi(c_i[q_i[d]])``. The codes are held packed, ``8 / b`` to a
+byte (``packed_codes``, the storage and wire layout), and unpacked only for the rows a
+forward touches: at b = 2 a row's codes cost d/4 bytes in memory instead of d. The codes are never
 differentiated. The *graph relation-aware gradient* needs no custom backward: the
 caller propagates ``x`` over the graph, so ``dL/dx_i`` already sums the multi-hop
 neighbours' gradients, and autograd through the gather and ``phi`` gives exactly
@@ -33,7 +35,7 @@ import torch
 
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.base import EmbeddingMethod, init_normal_table
-from gnaq_dist.quant.packing import PackedTable, make_table
+from gnaq_dist.quant.packing import PackedTable, make_table, pack_codes_torch, packed_row_bytes, unpack_codes_torch
 
 PHIS = ("tanh", "identity")
 _INIT_CLIP = 0.999  # atanh(0.999) = 3.8: keeps initial levels finite and tanh not saturated
@@ -60,7 +62,7 @@ def paper_levels(values: torch.Tensor, num_levels: int) -> torch.Tensor:
 
 
 class GNAQ(EmbeddingMethod):
-    """Per-node learnable levels (N, 2^b) + uint8 codes (N, d); see the module docstring."""
+    """Per-node learnable levels (N, 2^b) + packed b-bit codes (N, d·b/8); see the module docstring."""
 
     name = "gnaq"
 
@@ -83,7 +85,8 @@ class GNAQ(EmbeddingMethod):
         if self.straight_through:
             self.name = "gnaq_ste"
         self.levels = torch.nn.Parameter(torch.zeros(num_nodes, self.num_levels))
-        self.register_buffer("codes", torch.zeros(num_nodes, dim, dtype=torch.uint8))
+        self.register_buffer("packed_codes",
+                             torch.zeros(num_nodes, packed_row_bytes(dim, self.bits), dtype=torch.uint8))
         self.latent: torch.nn.Parameter | None = None
         if self.straight_through:
             self.latent = torch.nn.Parameter(torch.zeros(num_nodes, dim))
@@ -100,11 +103,22 @@ class GNAQ(EmbeddingMethod):
             return torch.atanh(x.clamp(-clip, clip))
         return x
 
+    # -- codes -------------------------------------------------------------------------
+    @property
+    def codes(self) -> torch.Tensor:
+        """All codes unpacked, uint8 (N, d): a fresh tensor (assign ``codes = ...`` to set them)."""
+        return unpack_codes_torch(self.packed_codes, self.bits, self.dim)
+
+    @codes.setter
+    def codes(self, value: torch.Tensor) -> None:
+        self.packed_codes.copy_(pack_codes_torch(value.to(self.packed_codes.device), self.bits))
+
     # -- forward -----------------------------------------------------------------------
     def _codes_of(self, ids: torch.Tensor | None) -> torch.Tensor:
-        """Codes of the rows (GNAQ: the buffer; STE: re-derived from the latent table)."""
+        """Codes of the rows (GNAQ: unpacked from the buffer; STE: re-derived from the latent table)."""
         if self.latent is None:
-            return self.codes if ids is None else self.codes[ids]
+            packed = self.packed_codes if ids is None else self.packed_codes[ids]
+            return unpack_codes_torch(packed, self.bits, self.dim)
         w = self.latent.detach() if ids is None else self.latent.detach()[ids]
         return equal_width_codes(self.phi_inv(w), self.num_levels)
 
@@ -124,7 +138,7 @@ class GNAQ(EmbeddingMethod):
         e = self._check_weight(weight)
         u = self.phi_inv(e)
         self.levels.copy_(paper_levels(u, self.num_levels))
-        self.codes.copy_(equal_width_codes(u, self.num_levels))
+        self.codes = equal_width_codes(u, self.num_levels)
         if self.latent is not None:
             self.latent.copy_(e)
 
@@ -138,8 +152,8 @@ class GNAQ(EmbeddingMethod):
             raise GnaqInputError(
                 f"refine needs propagated embeddings ({ids.shape[0]}, {self.dim}), got {tuple(propagated.shape)}"
             )
-        h = propagated.detach().to(device=self.codes.device, dtype=torch.float32)
-        self.codes[ids] = equal_width_codes(h, self.num_levels)
+        h = propagated.detach().to(device=self.packed_codes.device, dtype=torch.float32)
+        self.packed_codes[ids] = pack_codes_torch(equal_width_codes(h, self.num_levels), self.bits)
         return None
 
     # -- storage ------------------------------------------------------------------------
@@ -164,7 +178,7 @@ class GNAQ(EmbeddingMethod):
         values = values.expand(self.num_nodes, self.num_levels)
         eps = torch.finfo(torch.float32).eps
         self.levels.copy_(self.phi_inv(values, clip=1.0 - eps))
-        self.codes.copy_(codes)
+        self.codes = codes
         if self.latent is not None:
             u = -1.0 + 2.0 * codes.to(torch.float32) / (self.num_levels - 1)
             self.latent.copy_(self.phi(u))
@@ -173,7 +187,7 @@ class GNAQ(EmbeddingMethod):
         return [self.levels] if self.latent is None else [self.latent, self.levels]
 
     def row_buffers(self) -> list[torch.Tensor]:
-        return [self.codes]
+        return [self.packed_codes]
 
 
 __all__ = ["GNAQ", "PHIS", "equal_width_codes", "paper_levels"]

@@ -71,11 +71,14 @@ def pack_codes_torch(codes: torch.Tensor, bits: int) -> torch.Tensor:
     rows, dim = codes.shape
     per = 8 // bits
     nbytes = packed_row_bytes(dim, bits)
-    padded = torch.zeros((rows, nbytes * per), dtype=torch.int32, device=codes.device)
-    padded[:, :dim] = codes.to(torch.int32)
-    shifts = torch.arange(per, dtype=torch.int32, device=codes.device) * bits
-    # Fields do not overlap, so their sum is their bitwise or and stays < 256.
-    return (padded.reshape(rows, nbytes, per) << shifts).sum(dim=2).to(torch.uint8)
+    # uint8 throughout: a table of N rows costs N·d bytes of temporaries, not 4-8x that.
+    padded = torch.zeros((rows, nbytes * per), dtype=torch.uint8, device=codes.device)
+    padded[:, :dim] = codes.to(torch.uint8)
+    fields = padded.reshape(rows, nbytes, per)
+    out = fields[:, :, 0].clone()
+    for j in range(1, per):
+        out |= fields[:, :, j] << (j * bits)
+    return out
 
 
 def unpack_codes_torch(packed: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -87,9 +90,10 @@ def unpack_codes_torch(packed: torch.Tensor, bits: int, dim: int) -> torch.Tenso
             f"got {tuple(packed.shape)}"
         )
     per = 8 // bits
-    shifts = torch.arange(per, dtype=torch.int32, device=packed.device) * bits
-    out = (packed.to(torch.int32).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
-    return out.reshape(packed.shape[0], per * packed.shape[1])[:, :dim].to(torch.uint8)
+    shifts = torch.arange(per, dtype=torch.uint8, device=packed.device) * bits
+    out = (packed.to(torch.uint8).unsqueeze(-1) >> shifts) & ((1 << bits) - 1)
+    out = out.reshape(packed.shape[0], per * packed.shape[1])
+    return out if out.shape[1] == dim else out[:, :dim].contiguous()
 
 
 def _np_float(dtype: torch.dtype) -> type:

@@ -329,3 +329,19 @@ def test_fp_is_seeded_normal():
     b = build_method("fp", 500, 64, None, 3).embed(None).detach()
     assert torch.equal(a, b)
     assert abs(float(a.std()) - 0.1) < 0.005 and abs(float(a.mean())) < 0.005
+
+
+def test_init_normal_rows_equals_the_rows_of_the_whole_table_and_leaves_the_stream_alike():
+    from gnaq_dist.quant.base import init_normal_rows, init_normal_table
+
+    rows = torch.randperm(10_001, generator=torch.Generator().manual_seed(1))[:3_000]
+    torch.manual_seed(7)
+    whole = init_normal_table(10_001, 8)
+    after_whole = torch.randn(4)
+    torch.manual_seed(7)
+    # 999 rows of d = 8 round to 1,000 (16-value boundaries); the 1-row tail joins the last chunk
+    mine = init_normal_rows(10_001, 8, rows, chunk_rows=999)
+    after_rows = torch.randn(4)
+    assert torch.equal(mine, whole[rows])
+    assert torch.equal(after_rows, after_whole)
+    assert init_normal_rows(10, 8, torch.empty(0, dtype=torch.int64)).shape == (0, 8)

@@ -50,7 +50,7 @@ from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
-from gnaq_dist.quant.base import init_normal_table
+from gnaq_dist.quant.base import init_normal_rows
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
@@ -164,11 +164,9 @@ class DistributedTrainer:
             self.feedback.append(ErrorFeedback(self.partition.num_nodes, k) if use_ef else None)
 
     def _start_fp(self) -> None:
-        """The warm-up table: N(0, 0.1^2) of the whole table from the seed (as ``local.py``), own rows kept."""
+        """The warm-up table: the own rows of the seed's N(0, 0.1^2) whole table (as ``local.py``)."""
         cfg = self.config
-        full = init_normal_table(self.data.n_nodes, cfg.model.dim)
-        own = full[self.owned_t].clone()
-        del full
+        own = init_normal_rows(self.data.n_nodes, cfg.model.dim, self.owned_t)
         method = build_shard_method("fp", own, cfg.model.dim, None, cfg.model.num_layers, cfg.model.phi)
         self._new_shard(method, cfg.optim.lr)
 

@@ -9,6 +9,8 @@ and distributed trainers treat them alike: ``trainable_row_params`` are sharded 
 
 from __future__ import annotations
 
+import math
+
 import torch
 
 from gnaq_dist.errors import GnaqInputError
@@ -120,4 +122,32 @@ def init_normal_table(num_nodes: int, dim: int, std: float = 0.1) -> torch.Tenso
     return torch.randn(num_nodes, dim) * std
 
 
-__all__ = ["EmbeddingMethod", "init_normal_table"]
+def init_normal_rows(num_nodes: int, dim: int, rows: torch.Tensor, std: float = 0.1,
+                     chunk_rows: int = 65_536) -> torch.Tensor:
+    """``init_normal_table(num_nodes, dim, std)[rows]`` without holding the whole table.
+
+    Why: every rank must start from the same global table whatever W is, but a rank needs
+    only its own rows. The seed's stream is drawn chunk by chunk (torch's CPU normal
+    sampler gives the same values in chunks as in one call; the 1-vs-2-rank tests check
+    it) and only ``rows`` are kept: memory grows with the shard, not with N.
+
+    The sampler fills 16 values at a time and draws tails shorter than 16 differently, so
+    every chunk but the last holds a multiple of 16 values and the last at least 16.
+    """
+    rows = torch.as_tensor(rows, dtype=torch.int64)
+    out = torch.empty(rows.shape[0], dim)
+    order = torch.argsort(rows)
+    ordered = rows[order]
+    align = 16 // math.gcd(dim, 16)  # rows per 16-value boundary
+    step = max(align, -(-chunk_rows // align) * align)
+    starts = list(range(0, num_nodes, step))
+    if len(starts) > 1 and (num_nodes - starts[-1]) * dim < 16:
+        starts.pop()  # a short tail joins the chunk before it
+    for start, end in zip(starts, starts[1:] + [num_nodes]):
+        block = torch.randn(end - start, dim) * std
+        lo, hi = torch.searchsorted(ordered, torch.tensor([start, end])).tolist()
+        out[order[lo:hi]] = block[ordered[lo:hi] - start]
+    return out
+
+
+__all__ = ["EmbeddingMethod", "init_normal_rows", "init_normal_table"]

@@ -9,13 +9,14 @@ BIN := $(VENV)/bin
 
 setup: $(VENV)/.installed
 
-# torch first, pinned to the CPU wheel (requirements/cpu.txt), so that nothing later
-# pulls a multi-GB CUDA build; then the project with its test extras.
+# torch first, pinned to the CPU wheel (requirements/cpu.txt); then the project with its
+# test extras under the same file as a constraint: without it pip's resolver, backtracking
+# over the S3 test stack, replaced torch 2.13.0+cpu by a 6 GB CUDA torch 2.14.1.
 $(VENV)/.installed: pyproject.toml requirements/cpu.txt
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -r requirements/cpu.txt
-	$(BIN)/pip install --quiet -e ".[test]"
+	$(BIN)/pip install --quiet -e ".[test]" -c requirements/cpu.txt
 	touch $@
 
 demo: setup

@@ -108,6 +108,8 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     evals = [r for r in records if r["event"] == "eval"]
     assert evals and evals[-1]["recall@20"] == summary["metrics"]["recall@20"]
+    assert records[0]["event"] == "start" and records[0]["world_size"] == 2
+    assert records[-1]["event"] == "end" and records[-1]["metrics"] == summary["metrics"]
 
 
 def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", killed: list) -> None:

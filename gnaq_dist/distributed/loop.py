@@ -571,6 +571,10 @@ class DistributedTrainer:
         every = cfg.checkpoint.every_epochs
         self._last_checkpoint_step = -1
         resumed = None
+        self.history.append(self.log.write(
+            "start", method=cfg.model.method, bits=cfg.model.bits, n_users=self.data.n_users,
+            n_items=self.data.n_items, n_train=self.data.n_train, steps_per_epoch=self.steps_per_epoch,
+            epochs=sched.epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0, world_size=self.world))
         if self.resume is not None:
             self._restore(self.resume)
             m = self.resume.manifest
@@ -640,6 +644,12 @@ class DistributedTrainer:
         train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
         epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])
         steps_run = max(1, phase_steps["fp"] + phase_steps["quantized"])
+        checkpoint = (self.history[-1]["uri"] if every and self.history
+                      and self.history[-1].get("event") == "checkpoint" else None)
+        # The closing record a local run also writes (not reported: it is not a barrier).
+        self.history.append(self.log.write("end", metrics=metrics, phase_seconds=phase_seconds,
+                                           phase_epochs=phase_epochs, seconds_per_epoch=train_seconds / epochs_run,
+                                           storage=storage))
         return {
             "metrics": metrics,
             "history": self.history,
@@ -658,8 +668,7 @@ class DistributedTrainer:
             "world_size": self.world,
             "steps": self.global_step,
             "resumed_from": resumed,
-            "checkpoint": self.history[-1]["uri"] if every and self.history and
-            self.history[-1].get("event") == "checkpoint" else None,
+            "checkpoint": checkpoint,
         }
 
 

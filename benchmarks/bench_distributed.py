@@ -6,6 +6,10 @@ fp32 equivalent, peak RSS per worker, and the W=2 / W=1 throughput ratio.
 
     python benchmarks/bench_distributed.py --dataset data/gowalla            # one epoch each
     python benchmarks/bench_distributed.py --dataset data/gowalla --steps 20 # shorter
+    python benchmarks/bench_distributed.py --dataset data/gowalla --propagation full,sampled
+
+``--propagation full`` splits full-graph propagation by owner (each worker computes its own
+nodes' layers and swaps the boundary rows); ``sampled`` runs on neighbour-sampled blocks.
 """
 
 from __future__ import annotations
@@ -26,17 +30,19 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=None, help="steps per run (default: one epoch)")
     parser.add_argument("--method", default="gnaq")
     parser.add_argument("--grad-bits", default="2")
-    parser.add_argument("--fanouts", default="10,10,10")
+    parser.add_argument("--fanouts", default="10,10,10", help="for sampled propagation")
+    parser.add_argument("--propagation", default="sampled", help="comma-separated: full, sampled")
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--out", default="runs/bench-distributed")
     args = parser.parse_args()
     rows = []
-    for workers in (int(w) for w in args.workers.split(",")):
+    runs = [(p, int(w)) for p in args.propagation.split(",") for w in args.workers.split(",")]
+    for propagation, workers in runs:
         overrides = [
-            f"dataset={args.dataset}", f"out={args.out}/w{workers}", f"model.method={args.method}",
+            f"dataset={args.dataset}", f"out={args.out}/{propagation}-w{workers}", f"model.method={args.method}",
             "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0",
             f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4",
-            "schedule.propagation=sampled", f"schedule.fanouts=[{args.fanouts}]",
+            f"schedule.propagation={propagation}", f"schedule.fanouts=[{args.fanouts}]",
             f"distributed.grad_bits={args.grad_bits}", "threads=1", "progress=false",
         ] + ([f"schedule.max_steps={args.steps}"] if args.steps else [])
         config = load_config(TrainConfig, [], overrides)
@@ -45,21 +51,23 @@ def main() -> None:
         wall = time.time() - t0
         wire = summary["wire"]
         rows.append({
-            "workers": workers, "steps": summary["steps"], "wall_s": round(wall, 1),
+            "propagation": propagation, "workers": workers, "steps": summary["steps"], "wall_s": round(wall, 1),
             "s_per_step": summary["seconds_per_step"], "edges_per_s": summary["edges_per_second"],
             "bytes_per_step": wire["train_bytes_per_step"], "fp32_bytes_per_step": wire["train_fp32_bytes_per_step"],
             "peak_rss_mb": summary["worker_peak_rss_mb"], "recall@20": summary["metrics"].get("recall@20"),
         })
-    print(f"{'W':>2} {'steps':>5} {'s/step':>7} {'edges/s':>9} {'MB sent/step':>12} {'fp32 MB/step':>12} "
+    print(f"{'propagation':>11} {'W':>2} {'steps':>5} {'s/step':>7} {'edges/s':>9} {'MB sent/step':>12} {'fp32 MB/step':>12} "
           f"{'ratio':>6}  peak RSS per worker (MiB)")
     for r in rows:
         ratio = r["fp32_bytes_per_step"] / r["bytes_per_step"] if r["bytes_per_step"] else float("nan")
-        print(f"{r['workers']:>2} {r['steps']:>5} {r['s_per_step']:>7.3f} {r['edges_per_s']:>9.0f} "
+        print(f"{r['propagation']:>11} {r['workers']:>2} {r['steps']:>5} {r['s_per_step']:>7.3f} {r['edges_per_s']:>9.0f} "
               f"{r['bytes_per_step'] / 1e6:>12.2f} {r['fp32_bytes_per_step'] / 1e6:>12.2f} {ratio:>6.1f}  "
               f"{r['peak_rss_mb']}")
-    if len(rows) >= 2:
-        print(f"throughput W={rows[-1]['workers']} / W={rows[0]['workers']}: "
-              f"{rows[-1]['edges_per_s'] / rows[0]['edges_per_s']:.2f}x")
+    for propagation in args.propagation.split(","):
+        mine = [r for r in rows if r["propagation"] == propagation]
+        if len(mine) >= 2:
+            print(f"{propagation}: throughput W={mine[-1]['workers']} / W={mine[0]['workers']}: "
+                  f"{mine[-1]['edges_per_s'] / mine[0]['edges_per_s']:.2f}x")
     print(json.dumps(rows))
 
 

@@ -77,14 +77,16 @@ def _global(results: list[dict], key: str) -> np.ndarray:
 
 @pytest.fixture(scope="module")
 def exact_runs():
-    """GNAQ 2-bit, one warm-up epoch and one quantized epoch, uncompressed, on 1 and 2 ranks."""
-    one = run_ranks(scenario_train, 1, [{}], timeout=120)
-    two = run_ranks(scenario_train, 2, [{}], timeout=120)
-    return [r[0] for r in one], [r[0] for r in two]
+    """GNAQ 2-bit, one warm-up epoch and one quantized epoch, uncompressed, on 1 and 2 ranks:
+    on blocks sampled at full fan-out, and split full-graph propagation."""
+    runs = [{}, {"schedule.propagation": "full"}]
+    one = run_ranks(scenario_train, 1, [dict(r) for r in runs], timeout=180)
+    two = run_ranks(scenario_train, 2, [dict(r) for r in runs], timeout=180)
+    return [r[0] for r in one], [r[0] for r in two], [r[1] for r in one], [r[1] for r in two]
 
 
 def test_two_ranks_train_exactly_like_one(exact_runs):
-    one, two = exact_runs
+    one, two = exact_runs[:2]
     assert two[0]["partition"]["world_size"] == 2
     np.testing.assert_array_equal(_global(one, "codes"), _global(two, "codes"))
     np.testing.assert_allclose(_global(one, "levels"), _global(two, "levels"), atol=1e-5, rtol=0)
@@ -96,8 +98,22 @@ def test_two_ranks_train_exactly_like_one(exact_runs):
     assert two[0]["reports"] == two[1]["reports"] == one[0]["reports"] == 5
 
 
+def test_split_full_graph_propagation_trains_like_blocks_on_one_and_two_ranks(exact_runs):
+    """Both are exact propagation: the same parameters, whatever the number of ranks."""
+    blocks_one, blocks_two, full_one, full_two = exact_runs
+    for full in (full_one, full_two):
+        np.testing.assert_array_equal(_global(blocks_one, "codes"), _global(full, "codes"))
+        np.testing.assert_allclose(_global(blocks_one, "levels"), _global(full, "levels"), atol=1e-5, rtol=0)
+        for k, v in blocks_one[0]["metrics"].items():
+            assert full[0]["metrics"][k] == pytest.approx(v, abs=1e-9)
+    # Two ranks swap the boundary's activations (fp32) and nothing else moves that blocks did not.
+    assert full_two[0]["wire"]["train"]["activations_bytes"] > 0
+    assert full_one[0]["wire"]["train"]["activations_bytes"] == 0
+    assert blocks_two[0]["wire"]["train"]["activations_bytes"] == 0
+
+
 def test_each_rank_holds_about_half_the_rows(exact_runs):
-    _, two = exact_runs
+    two = exact_runs[1]
     n_nodes = 500
     for r in two:
         rows = r["rows"]
@@ -172,7 +188,11 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
     out = []
     for method, bits, extra in [("fp", None, {}), ("gnaq", 2, {}), ("gnaq_ste", 2, {}), ("lsq", 2, {}),
                                 ("n2uq", 2, {}), ("bigear", 1, {}), ("gnaq", 2, {"model.refine_every": 2}),
-                                ("lsq", 4, {"distributed.grad_bits": 2, "distributed.partition": "hash"})]:
+                                ("lsq", 4, {"distributed.grad_bits": 2, "distributed.partition": "hash"}),
+                                # split full-graph propagation (halo exchange) for every kind of row
+                                ("bigear", 1, {"schedule.propagation": "full"}),
+                                ("n2uq", 2, {"schedule.propagation": "full", "distributed.grad_bits": 2}),
+                                ("gnaq", 2, {"schedule.propagation": "full", "model.refine_every": 2})]:
         cfg = small_config(method, bits, **{"schedule.max_steps": 9, **extra})
         result = train_worker(cfg, data)
         result["method"] = method
@@ -197,6 +217,10 @@ def test_every_method_trains_on_two_ranks():
     assert refined["wire"]["refine"]["gradients_sent_bytes"] > 0  # propagated rows went to their owners
     assert ranks[0][7]["partition"]["method"] == "hash"
     assert ranks[0][7]["wire"]["train"]["allreduce_bytes"] > 0  # LSQ's shared step is all-reduced
+    for full in ranks[0][8:]:
+        assert full["wire"]["train"]["activations_bytes"] > 0, full["method"]
+    # With the whole graph split by owner, each owner refines its own rows: nothing to send.
+    assert ranks[0][10]["wire"]["refine"]["gradients_sent_bytes"] == 0  # headers only
     print(f"every method: {time.monotonic() - t0:.1f} s")
 
 

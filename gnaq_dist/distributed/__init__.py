@@ -3,7 +3,8 @@
 * :mod:`.partition`: METIS (via DGL) or hash partitioning of users and items;
 * :mod:`.compression`: low-bit gradient rows with error feedback;
 * :mod:`.exchange`: fetch quantized rows from, and push gradients to, their owners
-  over torch.distributed (gloo or nccl), with byte accounting.
+  over torch.distributed (gloo or nccl), with byte accounting;
+* :mod:`.halo`: full-graph propagation split by owner (own nodes' layers, halo rows swapped).
 
 Importing this package does not import DGL (only METIS partitioning does).
 """
@@ -20,6 +21,7 @@ from gnaq_dist.distributed.exchange import (
     fetch_rows,
     push_row_gradients,
 )
+from gnaq_dist.distributed.halo import HaloPlan, remote_rows
 from gnaq_dist.distributed.partition import (
     METHODS,
     Partition,
@@ -37,6 +39,7 @@ __all__ = [
     "CompressedRows",
     "DenseShard",
     "ErrorFeedback",
+    "HaloPlan",
     "Partition",
     "QuantizedShard",
     "RowCompressor",
@@ -51,4 +54,5 @@ __all__ = [
     "hash_owner",
     "partition_nodes",
     "push_row_gradients",
+    "remote_rows",
 ]

@@ -41,7 +41,9 @@ from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_torch
 
-WIRE_KINDS = ("rows_fetched", "gradients_sent", "allreduce", "control")
+#: ``activations``: fp32 rows of propagated layers and their gradients (full-graph propagation
+#: split by owner, :mod:`.halo`), kept apart from the embedding rows and their gradients.
+WIRE_KINDS = ("rows_fetched", "gradients_sent", "activations", "allreduce", "control")
 HEADER_FIELDS = 3  # count, row_bytes, width
 
 
@@ -276,13 +278,14 @@ def _group_by_owner(ids: torch.Tensor, partition: Partition) -> tuple[torch.Tens
 
 
 def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer, *,
-               counter: WireCounter | None = None, decode: bool = True) -> torch.Tensor:
+               counter: WireCounter | None = None, decode: bool = True, kind: str = "rows_fetched") -> torch.Tensor:
     """Rows of the global ``needed_ids`` (unique), from their owners, in the order asked.
 
     ``server`` is this rank's own shard (rows ``partition.owned_ids(rank)``); it answers
     the peers' requests and decodes the answers. Returns (n, server.width) float32, or
     with ``decode=False`` the uint8 (n, server.row_bytes) wire rows (e.g. for
-    ``QuantizedShard.decode_parts``). Collective: every rank calls it, possibly with no ids.
+    ``QuantizedShard.decode_parts``). ``kind`` is what ``counter`` counts the rows as.
+    Collective: every rank calls it, possibly with no ids.
     """
     rank, world = _world()
     if partition.world_size != world:
@@ -308,7 +311,7 @@ def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer
         raise RuntimeError(f"server returned {payload.dtype} {tuple(payload.shape)}, expected uint8 "
                            f"({asked.shape[0]}, {rb})")
     served_remote = int(asked.numel() - recv_counts[rank])
-    _count(counter, "rows_fetched", served_remote * rb, served_remote * int(server.fp32_row_bytes))
+    _count(counter, kind, served_remote * rb, served_remote * int(server.fp32_row_bytes))
     answer = _all_to_all(payload.reshape(-1), (recv_counts * rb).tolist(), (send_counts * rb).tolist())
     answer = answer.reshape(-1, rb)
 
@@ -326,6 +329,7 @@ def push_row_gradients(
     error_feedback: ErrorFeedback | None = None,
     *,
     counter: WireCounter | None = None,
+    kind: str = "gradients_sent",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Send (global id, gradient row) pairs to the rows' owners; owners sum them.
 
@@ -333,7 +337,7 @@ def push_row_gradients(
     residual per id). Rows for other ranks are compressed (``compressor``; None or
     ``bits=None`` sends fp32) with ``error_feedback`` applied; rows this rank owns stay
     fp32. Returns this rank's touched local rows (sorted) and their summed gradients
-    (float32, on ``grads``' device). Collective: every rank calls it, possibly with
+    (float32, on ``grads``' device), counted as ``kind``. Collective: every rank calls it, possibly with
     ``(0, k)`` gradients.
     """
     rank, world = _world()
@@ -375,7 +379,7 @@ def push_row_gradients(
     n_rem = rem_ids.shape[0]
     msg = torch.cat([rem_ids.to(id_dtype).view(torch.uint8).reshape(n_rem, id_bytes), wire.cpu()], dim=1)
     _count(counter, "control", n_rem * id_bytes)
-    _count(counter, "gradients_sent", n_rem * rb, n_rem * 4 * k)
+    _count(counter, kind, n_rem * rb, n_rem * 4 * k)
     got = _all_to_all(msg.reshape(-1), (wire_counts * (id_bytes + rb)).tolist(),
                       (recv_counts * (id_bytes + rb)).tolist()).reshape(-1, id_bytes + rb)
     got_ids = bytes_view(got[:, :id_bytes], id_dtype).reshape(-1).to(torch.int64)

@@ -10,8 +10,10 @@ from the packed table), with these differences, documented in docs/distributed.m
 * all ranks walk the same global BPR batches; a rank keeps the positives whose user it
   owns and normalises its loss by the *global* batch size, so the gradients the owners
   sum are the single-process gradient;
-* propagation is always on sampled blocks (``propagation: full`` means fan-out -1, which
-  is exact);
+* ``propagation: sampled`` runs on DGL neighbour-sampled blocks of each rank's batch nodes;
+  ``propagation: full`` splits full-graph propagation by owner (:mod:`.halo`): each rank
+  computes its own nodes' layers and swaps the boundary rows, which is exact and divides
+  the sparse products between the ranks;
 * row parameters use lazy, row-sparse Adam (:mod:`.sparse_adam`), the same for every W.
 
 Everything a rank does per step is a fixed sequence of collectives, so a rank with no
@@ -42,6 +44,7 @@ from gnaq_dist.distributed.exchange import (
     fetch_rows,
     push_row_gradients,
 )
+from gnaq_dist.distributed.halo import HaloPlan, remote_rows
 from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
@@ -118,8 +121,11 @@ class DistributedTrainer:
         all_eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
         self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
         L = config.model.num_layers
-        fanouts = config.schedule.fanouts if config.schedule.propagation == "sampled" else [-1] * L
-        self.sampler = NeighborBlockSampler(self.graph, fanouts, num_layers=L) if L > 0 else None
+        self.sampler, self.halo = None, None
+        if config.schedule.propagation == "sampled":
+            self.sampler = NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=L) if L > 0 else None
+        else:
+            self.halo = HaloPlan.build(self.graph, self.partition, self.rank)
         self.batches = BPRBatches(self.graph, config.schedule.batch_size, config.schedule.num_negatives,
                                   seed=config.seed)
         self.steps_per_epoch = len(self.batches)
@@ -351,11 +357,28 @@ class DistributedTrainer:
     # -- one step --------------------------------------------------------------------------
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
         """One data-parallel step; returns this rank's share of the global BPR loss."""
+        self.positives += int(users.shape[0])
+        if self.halo is not None:
+            return self._step_full(users, pos, neg)
+        return self._step_sampled(users, pos, neg)
+
+    def _bpr(self, final_rows: torch.Tensor, nodes: torch.Tensor, users: torch.Tensor, pos_nodes: torch.Tensor,
+             neg_nodes: torch.Tensor, global_batch: int) -> torch.Tensor:
+        """BPR of this rank's positives, normalised by the *global* batch (rows of ``nodes``, sorted)."""
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            return final_rows[torch.searchsorted(nodes, ids)]
+
+        u = rows(users)
+        pos_score = (u * rows(pos_nodes)).sum(-1)
+        neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
+        return F.softplus(neg_score - pos_score.unsqueeze(1)).sum() / (global_batch * neg_nodes.shape[1])
+
+    def _step_sampled(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+        """Sampled blocks of this rank's batch nodes, over layer-0 rows fetched from their owners."""
         cfg = self.config
         shard = self.shard
         n_users = self.data.n_users
         global_batch = int(users.shape[0])
-        self.positives += global_batch
         mine = self.partition.owner_of(users) == self.rank
         users, pos, neg = users[mine], pos[mine], neg[mine]
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
@@ -376,24 +399,62 @@ class DistributedTrainer:
             layers = propagate_blocks(blocks, view.embeddings, L, shard.method.layer_fn) if L else \
                 [shard.method.layer_fn(view.embeddings, 0)]
             final = shard.method.combine(layers)
-
-            def rows(ids: torch.Tensor) -> torch.Tensor:
-                return final[torch.searchsorted(batch_nodes, ids)]
-
-            u = rows(users)
-            pos_score = (u * rows(pos_nodes)).sum(-1)
-            neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
-            bpr = F.softplus(neg_score - pos_score.unsqueeze(1)).sum() / (global_batch * neg.shape[1])
+            bpr = self._bpr(final, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
             x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
             reg_rows = x0[torch.searchsorted(batch_nodes, occurrences)]
             reg = cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / global_batch
             (bpr + reg).backward()
             bpr_value = float(bpr.detach())
-        grads = shard.leaf_grads(view)
-        clip = cfg.optim.grad_clip
+        self._apply_gradients(input_nodes, view)
+        if self._refine_now():
+            self._refine(batch_nodes, final)
+        self.global_step += 1
+        return bpr_value
+
+    def _step_full(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+        """Full-graph propagation split by owner (:class:`.halo.HaloPlan`).
+
+        Every rank runs the whole forward and backward, even without a positive of its own:
+        the halo exchanges inside them are collectives.
+        """
+        cfg = self.config
+        shard, plan, part = self.shard, self.halo, self.partition
+        n_users = self.data.n_users
+        global_batch = int(users.shape[0])
+        occurrences = torch.cat([users, pos + n_users, (neg + n_users).reshape(-1)])
+        mine = part.owner_of(users) == self.rank
+        users, pos_nodes, neg_nodes = users[mine], pos[mine] + n_users, neg[mine] + n_users
+        server = shard.server()
+        input_nodes = plan.nodes
+        payload = fetch_rows(input_nodes, part, server, counter=self.counter, decode=False)
+        view = shard.view(server, payload)
+        shard.zero_dense_grads()
+        final_own = shard.method.combine(
+            plan.propagate(view.embeddings, cfg.model.num_layers, shard.method.layer_fn, counter=self.counter))
+        batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
+        final_rows = remote_rows(final_own, batch_nodes, part, self.counter)
+        bpr = self._bpr(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
+        # L2 on layer-0 rows: each rank takes the global batch's occurrences of its own nodes.
+        own_occ = occurrences[part.owner_of(occurrences) == self.rank]
+        counts = torch.bincount(part.local_of(own_occ), minlength=plan.n_own).to(view.embeddings.dtype)
+        x0 = view.embeddings[: plan.n_own]
+        reg = cfg.optim.l2 * 0.5 * (counts.unsqueeze(1) * x0.pow(2)).sum() / global_batch
+        (bpr + reg).backward()
+        self._apply_gradients(input_nodes, view)
+        if self._refine_now():
+            own_batch = torch.unique(own_occ)
+            self._refine(own_batch, final_own.detach()[part.local_of(own_batch)])
+        self.global_step += 1
+        return float(bpr.detach())
+
+    def _apply_gradients(self, input_nodes: torch.Tensor, view) -> None:
+        """Push the layer-0 rows' gradients to their owners (low-bit), step the owners' rows and
+        the all-reduced dense parameters."""
+        shard = self.shard
+        clip = self.config.optim.grad_clip
         local_rows = None
         summed = []
-        for g, comp, ef in zip(grads, self.compressors, self.feedback):
+        for g, comp, ef in zip(shard.leaf_grads(view), self.compressors, self.feedback):
             rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.counter)
             if local_rows is not None and not torch.equal(local_rows, rows_i):
                 raise RuntimeError("row gradient messages disagree on the touched rows")
@@ -405,11 +466,10 @@ class DistributedTrainer:
             for p in shard.dense:
                 p.grad.mul_(self.world)  # allreduce_dense averages; the loss is already global
             shard.apply_dense(clip)
-        refine_every = cfg.model.refine_every
-        if refine_every and shard.method.name == "gnaq" and (self.global_step + 1) % refine_every == 0:
-            self._refine(batch_nodes, final)
-        self.global_step += 1
-        return bpr_value
+
+    def _refine_now(self) -> bool:
+        every = self.config.model.refine_every
+        return bool(every) and self.shard.method.name == "gnaq" and (self.global_step + 1) % every == 0
 
     def _refine(self, batch_nodes: torch.Tensor, final: torch.Tensor | None) -> None:
         """Owners re-assign codes of the step's batch nodes from the requesters' propagated rows.

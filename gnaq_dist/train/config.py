@@ -63,7 +63,7 @@ class ScheduleConfig:
     warmup_epochs: int = 20  # full-precision epochs before the quantized phase (ignored for fp)
     batch_size: int = 8192  # positive (user, item) pairs per step
     num_negatives: int = 4  # sampled negatives per positive (BPR)
-    propagation: Literal["full", "sampled"] = "full"  # full graph per step, or DGL neighbour sampling
+    propagation: Literal["full", "sampled"] = "full"  # full graph per step (split by owner over workers), or DGL neighbour sampling
     fanouts: list[int] = field(default_factory=lambda: [10, 10, 10])  # per layer (-1 = all)
     eval_every: int = 5  # epochs between evaluations (0 = only at the end)
     max_steps: int | None = None  # stop after this many steps in total (smoke runs)

@@ -1,0 +1,140 @@
+"""Full-graph propagation split by owner: each rank computes its own nodes' layers.
+
+Why: on sampled blocks, every rank's 3-hop neighbourhood covers most of the graph, so a
+second rank does not halve anyone's work (docs/distributed.md). Here rank r computes
+``H^(l+1)[own] = A_hat[own, :] Q^l`` from its own rows and the rows of its *halo* (the
+remote neighbours of its own nodes): each rank does its share of the sparse products, and
+only the halo's rows move between layers (fp32 activations forward, their gradients
+backward). Together the ranks compute exactly what full-graph propagation computes on one
+process (``propagation.propagate_full``).
+
+Layer 0 is not exchanged here: its halo rows come with the training fetch in the method's
+wire form (packed codes + levels), as on blocks.
+"""
+
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+
+from gnaq_dist.distributed.exchange import DenseShard, WireCounter, fetch_rows, push_row_gradients
+from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.graph import BipartiteGraph
+
+LayerFn = Callable[[torch.Tensor, int], torch.Tensor]
+
+
+def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and tested
+        warnings.simplefilter("ignore", UserWarning)
+        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape).coalesce()
+        return coo.to_sparse_csr()
+
+
+class _RowsSpMM(torch.autograd.Function):
+    """``A x`` for a rectangular sparse ``A`` whose transpose is kept: the backward is ``A^T g``
+    without transposing on every call (torch's generic CSR backward does)."""
+
+    @staticmethod
+    def forward(ctx, adj: torch.Tensor, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.adj_t = adj_t
+        return adj @ x
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return None, None, ctx.adj_t @ grad
+
+
+class RemoteRows(torch.autograd.Function):
+    """Rows ``ids`` of an activation split by owner (each rank holds its own nodes' rows).
+
+    Forward fetches them from their owners (fp32; own rows never touch the wire), backward
+    sends their gradients back to the owners, which add them to their own rows' gradient.
+    Both are collectives: every rank must run the same forward and backward passes.
+    """
+
+    @staticmethod
+    def forward(ctx, x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,  # type: ignore[override]
+                counter: WireCounter | None) -> torch.Tensor:
+        ctx.ids, ctx.partition, ctx.counter, ctx.n_own = ids, partition, counter, int(x_own.shape[0])
+        return fetch_rows(ids, partition, DenseShard(x_own.detach()), counter=counter, kind="activations")
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        rows, summed = push_row_gradients(ctx.ids, grad.contiguous(), ctx.partition, counter=ctx.counter,
+                                          kind="activations")
+        g_own = torch.zeros((ctx.n_own, grad.shape[1]), dtype=grad.dtype).index_add_(0, rows, summed.to(grad.dtype))
+        return g_own, None, None, None
+
+
+@dataclass(eq=False)
+class HaloPlan:
+    """Rank ``rank``'s rows of ``A_hat``: over its own nodes, then its halo, in that order."""
+
+    own: torch.Tensor  # int64 (n_own,), sorted global ids (= partition.owned_ids(rank))
+    halo: torch.Tensor  # int64 (n_halo,), sorted global ids of remote neighbours of own nodes
+    adj: torch.Tensor  # sparse CSR (n_own, n_own + n_halo)
+    adj_t: torch.Tensor  # sparse CSR (n_own + n_halo, n_own)
+    partition: Partition
+
+    @classmethod
+    def build(cls, graph: BipartiteGraph, partition: Partition, rank: int) -> HaloPlan:
+        if partition.num_nodes != graph.n_nodes:
+            raise GnaqInputError(f"partition covers {partition.num_nodes} nodes, the graph has {graph.n_nodes}")
+        own = torch.from_numpy(partition.owned_ids(rank))
+        owner = partition.owner_of(graph.dst)
+        mine = owner == rank
+        dst, src = graph.dst[mine], graph.src[mine]
+        remote = partition.owner_of(src) != rank
+        halo = torch.unique(src[remote])
+        cols = torch.empty_like(src)
+        cols[~remote] = partition.local_of(src[~remote])
+        cols[remote] = own.shape[0] + torch.searchsorted(halo, src[remote])
+        rows = partition.local_of(dst)
+        # The same values as ``graph.adjacency`` (float64 degrees, rounded once).
+        inv_sqrt = graph.degree.to(torch.float64).clamp(min=1.0).rsqrt()
+        values = (inv_sqrt[src] * inv_sqrt[dst]).to(torch.float32)
+        n_own, n_in = int(own.shape[0]), int(own.shape[0] + halo.shape[0])
+        adj = _csr(rows, cols, values, (n_own, n_in))
+        adj_t = _csr(cols, rows, values, (n_in, n_own))
+        return cls(own, halo, adj, adj_t, partition)
+
+    @property
+    def nodes(self) -> torch.Tensor:
+        """The layer-0 input nodes: own, then halo."""
+        return torch.cat([self.own, self.halo])
+
+    @property
+    def n_own(self) -> int:
+        return int(self.own.shape[0])
+
+    def propagate(self, x_input: torch.Tensor, num_layers: int, layer_fn: LayerFn | None = None,
+                  counter: WireCounter | None = None) -> list[torch.Tensor]:
+        """``[Q^0 .. Q^L]`` of the own nodes, from ``H^0`` of :attr:`nodes` (collective)."""
+        if x_input.dim() != 2 or x_input.shape[0] != self.adj.shape[1]:
+            raise GnaqInputError(f"x_input must be ({self.adj.shape[1]}, d), got {tuple(x_input.shape)}")
+        q_in = layer_fn(x_input, 0) if layer_fn is not None else x_input
+        out = [q_in[: self.n_own]]
+        for layer in range(1, num_layers + 1):
+            h = _RowsSpMM.apply(self.adj, self.adj_t, q_in)
+            q = layer_fn(h, layer) if layer_fn is not None else h
+            out.append(q)
+            if layer < num_layers:  # the next layer reads the halo's rows of this one
+                q_in = torch.cat([q, RemoteRows.apply(q, self.halo, self.partition, counter)])
+        return out
+
+    def describe(self) -> dict[str, int]:
+        return {"own_nodes": self.n_own, "halo_nodes": int(self.halo.shape[0]), "nnz": int(self.adj.values().numel())}
+
+
+def remote_rows(x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,
+                counter: WireCounter | None = None) -> torch.Tensor:
+    """Differentiable rows ``ids`` (unique global ids) of an activation split by owner (collective)."""
+    return RemoteRows.apply(x_own, ids, partition, counter)
+
+
+__all__ = ["HaloPlan", "RemoteRows", "remote_rows"]

@@ -17,7 +17,11 @@ def _graph():
     return build_graph(clustered_interactions(n_users=120, n_items=80, seed=4))
 
 
-def scenario_halo(rank: int, world: int, method: str) -> dict:
+def scenario_halo(rank: int, world: int, methods: list[str]) -> list[dict]:
+    return [_halo_run(rank, world, m) for m in methods]
+
+
+def _halo_run(rank: int, world: int, method: str) -> dict:
     from gnaq_dist.distributed.exchange import WireCounter
     from gnaq_dist.distributed.halo import HaloPlan, remote_rows
     from gnaq_dist.distributed.partition import partition_nodes
@@ -57,10 +61,18 @@ def _reference():
     return final.detach().numpy(), x_all.grad.numpy(), float(loss.detach())
 
 
+@pytest.fixture(scope="module")
+def two_rank_runs() -> dict[str, list[dict]]:
+    """One spawn of 2 gloo ranks, one split propagation per partition method."""
+    methods = ["metis", "hash"]
+    per_rank = run_ranks(scenario_halo, 2, methods, timeout=120)
+    return {m: [runs[i] for runs in per_rank] for i, m in enumerate(methods)}
+
+
 @pytest.mark.parametrize("method", ["metis", "hash"])
-def test_split_propagation_equals_full_graph_forward_and_backward(method):
+def test_split_propagation_equals_full_graph_forward_and_backward(two_rank_runs, method):
     final_ref, grad_ref, loss_ref = _reference()
-    ranks = run_ranks(scenario_halo, 2, method, timeout=120)
+    ranks = two_rank_runs[method]
     seen = np.concatenate([r["own"] for r in ranks])
     assert np.array_equal(np.sort(seen), np.arange(ranks[0]["n_nodes"]))  # every node computed once
     grad = np.zeros_like(grad_ref)
@@ -77,7 +89,7 @@ def test_split_propagation_equals_full_graph_forward_and_backward(method):
 
 def test_one_rank_has_no_halo_and_sends_nothing():
     final_ref, grad_ref, _ = _reference()
-    (r,) = run_ranks(scenario_halo, 1, "hash", timeout=60)
+    ((r,),) = run_ranks(scenario_halo, 1, ["hash"], timeout=60)
     assert r["halo"]["halo_nodes"] == 0 and r["activations"] == 0
     np.testing.assert_allclose(r["final"], final_ref, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(r["grad"], grad_ref, rtol=1e-4, atol=1e-5)

@@ -8,6 +8,7 @@ rows), and ``--steps`` quantized training steps. It also prints the shard's tabl
 Adam bytes per node against the training floor (``b·d/8`` + fp32 levels).
 
     python benchmarks/bench_worker_memory.py --dataset /tmp/gnaq-scale/1-10/dataset --steps 3
+    python benchmarks/bench_worker_memory.py --dataset /tmp/gnaq-scale/1-10/dataset --propagation full
 
 Without an evaluation (that needs the whole table on every rank; see docs/scale.md).
 """
@@ -34,7 +35,8 @@ def main() -> None:
     parser.add_argument("--dataset", required=True)
     parser.add_argument("--steps", type=int, default=3)
     parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--fanouts", default="10,10,10")
+    parser.add_argument("--fanouts", default="10,10,10", help="for --propagation sampled")
+    parser.add_argument("--propagation", default="sampled", choices=["sampled", "full"])
     parser.add_argument("--batch-size", type=int, default=8192)
     args = parser.parse_args()
 
@@ -59,7 +61,7 @@ def main() -> None:
     config = load_config(TrainConfig, [], [
         f"dataset={args.dataset}", "model.method=gnaq", "model.bits=2", f"model.dim={args.dim}",
         "model.num_layers=3", "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0",
-        f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4", "schedule.propagation=sampled",
+        f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4", f"schedule.propagation={args.propagation}",
         f"schedule.fanouts=[{args.fanouts}]", "threads=1", "progress=false",
     ])
     with tempfile.TemporaryDirectory() as tmp:

@@ -29,10 +29,16 @@ LayerFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
 def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
+    """CSR from entries without duplicates; a stable sort by row only when rows are not in
+    order already (no COO coalescing: it holds several copies of the indices at its peak)."""
+    if rows.numel() > 1 and bool((rows.diff() < 0).any()):
+        order = torch.sort(rows, stable=True).indices
+        rows, cols, values = rows[order], cols[order], values[order]
+    crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
+    torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0, out=crow[1:])
     with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and tested
         warnings.simplefilter("ignore", UserWarning)
-        coo = torch.sparse_coo_tensor(torch.stack([rows, cols]), values, shape).coalesce()
-        return coo.to_sparse_csr()
+        return torch.sparse_csr_tensor(crow, cols, values, size=shape, check_invariants=False)
 
 
 class _RowsSpMM(torch.autograd.Function):
@@ -94,12 +100,13 @@ class HaloPlan:
         cols = torch.empty_like(src)
         cols[~remote] = partition.local_of(src[~remote])
         cols[remote] = own.shape[0] + torch.searchsorted(halo, src[remote])
-        rows = partition.local_of(dst)
+        rows = partition.local_of(dst)  # non-decreasing: edges are sorted by dst, own ids ascending
         # The same values as ``graph.adjacency`` (float64 degrees, rounded once).
         inv_sqrt = graph.degree.to(torch.float64).clamp(min=1.0).rsqrt()
         values = (inv_sqrt[src] * inv_sqrt[dst]).to(torch.float32)
         n_own, n_in = int(own.shape[0]), int(own.shape[0] + halo.shape[0])
         adj = _csr(rows, cols, values, (n_own, n_in))
+        del dst, src, remote, inv_sqrt
         adj_t = _csr(cols, rows, values, (n_in, n_own))
         return cls(own, halo, adj, adj_t, partition)
 

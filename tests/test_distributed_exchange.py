@@ -17,6 +17,7 @@ from distributed_utils import RankError, run_ranks
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
 from gnaq_dist.distributed.exchange import (
     DenseShard,
+    FixedExchange,
     QuantizedShard,
     WireCounter,
     allreduce_dense,
@@ -155,6 +156,20 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     dense = DenseShard(weight[torch.from_numpy(part.owned_ids(rank))])
     out["fetched_dense"] = fetch_rows(needed, part, dense).numpy()
 
+    # A fixed plan for the same request: rows, wire rows and gradients, without ids per call.
+    plan_counter = WireCounter()
+    plan = FixedExchange(needed, part, counter=plan_counter)
+    out["plan_setup_wire"] = plan_counter.pop()
+    own_weight = weight[torch.from_numpy(part.owned_ids(rank))]
+    out["plan_pull"] = plan.pull(own_weight, plan_counter).numpy()
+    out["plan_pull_wire"] = plan_counter.pop()
+    out["plan_served"] = plan.pull_served(shard).numpy()
+    out["fetch_served"] = fetch_rows(needed, part, shard, decode=False).numpy()
+    g = torch.Generator().manual_seed(7 + rank)
+    grad = torch.randn(needed.shape[0], 8, generator=g)
+    out["plan_grad"] = (needed.numpy(), grad.numpy())
+    out["plan_back"] = plan.push_back(grad, int(part.counts()[rank])).numpy()
+
     # The last rank pushes nothing at all; the others push duplicates.
     ids, grads = _grads(rank, 0, 4)
     if rank == 2:
@@ -226,6 +241,28 @@ def test_fetch_rows_with_three_ranks_uneven_and_empty_requests(three):
     for rank in (0, 2):
         assert three[rank]["fetch_wire"]["control_bytes"] == 2 * 24  # headers only
     assert three[2]["fetch_wire"]["rows_fetched_bytes"] > 0
+
+
+def test_fixed_exchange_pulls_and_sums_back_like_fetch_and_push(three):
+    weight = np.arange(N * 8, dtype=np.float32).reshape(N, 8)
+    part = _partition(3)
+    expected_back = np.zeros((N, 8))
+    for res in three:
+        ids, grad = res["plan_grad"]
+        np.add.at(expected_back, ids, grad)
+    for rank, res in enumerate(three):
+        needed = _needed(rank, 3).numpy()
+        np.testing.assert_array_equal(res["plan_pull"], weight[needed])
+        np.testing.assert_array_equal(res["plan_served"], res["fetch_served"])
+        own = part.owned_ids(rank)
+        np.testing.assert_allclose(res["plan_back"], expected_back[own], rtol=1e-6, atol=1e-6)
+        remote = int((part.owner[needed] != rank).sum())
+        # Ids travel once, when the plan is made; a pull then carries only the rows it serves.
+        assert res["plan_setup_wire"]["control_bytes"] == 2 * 24 + 4 * remote
+        assert res["plan_pull_wire"]["control_bytes"] == 0
+    served = [res["plan_pull_wire"]["activations_bytes"] for res in three]
+    asked = [int((part.owner[_needed(r, 3).numpy()] != r).sum()) * 4 * 8 for r in range(3)]
+    assert sum(served) == sum(asked) and three[2]["plan_pull"].shape == (0, 8)
 
 
 def test_fetched_rows_are_over_10x_smaller_than_fp32(two):

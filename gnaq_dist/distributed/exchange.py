@@ -405,6 +405,75 @@ def push_row_gradients(
     return rows.to(device), summed.to(device)
 
 
+class FixedExchange:
+    """The same rows, from the same owners, at every call: the plan is made once.
+
+    For a request that does not change between calls (a rank's halo, asked for at every
+    layer of every step), :func:`fetch_rows` would send the header and the ids each time
+    and sort them at both ends. Here the ids go once, when the plan is built (a
+    collective); afterwards :meth:`pull` is one ``all_to_all`` of fp32 rows and
+    :meth:`push_back` one ``all_to_all`` of their gradients, summed into the owners' rows
+    in rank order. Rows must be float32 of one width per plan's use; the caller sees them
+    in the order of ``needed_ids``.
+    """
+
+    def __init__(self, needed_ids: torch.Tensor, partition: Partition, *, counter: WireCounter | None = None):
+        rank, world = _world()
+        if partition.world_size != world:
+            raise GnaqInputError(f"partition is for {partition.world_size} ranks, the process group has {world}")
+        ids = _check_ids(needed_ids, partition, "FixedExchange")
+        order, recv_counts = _group_by_owner(ids, partition)  # what this rank receives, by owner
+        send_counts = _exchange_header(recv_counts, 0, 0, "FixedExchange", counter)
+        id_dtype = _id_dtype(partition)
+        _count(counter, "control", int(ids.numel() - recv_counts[rank]) * torch.empty(0, dtype=id_dtype).element_size())
+        asked = _all_to_all(ids[order].to(id_dtype), recv_counts.tolist(), send_counts.tolist()).to(torch.int64)
+        if asked.numel() and bool((partition.owner_of(asked) != rank).any()):
+            raise RuntimeError(f"FixedExchange: rank {rank} was asked for rows it does not own")
+        self.rank = rank
+        self.order = order  # position in needed_ids of each received row
+        self.recv_counts = [int(c) for c in recv_counts]
+        self.send_counts = [int(c) for c in send_counts]
+        self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
+        self.num_needed = int(ids.numel())
+
+    def _remote(self, counts: list[int]) -> int:
+        return sum(counts) - counts[self.rank]
+
+    def pull(self, x_own: torch.Tensor, counter: WireCounter | None = None, kind: str = "activations") -> torch.Tensor:
+        """Rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) float32, in that order (collective)."""
+        d = int(x_own.shape[1])
+        send = x_own.detach()[self.send_rows].to(torch.float32).contiguous()
+        _count(counter, kind, self._remote(self.send_counts) * 4 * d)
+        got = _all_to_all(send.reshape(-1), [c * d for c in self.send_counts],
+                          [c * d for c in self.recv_counts]).reshape(sum(self.recv_counts), d)
+        out = torch.empty((self.num_needed, d), dtype=torch.float32)
+        out[self.order] = got
+        return out.to(x_own.device)
+
+    def pull_served(self, server: RowServer, counter: WireCounter | None = None) -> torch.Tensor:
+        """Wire rows ``needed_ids`` from the owners' ``server`` (uint8 (n, row_bytes), in that
+        order, counted as ``rows_fetched``), as :func:`fetch_rows` with ``decode=False`` (collective)."""
+        rb = int(server.row_bytes)
+        payload = server.serve(self.send_rows)
+        _count(counter, "rows_fetched", self._remote(self.send_counts) * rb,
+               self._remote(self.send_counts) * int(server.fp32_row_bytes))
+        got = _all_to_all(payload.reshape(-1), [c * rb for c in self.send_counts],
+                          [c * rb for c in self.recv_counts]).reshape(sum(self.recv_counts), rb)
+        out = torch.empty((self.num_needed, rb), dtype=torch.uint8)
+        out[self.order] = got
+        return out
+
+    def push_back(self, grad: torch.Tensor, n_own: int, counter: WireCounter | None = None,
+                  kind: str = "activations") -> torch.Tensor:
+        """The gradient of :meth:`pull`: each owner's (n_own, d) sum of what came back (collective)."""
+        d = int(grad.shape[1])
+        grouped = grad.detach().cpu().to(torch.float32)[self.order].contiguous()
+        _count(counter, kind, self._remote(self.recv_counts) * 4 * d)
+        back = _all_to_all(grouped.reshape(-1), [c * d for c in self.recv_counts],
+                           [c * d for c in self.send_counts]).reshape(sum(self.send_counts), d)
+        return torch.zeros((n_own, d), dtype=torch.float32).index_add_(0, self.send_rows, back).to(grad.device)
+
+
 @torch.no_grad()
 def allreduce_dense(tensors: Sequence[torch.Tensor], *, counter: WireCounter | None = None) -> None:
     """Average ``tensors`` (e.g. dense parameters' gradients) over ranks, in place, in one all_reduce.

@@ -20,7 +20,7 @@ from typing import Callable
 
 import torch
 
-from gnaq_dist.distributed.exchange import DenseShard, WireCounter, fetch_rows, push_row_gradients
+from gnaq_dist.distributed.exchange import DenseShard, FixedExchange, WireCounter, fetch_rows, push_row_gradients
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph
@@ -77,6 +77,20 @@ class RemoteRows(torch.autograd.Function):
         return g_own, None, None, None
 
 
+class _HaloRows(torch.autograd.Function):
+    """The halo's rows of a layer (a fixed request: one ``all_to_all`` each way, no ids)."""
+
+    @staticmethod
+    def forward(ctx, x_own: torch.Tensor, exchange: FixedExchange,  # type: ignore[override]
+                counter: WireCounter | None) -> torch.Tensor:
+        ctx.exchange, ctx.counter, ctx.n_own = exchange, counter, int(x_own.shape[0])
+        return exchange.pull(x_own, counter)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        return ctx.exchange.push_back(grad, ctx.n_own, ctx.counter).to(grad.dtype), None, None
+
+
 @dataclass(eq=False)
 class HaloPlan:
     """Rank ``rank``'s rows of ``A_hat``: over its own nodes, then its halo, in that order."""
@@ -86,9 +100,12 @@ class HaloPlan:
     adj: torch.Tensor  # sparse CSR (n_own, n_own + n_halo)
     adj_t: torch.Tensor  # sparse CSR (n_own + n_halo, n_own)
     partition: Partition
+    exchange: FixedExchange  # the halo's rows from their owners, planned once
 
     @classmethod
-    def build(cls, graph: BipartiteGraph, partition: Partition, rank: int) -> HaloPlan:
+    def build(cls, graph: BipartiteGraph, partition: Partition, rank: int,
+              counter: WireCounter | None = None) -> HaloPlan:
+        """This rank's plan; a collective (the ranks tell each other their halos once)."""
         if partition.num_nodes != graph.n_nodes:
             raise GnaqInputError(f"partition covers {partition.num_nodes} nodes, the graph has {graph.n_nodes}")
         own = torch.from_numpy(partition.owned_ids(rank))
@@ -108,7 +125,7 @@ class HaloPlan:
         adj = _csr(rows, cols, values, (n_own, n_in))
         del dst, src, remote, inv_sqrt
         adj_t = _csr(cols, rows, values, (n_in, n_own))
-        return cls(own, halo, adj, adj_t, partition)
+        return cls(own, halo, adj, adj_t, partition, FixedExchange(halo, partition, counter=counter))
 
     @property
     def nodes(self) -> torch.Tensor:
@@ -131,7 +148,7 @@ class HaloPlan:
             q = layer_fn(h, layer) if layer_fn is not None else h
             out.append(q)
             if layer < num_layers:  # the next layer reads the halo's rows of this one
-                q_in = torch.cat([q, RemoteRows.apply(q, self.halo, self.partition, counter)])
+                q_in = torch.cat([q, _HaloRows.apply(q, self.exchange, counter)])
         return out
 
     def describe(self) -> dict[str, int]:

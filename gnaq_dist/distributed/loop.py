@@ -426,7 +426,9 @@ class DistributedTrainer:
         users, pos_nodes, neg_nodes = users[mine], pos[mine] + n_users, neg[mine] + n_users
         server = shard.server()
         input_nodes = plan.nodes
-        payload = fetch_rows(input_nodes, part, server, counter=self.counter, decode=False)
+        # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
+        own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
+        payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
         view = shard.view(server, payload)
         shard.zero_dense_grads()
         final_own = shard.method.combine(

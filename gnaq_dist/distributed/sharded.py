@@ -52,7 +52,7 @@ class LatentShard:
 
     def serve(self, local_rows: torch.Tensor) -> torch.Tensor:
         rows = local_rows.to(torch.int64)
-        parts = [p.detach()[rows].reshape(rows.shape[0], -1).to(torch.float32) for p in self.params]
+        parts = [p.detach()[rows].reshape(rows.shape[0], w).to(torch.float32) for p, w in zip(self.params, self.widths)]
         out = torch.cat(parts, dim=1).contiguous() if parts else torch.empty(rows.shape[0], 0)
         return out.view(torch.uint8).reshape(rows.shape[0], self.row_bytes)
 

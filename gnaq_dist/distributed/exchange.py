@@ -434,6 +434,7 @@ class FixedExchange:
         self.recv_counts = [int(c) for c in recv_counts]
         self.send_counts = [int(c) for c in send_counts]
         self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
+        self.needed = ids
         self.num_needed = int(ids.numel())
 
     def _remote(self, counts: list[int]) -> int:
@@ -472,6 +473,30 @@ class FixedExchange:
         back = _all_to_all(grouped.reshape(-1), [c * d for c in self.recv_counts],
                            [c * d for c in self.send_counts]).reshape(sum(self.send_counts), d)
         return torch.zeros((n_own, d), dtype=torch.float32).index_add_(0, self.send_rows, back).to(grad.device)
+
+    def push_gradients(self, grad: torch.Tensor, n_own: int, compressor: RowCompressor | None,
+                       error_feedback: ErrorFeedback | None, counter: WireCounter | None = None) -> torch.Tensor:
+        """Gradients of the needed rows to their owners, compressed as :func:`push_row_gradients`
+        compresses them (with error feedback on the needed ids); returns each owner's (n_own, k)
+        sum of what came back, counted as ``gradients_sent`` (collective)."""
+        k = int(grad.shape[1])
+        comp = compressor if compressor is not None else RowCompressor(bits=None)
+        if error_feedback is not None and error_feedback.dim != k:
+            raise GnaqInputError(f"error feedback holds rows of {error_feedback.dim} values, gradients have {k}")
+        g = grad.detach().cpu().to(torch.float32)
+        if error_feedback is not None and comp.bits is not None:
+            p = error_feedback.compensate(self.needed, g).cpu()
+            wire, carried = comp.encode(p)
+            error_feedback.update(self.needed, p, carried)
+        else:
+            wire, _ = comp.encode(g)
+        rb = comp.row_bytes(k)
+        remote = self._remote(self.recv_counts)
+        _count(counter, "gradients_sent", remote * rb, remote * 4 * k)
+        back = _all_to_all(wire[self.order].reshape(-1), [c * rb for c in self.recv_counts],
+                           [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
+        values = comp.decode(back.contiguous(), k)
+        return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)
 
 
 @torch.no_grad()

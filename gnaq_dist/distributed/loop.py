@@ -442,22 +442,28 @@ class DistributedTrainer:
         x0 = view.embeddings[: plan.n_own]
         reg = cfg.optim.l2 * 0.5 * (counts.unsqueeze(1) * x0.pow(2)).sum() / global_batch
         (bpr + reg).backward()
-        self._apply_gradients(input_nodes, view)
+        self._apply_gradients(input_nodes, view, plan)
         if self._refine_now():
             own_batch = torch.unique(own_occ)
             self._refine(own_batch, final_own.detach()[part.local_of(own_batch)])
         self.global_step += 1
         return float(bpr.detach())
 
-    def _apply_gradients(self, input_nodes: torch.Tensor, view) -> None:
+    def _apply_gradients(self, input_nodes: torch.Tensor, view, plan: HaloPlan | None = None) -> None:
         """Push the layer-0 rows' gradients to their owners (low-bit), step the owners' rows and
-        the all-reduced dense parameters."""
+        the all-reduced dense parameters. With a halo plan the input nodes are own + halo rows:
+        own rows' gradients stay here, the halo's go through the plan."""
         shard = self.shard
         clip = self.config.optim.grad_clip
         local_rows = None
         summed = []
         for g, comp, ef in zip(shard.leaf_grads(view), self.compressors, self.feedback):
-            rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.counter)
+            if plan is not None:
+                n = plan.n_own
+                rows_i = torch.arange(n, dtype=torch.int64)
+                g_i = g[:n].detach().float() + plan.exchange.push_gradients(g[n:], n, comp, ef, counter=self.counter)
+            else:
+                rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.counter)
             if local_rows is not None and not torch.equal(local_rows, rows_i):
                 raise RuntimeError("row gradient messages disagree on the touched rows")
             local_rows = rows_i

@@ -8,6 +8,9 @@ fp32 equivalent, peak RSS per worker, and the W=2 / W=1 throughput ratio.
     python benchmarks/bench_distributed.py --dataset data/gowalla --steps 20 # shorter
     python benchmarks/bench_distributed.py --dataset data/gowalla --propagation full,sampled
 
+``--launcher gloo`` runs the same worker function in W plain processes of one gloo group
+instead of Ray Train workers: the loop's cost without Ray's own processes beside it.
+
 ``--propagation full`` splits full-graph propagation by owner (each worker computes its own
 nodes' layers and swaps the boundary rows); ``sampled`` runs on neighbour-sampled blocks.
 """
@@ -23,6 +26,42 @@ from gnaq_dist.distributed.ray_launch import train_on_ray
 from gnaq_dist.train.config import TrainConfig
 
 
+def _gloo_rank(rank: int, world: int, init_file: str, config: TrainConfig, queue) -> None:
+    import resource
+
+    import torch.distributed as dist
+
+    from gnaq_dist.distributed.loop import train_worker
+
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        summary = train_worker(config)
+    finally:
+        dist.destroy_process_group()
+    queue.put((rank, summary, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024))
+
+
+def train_on_gloo(config: TrainConfig, workers: int) -> dict:
+    """Rank 0's summary of ``train_worker`` in ``workers`` spawned gloo processes (no Ray)."""
+    import tempfile
+
+    import torch.multiprocessing as mp
+
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    with tempfile.TemporaryDirectory() as tmp:
+        procs = [ctx.Process(target=_gloo_rank, args=(r, workers, f"{tmp}/pg", config, queue))
+                 for r in range(workers)]
+        for p in procs:
+            p.start()
+        got = sorted(queue.get() for _ in range(workers))
+        for p in procs:
+            p.join()
+    summary = got[0][1]
+    summary["worker_peak_rss_mb"] = [round(rss, 1) for _, _, rss in got]
+    return summary
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dataset", required=True)
@@ -34,6 +73,7 @@ def main() -> None:
     parser.add_argument("--propagation", default="sampled", help="comma-separated: full, sampled")
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--out", default="runs/bench-distributed")
+    parser.add_argument("--launcher", default="ray", choices=["ray", "gloo"])
     args = parser.parse_args()
     rows = []
     runs = [(p, int(w)) for p in args.propagation.split(",") for w in args.workers.split(",")]
@@ -47,7 +87,7 @@ def main() -> None:
         ] + ([f"schedule.max_steps={args.steps}"] if args.steps else [])
         config = load_config(TrainConfig, [], overrides)
         t0 = time.time()
-        summary = train_on_ray(config, workers)
+        summary = train_on_ray(config, workers) if args.launcher == "ray" else train_on_gloo(config, workers)
         wall = time.time() - t0
         wire = summary["wire"]
         rows.append({

@@ -168,7 +168,7 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     g = torch.Generator().manual_seed(7 + rank)
     grad = torch.randn(needed.shape[0], 8, generator=g)
     out["plan_grad"] = (needed.numpy(), grad.numpy())
-    out["plan_back"] = plan.push_back(grad, int(part.counts()[rank])).numpy()
+    out["plan_back"] = plan.push_gradients(grad, int(part.counts()[rank])).numpy()
 
     # The last rank pushes nothing at all; the others push duplicates.
     ids, grads = _grads(rank, 0, 4)

@@ -409,12 +409,12 @@ class FixedExchange:
     """The same rows, from the same owners, at every call: the plan is made once.
 
     For a request that does not change between calls (a rank's halo, asked for at every
-    layer of every step), :func:`fetch_rows` would send the header and the ids each time
-    and sort them at both ends. Here the ids go once, when the plan is built (a
-    collective); afterwards :meth:`pull` is one ``all_to_all`` of fp32 rows and
-    :meth:`push_back` one ``all_to_all`` of their gradients, summed into the owners' rows
-    in rank order. Rows must be float32 of one width per plan's use; the caller sees them
-    in the order of ``needed_ids``.
+    layer of every step), :func:`fetch_rows` and :func:`push_row_gradients` would send the
+    header and the ids each time and sort them at both ends. Here the ids go once, when
+    the plan is built (a collective); afterwards a pull is one ``all_to_all`` of rows
+    (:meth:`pull_served`: wire rows of a server, :meth:`pull`: fp32 rows) and a push one
+    ``all_to_all`` of gradient rows (:meth:`push_gradients`, compressed or fp32), summed
+    into the owners' rows in rank order. Rows come back in the order of ``needed_ids``.
     """
 
     def __init__(self, needed_ids: torch.Tensor, partition: Partition, *, counter: WireCounter | None = None):
@@ -440,45 +440,31 @@ class FixedExchange:
     def _remote(self, counts: list[int]) -> int:
         return sum(counts) - counts[self.rank]
 
-    def pull(self, x_own: torch.Tensor, counter: WireCounter | None = None, kind: str = "activations") -> torch.Tensor:
-        """Rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) float32, in that order (collective)."""
-        d = int(x_own.shape[1])
-        send = x_own.detach()[self.send_rows].to(torch.float32).contiguous()
-        _count(counter, kind, self._remote(self.send_counts) * 4 * d)
-        got = _all_to_all(send.reshape(-1), [c * d for c in self.send_counts],
-                          [c * d for c in self.recv_counts]).reshape(sum(self.recv_counts), d)
-        out = torch.empty((self.num_needed, d), dtype=torch.float32)
-        out[self.order] = got
-        return out.to(x_own.device)
-
-    def pull_served(self, server: RowServer, counter: WireCounter | None = None) -> torch.Tensor:
+    def pull_served(self, server: RowServer, counter: WireCounter | None = None,
+                    kind: str = "rows_fetched") -> torch.Tensor:
         """Wire rows ``needed_ids`` from the owners' ``server`` (uint8 (n, row_bytes), in that
-        order, counted as ``rows_fetched``), as :func:`fetch_rows` with ``decode=False`` (collective)."""
+        order), as :func:`fetch_rows` with ``decode=False`` (collective)."""
         rb = int(server.row_bytes)
         payload = server.serve(self.send_rows)
-        _count(counter, "rows_fetched", self._remote(self.send_counts) * rb,
-               self._remote(self.send_counts) * int(server.fp32_row_bytes))
+        sent = self._remote(self.send_counts)
+        _count(counter, kind, sent * rb, sent * int(server.fp32_row_bytes))
         got = _all_to_all(payload.reshape(-1), [c * rb for c in self.send_counts],
                           [c * rb for c in self.recv_counts]).reshape(sum(self.recv_counts), rb)
         out = torch.empty((self.num_needed, rb), dtype=torch.uint8)
         out[self.order] = got
         return out
 
-    def push_back(self, grad: torch.Tensor, n_own: int, counter: WireCounter | None = None,
-                  kind: str = "activations") -> torch.Tensor:
-        """The gradient of :meth:`pull`: each owner's (n_own, d) sum of what came back (collective)."""
-        d = int(grad.shape[1])
-        grouped = grad.detach().cpu().to(torch.float32)[self.order].contiguous()
-        _count(counter, kind, self._remote(self.recv_counts) * 4 * d)
-        back = _all_to_all(grouped.reshape(-1), [c * d for c in self.recv_counts],
-                           [c * d for c in self.send_counts]).reshape(sum(self.send_counts), d)
-        return torch.zeros((n_own, d), dtype=torch.float32).index_add_(0, self.send_rows, back).to(grad.device)
+    def pull(self, x_own: torch.Tensor, counter: WireCounter | None = None, kind: str = "activations") -> torch.Tensor:
+        """Rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d), as float32 (collective)."""
+        server = DenseShard(x_own.detach().cpu())
+        return server.decode(self.pull_served(server, counter, kind)).to(x_own.device)
 
-    def push_gradients(self, grad: torch.Tensor, n_own: int, compressor: RowCompressor | None,
-                       error_feedback: ErrorFeedback | None, counter: WireCounter | None = None) -> torch.Tensor:
+    def push_gradients(self, grad: torch.Tensor, n_own: int, compressor: RowCompressor | None = None,
+                       error_feedback: ErrorFeedback | None = None, counter: WireCounter | None = None,
+                       kind: str = "gradients_sent") -> torch.Tensor:
         """Gradients of the needed rows to their owners, compressed as :func:`push_row_gradients`
-        compresses them (with error feedback on the needed ids); returns each owner's (n_own, k)
-        sum of what came back, counted as ``gradients_sent`` (collective)."""
+        compresses them (None: fp32; error feedback on the needed ids); returns each owner's
+        (n_own, k) float32 sum of what came back (collective)."""
         k = int(grad.shape[1])
         comp = compressor if compressor is not None else RowCompressor(bits=None)
         if error_feedback is not None and error_feedback.dim != k:
@@ -492,7 +478,7 @@ class FixedExchange:
             wire, _ = comp.encode(g)
         rb = comp.row_bytes(k)
         remote = self._remote(self.recv_counts)
-        _count(counter, "gradients_sent", remote * rb, remote * 4 * k)
+        _count(counter, kind, remote * rb, remote * 4 * k)
         back = _all_to_all(wire[self.order].reshape(-1), [c * rb for c in self.recv_counts],
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
         values = comp.decode(back.contiguous(), k)

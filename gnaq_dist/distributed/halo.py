@@ -8,8 +8,9 @@ only the halo's rows move between layers (fp32 activations forward, their gradie
 backward). Together the ranks compute exactly what full-graph propagation computes on one
 process (``propagation.propagate_full``).
 
-Layer 0 is not exchanged here: its halo rows come with the training fetch in the method's
-wire form (packed codes + levels), as on blocks.
+Layer 0's halo rows travel in the method's wire form (packed codes + levels) through the
+same plan (``HaloPlan.exchange.pull_served``, called by the training loop), and their
+gradients in low-bit form (``push_gradients``).
 """
 
 from __future__ import annotations
@@ -88,7 +89,8 @@ class _HaloRows(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return ctx.exchange.push_back(grad, ctx.n_own, ctx.counter).to(grad.dtype), None, None
+        g_own = ctx.exchange.push_gradients(grad, ctx.n_own, counter=ctx.counter, kind="activations")
+        return g_own.to(grad.dtype), None, None
 
 
 @dataclass(eq=False)

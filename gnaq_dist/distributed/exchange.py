@@ -278,47 +278,34 @@ def _group_by_owner(ids: torch.Tensor, partition: Partition) -> tuple[torch.Tens
 
 
 def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer, *,
-               counter: WireCounter | None = None, decode: bool = True, kind: str = "rows_fetched") -> torch.Tensor:
+               counter: WireCounter | None = None, decode: bool = True) -> torch.Tensor:
     """Rows of the global ``needed_ids`` (unique), from their owners, in the order asked.
 
     ``server`` is this rank's own shard (rows ``partition.owned_ids(rank)``); it answers
     the peers' requests and decodes the answers. Returns (n, server.width) float32, or
     with ``decode=False`` the uint8 (n, server.row_bytes) wire rows (e.g. for
-    ``QuantizedShard.decode_parts``). ``kind`` is what ``counter`` counts the rows as.
-    Collective: every rank calls it, possibly with no ids.
+    ``QuantizedShard.decode_parts``). A :class:`FixedExchange` used once. Collective:
+    every rank calls it, possibly with no ids.
     """
-    rank, world = _world()
-    if partition.world_size != world:
-        raise GnaqInputError(f"partition is for {partition.world_size} ranks, the process group has {world}")
     ids = _check_ids(needed_ids, partition, "fetch_rows")
     if ids.numel() > 1 and bool((torch.sort(ids).values.diff() == 0).any()):
         raise GnaqInputError("fetch_rows: needed_ids must be unique")
     device = torch.as_tensor(needed_ids).device
-    order, send_counts = _group_by_owner(ids, partition)
-    rb = int(server.row_bytes)
-    recv_counts = _exchange_header(send_counts, rb, int(server.width), "fetch_rows", counter)
+    plan = FixedExchange(ids, partition, counter=counter, row_bytes=int(server.row_bytes),
+                         width=int(server.width), what="fetch_rows")
+    rows = plan.pull_served(server, counter)
+    return (server.decode(rows) if decode else rows).to(device)
 
-    id_dtype = _id_dtype(partition)
-    id_bytes = torch.empty(0, dtype=id_dtype).element_size()
-    remote_asked = int(ids.numel() - send_counts[rank])
-    _count(counter, "control", remote_asked * id_bytes)
-    asked = _all_to_all(ids[order].to(id_dtype), send_counts.tolist(), recv_counts.tolist()).to(torch.int64)
-    if asked.numel() and bool((partition.owner_of(asked) != rank).any()):
-        raise RuntimeError(f"fetch_rows: rank {rank} was asked for rows it does not own")
 
-    payload = server.serve(partition.local_of(asked))
-    if payload.dtype != torch.uint8 or tuple(payload.shape) != (asked.shape[0], rb):
-        raise RuntimeError(f"server returned {payload.dtype} {tuple(payload.shape)}, expected uint8 "
-                           f"({asked.shape[0]}, {rb})")
-    served_remote = int(asked.numel() - recv_counts[rank])
-    _count(counter, kind, served_remote * rb, served_remote * int(server.fp32_row_bytes))
-    answer = _all_to_all(payload.reshape(-1), (recv_counts * rb).tolist(), (send_counts * rb).tolist())
-    answer = answer.reshape(-1, rb)
-
-    out_rows = server.decode(answer) if decode else answer
-    out = torch.empty((ids.shape[0],) + tuple(out_rows.shape[1:]), dtype=out_rows.dtype)
-    out[order] = out_rows.cpu()
-    return out.to(device)
+def _encode_gradients(comp: RowCompressor, error_feedback: ErrorFeedback | None, ids: torch.Tensor,
+                      g: torch.Tensor) -> torch.Tensor:
+    """Wire rows of gradient rows ``g`` (global ``ids``), with error feedback when compressing."""
+    if error_feedback is not None and comp.bits is not None:
+        p = error_feedback.compensate(ids, g).cpu()
+        wire, carried = comp.encode(p)
+        error_feedback.update(ids, p, carried)
+        return wire
+    return comp.encode(g)[0]
 
 
 def push_row_gradients(
@@ -329,7 +316,6 @@ def push_row_gradients(
     error_feedback: ErrorFeedback | None = None,
     *,
     counter: WireCounter | None = None,
-    kind: str = "gradients_sent",
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Send (global id, gradient row) pairs to the rows' owners; owners sum them.
 
@@ -337,7 +323,7 @@ def push_row_gradients(
     residual per id). Rows for other ranks are compressed (``compressor``; None or
     ``bits=None`` sends fp32) with ``error_feedback`` applied; rows this rank owns stay
     fp32. Returns this rank's touched local rows (sorted) and their summed gradients
-    (float32, on ``grads``' device), counted as ``kind``. Collective: every rank calls it, possibly with
+    (float32, on ``grads``' device). Collective: every rank calls it, possibly with
     ``(0, k)`` gradients.
     """
     rank, world = _world()
@@ -370,16 +356,11 @@ def push_row_gradients(
     rb = comp.row_bytes(k)
     recv_counts = _exchange_header(wire_counts, id_bytes + rb, k, "push_row_gradients", counter)
 
-    if error_feedback is not None and comp.bits is not None:
-        p = error_feedback.compensate(rem_ids, rem_g).cpu()
-        wire, carried = comp.encode(p)
-        error_feedback.update(rem_ids, p, carried)
-    else:
-        wire, _ = comp.encode(rem_g)
+    wire = _encode_gradients(comp, error_feedback, rem_ids, rem_g)
     n_rem = rem_ids.shape[0]
     msg = torch.cat([rem_ids.to(id_dtype).view(torch.uint8).reshape(n_rem, id_bytes), wire.cpu()], dim=1)
     _count(counter, "control", n_rem * id_bytes)
-    _count(counter, kind, n_rem * rb, n_rem * 4 * k)
+    _count(counter, "gradients_sent", n_rem * rb, n_rem * 4 * k)
     got = _all_to_all(msg.reshape(-1), (wire_counts * (id_bytes + rb)).tolist(),
                       (recv_counts * (id_bytes + rb)).tolist()).reshape(-1, id_bytes + rb)
     got_ids = bytes_view(got[:, :id_bytes], id_dtype).reshape(-1).to(torch.int64)
@@ -408,27 +389,28 @@ def push_row_gradients(
 class FixedExchange:
     """The same rows, from the same owners, at every call: the plan is made once.
 
-    For a request that does not change between calls (a rank's halo, asked for at every
-    layer of every step), :func:`fetch_rows` and :func:`push_row_gradients` would send the
-    header and the ids each time and sort them at both ends. Here the ids go once, when
-    the plan is built (a collective); afterwards a pull is one ``all_to_all`` of rows
+    The header and the ids go once, when the plan is built (a collective; ``row_bytes``
+    and ``width`` are checked against every peer's, as every exchange does). For a request
+    that does not change between calls (a rank's halo, asked for at every layer of every
+    step) the plan is kept: afterwards a pull is one ``all_to_all`` of rows
     (:meth:`pull_served`: wire rows of a server, :meth:`pull`: fp32 rows) and a push one
     ``all_to_all`` of gradient rows (:meth:`push_gradients`, compressed or fp32), summed
     into the owners' rows in rank order. Rows come back in the order of ``needed_ids``.
     """
 
-    def __init__(self, needed_ids: torch.Tensor, partition: Partition, *, counter: WireCounter | None = None):
+    def __init__(self, needed_ids: torch.Tensor, partition: Partition, *, counter: WireCounter | None = None,
+                 row_bytes: int = 0, width: int = 0, what: str = "FixedExchange"):
         rank, world = _world()
         if partition.world_size != world:
             raise GnaqInputError(f"partition is for {partition.world_size} ranks, the process group has {world}")
-        ids = _check_ids(needed_ids, partition, "FixedExchange")
+        ids = _check_ids(needed_ids, partition, what)
         order, recv_counts = _group_by_owner(ids, partition)  # what this rank receives, by owner
-        send_counts = _exchange_header(recv_counts, 0, 0, "FixedExchange", counter)
+        send_counts = _exchange_header(recv_counts, row_bytes, width, what, counter)
         id_dtype = _id_dtype(partition)
         _count(counter, "control", int(ids.numel() - recv_counts[rank]) * torch.empty(0, dtype=id_dtype).element_size())
         asked = _all_to_all(ids[order].to(id_dtype), recv_counts.tolist(), send_counts.tolist()).to(torch.int64)
         if asked.numel() and bool((partition.owner_of(asked) != rank).any()):
-            raise RuntimeError(f"FixedExchange: rank {rank} was asked for rows it does not own")
+            raise RuntimeError(f"{what}: rank {rank} was asked for rows it does not own")
         self.rank = rank
         self.order = order  # position in needed_ids of each received row
         self.recv_counts = [int(c) for c in recv_counts]
@@ -446,6 +428,9 @@ class FixedExchange:
         order), as :func:`fetch_rows` with ``decode=False`` (collective)."""
         rb = int(server.row_bytes)
         payload = server.serve(self.send_rows)
+        if payload.dtype != torch.uint8 or tuple(payload.shape) != (self.send_rows.shape[0], rb):
+            raise RuntimeError(f"server returned {payload.dtype} {tuple(payload.shape)}, expected uint8 "
+                               f"({self.send_rows.shape[0]}, {rb})")
         sent = self._remote(self.send_counts)
         _count(counter, kind, sent * rb, sent * int(server.fp32_row_bytes))
         got = _all_to_all(payload.reshape(-1), [c * rb for c in self.send_counts],
@@ -469,13 +454,7 @@ class FixedExchange:
         comp = compressor if compressor is not None else RowCompressor(bits=None)
         if error_feedback is not None and error_feedback.dim != k:
             raise GnaqInputError(f"error feedback holds rows of {error_feedback.dim} values, gradients have {k}")
-        g = grad.detach().cpu().to(torch.float32)
-        if error_feedback is not None and comp.bits is not None:
-            p = error_feedback.compensate(self.needed, g).cpu()
-            wire, carried = comp.encode(p)
-            error_feedback.update(self.needed, p, carried)
-        else:
-            wire, _ = comp.encode(g)
+        wire = _encode_gradients(comp, error_feedback, self.needed, grad.detach().cpu().to(torch.float32))
         rb = comp.row_bytes(k)
         remote = self._remote(self.recv_counts)
         _count(counter, kind, remote * rb, remote * 4 * k)

@@ -15,71 +15,25 @@ gradients in low-bit form (``push_gradients``).
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 from typing import Callable
 
 import torch
 
-from gnaq_dist.distributed.exchange import DenseShard, FixedExchange, WireCounter, fetch_rows, push_row_gradients
+from gnaq_dist.distributed.exchange import FixedExchange, WireCounter
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.graph import BipartiteGraph
+from gnaq_dist.graph import BipartiteGraph, csr_tensor, spmm
 
 LayerFn = Callable[[torch.Tensor, int], torch.Tensor]
 
 
-def _csr(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, shape: tuple[int, int]) -> torch.Tensor:
-    """CSR from entries without duplicates; a stable sort by row only when rows are not in
-    order already (no COO coalescing: it holds several copies of the indices at its peak)."""
-    if rows.numel() > 1 and bool((rows.diff() < 0).any()):
-        order = torch.sort(rows, stable=True).indices
-        rows, cols, values = rows[order], cols[order], values[order]
-    crow = torch.zeros(shape[0] + 1, dtype=torch.int64)
-    torch.cumsum(torch.bincount(rows, minlength=shape[0]), 0, out=crow[1:])
-    with warnings.catch_warnings():  # "sparse CSR support is in beta": known, and tested
-        warnings.simplefilter("ignore", UserWarning)
-        return torch.sparse_csr_tensor(crow, cols, values, size=shape, check_invariants=False)
-
-
-class _RowsSpMM(torch.autograd.Function):
-    """``A x`` for a rectangular sparse ``A`` whose transpose is kept: the backward is ``A^T g``
-    without transposing on every call (torch's generic CSR backward does)."""
-
-    @staticmethod
-    def forward(ctx, adj: torch.Tensor, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
-        ctx.adj_t = adj_t
-        return adj @ x
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        return None, None, ctx.adj_t @ grad
-
-
-class RemoteRows(torch.autograd.Function):
-    """Rows ``ids`` of an activation split by owner (each rank holds its own nodes' rows).
-
-    Forward fetches them from their owners (fp32; own rows never touch the wire), backward
-    sends their gradients back to the owners, which add them to their own rows' gradient.
+class _OwnerRows(torch.autograd.Function):
+    """Rows of an activation split by owner (each rank holds its own nodes' rows), planned by
+    a :class:`FixedExchange`: forward pulls them from their owners (fp32, counted as
+    ``activations``), backward sends their gradients back, added to the owners' rows.
     Both are collectives: every rank must run the same forward and backward passes.
     """
-
-    @staticmethod
-    def forward(ctx, x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,  # type: ignore[override]
-                counter: WireCounter | None) -> torch.Tensor:
-        ctx.ids, ctx.partition, ctx.counter, ctx.n_own = ids, partition, counter, int(x_own.shape[0])
-        return fetch_rows(ids, partition, DenseShard(x_own.detach()), counter=counter, kind="activations")
-
-    @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        rows, summed = push_row_gradients(ctx.ids, grad.contiguous(), ctx.partition, counter=ctx.counter,
-                                          kind="activations")
-        g_own = torch.zeros((ctx.n_own, grad.shape[1]), dtype=grad.dtype).index_add_(0, rows, summed.to(grad.dtype))
-        return g_own, None, None, None
-
-
-class _HaloRows(torch.autograd.Function):
-    """The halo's rows of a layer (a fixed request: one ``all_to_all`` each way, no ids)."""
 
     @staticmethod
     def forward(ctx, x_own: torch.Tensor, exchange: FixedExchange,  # type: ignore[override]
@@ -124,9 +78,9 @@ class HaloPlan:
         inv_sqrt = graph.degree.to(torch.float64).clamp(min=1.0).rsqrt()
         values = (inv_sqrt[src] * inv_sqrt[dst]).to(torch.float32)
         n_own, n_in = int(own.shape[0]), int(own.shape[0] + halo.shape[0])
-        adj = _csr(rows, cols, values, (n_own, n_in))
+        adj = csr_tensor(rows, cols, values, (n_own, n_in))
         del dst, src, remote, inv_sqrt
-        adj_t = _csr(cols, rows, values, (n_in, n_own))
+        adj_t = csr_tensor(cols, rows, values, (n_in, n_own))
         return cls(own, halo, adj, adj_t, partition, FixedExchange(halo, partition, counter=counter))
 
     @property
@@ -146,11 +100,11 @@ class HaloPlan:
         q_in = layer_fn(x_input, 0) if layer_fn is not None else x_input
         out = [q_in[: self.n_own]]
         for layer in range(1, num_layers + 1):
-            h = _RowsSpMM.apply(self.adj, self.adj_t, q_in)
+            h = spmm(self.adj, q_in, self.adj_t)
             q = layer_fn(h, layer) if layer_fn is not None else h
             out.append(q)
             if layer < num_layers:  # the next layer reads the halo's rows of this one
-                q_in = torch.cat([q, _HaloRows.apply(q, self.exchange, counter)])
+                q_in = torch.cat([q, _OwnerRows.apply(q, self.exchange, counter)])
         return out
 
     def describe(self) -> dict[str, int]:
@@ -159,8 +113,9 @@ class HaloPlan:
 
 def remote_rows(x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,
                 counter: WireCounter | None = None) -> torch.Tensor:
-    """Differentiable rows ``ids`` (unique global ids) of an activation split by owner (collective)."""
-    return RemoteRows.apply(x_own, ids, partition, counter)
+    """Differentiable rows ``ids`` (unique global ids) of an activation split by owner, through a
+    plan used once (collective)."""
+    return _OwnerRows.apply(x_own, FixedExchange(ids, partition, counter=counter), counter)
 
 
-__all__ = ["HaloPlan", "RemoteRows", "remote_rows"]
+__all__ = ["HaloPlan", "remote_rows"]

@@ -405,7 +405,7 @@ class DistributedTrainer:
             reg = cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / global_batch
             (bpr + reg).backward()
             bpr_value = float(bpr.detach())
-        self._apply_gradients(input_nodes, view)
+        self._apply_gradients(view, input_nodes=input_nodes)
         if self._refine_now():
             self._refine(batch_nodes, final)
         self.global_step += 1
@@ -425,7 +425,6 @@ class DistributedTrainer:
         mine = part.owner_of(users) == self.rank
         users, pos_nodes, neg_nodes = users[mine], pos[mine] + n_users, neg[mine] + n_users
         server = shard.server()
-        input_nodes = plan.nodes
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
@@ -442,17 +441,17 @@ class DistributedTrainer:
         x0 = view.embeddings[: plan.n_own]
         reg = cfg.optim.l2 * 0.5 * (counts.unsqueeze(1) * x0.pow(2)).sum() / global_batch
         (bpr + reg).backward()
-        self._apply_gradients(input_nodes, view, plan)
+        self._apply_gradients(view, plan=plan)
         if self._refine_now():
             own_batch = torch.unique(own_occ)
             self._refine(own_batch, final_own.detach()[part.local_of(own_batch)])
         self.global_step += 1
         return float(bpr.detach())
 
-    def _apply_gradients(self, input_nodes: torch.Tensor, view, plan: HaloPlan | None = None) -> None:
+    def _apply_gradients(self, view, *, input_nodes: torch.Tensor | None = None, plan: HaloPlan | None = None) -> None:
         """Push the layer-0 rows' gradients to their owners (low-bit), step the owners' rows and
-        the all-reduced dense parameters. With a halo plan the input nodes are own + halo rows:
-        own rows' gradients stay here, the halo's go through the plan."""
+        the all-reduced dense parameters. The view's rows are ``input_nodes``, or with a halo
+        plan own + halo rows: own rows' gradients stay here, the halo's go through the plan."""
         shard = self.shard
         clip = self.config.optim.grad_clip
         local_rows = None

@@ -182,20 +182,26 @@ def test_compressed_gradients_and_fetched_gnaq_rows_are_over_10x_smaller(compres
 
 def scenario_methods(rank: int, world: int) -> list[dict]:
     """Every method, a few steps each on this rank; plus GNAQ with code refinement."""
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.loop import DistributedTrainer
 
     data = small_data()
     out = []
+    full = {"schedule.propagation": "full"}
     for method, bits, extra in [("fp", None, {}), ("gnaq", 2, {}), ("gnaq_ste", 2, {}), ("lsq", 2, {}),
                                 ("n2uq", 2, {}), ("bigear", 1, {}), ("gnaq", 2, {"model.refine_every": 2}),
                                 ("lsq", 4, {"distributed.grad_bits": 2, "distributed.partition": "hash"}),
                                 # split full-graph propagation (halo exchange) for every kind of row
-                                ("bigear", 1, {"schedule.propagation": "full"}),
-                                ("n2uq", 2, {"schedule.propagation": "full", "distributed.grad_bits": 2}),
-                                ("gnaq", 2, {"schedule.propagation": "full", "model.refine_every": 2})]:
+                                ("bigear", 1, full),
+                                ("n2uq", 2, {**full, "distributed.grad_bits": 2}),
+                                ("gnaq", 2, {**full, "model.refine_every": 2}),
+                                ("fp", None, full), ("lsq", 2, {**full, "distributed.partition": "hash"})]:
         cfg = small_config(method, bits, **{"schedule.max_steps": 9, **extra})
-        result = train_worker(cfg, data)
+        trainer = DistributedTrainer(cfg, data)
+        result = trainer.run()
         result["method"] = method
+        if extra.get("schedule.propagation") == "full" and method != "bigear":
+            # Split evaluation (no N x d table on any rank) against the whole table gathered.
+            result["split_eval"], result["gathered_eval"] = trainer._evaluate_split(), trainer._evaluate_gathered()
         out.append(result)
     return out
 
@@ -221,6 +227,15 @@ def test_every_method_trains_on_two_ranks():
         assert full["wire"]["train"]["activations_bytes"] > 0, full["method"]
     # With the whole graph split by owner, each owner refines its own rows: nothing to send.
     assert ranks[0][10]["wire"]["refine"]["gradients_sent_bytes"] == 0  # headers only
+    split_evaluated = [r for r in ranks[0] + ranks[1] if "split_eval" in r]
+    assert sorted({r["method"] for r in split_evaluated}) == ["fp", "gnaq", "lsq", "n2uq"]
+    for r in split_evaluated:
+        (m_split, s_split), (m_all, s_all) = r["split_eval"], r["gathered_eval"]
+        assert m_split.keys() == m_all.keys(), r["method"]
+        for k, v in m_all.items():
+            assert m_split[k] == pytest.approx(v, abs=1e-9), (r["method"], k)
+        assert s_split == pytest.approx(s_all), r["method"]
+        assert m_split == r["metrics"]  # what the run reported was the split evaluation
     print(f"every method: {time.monotonic() - t0:.1f} s")
 
 

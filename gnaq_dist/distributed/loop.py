@@ -37,6 +37,7 @@ from gnaq_dist import checkpoint as ckpt
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.exchange import (
     WIRE_KINDS,
+    FixedExchange,
     QuantizedShard,
     WireCounter,
     allreduce_dense,
@@ -54,7 +55,7 @@ from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_rows
-from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_report
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
 from gnaq_dist.train.config import TrainConfig
@@ -494,6 +495,19 @@ class DistributedTrainer:
             self.shard.refine(rows, summed[:, :d] / summed[:, d:])
 
     # -- evaluation --------------------------------------------------------------------------
+    def _packed_server(self) -> tuple[PackedTable, QuantizedShard]:
+        """This rank's rows in storage form and a server of them (wire rows = stored rows)."""
+        method = self.shard.method
+        own = method.pack(level_dtype=self.level_dtype)
+        if self.shard.num_owned == 0:  # a placeholder row: serve nothing
+            own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
+                              if own.levels.shape[0] != 1 else own.levels)
+        server = QuantizedShard.from_packed(own)
+        if own.num_rows == 1 and own.levels.shape[0] == 1 and method.name not in ("gnaq", "gnaq_ste"):
+            server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
+            server.row_bytes = server.code_bytes
+        return own, server
+
     @torch.no_grad()
     def gathered_table(self) -> tuple[str, Any]:
         """The full layer-0 table on every rank, in storage form (collective).
@@ -513,14 +527,7 @@ class DistributedTrainer:
                                     graph=self.graph)
             full.init_from_full_precision(weight)
             return "packed", full.pack(level_dtype=self.level_dtype)
-        own = method.pack(level_dtype=self.level_dtype)
-        if self.shard.num_owned == 0:  # a placeholder row: serve nothing
-            own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
-                              if own.levels.shape[0] != 1 else own.levels)
-        server = QuantizedShard.from_packed(own)
-        if own.num_rows == 1 and own.levels.shape[0] == 1 and method.name not in ("gnaq", "gnaq_ste"):
-            server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
-            server.row_bytes = server.code_bytes
+        own, server = self._packed_server()
         ids = torch.arange(self.partition.num_nodes, dtype=torch.int64)
         payload = fetch_rows(ids, self.partition, server, counter=self.gather_counter, decode=False)
         cb = packed_row_bytes(own.groups * own.dim, own.bits)
@@ -543,25 +550,66 @@ class DistributedTrainer:
         return final_from_packed(self.graph, table, method.combine, L)
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Metrics (the same on every rank) and the storage report of the gathered table."""
+        """Metrics (the same on every rank) and the storage report of the whole table (collective).
+
+        With the graph split by owner (``propagation: full``), evaluation is split the same way
+        (:meth:`_evaluate_split`); otherwise every rank gathers the table and propagates the
+        whole graph (:meth:`_evaluate_gathered`). BiGeaR's stored form is its binarized
+        propagated layers, built from the whole graph: it is always gathered.
+        """
+        if self.halo is not None and self.shard.method.name != "bigear":
+            return self._evaluate_split()
+        return self._evaluate_gathered()
+
+    def _rank_users(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> dict[str, float]:
+        """This rank's evaluation users ranked (rows in ``self.eval_users`` order), summed over ranks."""
         cfg = self.config
+        sums = evaluate_ranking(user_rows, item_rows, self.eval_users, self.train_csr, self.test_csr,
+                                ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size,
+                                progress=cfg.progress and self.rank == 0)
+        flat = _allreduce_sum(sums.to_tensor())
+        return finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
+
+    def _fp_storage(self) -> dict[str, float]:
+        d = self.config.model.dim
+        return {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
+
+    def _evaluate_gathered(self) -> tuple[dict[str, float], dict[str, float]]:
         kind, table = self.gathered_table()
         self._fold(self.gather_counter, "gather")
         final = self.final_embeddings(kind, table)
         n_users = self.data.n_users
-        sums = evaluate_ranking(final[:n_users], final[n_users:], self.eval_users, self.train_csr, self.test_csr,
-                                ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size,
-                                progress=cfg.progress and self.rank == 0)
-        flat = _allreduce_sum(sums.to_tensor())
-        metrics = finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
-        d = cfg.model.dim
-        if kind == "fp":
-            storage = {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
-        else:
-            storage = storage_report(table)
-            storage["fp32_bytes_per_node"] = 4.0 * d
-            storage["compression_ratio"] = 4.0 * d / storage["bytes_per_node"]
-        return metrics, storage
+        metrics = self._rank_users(final[:n_users], final[n_users:])
+        return metrics, (self._fp_storage() if kind == "fp" else storage_report(table))
+
+    @torch.no_grad()
+    def _evaluate_split(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Each rank propagates its own nodes over its rows of ``A_hat`` (the halo's stored rows
+        and activations from their owners, as in training), then ranks its own evaluation users
+        against all items' final rows. Nothing of size N x d is built: memory and work follow
+        the shard, and the result equals :meth:`_evaluate_gathered`'s."""
+        method, plan, part = self.shard.method, self.halo, self.partition
+        L = self.config.model.num_layers
+        own_ids = torch.arange(plan.n_own, dtype=torch.int64)
+        if method.name == "fp":
+            server = LatentShard(list(method.trainable_row_params()), method.dim)
+            layer_fn, storage = method.layer_fn, self._fp_storage()
+        else:  # the stored table's rows, propagated as final_from_packed propagates them
+            own, server = self._packed_server()
+            layer_fn = None
+            shared = server.shared_levels
+            t = _allreduce_sum(torch.tensor([own.code_bytes(), 0 if shared else own.level_bytes(), own.num_rows],
+                                            dtype=torch.int64)).tolist()
+            level_bytes = t[1] + (own.level_bytes() if shared else 0)  # a shared codebook is stored once
+            storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
+        payload = torch.cat([server.serve(own_ids), plan.exchange.pull_served(server, self.gather_counter)])
+        final_own = method.combine(plan.propagate(server.decode(payload), L, layer_fn, counter=self.gather_counter))
+        n_users = self.data.n_users
+        items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
+                              counter=self.gather_counter, what="evaluation items").pull(final_own, self.gather_counter)
+        users = final_own[part.local_of(torch.from_numpy(self.eval_users))]
+        self._fold(self.gather_counter, "gather")
+        return self._rank_users(users, items), storage
 
     # -- logging -------------------------------------------------------------------------------
     def _emit(self, event: str, **fields: Any) -> dict[str, Any]:

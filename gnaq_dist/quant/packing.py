@@ -217,18 +217,26 @@ def make_table(
 
 def storage_report(table: PackedTable) -> dict[str, float]:
     """Bytes per node as stored, the fp32 baseline, the ratio, and the b*d/8 + levels floor."""
-    n = max(table.num_rows, 1)
-    level_per_node = table.level_bytes() / n
-    floor = table.bits * table.dim * table.groups / 8 + level_per_node
+    return storage_figures(table.bits, table.dim, table.groups, table.num_rows, table.code_bytes(),
+                           table.level_bytes())
+
+
+def storage_figures(bits: int, dim: int, groups: int, num_rows: int, code_bytes: int,
+                    level_bytes: int) -> dict[str, float]:
+    """:func:`storage_report` from byte counts (e.g. summed over the shards of a table)."""
+    n = max(num_rows, 1)
+    level_per_node = level_bytes / n
+    total = code_bytes + level_bytes
+    fp32 = num_rows * dim * 4
     return {
-        "bytes_per_node": table.bytes_per_node(),
-        "code_bytes_per_node": table.code_bytes() / n,
+        "bytes_per_node": total / n,
+        "code_bytes_per_node": code_bytes / n,
         "level_bytes_per_node": level_per_node,
-        "floor_bytes_per_node": floor,
-        "fp32_bytes_per_node": table.fp32_bytes() / n,
-        "compression_ratio": table.compression_ratio(),
-        "bits": float(table.bits),
-        "groups": float(table.groups),
+        "floor_bytes_per_node": bits * dim * groups / 8 + level_per_node,
+        "fp32_bytes_per_node": fp32 / n,
+        "compression_ratio": fp32 / max(total, 1),
+        "bits": float(bits),
+        "groups": float(groups),
     }
 
 
@@ -239,6 +247,7 @@ __all__ = [
     "pack_codes",
     "pack_codes_torch",
     "packed_row_bytes",
+    "storage_figures",
     "storage_report",
     "unpack_codes",
     "unpack_codes_torch",

@@ -1,22 +1,24 @@
 """Where a training worker's memory goes: resident memory after each setup phase of one rank.
 
-Runs the sharded loop's own ``DistributedTrainer`` as rank 0 of a one-rank gloo group in
-this process (W = 1: the worker that owns every row, the largest shard there is) and
-reads VmRSS / VmHWM (peak) after: imports, setup (dataset, graph, partition, sampler),
-the warm-up start (fp rows), the quantized start (GNAQ levels and codes from the fp
-rows), and ``--steps`` quantized training steps. It also prints the shard's table and
-Adam bytes per node against the training floor (``b·d/8`` + fp32 levels).
+Runs the sharded loop's own ``DistributedTrainer`` as the ranks of a gloo group of
+``--world`` processes (default 1: the worker that owns every row, the largest shard there
+is) and reads each rank's VmRSS / VmHWM (peak) after: imports, setup (dataset, graph,
+partition, sampler or halo plan), the warm-up start (fp rows), the quantized start (GNAQ
+levels and codes from the fp rows), ``--steps`` quantized training steps and, with
+``--eval-users N``, an evaluation of N users. It also prints the shard's table and Adam
+bytes per node against the training floor (``b·d/8`` + fp32 levels). Comparing
+``--world 1`` with ``--world 2`` shows which phases follow the shard.
 
     python benchmarks/bench_worker_memory.py --dataset /tmp/gnaq-scale/1-10/dataset --steps 3
-    python benchmarks/bench_worker_memory.py --dataset /tmp/gnaq-scale/1-10/dataset --propagation full
-
-Without an evaluation (that needs the whole table on every rank; see docs/scale.md).
+    python benchmarks/bench_worker_memory.py --dataset /tmp/gnaq-scale/1-10/dataset --propagation full \
+        --world 2 --eval-users 20000
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import tempfile
 import time
@@ -30,25 +32,14 @@ def _status_mib(field: str) -> float:
     raise RuntimeError(f"{field} not in /proc/self/status")
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True)
-    parser.add_argument("--steps", type=int, default=3)
-    parser.add_argument("--dim", type=int, default=64)
-    parser.add_argument("--fanouts", default="10,10,10", help="for --propagation sampled")
-    parser.add_argument("--propagation", default="sampled", choices=["sampled", "full"])
-    parser.add_argument("--batch-size", type=int, default=8192)
-    args = parser.parse_args()
-
+def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, results) -> None:
+    """One rank: the phases of a worker, measured in its own process; the figures go to ``results``."""
     phases: list[dict] = []
     t0 = time.perf_counter()
 
     def mark(name: str) -> None:
         phases.append({"phase": name, "rss_mib": round(_status_mib("VmRSS"), 1),
                        "peak_mib": round(_status_mib("VmHWM"), 1), "s": round(time.perf_counter() - t0, 1)})
-        p = phases[-1]
-        print(f"{name:<18} RSS {p['rss_mib']:>9,.1f} MiB   peak {p['peak_mib']:>9,.1f} MiB   at {p['s']:>7.1f} s",
-              flush=True)
 
     import torch
     import torch.distributed as dist
@@ -63,30 +54,69 @@ def main() -> None:
         "model.num_layers=3", "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0",
         f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4", f"schedule.propagation={args.propagation}",
         f"schedule.fanouts=[{args.fanouts}]", "threads=1", "progress=false",
+        f"eval.max_users={args.eval_users or 'null'}", "eval.batch_size=512",
     ])
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = DistributedTrainer(config)
+        mark("setup")
+        trainer._start_fp()
+        mark("warm-up start")
+        trainer._start_quantized()
+        mark("quantized start")
+        trainer.batches.set_epoch(1)
+        for i, (users, pos, neg) in enumerate(trainer.batches):
+            if i >= args.steps:
+                break
+            trainer.step(users, pos, neg)
+        mark(f"{args.steps} steps")
+        metrics = None
+        if args.eval_users:
+            metrics, _ = trainer.evaluate()
+            mark(f"evaluate {args.eval_users} users")
+        results.put({"rank": rank, "phases": phases, "memory": trainer.shard.memory(),
+                     "rows": trainer.shard.num_owned, "n_nodes": trainer.data.n_nodes, "n_train": getattr(trainer, "n_train", None) or trainer.data.n_train,
+                     "halo": trainer.halo.describe() if trainer.halo is not None else None, "metrics": metrics,
+                     "torch": torch.__version__})
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--steps", type=int, default=3)
+    parser.add_argument("--dim", type=int, default=64)
+    parser.add_argument("--fanouts", default="10,10,10", help="for --propagation sampled")
+    parser.add_argument("--propagation", default="sampled", choices=["sampled", "full"])
+    parser.add_argument("--batch-size", type=int, default=8192)
+    parser.add_argument("--world", type=int, default=1, help="ranks (one process each)")
+    parser.add_argument("--eval-users", type=int, default=0, help="evaluate this many users at the end (0: none)")
+    args = parser.parse_args()
+
+    ctx = multiprocessing.get_context("spawn")
+    results = ctx.Queue()
     with tempfile.TemporaryDirectory() as tmp:
-        dist.init_process_group("gloo", init_method=f"file://{os.path.join(tmp, 'pg')}", rank=0, world_size=1)
-        try:
-            trainer = DistributedTrainer(config)
-            mark("setup")
-            trainer._start_fp()
-            mark("warm-up start")
-            trainer._start_quantized()
-            mark("quantized start")
-            trainer.batches.set_epoch(1)
-            for i, (users, pos, neg) in enumerate(trainer.batches):
-                if i >= args.steps:
-                    break
-                trainer.step(users, pos, neg)
-            mark(f"{args.steps} steps")
-            memory = trainer.shard.memory()
-        finally:
-            dist.destroy_process_group()
-    print(f"shard table: {memory['table_bytes_per_node']:.1f} B/node, floor {memory['floor_bytes_per_node']:.1f} "
-          f"({memory['table_over_floor']:.2f}x), fp32 {memory['fp32_bytes_per_node']:.0f}; "
-          f"Adam {memory['optimizer_bytes_per_node']:.1f} B/node; "
-          f"{trainer.data.n_nodes:,} nodes, {int(trainer.graph.n_edges):,} train edges")
-    print(json.dumps({"phases": phases, "memory": memory, "torch": torch.__version__}))
+        init_file = os.path.join(tmp, "pg")
+        procs = [ctx.Process(target=_rank, args=(r, args.world, args, init_file, results)) for r in range(args.world)]
+        for p in procs:
+            p.start()
+        got = [results.get() for _ in procs]  # before join: a full queue would block the child's exit
+        for p in procs:
+            p.join()
+        if any(p.exitcode != 0 for p in procs):
+            raise SystemExit(f"a rank failed: exit codes {[p.exitcode for p in procs]}")
+    got.sort(key=lambda r: r["rank"])
+    for r in got:
+        print(f"rank {r['rank']} of {args.world}: {r['rows']:,} of {r['n_nodes']:,} rows, halo {r['halo']}")
+        for p in r["phases"]:
+            print(f"  {p['phase']:<22} RSS {p['rss_mib']:>9,.1f} MiB   peak {p['peak_mib']:>9,.1f} MiB   "
+                  f"at {p['s']:>7.1f} s")
+        m = r["memory"]
+        print(f"  shard table: {m['table_bytes_per_node']:.1f} B/node, floor {m['floor_bytes_per_node']:.1f} "
+              f"({m['table_over_floor']:.2f}x), fp32 {m['fp32_bytes_per_node']:.0f}; "
+              f"Adam {m['optimizer_bytes_per_node']:.1f} B/node; {r['n_train']:,} train edges")
+    print(json.dumps({"world": args.world, "propagation": args.propagation, "ranks": got}))
 
 
 if __name__ == "__main__":

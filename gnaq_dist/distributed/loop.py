@@ -22,6 +22,7 @@ positive in a batch still joins every one of them (with empty messages).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from typing import Any, Callable
@@ -50,7 +51,7 @@ from gnaq_dist.distributed.partition import Partition, broadcast_partition, part
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize, users_to_evaluate
-from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
+from gnaq_dist.graph import BipartiteGraph, build_graph, build_graph_from_arrays, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
@@ -82,7 +83,8 @@ def _agree(ok: bool, what: str) -> None:
 
 
 class DistributedTrainer:
-    """One rank's state: replicated graph, the partition, its shard, counters and log."""
+    """One rank's state: the graph (replicated, or its rows when split by owner), the partition, its
+    shard, counters and log."""
 
     def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
                  resume_hint: ResumeHint | None = None):
@@ -112,7 +114,7 @@ class DistributedTrainer:
             log.warning("distributed.workers is %d but the process group has %d ranks: using %d",
                         config.distributed.workers, self.world, self.world)
         seed_everything(config.seed)
-        self.graph: BipartiteGraph = build_graph(data)
+        self.graph: BipartiteGraph | None = build_graph(data)  # released after setup when split by owner
         self.train_csr = self.graph.train_csr()
         held_user, held_item = data.split(config.eval.split)
         self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
@@ -130,6 +132,9 @@ class DistributedTrainer:
         self.batches = BPRBatches(self.graph, config.schedule.batch_size, config.schedule.num_negatives,
                                   seed=config.seed)
         self.steps_per_epoch = len(self.batches)
+        self.n_train = data.n_train
+        if self.halo is not None and config.model.method != "bigear":
+            self._release_whole_graph()
         self.global_step = 0
         self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
         self.counter = WireCounter()  # per-step exchanges (fetch, gradients, all-reduce)
@@ -158,6 +163,23 @@ class DistributedTrainer:
         if self.rank == 0:
             part = partition_nodes(self.graph, self.world, self.config.distributed.partition, seed=self.config.seed)
         return broadcast_partition(part, 0)
+
+    def _release_whole_graph(self) -> None:
+        """With the graph split by owner a rank needs only its plan (its rows of ``A_hat``) and the
+        train CSR (negatives, ranking): drop the whole graph's edge arrays and the dataset's
+        pairs (about 56 bytes per train edge; what stays is listed in docs/scale.md)."""
+        self.graph = None
+        empty = np.zeros(0, dtype=np.int64)
+        self.data = dataclasses.replace(self.data, train_user=empty, train_item=empty, test_user=empty,
+                                        test_item=empty, valid_user=None, valid_item=None)
+
+    def _whole_graph(self) -> BipartiteGraph:
+        """The replicated training graph (rebuilt from the train CSR where it was released)."""
+        if self.graph is None:
+            indptr, items = self.train_csr
+            users = np.repeat(np.arange(self.data.n_users, dtype=np.int64), np.diff(indptr))
+            self.graph = build_graph_from_arrays(self.data.n_users, self.data.n_items, users, items)
+        return self.graph
 
     def _new_shard(self, method, lr: float) -> None:
         dcfg = self.config.distributed
@@ -524,7 +546,7 @@ class DistributedTrainer:
                 return "fp", weight
             with torch.random.fork_rng():
                 full = build_method("bigear", self.data.n_nodes, cfg.model.dim, 1, cfg.model.num_layers,
-                                    graph=self.graph)
+                                    graph=self._whole_graph())
             full.init_from_full_precision(weight)
             return "packed", full.pack(level_dtype=self.level_dtype)
         own, server = self._packed_server()
@@ -546,8 +568,8 @@ class DistributedTrainer:
         method = self.shard.method
         L = self.config.model.num_layers
         if kind == "fp":
-            return method.combine(propagate_full(self.graph, table, L, method.layer_fn))
-        return final_from_packed(self.graph, table, method.combine, L)
+            return method.combine(propagate_full(self._whole_graph(), table, L, method.layer_fn))
+        return final_from_packed(self._whole_graph(), table, method.combine, L)
 
     def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
         """Metrics (the same on every rank) and the storage report of the whole table (collective).
@@ -688,7 +710,7 @@ class DistributedTrainer:
         resumed = None
         self.history.append(self.log.write(
             "start", method=cfg.model.method, bits=cfg.model.bits, n_users=self.data.n_users,
-            n_items=self.data.n_items, n_train=self.data.n_train, steps_per_epoch=self.steps_per_epoch,
+            n_items=self.data.n_items, n_train=self.n_train, steps_per_epoch=self.steps_per_epoch,
             epochs=sched.epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0, world_size=self.world))
         if self.resume is not None:
             self._restore(self.resume)

@@ -45,11 +45,16 @@ SCALE_DTYPES = (torch.float16, torch.float32)
 def bytes_view(buf: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """uint8 rows ``(n, b)`` reinterpreted as ``(n, b // itemsize)`` of ``dtype``.
 
-    Copies first: a column slice of a received buffer (or a single row of one) has
+    A view of a whole contiguous buffer (no copy: received halo rows are 40 MB a layer);
+    otherwise a copy, since a column slice of a received buffer (or a single row of one) has
     strides or a storage offset that ``Tensor.view(dtype)`` rejects.
     """
-    n, width = buf.shape[0], buf.shape[1] // torch.empty(0, dtype=dtype).element_size()
-    return buf.reshape(-1).clone().view(dtype).reshape(n, width)  # explicit width: 0 rows ok
+    size = torch.empty(0, dtype=dtype).element_size()
+    n, width = buf.shape[0], buf.shape[1] // size
+    flat = buf.reshape(-1)
+    if not (buf.is_contiguous() and buf.storage_offset() % size == 0):
+        flat = flat.clone()
+    return flat.view(dtype).reshape(n, width)  # explicit width: 0 rows ok
 
 
 @dataclass

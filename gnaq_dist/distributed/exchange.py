@@ -413,6 +413,8 @@ class FixedExchange:
             raise RuntimeError(f"{what}: rank {rank} was asked for rows it does not own")
         self.rank = rank
         self.order = order  # position in needed_ids of each received row
+        # Ids already grouped by owner (a halo plan's are): rows arrive in place, no permutation.
+        self.in_order = bool(torch.equal(order, torch.arange(order.shape[0], dtype=order.dtype)))
         self.recv_counts = [int(c) for c in recv_counts]
         self.send_counts = [int(c) for c in send_counts]
         self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
@@ -435,6 +437,8 @@ class FixedExchange:
         _count(counter, kind, sent * rb, sent * int(server.fp32_row_bytes))
         got = _all_to_all(payload.reshape(-1), [c * rb for c in self.send_counts],
                           [c * rb for c in self.recv_counts]).reshape(sum(self.recv_counts), rb)
+        if self.in_order:
+            return got
         out = torch.empty((self.num_needed, rb), dtype=torch.uint8)
         out[self.order] = got
         return out
@@ -458,7 +462,7 @@ class FixedExchange:
         rb = comp.row_bytes(k)
         remote = self._remote(self.recv_counts)
         _count(counter, kind, remote * rb, remote * 4 * k)
-        back = _all_to_all(wire[self.order].reshape(-1), [c * rb for c in self.recv_counts],
+        back = _all_to_all((wire if self.in_order else wire[self.order]).reshape(-1), [c * rb for c in self.recv_counts],
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
         values = comp.decode(back.contiguous(), k)
         return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)

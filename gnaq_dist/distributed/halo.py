@@ -52,7 +52,7 @@ class HaloPlan:
     """Rank ``rank``'s rows of ``A_hat``: over its own nodes, then its halo, in that order."""
 
     own: torch.Tensor  # int64 (n_own,), sorted global ids (= partition.owned_ids(rank))
-    halo: torch.Tensor  # int64 (n_halo,), sorted global ids of remote neighbours of own nodes
+    halo: torch.Tensor  # int64 (n_halo,), global ids of remote neighbours of own nodes, by (owner, id)
     adj: torch.Tensor  # sparse CSR (n_own, n_own + n_halo)
     adj_t: torch.Tensor  # sparse CSR (n_own + n_halo, n_own)
     partition: Partition
@@ -69,10 +69,16 @@ class HaloPlan:
         mine = owner == rank
         dst, src = graph.dst[mine], graph.src[mine]
         remote = partition.owner_of(src) != rank
-        halo = torch.unique(src[remote])
+        by_id = torch.unique(src[remote])
+        # The halo grouped by owner (ids ascending within an owner): the order in which the
+        # owners' rows arrive, so the exchange places them without a permutation.
+        by_owner = torch.sort(partition.owner_of(by_id), stable=True).indices
+        halo = by_id[by_owner]
+        position = torch.empty_like(by_owner)
+        position[by_owner] = torch.arange(by_owner.shape[0], dtype=by_owner.dtype)
         cols = torch.empty_like(src)
         cols[~remote] = partition.local_of(src[~remote])
-        cols[remote] = own.shape[0] + torch.searchsorted(halo, src[remote])
+        cols[remote] = own.shape[0] + position[torch.searchsorted(by_id, src[remote])]
         rows = partition.local_of(dst)  # non-decreasing: edges are sorted by dst, own ids ascending
         # The same values as ``graph.adjacency`` (float64 degrees, rounded once).
         inv_sqrt = graph.degree.to(torch.float64).clamp(min=1.0).rsqrt()

@@ -35,6 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gnaq_dist import checkpoint as ckpt
+from gnaq_dist.allocator import retain_freed_memory
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.exchange import (
     WIRE_KINDS,
@@ -110,6 +111,8 @@ class DistributedTrainer:
         self.data = data
         if config.threads:
             torch.set_num_threads(config.threads)
+        if config.retain_freed_memory:
+            retain_freed_memory()
         if config.distributed.workers not in (1, self.world):
             log.warning("distributed.workers is %d but the process group has %d ranks: using %d",
                         config.distributed.workers, self.world, self.world)

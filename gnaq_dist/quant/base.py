@@ -78,10 +78,16 @@ class EmbeddingMethod(torch.nn.Module):
         return h
 
     def combine(self, layers: list[torch.Tensor]) -> torch.Tensor:
-        """LightGCN's final embedding: the mean of H^0..H^L."""
+        """LightGCN's final embedding: the mean of H^0..H^L.
+
+        Summed pairwise, not ``stack(...).mean(0)``: the stack copies all L+1 layers and its
+        backward expands the gradient L+1 times (twice the cost, forward and backward)."""
         if not layers:
             raise GnaqInputError("combine needs at least one layer")
-        return torch.stack(layers, dim=0).mean(dim=0)
+        out = layers[0]
+        for q in layers[1:]:
+            out = out + q
+        return out / len(layers)
 
     def init_from_full_precision(self, weight: torch.Tensor) -> None:
         """Start the quantized phase from warm-up weights (N, dim)."""

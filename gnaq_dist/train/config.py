@@ -136,6 +136,7 @@ class TrainConfig:
     out: str = "runs/latest"  # run directory: metrics.jsonl, summary.json, plots
     seed: int = 0  # seeds Python, numpy, torch and DGL: same seed and data = same run
     threads: int | None = None  # torch intra-op threads (null: torch's default)
+    retain_freed_memory: bool = True  # glibc: large tensors from the heap, freed memory kept for reuse (no page faults per step; RSS stays at its peak)
     progress: bool = True  # show a progress bar with loss and ETA on stderr
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

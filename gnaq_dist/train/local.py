@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from gnaq_dist.allocator import retain_freed_memory
 from gnaq_dist.evaluation import evaluate_ranking, finalize, users_to_evaluate
 from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
@@ -79,6 +80,8 @@ class LocalTrainer:
         self.log = log or RunLog(None)
         if config.threads:
             torch.set_num_threads(config.threads)
+        if config.retain_freed_memory:
+            retain_freed_memory()
         seed_everything(config.seed)
         self.graph: BipartiteGraph = build_graph(data)
         self.train_csr = self.graph.train_csr()

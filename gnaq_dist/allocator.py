@@ -1,0 +1,51 @@
+"""Keep freed memory in the process for reuse (glibc malloc), instead of one mmap per tensor.
+
+Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
+``mmap`` and returns it with ``munmap`` when freed. A training step allocates and frees
+dozens of activation-sized tensors (a 600k x 64 fp32 layer is 146 MiB), so each one
+starts as zero pages that the kernel faults in one by one. At 1/10 of the scale benchmark
+that was about a third of a step (docs/scale.md). With ``M_MMAP_MAX = 0`` large blocks come
+from the heap and, with a high ``M_TRIM_THRESHOLD``, freed blocks stay there for the next
+step. The cost: resident memory no longer falls after a peak (the peak itself is the same
+or lower, since blocks are reused).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import ctypes.util
+import logging
+
+log = logging.getLogger(__name__)
+
+_M_TRIM_THRESHOLD = -1
+_M_MMAP_MAX = -4
+_applied: bool | None = None
+
+
+def retain_freed_memory(trim_threshold: int = 1 << 40) -> bool:
+    """Switch glibc malloc to heap-only allocation that keeps freed memory; True if applied.
+
+    Idempotent; a no-op (False) where the C library is not glibc (musl, macOS, Windows).
+    Affects the whole process from the next allocation on.
+    """
+    global _applied
+    if _applied is not None:
+        return _applied
+    _applied = False
+    name = ctypes.util.find_library("c")
+    try:
+        libc = ctypes.CDLL(name or "libc.so.6")
+        mallopt = libc.mallopt
+        libc.gnu_get_libc_version  # noqa: B018 - glibc only: AttributeError elsewhere
+    except (OSError, AttributeError):
+        log.info("retain_freed_memory: not glibc, left the allocator as it is")
+        return False
+    mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
+    # mallopt takes an int: a threshold above 2 GiB is clamped to the largest int.
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)) == 1
+    _applied = bool(ok)
+    return _applied
+
+
+__all__ = ["retain_freed_memory"]

@@ -55,6 +55,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, resul
         f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4", f"schedule.propagation={args.propagation}",
         f"schedule.fanouts=[{args.fanouts}]", "threads=1", "progress=false",
         f"eval.max_users={args.eval_users or 'null'}", "eval.batch_size=512",
+        f"retain_freed_memory={str(args.retain_freed_memory).lower()}",
     ])
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:
@@ -92,6 +93,7 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--world", type=int, default=1, help="ranks (one process each)")
     parser.add_argument("--eval-users", type=int, default=0, help="evaluate this many users at the end (0: none)")
+    parser.add_argument("--retain-freed-memory", action="store_true", help="the config option of that name")
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context("spawn")
@@ -112,6 +114,8 @@ def main() -> None:
         for p in r["phases"]:
             print(f"  {p['phase']:<22} RSS {p['rss_mib']:>9,.1f} MiB   peak {p['peak_mib']:>9,.1f} MiB   "
                   f"at {p['s']:>7.1f} s")
+        t = {p["phase"]: p["s"] for p in r["phases"]}
+        print(f"  training steps: {(t[f'{args.steps} steps'] - t['quantized start']) / max(args.steps, 1):.2f} s/step")
         m = r["memory"]
         print(f"  shard table: {m['table_bytes_per_node']:.1f} B/node, floor {m['floor_bytes_per_node']:.1f} "
               f"({m['table_over_floor']:.2f}x), fp32 {m['fp32_bytes_per_node']:.0f}; "

@@ -111,8 +111,6 @@ class DistributedTrainer:
         self.data = data
         if config.threads:
             torch.set_num_threads(config.threads)
-        if config.retain_freed_memory:
-            retain_freed_memory()
         if config.distributed.workers not in (1, self.world):
             log.warning("distributed.workers is %d but the process group has %d ranks: using %d",
                         config.distributed.workers, self.world, self.world)
@@ -383,6 +381,8 @@ class DistributedTrainer:
     # -- one step --------------------------------------------------------------------------
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
         """One data-parallel step; returns this rank's share of the global BPR loss."""
+        if self.config.retain_freed_memory:  # from the first step on: setup's transients are gone
+            retain_freed_memory()
         self.positives += int(users.shape[0])
         if self.halo is not None:
             return self._step_full(users, pos, neg)

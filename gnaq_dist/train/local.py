@@ -111,6 +111,8 @@ class LocalTrainer:
 
     def step(self, method: EmbeddingMethod, optimizer: torch.optim.Optimizer, users, pos, neg) -> float:
         cfg = self.config
+        if cfg.retain_freed_memory:  # from the first step on: setup's transients are gone
+            retain_freed_memory()
         n_users = self.data.n_users
         pos_nodes = pos + n_users
         neg_nodes = neg + n_users

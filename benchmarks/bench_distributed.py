@@ -74,6 +74,8 @@ def main() -> None:
     parser.add_argument("--batch-size", type=int, default=8192)
     parser.add_argument("--out", default="runs/bench-distributed")
     parser.add_argument("--launcher", default="ray", choices=["ray", "gloo"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override for every run (repeatable), e.g. retain_freed_memory=true")
     args = parser.parse_args()
     rows = []
     runs = [(p, int(w)) for p in args.propagation.split(",") for w in args.workers.split(",")]
@@ -84,7 +86,7 @@ def main() -> None:
             f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4",
             f"schedule.propagation={propagation}", f"schedule.fanouts=[{args.fanouts}]",
             f"distributed.grad_bits={args.grad_bits}", "threads=1", "progress=false",
-        ] + ([f"schedule.max_steps={args.steps}"] if args.steps else [])
+        ] + ([f"schedule.max_steps={args.steps}"] if args.steps else []) + args.set
         config = load_config(TrainConfig, [], overrides)
         t0 = time.time()
         summary = train_on_ray(config, workers) if args.launcher == "ray" else train_on_gloo(config, workers)

@@ -7,8 +7,9 @@ is that stage's own:
 1. ``python -m gnaq_dist.synthetic_logs`` (= ``gnaq generate``): the Parquet log;
 2. ``python -m gnaq_dist.ingest.cli`` (= ``gnaq ingest``, random split, dedup);
 3. for each W: ``train_on_ray`` with ``schedule.max_steps`` steps of GNAQ 2-bit
-   (warm-up 0: every step is quantized; 2-bit gradients with error feedback; sampled
-   fan-outs), then its final evaluation (all test users against all items).
+   (warm-up 0: every step is quantized; 2-bit gradients with error feedback; the graph
+   split by owner, or ``--propagation sampled`` blocks), then its final evaluation (all
+   test users against all items, or ``--set eval.max_users=N``).
 
 Every stage writes ``<workdir>/<size>/<stage>.json``; a stage whose JSON exists is not
 run again (resumable: re-run the same command after an interruption). Afterwards it
@@ -138,7 +139,8 @@ def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
     result = d / f"train_w{workers}.summary.json"
     cmd = [sys.executable, __file__, "--child-train", str(d / "ds"), "--child-out", str(d / f"run_w{workers}"),
            "--child-result", str(result), "--workers", str(workers), "--steps", str(args.steps),
-           "--batch-size", str(args.batch_size), "--fanouts", args.fanouts, "--eval-batch", str(args.eval_batch)]
+           "--batch-size", str(args.batch_size), "--fanouts", args.fanouts, "--eval-batch", str(args.eval_batch),
+           "--propagation", args.propagation] + [f"--set={kv}" for kv in args.set]
     rc, wall, rss, sysmem = run_measured(cmd, d / f"train_w{workers}.log", args.stage_timeout, args.min_free_mib)
     if rc != 0:
         raise RuntimeError(f"training W={workers} failed ({rc}): see {d / f'train_w{workers}.log'}")
@@ -168,9 +170,9 @@ def child_train(args) -> None:
         f"dataset={args.child_train}", f"out={args.child_out}", "model.method=gnaq", "model.bits=2",
         "schedule.epochs=1000000", "schedule.warmup_epochs=0", "schedule.eval_every=0",
         f"schedule.max_steps={args.steps}", f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4",
-        "schedule.propagation=sampled", f"schedule.fanouts=[{args.fanouts}]", "distributed.grad_bits=2",
+        f"schedule.propagation={args.propagation}", f"schedule.fanouts=[{args.fanouts}]", "distributed.grad_bits=2",
         f"eval.batch_size={args.eval_batch}", "threads=1", "progress=false",
-    ]
+    ] + args.set
     config = load_config(TrainConfig, [], overrides)
     t0 = time.perf_counter()
     summary = train_on_ray(config, args.workers)
@@ -187,7 +189,7 @@ def run_size(fraction: Fraction, args) -> dict[str, Any]:
     d.mkdir(parents=True, exist_ok=True)
     spec = {"users": users, "items": items, "rows": rows, "seed": args.seed, "steps": args.steps,
             "batch_size": args.batch_size, "fanouts": args.fanouts, "row_group_rows": args.row_group_rows,
-            "eval_batch": args.eval_batch}
+            "eval_batch": args.eval_batch, "propagation": args.propagation, "set": args.set}
     spec_file = d / "spec.json"
     if spec_file.exists() and json.loads(spec_file.read_text()) != spec:
         raise SystemExit(f"{d}: made with other parameters ({spec_file}); use another --workdir")
@@ -337,7 +339,11 @@ def main() -> None:
     p.add_argument("--workers", default="1,2", help="Ray worker counts to train with")
     p.add_argument("--steps", type=int, default=20, help="training steps per run (schedule.max_steps)")
     p.add_argument("--batch-size", type=int, default=8192)
-    p.add_argument("--fanouts", default="10,10,10")
+    p.add_argument("--fanouts", default="10,10,10", help="for --propagation sampled")
+    p.add_argument("--propagation", default="full", choices=["full", "sampled"],
+                   help="full: the graph split by owner (the training default); sampled: DGL blocks")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="a config override for every training run (repeatable), e.g. eval.max_users=20000")
     p.add_argument("--eval-batch", type=int, default=512, help="users scored at once (eval.batch_size)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--row-group-rows", type=int, default=1_000_000)

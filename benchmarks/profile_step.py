@@ -1,0 +1,88 @@
+"""Profile the distributed training step: ``cProfile`` of the loop's own ``step`` on every rank.
+
+Starts ``--world`` gloo ranks (one process each, one torch thread), sets each up as the
+training loop does (GNAQ 2-bit, d = 64, L = 3, batch 8,192, 4 negatives, 2-bit gradients),
+runs ``--warm`` steps unprofiled, then ``--steps`` profiled ones, and prints rank 0's
+seconds per step and its top functions by own time (every rank's full report goes to
+``--out``). docs/scale.md records what it found at 1/10 of the scale benchmark.
+
+    python benchmarks/profile_step.py --dataset /tmp/gs/s10/ds --world 2 --steps 3
+    python benchmarks/profile_step.py --dataset data/gowalla --world 2 --steps 8 --set retain_freed_memory=true
+"""
+
+from __future__ import annotations
+
+import argparse
+import cProfile
+import io
+import os
+import pstats
+import tempfile
+import time
+
+
+def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str) -> None:
+    import torch.distributed as dist
+
+    from gnaq_dist.config import load_config
+    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.train.config import TrainConfig
+
+    config = load_config(TrainConfig, [], [
+        f"dataset={args.dataset}", "model.method=gnaq", "model.bits=2", "model.dim=64", "model.num_layers=3",
+        "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0", "schedule.batch_size=8192",
+        "schedule.num_negatives=4", f"schedule.propagation={args.propagation}", "threads=1", "progress=false",
+        "distributed.grad_bits=2",
+    ] + args.set)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        trainer = DistributedTrainer(config)
+        trainer._start_fp()
+        trainer._start_quantized()
+        trainer.batches.set_epoch(1)
+        batches = iter(trainer.batches)
+        for _ in range(args.warm):
+            trainer.step(*next(batches))
+        dist.barrier()
+        profile = cProfile.Profile()
+        t0 = time.perf_counter()
+        profile.enable()
+        for _ in range(args.steps):
+            trainer.step(*next(batches))
+        profile.disable()
+        per_step = (time.perf_counter() - t0) / args.steps
+        text = io.StringIO()
+        pstats.Stats(profile, stream=text).sort_stats("tottime").print_stats(args.top)
+        halo = trainer.halo.describe() if trainer.halo is not None else None
+        report = f"rank {rank} of {world}: {per_step:.3f} s/step, halo {halo}\n{text.getvalue()}"
+        with open(os.path.join(args.out, f"rank{rank}.txt"), "w") as f:
+            f.write(report)
+    finally:
+        dist.destroy_process_group()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dataset", required=True)
+    parser.add_argument("--world", type=int, default=2)
+    parser.add_argument("--steps", type=int, default=3, help="profiled steps")
+    parser.add_argument("--warm", type=int, default=2, help="unprofiled steps first")
+    parser.add_argument("--propagation", default="full", choices=["full", "sampled"])
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="config override")
+    parser.add_argument("--top", type=int, default=25, help="functions listed per rank")
+    parser.add_argument("--out", default="runs/profile-step")
+    args = parser.parse_args()
+    os.makedirs(args.out, exist_ok=True)
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        mp.spawn(_rank, args=(args.world, args, os.path.join(tmp, "pg")), nprocs=args.world)
+    with open(os.path.join(args.out, "rank0.txt")) as f:
+        print(f.read())
+    for r in range(1, args.world):
+        with open(os.path.join(args.out, f"rank{r}.txt")) as f:
+            print(f.readline().rstrip())
+
+
+if __name__ == "__main__":
+    main()

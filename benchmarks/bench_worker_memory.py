@@ -23,6 +23,8 @@ import os
 import tempfile
 import time
 
+from worker_setup import benchmark_config, quantized_worker
+
 
 def _status_mib(field: str) -> float:
     with open("/proc/self/status") as f:
@@ -42,30 +44,14 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, resul
                        "peak_mib": round(_status_mib("VmHWM"), 1), "s": round(time.perf_counter() - t0, 1)})
 
     import torch
-    import torch.distributed as dist
-
-    from gnaq_dist.config import load_config
-    from gnaq_dist.distributed.loop import DistributedTrainer
-    from gnaq_dist.train.config import TrainConfig
 
     mark("imports")
-    config = load_config(TrainConfig, [], [
-        f"dataset={args.dataset}", "model.method=gnaq", "model.bits=2", f"model.dim={args.dim}",
-        "model.num_layers=3", "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0",
-        f"schedule.batch_size={args.batch_size}", "schedule.num_negatives=4", f"schedule.propagation={args.propagation}",
-        f"schedule.fanouts=[{args.fanouts}]", "threads=1", "progress=false",
+    config = benchmark_config(args.dataset, args.propagation, [
+        f"model.dim={args.dim}", f"schedule.batch_size={args.batch_size}", f"schedule.fanouts=[{args.fanouts}]",
         f"eval.max_users={args.eval_users or 'null'}", "eval.batch_size=512",
         f"retain_freed_memory={str(args.retain_freed_memory).lower()}",
     ])
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        trainer = DistributedTrainer(config)
-        mark("setup")
-        trainer._start_fp()
-        mark("warm-up start")
-        trainer._start_quantized()
-        mark("quantized start")
-        trainer.batches.set_epoch(1)
+    with quantized_worker(config, rank, world, init_file, mark) as trainer:
         for i, (users, pos, neg) in enumerate(trainer.batches):
             if i >= args.steps:
                 break
@@ -75,12 +61,12 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, resul
         if args.eval_users:
             metrics, _ = trainer.evaluate()
             mark(f"evaluate {args.eval_users} users")
+        # (getattr: code before 2026-12-03, run with PYTHONPATH for a before/after, has no n_train)
+        n_train = getattr(trainer, "n_train", None) or trainer.data.n_train
         results.put({"rank": rank, "phases": phases, "memory": trainer.shard.memory(),
-                     "rows": trainer.shard.num_owned, "n_nodes": trainer.data.n_nodes, "n_train": getattr(trainer, "n_train", None) or trainer.data.n_train,
+                     "rows": trainer.shard.num_owned, "n_nodes": trainer.data.n_nodes, "n_train": n_train,
                      "halo": trainer.halo.describe() if trainer.halo is not None else None, "metrics": metrics,
                      "torch": torch.__version__})
-    finally:
-        dist.destroy_process_group()
 
 
 def main() -> None:

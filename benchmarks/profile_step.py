@@ -20,26 +20,14 @@ import pstats
 import tempfile
 import time
 
+from worker_setup import benchmark_config, quantized_worker
+
 
 def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str) -> None:
     import torch.distributed as dist
 
-    from gnaq_dist.config import load_config
-    from gnaq_dist.distributed.loop import DistributedTrainer
-    from gnaq_dist.train.config import TrainConfig
-
-    config = load_config(TrainConfig, [], [
-        f"dataset={args.dataset}", "model.method=gnaq", "model.bits=2", "model.dim=64", "model.num_layers=3",
-        "schedule.epochs=1", "schedule.warmup_epochs=0", "schedule.eval_every=0", "schedule.batch_size=8192",
-        "schedule.num_negatives=4", f"schedule.propagation={args.propagation}", "threads=1", "progress=false",
-        "distributed.grad_bits=2",
-    ] + args.set)
-    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
-    try:
-        trainer = DistributedTrainer(config)
-        trainer._start_fp()
-        trainer._start_quantized()
-        trainer.batches.set_epoch(1)
+    config = benchmark_config(args.dataset, args.propagation, ["distributed.grad_bits=2", *args.set])
+    with quantized_worker(config, rank, world, init_file) as trainer:
         batches = iter(trainer.batches)
         for _ in range(args.warm):
             trainer.step(*next(batches))
@@ -57,8 +45,6 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str) -> No
         report = f"rank {rank} of {world}: {per_step:.3f} s/step, halo {halo}\n{text.getvalue()}"
         with open(os.path.join(args.out, f"rank{rank}.txt"), "w") as f:
             f.write(report)
-    finally:
-        dist.destroy_process_group()
 
 
 def main() -> None:

@@ -4,11 +4,11 @@ Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) wit
 ``mmap`` and returns it with ``munmap`` when freed. A training step allocates and frees
 dozens of activation-sized tensors (a 600k x 64 fp32 layer is 146 MiB), so each one
 starts as zero pages that the kernel faults in one by one. At 1/10 of the scale benchmark
-that was about a third of a step (docs/scale.md). With ``M_MMAP_MAX = 0`` large blocks come
+that was about a quarter of a step (docs/scale.md). With ``M_MMAP_MAX = 0`` large blocks come
 from the heap and, with a high ``M_TRIM_THRESHOLD``, freed blocks stay there for the next
 step. The cost: resident memory no longer falls after a peak, and the heap fragments (a
-long-lived block above freed ones pins them), so the peak grows: measured at 1/10, +60 %
-at W = 1 and +33 % at W = 2. Hence opt-in (``retain_freed_memory: true``), applied at the
+long-lived block above freed ones pins them), so the peak grows: measured at 1/10, +72 %
+at W = 1 and +50 % at W = 2. Hence opt-in (``retain_freed_memory: true``), applied at the
 first training step so that setup's transients do not fragment the heap.
 """
 
@@ -22,10 +22,11 @@ log = logging.getLogger(__name__)
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
+_KEEP_UP_TO = 2**31 - 1  # bytes of free heap top kept before trimming (mallopt takes an int)
 _applied: bool | None = None
 
 
-def retain_freed_memory(trim_threshold: int = 1 << 40) -> bool:
+def retain_freed_memory() -> bool:
     """Switch glibc malloc to heap-only allocation that keeps freed memory; True if applied.
 
     Idempotent; a no-op (False) where the C library is not glibc (musl, macOS, Windows).
@@ -44,8 +45,7 @@ def retain_freed_memory(trim_threshold: int = 1 << 40) -> bool:
         log.info("retain_freed_memory: not glibc, left the allocator as it is")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
-    # mallopt takes an int: a threshold above 2 GiB is clamped to the largest int.
-    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, min(trim_threshold, 2**31 - 1)) == 1
+    ok = mallopt(_M_MMAP_MAX, 0) == 1 and mallopt(_M_TRIM_THRESHOLD, _KEEP_UP_TO) == 1
     _applied = bool(ok)
     return _applied
 

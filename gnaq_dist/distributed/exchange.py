@@ -462,7 +462,8 @@ class FixedExchange:
         rb = comp.row_bytes(k)
         remote = self._remote(self.recv_counts)
         _count(counter, kind, remote * rb, remote * 4 * k)
-        back = _all_to_all((wire if self.in_order else wire[self.order]).reshape(-1), [c * rb for c in self.recv_counts],
+        rows = wire if self.in_order else wire[self.order]
+        back = _all_to_all(rows.reshape(-1), [c * rb for c in self.recv_counts],
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
         values = comp.decode(back.contiguous(), k)
         return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)

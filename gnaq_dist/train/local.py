@@ -80,8 +80,6 @@ class LocalTrainer:
         self.log = log or RunLog(None)
         if config.threads:
             torch.set_num_threads(config.threads)
-        if config.retain_freed_memory:
-            retain_freed_memory()
         seed_everything(config.seed)
         self.graph: BipartiteGraph = build_graph(data)
         self.train_csr = self.graph.train_csr()

@@ -199,6 +199,8 @@ def run_size(fraction: Fraction, args) -> dict[str, Any]:
                                      ("ingest", lambda: stage_ingest(d, args))]
     stages += [(f"train_w{w}", (lambda w=w: stage_train(d, w, args))) for w in args.workers]
     for name, fn in stages:
+        if name.split("_")[0] not in args.stages:
+            continue
         path = d / f"{name}.json"
         if path.exists():
             out[name] = json.loads(path.read_text())
@@ -353,6 +355,8 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/gnaq-scale", help="per-size stage outputs (kept: resumable)")
     p.add_argument("--report-dir", default=None, help="where scale.csv/.md/.png go (default: the workdir)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the stages already done")
+    p.add_argument("--stages", default="generate,ingest,train",
+                   help="which stages to run (e.g. generate,ingest to prepare the data first)")
     p.add_argument("--child-train", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)
     p.add_argument("--child-result", help=argparse.SUPPRESS)
@@ -362,6 +366,7 @@ def main() -> None:
         child_train(args)
         return
     args.workers = [int(w) for w in args.workers.split(",")]
+    args.stages = {s.strip() for s in args.stages.split(",")}
     fractions = sorted(Fraction(f.strip()) for f in args.fractions.split(","))
     rows = []
     for fraction in fractions:

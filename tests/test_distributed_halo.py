@@ -46,6 +46,49 @@ def _halo_run(rank: int, world: int, method: str) -> dict:
             "activations": counter.sent["activations"], "n_nodes": graph.n_nodes}
 
 
+def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
+    """The fused mean-of-layers propagation against layer by layer, for L = 0..3, twice each
+    (the second call reuses the plan's buffers)."""
+    from gnaq_dist.distributed.exchange import WireCounter
+    from gnaq_dist.distributed.halo import HaloPlan, remote_rows
+    from gnaq_dist.distributed.partition import partition_nodes
+
+    graph = _graph()
+    part = partition_nodes(graph, world, method, seed=0)
+    plan = HaloPlan.build(graph, part, rank)
+    torch.manual_seed(0)
+    x_all = torch.randn(graph.n_nodes, 8)
+    weights = torch.randn(graph.n_nodes, 8)
+    wanted = torch.arange(0, graph.n_nodes, 3)[rank::world]
+    out = []
+    for layers in (0, 1, 2, 3, 3):
+        got = {}
+        for fused in (True, False):
+            x_in = (x_all[plan.nodes] * (layers + 1)).requires_grad_(True)
+            counter = WireCounter()
+            if fused:
+                final = plan.propagate_mean(x_in, layers, counter)
+            else:
+                final = torch.stack(plan.propagate(x_in, layers, counter=counter)).mean(0)
+            loss = (remote_rows(final, wanted, part, counter) * weights[wanted]).sum()
+            loss.backward()
+            got[fused] = (final.detach().numpy(), x_in.grad.numpy(), counter.sent["activations"])
+        out.append({"layers": layers, "fused": got[True], "layered": got[False]})
+    return out
+
+
+@pytest.mark.parametrize("world,method", [(1, "hash"), (2, "metis"), (2, "hash")])
+def test_fused_mean_propagation_equals_layer_by_layer(world, method):
+    for runs in run_ranks(scenario_mean, world, method, timeout=120):
+        for r in runs:
+            (f_final, f_grad, f_bytes), (l_final, l_grad, l_bytes) = r["fused"], r["layered"]
+            np.testing.assert_allclose(f_final, l_final, rtol=1e-5, atol=1e-6)
+            np.testing.assert_allclose(f_grad, l_grad, rtol=1e-5, atol=1e-6)
+            assert np.abs(f_grad).sum() > 0
+            assert f_bytes == l_bytes  # the same halo rows cross the wire, forward and back
+            assert (f_bytes > 0) == (world > 1)
+
+
 def _reference():
     from gnaq_dist.propagation import propagate_full
 

@@ -420,6 +420,7 @@ class FixedExchange:
         self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
         self.needed = ids
         self.num_needed = int(ids.numel())
+        self._buffers: dict[str, torch.Tensor] = {}
 
     def _remote(self, counts: list[int]) -> int:
         return sum(counts) - counts[self.rank]
@@ -467,6 +468,42 @@ class FixedExchange:
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
         values = comp.decode(back.contiguous(), k)
         return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)
+
+    # -- float rows into and out of caller-held buffers (the fused propagation's hot path) --
+    def _scratch(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A buffer kept between calls: the same rows move at every layer of every step, and
+        a fresh activation-sized tensor costs its page faults each time."""
+        shape = (rows, int(like.shape[1]))
+        buf = self._buffers.get(name)
+        if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def pull_into(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
+                  kind: str = "activations") -> torch.Tensor:
+        """Rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) written into ``out``
+        (n_needed, d), uncompressed, with no intermediate tensors (collective)."""
+        if not self.in_order or out.device != comm_device() or not out.is_contiguous():
+            out.copy_(self.pull(x_own, counter, kind))
+            return out
+        send = torch.index_select(x_own.detach(), 0, self.send_rows, out=self._scratch("send", len(self.send_rows), x_own))
+        sent = self._remote(self.send_counts)
+        _count(counter, kind, sent * send.shape[1] * send.element_size(), sent * 4 * send.shape[1])
+        dist.all_to_all_single(out, send, self.recv_counts, self.send_counts)
+        return out
+
+    def push_add(self, grad: torch.Tensor, into: torch.Tensor, counter: WireCounter | None = None,
+                 kind: str = "activations") -> torch.Tensor:
+        """Gradients ``grad`` (n_needed, d) of the needed rows, uncompressed, added into the
+        owners' rows of ``into`` (n_own, d) in place (collective)."""
+        if not self.in_order or into.device != comm_device() or not grad.is_contiguous():
+            into += self.push_gradients(grad, int(into.shape[0]), counter=counter, kind=kind).to(into.dtype)
+            return into
+        back = self._scratch("back", len(self.send_rows), grad)
+        remote = self._remote(self.recv_counts)
+        _count(counter, kind, remote * grad.shape[1] * grad.element_size(), remote * 4 * grad.shape[1])
+        dist.all_to_all_single(back, grad, self.send_counts, self.recv_counts)
+        return into.index_add_(0, self.send_rows, back)
 
 
 @torch.no_grad()

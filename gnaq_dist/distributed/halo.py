@@ -15,7 +15,7 @@ gradients in low-bit form (``push_gradients``).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Callable
 
 import torch
@@ -47,6 +47,50 @@ class _OwnerRows(torch.autograd.Function):
         return g_own.to(grad.dtype), None, None
 
 
+class _MeanPropagation(torch.autograd.Function):
+    """LightGCN's final rows of the own nodes, ``mean(Q^0 .. Q^L)`` with ``Q^l = H^l``, as one
+    function of the layer-0 input (own rows, then halo rows).
+
+    Why one function: propagation is linear, so the backward is the same walk over ``A_hat^T``
+    (Horner's rule over the layers) and needs no saved activation. Autograd layer by layer
+    keeps every layer and its gradient and allocates each anew; here two buffers of the plan
+    (own rows, own + halo rows) serve every layer of every step, forward and backward, and
+    only the output and the input's gradient are new tensors. The halo exchanges are the
+    same collectives, in the same order, as :meth:`HaloPlan.propagate`'s: ``L - 1`` pulls
+    forward, ``L - 1`` pushes backward.
+    """
+
+    @staticmethod
+    def forward(ctx, x_input: torch.Tensor, plan: HaloPlan, num_layers: int,  # type: ignore[override]
+                counter: WireCounter | None) -> torch.Tensor:
+        ctx.plan, ctx.num_layers, ctx.counter = plan, num_layers, counter
+        n = plan.n_own
+        acc = x_input[:n].detach().clone()
+        h, q_in = plan._buffer("own", n, x_input), x_input.detach()
+        for layer in range(1, num_layers + 1):
+            torch.mm(plan.adj, q_in, out=h)
+            acc += h
+            if layer < num_layers:
+                q_in = plan._buffer("input", plan.adj.shape[1], x_input)
+                q_in[:n].copy_(h)
+                plan.exchange.pull_into(h, q_in[n:], counter)
+        return acc.div_(num_layers + 1)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        plan, L = ctx.plan, ctx.num_layers
+        n = plan.n_own
+        g = grad.contiguous() / (L + 1)
+        t = g
+        for _ in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
+            u = torch.mm(plan.adj_t, t, out=plan._buffer("input", plan.adj_t.shape[0], g))
+            t = torch.add(g, u[:n], out=plan._buffer("own", n, g))
+            plan.exchange.push_add(u[n:], t, ctx.counter)
+        grad_x = plan.adj_t @ t
+        grad_x[:n] += g
+        return grad_x, None, None, None
+
+
 @dataclass(eq=False)
 class HaloPlan:
     """Rank ``rank``'s rows of ``A_hat``: over its own nodes, then its halo, in that order."""
@@ -57,6 +101,7 @@ class HaloPlan:
     adj_t: torch.Tensor  # sparse CSR (n_own + n_halo, n_own)
     partition: Partition
     exchange: FixedExchange  # the halo's rows from their owners, planned once
+    _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # see _MeanPropagation
 
     @classmethod
     def build(cls, graph: BipartiteGraph, partition: Partition, rank: int,
@@ -112,6 +157,24 @@ class HaloPlan:
             if layer < num_layers:  # the next layer reads the halo's rows of this one
                 q_in = torch.cat([q, _OwnerRows.apply(q, self.exchange, counter)])
         return out
+
+    def propagate_mean(self, x_input: torch.Tensor, num_layers: int, counter: WireCounter | None = None) -> torch.Tensor:
+        """``mean(H^0 .. H^L)`` of the own nodes from ``H^0`` of :attr:`nodes` (collective): what
+        ``combine(propagate(x_input, L))`` gives for a method whose layers are plain
+        (:attr:`~gnaq_dist.quant.base.EmbeddingMethod.linear_layers`), with no activation kept
+        for the backward."""
+        if x_input.dim() != 2 or x_input.shape[0] != self.adj.shape[1]:
+            raise GnaqInputError(f"x_input must be ({self.adj.shape[1]}, d), got {tuple(x_input.shape)}")
+        if num_layers == 0:
+            return x_input[: self.n_own]
+        return _MeanPropagation.apply(x_input, self, num_layers, counter)
+
+    def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
+        """A (rows, d) buffer kept for the next call (see :class:`_MeanPropagation`)."""
+        buf = self._buffers.get(name)
+        if buf is None or buf.shape != (rows, like.shape[1]) or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self._buffers[name] = torch.empty((rows, like.shape[1]), dtype=like.dtype, device=like.device)
+        return buf
 
     def describe(self) -> dict[str, int]:
         return {"own_nodes": self.n_own, "halo_nodes": int(self.halo.shape[0]), "nnz": int(self.adj.values().numel())}

@@ -456,8 +456,7 @@ class DistributedTrainer:
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
         view = shard.view(server, payload)
         shard.zero_dense_grads()
-        final_own = shard.method.combine(
-            plan.propagate(view.embeddings, cfg.model.num_layers, shard.method.layer_fn, counter=self.counter))
+        final_own = self._propagate_own(view.embeddings, self.counter)
         batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
         final_rows = remote_rows(final_own, batch_nodes, part, self.counter)
         bpr = self._bpr(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
@@ -473,6 +472,14 @@ class DistributedTrainer:
             self._refine(own_batch, final_own.detach()[part.local_of(own_batch)])
         self.global_step += 1
         return float(bpr.detach())
+
+    def _propagate_own(self, x_input: torch.Tensor, counter: WireCounter) -> torch.Tensor:
+        """The own nodes' final rows over the halo plan: one linear function where the method's
+        layers are plain (no activation kept), else layer by layer with the method's ``layer_fn``."""
+        method, L = self.shard.method, self.config.model.num_layers
+        if method.linear_layers:
+            return self.halo.propagate_mean(x_input, L, counter)
+        return method.combine(self.halo.propagate(x_input, L, method.layer_fn, counter=counter))
 
     def _apply_gradients(self, view, *, input_nodes: torch.Tensor | None = None, plan: HaloPlan | None = None) -> None:
         """Push the layer-0 rows' gradients to their owners (low-bit), step the owners' rows and
@@ -628,7 +635,11 @@ class DistributedTrainer:
             level_bytes = t[1] + (own.level_bytes() if shared else 0)  # a shared codebook is stored once
             storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
         payload = torch.cat([server.serve(own_ids), plan.exchange.pull_served(server, self.gather_counter)])
-        final_own = method.combine(plan.propagate(server.decode(payload), L, layer_fn, counter=self.gather_counter))
+        x_input = server.decode(payload)
+        if method.linear_layers:  # fp, or the stored rows of a method with plain layers
+            final_own = plan.propagate_mean(x_input, L, self.gather_counter)
+        else:
+            final_own = method.combine(plan.propagate(x_input, L, layer_fn, counter=self.gather_counter))
         n_users = self.data.n_users
         items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
                               counter=self.gather_counter, what="evaluation items").pull(final_own, self.gather_counter)

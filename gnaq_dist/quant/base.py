@@ -73,6 +73,12 @@ class EmbeddingMethod(torch.nn.Module):
         """Layer-0 embeddings of rows ``ids`` (all rows if None), (len(ids), dim)."""
         raise NotImplementedError
 
+    @property
+    def linear_layers(self) -> bool:
+        """True when :meth:`layer_fn` is the identity and :meth:`combine` the mean: propagation
+        is then linear in the layer-0 rows, and can run as one function that keeps no layer."""
+        return type(self).layer_fn is EmbeddingMethod.layer_fn and type(self).combine is EmbeddingMethod.combine
+
     def layer_fn(self, h: torch.Tensor, layer: int) -> torch.Tensor:
         """Transform of every layer output H^l; identity unless the method binarizes layers."""
         return h

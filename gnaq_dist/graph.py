@@ -93,6 +93,25 @@ def spmm(adj: torch.Tensor, x: torch.Tensor, adj_t: torch.Tensor | None = None) 
     return _SparseMM.apply(adj, adj if adj_t is None else adj_t, x)
 
 
+@dataclass(frozen=True, eq=False)
+class TrainCSR:
+    """The train edges as the user->items CSR alone: what BPR batches and negative sampling
+    read of a :class:`BipartiteGraph`, without its symmetric edge arrays (40 bytes per edge)."""
+
+    n_users: int
+    n_items: int
+    indptr: np.ndarray  # int64 (n_users + 1,)
+    indices: np.ndarray  # int64 (E,), items sorted per row
+
+    @classmethod
+    def from_pairs(cls, n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> TrainCSR:
+        """From train (user, item) pairs; duplicates are dropped."""
+        return cls(int(n_users), int(n_items), *interactions_csr(users, items, n_users, n_items))
+
+    def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
+        return self.indptr, self.indices
+
+
 @dataclass(eq=False)
 class BipartiteGraph:
     """Symmetric user-item graph of the train edges with LightGCN normalisation."""
@@ -173,4 +192,4 @@ def build_graph(data: InteractionData) -> BipartiteGraph:
     return build_graph_from_arrays(data.n_users, data.n_items, data.train_user, data.train_item)
 
 
-__all__ = ["BipartiteGraph", "build_graph", "build_graph_from_arrays", "interactions_csr", "csr_keys"]
+__all__ = ["BipartiteGraph", "TrainCSR", "build_graph", "build_graph_from_arrays", "interactions_csr", "csr_keys"]

@@ -17,7 +17,7 @@ import torch
 
 from gnaq_dist._dgl import dgl
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.graph import BipartiteGraph
+from gnaq_dist.graph import BipartiteGraph, TrainCSR
 from gnaq_dist.propagation import attach_block_weights
 
 
@@ -69,7 +69,7 @@ class BPRBatches:
 
     def __init__(
         self,
-        graph: BipartiteGraph,
+        graph: BipartiteGraph | TrainCSR,
         batch_size: int,
         num_negatives: int = 1,
         seed: int = 0,

@@ -56,11 +56,17 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
     graph = _graph()
     part = partition_nodes(graph, world, method, seed=0)
     plan = HaloPlan.build(graph, part, rank)
+    from_csr = HaloPlan.from_train_csr(*graph.train_csr(), part, rank)  # without the whole graph
+    same_plan = all(torch.equal(a, b) for a, b in [
+        (plan.own, from_csr.own), (plan.halo, from_csr.halo),
+        (plan.adj.crow_indices(), from_csr.adj.crow_indices()), (plan.adj.col_indices(), from_csr.adj.col_indices()),
+        (plan.adj.values(), from_csr.adj.values()), (plan.adj_t.col_indices(), from_csr.adj_t.col_indices()),
+        (plan.adj_t.values(), from_csr.adj_t.values()), (plan.exchange.send_rows, from_csr.exchange.send_rows)])
     torch.manual_seed(0)
     x_all = torch.randn(graph.n_nodes, 8)
     weights = torch.randn(graph.n_nodes, 8)
     wanted = torch.arange(0, graph.n_nodes, 3)[rank::world]
-    out = []
+    out = [{"same_plan_from_csr": same_plan, "nnz": int(plan.adj.values().numel())}]
     for layers in (0, 1, 2, 3, 3):
         got = {}
         for fused in (True, False):
@@ -79,7 +85,9 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
 
 @pytest.mark.parametrize("world,method", [(1, "hash"), (2, "metis"), (2, "hash")])
 def test_fused_mean_propagation_equals_layer_by_layer(world, method):
-    for runs in run_ranks(scenario_mean, world, method, timeout=120):
+    """Also: the plan built from the train CSR alone equals the one built from the whole graph."""
+    for head, *runs in run_ranks(scenario_mean, world, method, timeout=120):
+        assert head["same_plan_from_csr"] and head["nnz"] > 0
         for r in runs:
             (f_final, f_grad, f_bytes), (l_final, l_grad, l_bytes) = r["fused"], r["layered"]
             np.testing.assert_allclose(f_final, l_final, rtol=1e-5, atol=1e-6)

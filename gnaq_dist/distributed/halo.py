@@ -18,6 +18,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Callable
 
+import numpy as np
 import torch
 
 from gnaq_dist.distributed.exchange import FixedExchange, WireCounter
@@ -109,10 +110,41 @@ class HaloPlan:
         """This rank's plan; a collective (the ranks tell each other their halos once)."""
         if partition.num_nodes != graph.n_nodes:
             raise GnaqInputError(f"partition covers {partition.num_nodes} nodes, the graph has {graph.n_nodes}")
+        mine = partition.owner_of(graph.dst) == rank
+        return cls._from_own_edges(graph.dst[mine], graph.src[mine], graph.degree, partition, rank, counter)
+
+    @classmethod
+    def from_train_csr(cls, indptr: np.ndarray, items: np.ndarray, partition: Partition, rank: int,
+                       counter: WireCounter | None = None) -> HaloPlan:
+        """The same plan as :meth:`build`, from the user->items train CSR alone (collective).
+
+        Why: the whole symmetric graph (``src``, ``dst``, ``norm``: 40 bytes per train edge)
+        is never built, so a rank's setup holds its own edges, not everyone's."""
+        n_users, n_items = partition.n_users, partition.n_items
+        if indptr.shape[0] != n_users + 1:
+            raise GnaqInputError(f"the train CSR has {indptr.shape[0] - 1} users, the partition {n_users}")
+        row_len = np.diff(indptr)
+        users = np.repeat(np.arange(n_users, dtype=np.int64), row_len)
+        degree = torch.from_numpy(np.concatenate([row_len, np.bincount(items, minlength=n_items)]).astype(np.float32))
+        # Rows of own users: (dst = user, src = item), sorted by (user, item) as the CSR is.
+        sel = partition.owner[users] == rank
+        dst_u, src_u = users[sel], items[sel] + n_users
+        # Rows of own items: (dst = item, src = user), sorted by (item, user).
+        sel = partition.owner[n_users:][items] == rank
+        item_sel, user_sel = items[sel], users[sel]
+        del users, sel
+        order = np.argsort(item_sel, kind="stable")
+        dst = torch.from_numpy(np.concatenate([dst_u, item_sel[order] + n_users]))
+        src = torch.from_numpy(np.concatenate([src_u, user_sel[order]]))
+        del dst_u, src_u, item_sel, user_sel, order
+        return cls._from_own_edges(dst, src, degree, partition, rank, counter)
+
+    @classmethod
+    def _from_own_edges(cls, dst: torch.Tensor, src: torch.Tensor, degree: torch.Tensor, partition: Partition,
+                        rank: int, counter: WireCounter | None) -> HaloPlan:
+        """The plan from the directed edges into this rank's nodes (sorted by ``(dst, src)``) and
+        every node's degree."""
         own = torch.from_numpy(partition.owned_ids(rank))
-        owner = partition.owner_of(graph.dst)
-        mine = owner == rank
-        dst, src = graph.dst[mine], graph.src[mine]
         remote = partition.owner_of(src) != rank
         by_id = torch.unique(src[remote])
         # The halo grouped by owner (ids ascending within an owner): the order in which the
@@ -126,11 +158,11 @@ class HaloPlan:
         cols[remote] = own.shape[0] + position[torch.searchsorted(by_id, src[remote])]
         rows = partition.local_of(dst)  # non-decreasing: edges are sorted by dst, own ids ascending
         # The same values as ``graph.adjacency`` (float64 degrees, rounded once).
-        inv_sqrt = graph.degree.to(torch.float64).clamp(min=1.0).rsqrt()
+        inv_sqrt = degree.to(torch.float64).clamp(min=1.0).rsqrt()
         values = (inv_sqrt[src] * inv_sqrt[dst]).to(torch.float32)
         n_own, n_in = int(own.shape[0]), int(own.shape[0] + halo.shape[0])
+        del dst, src, remote, inv_sqrt, position, by_id, by_owner
         adj = csr_tensor(rows, cols, values, (n_own, n_in))
-        del dst, src, remote, inv_sqrt
         adj_t = csr_tensor(cols, rows, values, (n_in, n_own))
         return cls(own, halo, adj, adj_t, partition, FixedExchange(halo, partition, counter=counter))
 

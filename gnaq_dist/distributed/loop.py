@@ -52,7 +52,7 @@ from gnaq_dist.distributed.partition import Partition, broadcast_partition, part
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize, users_to_evaluate
-from gnaq_dist.graph import BipartiteGraph, build_graph, build_graph_from_arrays, interactions_csr
+from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
@@ -115,27 +115,33 @@ class DistributedTrainer:
             log.warning("distributed.workers is %d but the process group has %d ranks: using %d",
                         config.distributed.workers, self.world, self.world)
         seed_everything(config.seed)
-        self.graph: BipartiteGraph | None = build_graph(data)  # released after setup when split by owner
-        self.train_csr = self.graph.train_csr()
+        split = config.schedule.propagation == "full"
+        # Split by owner, a rank builds its rows of A_hat from the train CSR; the whole graph is
+        # built only where something needs it (METIS on rank 0, sampled blocks, a gathered evaluation).
+        self.edges = TrainCSR.from_pairs(data.n_users, data.n_items, data.train_user, data.train_item)
+        self.graph: BipartiteGraph | None = None
+        if not split:
+            self._whole_graph()
+        self.train_csr = self.edges.train_csr()
         held_user, held_item = data.split(config.eval.split)
         self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
         self.data_key = ckpt.data_key(data)
+        self.n_train = data.n_train
+        if split:
+            self._release_pairs()
         self.resume = self._find_resume(resume_hint)
         self.partition = self._partition()
         all_eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
         self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
         L = config.model.num_layers
         self.sampler, self.halo = None, None
-        if config.schedule.propagation == "sampled":
-            self.sampler = NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=L) if L > 0 else None
+        if split:
+            self.halo = HaloPlan.from_train_csr(*self.train_csr, self.partition, self.rank)
         else:
-            self.halo = HaloPlan.build(self.graph, self.partition, self.rank)
-        self.batches = BPRBatches(self.graph, config.schedule.batch_size, config.schedule.num_negatives,
+            self.sampler = NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=L) if L > 0 else None
+        self.batches = BPRBatches(self.edges, config.schedule.batch_size, config.schedule.num_negatives,
                                   seed=config.seed)
         self.steps_per_epoch = len(self.batches)
-        self.n_train = data.n_train
-        if self.halo is not None and config.model.method != "bigear":
-            self._release_whole_graph()
         self.global_step = 0
         self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
         self.counter = WireCounter()  # per-step exchanges (fetch, gradients, all-reduce)
@@ -162,22 +168,25 @@ class DistributedTrainer:
             return part
         part = None
         if self.rank == 0:
-            part = partition_nodes(self.graph, self.world, self.config.distributed.partition, seed=self.config.seed)
+            method = self.config.distributed.partition
+            # Hash partitioning reads only the node counts; METIS reads the whole graph once.
+            graph = self._whole_graph() if method == "metis" and self.world > 1 else self.edges
+            part = partition_nodes(graph, self.world, method, seed=self.config.seed)
+            if self.config.schedule.propagation == "full":
+                self.graph = None  # built for METIS only
         return broadcast_partition(part, 0)
 
-    def _release_whole_graph(self) -> None:
-        """With the graph split by owner a rank needs only its plan (its rows of ``A_hat``) and the
-        train CSR (negatives, ranking): drop the whole graph's edge arrays and the dataset's
-        pairs (about 56 bytes per train edge; what stays is listed in docs/scale.md)."""
-        self.graph = None
+    def _release_pairs(self) -> None:
+        """Split by owner a rank needs the train CSR (its rows of ``A_hat``, negatives, ranking),
+        not the dataset's pair arrays (16 bytes per train and test pair): drop them."""
         empty = np.zeros(0, dtype=np.int64)
         self.data = dataclasses.replace(self.data, train_user=empty, train_item=empty, test_user=empty,
                                         test_item=empty, valid_user=None, valid_item=None)
 
     def _whole_graph(self) -> BipartiteGraph:
-        """The replicated training graph (rebuilt from the train CSR where it was released)."""
+        """The whole symmetric training graph, built from the train CSR when first needed."""
         if self.graph is None:
-            indptr, items = self.train_csr
+            indptr, items = self.edges.train_csr()
             users = np.repeat(np.arange(self.data.n_users, dtype=np.int64), np.diff(indptr))
             self.graph = build_graph_from_arrays(self.data.n_users, self.data.n_items, users, items)
         return self.graph

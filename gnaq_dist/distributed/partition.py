@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.graph import BipartiteGraph
+from gnaq_dist.graph import BipartiteGraph, TrainCSR
 
 log = logging.getLogger(__name__)
 
@@ -173,9 +173,12 @@ def _metis_owner(graph: BipartiteGraph, world_size: int, max_imbalance: float) -
     return owner
 
 
-def partition_nodes(graph: BipartiteGraph, world_size: int, method: str = "metis", seed: int = 0,
+def partition_nodes(graph: BipartiteGraph | TrainCSR, world_size: int, method: str = "metis", seed: int = 0,
                     max_imbalance: float = 0.10) -> Partition:
     """Partition users and items over ``world_size`` ranks (METIS, hash as the fallback).
+
+    Hash partitioning reads only the node counts, so ``graph`` may be a :class:`TrainCSR`;
+    METIS needs the :class:`BipartiteGraph` (a ``TrainCSR`` falls back to hash).
 
     A METIS result that gives a rank more than ``(1 + max_imbalance) * ceil(n / W)``
     users (or items) is rejected for hash partitioning: a straggler costs more than the

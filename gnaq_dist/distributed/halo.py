@@ -81,7 +81,7 @@ class _MeanPropagation(torch.autograd.Function):
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         plan, L = ctx.plan, ctx.num_layers
         n = plan.n_own
-        g = grad.contiguous() / (L + 1)
+        g = grad.contiguous()  # the 1 / (L + 1) is applied once, to the result
         t = g
         for _ in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
             u = torch.mm(plan.adj_t, t, out=plan._buffer("input", plan.adj_t.shape[0], g))
@@ -89,7 +89,7 @@ class _MeanPropagation(torch.autograd.Function):
             plan.exchange.push_add(u[n:], t, ctx.counter)
         grad_x = plan.adj_t @ t
         grad_x[:n] += g
-        return grad_x, None, None, None
+        return grad_x.div_(L + 1), None, None, None
 
 
 @dataclass(eq=False)

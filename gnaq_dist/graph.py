@@ -61,7 +61,7 @@ def csr_tensor(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sha
 
     Indices are int32 where they fit (4 bytes a non-zero less than int64; the products
     cost the same on CPU)."""
-    if rows.numel() > 1 and bool((rows.diff() < 0).any()):
+    if rows.numel() > 1 and bool((rows[1:] < rows[:-1]).any()):  # a bool a value, not a diff
         order = torch.sort(rows, stable=True).indices
         rows, cols, values = rows[order], cols[order], values[order]
     index_dtype = torch.int32 if max(shape[0], shape[1], int(rows.numel())) < 2**31 else torch.int64

@@ -27,6 +27,11 @@ from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, csr_tensor, spmm
 
 LayerFn = Callable[[torch.Tensor, int], torch.Tensor]
+_BLOCK = 1 << 24  # edges per block where setup makes float64 temporaries
+
+
+def _id_dtype(num_nodes: int) -> type:
+    return np.int32 if num_nodes < 2**31 else np.int64
 
 
 class _OwnerRows(torch.autograd.Function):
@@ -124,19 +129,25 @@ class HaloPlan:
         if indptr.shape[0] != n_users + 1:
             raise GnaqInputError(f"the train CSR has {indptr.shape[0] - 1} users, the partition {n_users}")
         row_len = np.diff(indptr)
-        users = np.repeat(np.arange(n_users, dtype=np.int64), row_len)
+        ids = _id_dtype(partition.num_nodes)  # node ids in 4 bytes where they fit
+        users = np.repeat(np.arange(n_users, dtype=ids), row_len)
         degree = torch.from_numpy(np.concatenate([row_len, np.bincount(items, minlength=n_items)]).astype(np.float32))
         # Rows of own users: (dst = user, src = item), sorted by (user, item) as the CSR is.
         sel = partition.owner[users] == rank
-        dst_u, src_u = users[sel], items[sel] + n_users
+        dst_u = users[sel]
+        src_u = items[sel].astype(ids)
+        src_u += n_users
         # Rows of own items: (dst = item, src = user), sorted by (item, user).
         sel = partition.owner[n_users:][items] == rank
-        item_sel, user_sel = items[sel], users[sel]
+        item_sel, user_sel = items[sel].astype(ids), users[sel]
         del users, sel
         order = np.argsort(item_sel, kind="stable")
-        dst = torch.from_numpy(np.concatenate([dst_u, item_sel[order] + n_users]))
+        item_sel = item_sel[order]
+        item_sel += n_users
+        dst = torch.from_numpy(np.concatenate([dst_u, item_sel]))
+        del dst_u, item_sel
         src = torch.from_numpy(np.concatenate([src_u, user_sel[order]]))
-        del dst_u, src_u, item_sel, user_sel, order
+        del src_u, user_sel, order
         return cls._from_own_edges(dst, src, degree, partition, rank, counter)
 
     @classmethod
@@ -145,25 +156,32 @@ class HaloPlan:
         """The plan from the directed edges into this rank's nodes (sorted by ``(dst, src)``) and
         every node's degree."""
         own = torch.from_numpy(partition.owned_ids(rank))
-        remote = partition.owner_of(src) != rank
-        by_id = torch.unique(src[remote])
+        n_own = int(own.shape[0])
+        owner = torch.from_numpy(partition.owner)  # int32, indexed without an int64 copy
+        remote = owner[src] != rank
+        by_id = torch.unique(src[remote]).to(torch.int64)
         # The halo grouped by owner (ids ascending within an owner): the order in which the
         # owners' rows arrive, so the exchange places them without a permutation.
         by_owner = torch.sort(partition.owner_of(by_id), stable=True).indices
         halo = by_id[by_owner]
         position = torch.empty_like(by_owner)
         position[by_owner] = torch.arange(by_owner.shape[0], dtype=by_owner.dtype)
-        cols = torch.empty_like(src)
-        cols[~remote] = partition.local_of(src[~remote])
-        cols[remote] = own.shape[0] + position[torch.searchsorted(by_id, src[remote])]
-        rows = partition.local_of(dst)  # non-decreasing: edges are sorted by dst, own ids ascending
-        # The same values as ``graph.adjacency`` (float64 degrees, rounded once).
+        local = torch.from_numpy(partition.local_index.astype(np.int32) if n_own + halo.shape[0] < 2**31
+                                 else partition.local_index)
+        cols = local[src]
+        cols[remote] = (n_own + position[torch.searchsorted(by_id, src[remote].to(torch.int64))]).to(cols.dtype)
+        rows = local[dst]  # non-decreasing: edges are sorted by dst, own ids ascending
+        del local
+        # The same values as ``graph.adjacency`` (float64 degrees, rounded once), a block at a time.
         inv_sqrt = degree.to(torch.float64).clamp(min=1.0).rsqrt()
-        values = (inv_sqrt[src] * inv_sqrt[dst]).to(torch.float32)
-        n_own, n_in = int(own.shape[0]), int(own.shape[0] + halo.shape[0])
+        values = torch.empty(src.shape[0], dtype=torch.float32)
+        for a in range(0, src.shape[0], _BLOCK):
+            values[a:a + _BLOCK] = inv_sqrt[src[a:a + _BLOCK]] * inv_sqrt[dst[a:a + _BLOCK]]
+        n_in = n_own + int(halo.shape[0])
         del dst, src, remote, inv_sqrt, position, by_id, by_owner
         adj = csr_tensor(rows, cols, values, (n_own, n_in))
-        adj_t = csr_tensor(cols, rows, values, (n_in, n_own))
+        # Without a halo the rows are the whole of A_hat, which is symmetric: its own transpose.
+        adj_t = adj if n_in == n_own else csr_tensor(cols, rows, values, (n_in, n_own))
         return cls(own, halo, adj, adj_t, partition, FixedExchange(halo, partition, counter=counter))
 
     @property

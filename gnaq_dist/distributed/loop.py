@@ -35,7 +35,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gnaq_dist import checkpoint as ckpt
-from gnaq_dist.allocator import retain_freed_memory
+from gnaq_dist.allocator import release_free_memory, retain_freed_memory
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.exchange import (
     WIRE_KINDS,
@@ -153,6 +153,7 @@ class DistributedTrainer:
         self.shard: MethodShard | None = None
         self.compressors: list[RowCompressor] = []
         self.feedback: list[ErrorFeedback | None] = []
+        release_free_memory()  # setup's transients, which the allocators would otherwise keep
 
     # -- setup ---------------------------------------------------------------------------
     def _partition(self) -> Partition:
@@ -181,7 +182,9 @@ class DistributedTrainer:
         not the dataset's pair arrays (16 bytes per train and test pair): drop them."""
         empty = np.zeros(0, dtype=np.int64)
         self.data = dataclasses.replace(self.data, train_user=empty, train_item=empty, test_user=empty,
-                                        test_item=empty, valid_user=None, valid_item=None)
+                                        test_item=empty, valid_user=None, valid_item=None,
+                                        meta={k: v for k, v in self.data.meta.items()
+                                              if not isinstance(v, np.ndarray)})
 
     def _whole_graph(self) -> BipartiteGraph:
         """The whole symmetric training graph, built from the train CSR when first needed."""
@@ -221,6 +224,8 @@ class DistributedTrainer:
                                     cfg.model.phi, full_table=full)
         self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
         self._fold(self.gather_counter, "gather")
+        del fp, own, full
+        release_free_memory()
 
     def _gather_latent(self, method) -> torch.Tensor:
         """The whole table of a latent row format (fp weights) on every rank (collective)."""

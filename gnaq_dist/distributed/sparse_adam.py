@@ -38,17 +38,32 @@ class RowSparseAdam:
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
-        self.exp_avg = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
-        self.exp_avg_sq = [torch.zeros_like(p, dtype=torch.float32) for p in self.params]
         self.steps = torch.zeros(self.num_rows, dtype=torch.int64)
+        self._moments: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
+
+    def _state(self) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        """The moments, made at the first step (or read): a phase that ends before its first
+        step (the warm-up table of a run without warm-up) never holds 8 bytes a value of them."""
+        if self._moments is None:
+            self._moments = ([torch.zeros_like(p, dtype=torch.float32) for p in self.params],
+                             [torch.zeros_like(p, dtype=torch.float32) for p in self.params])
+        return self._moments
+
+    @property
+    def exp_avg(self) -> list[torch.Tensor]:
+        return self._state()[0]
+
+    @property
+    def exp_avg_sq(self) -> list[torch.Tensor]:
+        return self._state()[1]
 
     def state_rows(self) -> int:
         """Rows of optimizer state held (equal to the owned rows)."""
         return int(self.steps.shape[0])
 
     def state_bytes(self) -> int:
-        return int(sum(t.numel() * t.element_size() for t in self.exp_avg + self.exp_avg_sq)
-                   + self.steps.numel() * self.steps.element_size())
+        """Bytes of the state once made (two fp32 moments a value and a step count a row)."""
+        return int(sum(2 * 4 * p.numel() for p in self.params) + self.steps.numel() * self.steps.element_size())
 
     @torch.no_grad()
     def step(self, rows: torch.Tensor, grads: list[torch.Tensor]) -> None:

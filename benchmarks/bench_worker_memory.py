@@ -49,7 +49,7 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, resul
     config = benchmark_config(args.dataset, args.propagation, [
         f"model.dim={args.dim}", f"schedule.batch_size={args.batch_size}", f"schedule.fanouts=[{args.fanouts}]",
         f"eval.max_users={args.eval_users or 'null'}", "eval.batch_size=512",
-        f"retain_freed_memory={str(args.retain_freed_memory).lower()}",
+        f"retain_freed_memory={str(args.retain_freed_memory).lower()}", *args.set,
     ])
     with quantized_worker(config, rank, world, init_file, mark) as trainer:
         for i, (users, pos, neg) in enumerate(trainer.batches):
@@ -80,6 +80,8 @@ def main() -> None:
     parser.add_argument("--world", type=int, default=1, help="ranks (one process each)")
     parser.add_argument("--eval-users", type=int, default=0, help="evaluate this many users at the end (0: none)")
     parser.add_argument("--retain-freed-memory", action="store_true", help="the config option of that name")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="a config override (repeatable), e.g. distributed.partition=hash")
     args = parser.parse_args()
 
     ctx = multiprocessing.get_context("spawn")

@@ -81,8 +81,9 @@ class BPRBatches:
         if num_negatives <= 0:
             raise GnaqInputError(f"num_negatives must be positive, got {num_negatives}")
         indptr, indices = graph.train_csr()
-        if edges is None:
-            self.users = np.repeat(np.arange(graph.n_users, dtype=np.int64), np.diff(indptr))
+        if edges is None:  # user ids in 4 bytes where they fit: this array is as long as the train set
+            ids = np.int32 if graph.n_users < 2**31 else np.int64
+            self.users = np.repeat(np.arange(graph.n_users, dtype=ids), np.diff(indptr))
             self.items = indices
         else:
             self.users = np.asarray(edges[0], dtype=np.int64)
@@ -105,10 +106,12 @@ class BPRBatches:
 
     def __iter__(self) -> Iterator[BPRBatch]:
         rng = np.random.default_rng([self.seed, self.epoch])
-        order = rng.permutation(self.users.shape[0])
+        # The same order as rng.permutation(n), held in 4 bytes a pair for the whole epoch.
+        order = np.arange(self.users.shape[0], dtype=np.int32 if self.users.shape[0] < 2**31 else np.int64)
+        rng.shuffle(order)
         for b in range(len(self)):
             idx = order[b * self.batch_size : (b + 1) * self.batch_size]
-            users = self.users[idx]
+            users = self.users[idx].astype(np.int64)
             neg = self.negatives.sample(users, self.num_negatives, rng)
             yield BPRBatch(torch.from_numpy(users), torch.from_numpy(self.items[idx]), torch.from_numpy(neg))
 

@@ -420,7 +420,7 @@ class FixedExchange:
         self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
         self.needed = ids
         self.num_needed = int(ids.numel())
-        self._buffers: dict[str, torch.Tensor] = {}
+        self._rows_buffer: torch.Tensor | None = None
 
     def _remote(self, counts: list[int]) -> int:
         return sum(counts) - counts[self.rank]
@@ -470,13 +470,14 @@ class FixedExchange:
         return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)
 
     # -- float rows into and out of caller-held buffers (the fused propagation's hot path) --
-    def _scratch(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
-        """A buffer kept between calls: the same rows move at every layer of every step, and
-        a fresh activation-sized tensor costs its page faults each time."""
-        shape = (rows, int(like.shape[1]))
-        buf = self._buffers.get(name)
+    def _served_rows(self, like: torch.Tensor) -> torch.Tensor:
+        """The (rows this rank serves, d) buffer, kept between calls: the same rows move at every
+        layer of every step (pulls send from it, pushes receive into it; never both at once),
+        and a fresh activation-sized tensor costs its page faults each time."""
+        shape = (int(self.send_rows.shape[0]), int(like.shape[1]))
+        buf = self._rows_buffer
         if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[name] = torch.empty(shape, dtype=like.dtype, device=like.device)
+            buf = self._rows_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buf
 
     def pull_into(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
@@ -486,7 +487,7 @@ class FixedExchange:
         if not self.in_order or out.device != comm_device() or not out.is_contiguous():
             out.copy_(self.pull(x_own, counter, kind))
             return out
-        send = torch.index_select(x_own.detach(), 0, self.send_rows, out=self._scratch("send", len(self.send_rows), x_own))
+        send = torch.index_select(x_own.detach(), 0, self.send_rows, out=self._served_rows(x_own))
         sent = self._remote(self.send_counts)
         _count(counter, kind, sent * send.shape[1] * send.element_size(), sent * 4 * send.shape[1])
         dist.all_to_all_single(out, send, self.recv_counts, self.send_counts)
@@ -499,7 +500,7 @@ class FixedExchange:
         if not self.in_order or into.device != comm_device() or not grad.is_contiguous():
             into += self.push_gradients(grad, int(into.shape[0]), counter=counter, kind=kind).to(into.dtype)
             return into
-        back = self._scratch("back", len(self.send_rows), grad)
+        back = self._served_rows(grad)
         remote = self._remote(self.recv_counts)
         _count(counter, kind, remote * grad.shape[1] * grad.element_size(), remote * 4 * grad.shape[1])
         dist.all_to_all_single(back, grad, self.send_counts, self.recv_counts)

@@ -470,18 +470,17 @@ class DistributedTrainer:
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
         view = shard.view(server, payload)
         shard.zero_dense_grads()
-        final_own = self._propagate_own(view.embeddings, self.counter)
+        # L2 on layer-0 rows: each rank takes the global batch's occurrences of its own nodes.
+        own_occ = occurrences[part.owner_of(occurrences) == self.rank]
+        counts = torch.bincount(part.local_of(own_occ), minlength=plan.n_own).to(torch.float32)
+        reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, counts) / global_batch
+        final_own = self._propagate_own(view.pop_embeddings(), self.counter)
         batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
         final_rows = remote_rows(final_own, batch_nodes, part, self.counter)
         refine = self._refine_now()
         if not refine:
             del final_own  # not kept through the backward: one (n_own, d) table less at the peak
         bpr = self._bpr(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
-        # L2 on layer-0 rows: each rank takes the global batch's occurrences of its own nodes.
-        own_occ = occurrences[part.owner_of(occurrences) == self.rank]
-        counts = torch.bincount(part.local_of(own_occ), minlength=plan.n_own).to(view.embeddings.dtype)
-        x0 = view.embeddings[: plan.n_own]
-        reg = cfg.optim.l2 * 0.5 * (counts * x0.pow(2).sum(1)).sum() / global_batch  # keeps no (n, d) square
         (bpr + reg).backward()
         self._apply_gradients(view, plan=plan)
         if refine:

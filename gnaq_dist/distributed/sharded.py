@@ -117,7 +117,16 @@ class RowView:
     """Fetched rows as differentiable leaves, and their layer-0 embeddings (n, d)."""
 
     leaves: list[torch.Tensor]  # one per row parameter the wire carries gradients for
-    embeddings: torch.Tensor
+    embeddings: torch.Tensor | None
+    codes: torch.Tensor | None = None  # packed rows: their uint8 codes (n, d)
+
+    def pop_embeddings(self) -> torch.Tensor:
+        """The embeddings, no longer held here: the (n, d) table then lives only as long as its
+        reader (the propagation) keeps it."""
+        x, self.embeddings = self.embeddings, None
+        if x is None:
+            raise RuntimeError("the view's embeddings were already taken")
+        return x
 
 
 class MethodShard:
@@ -164,7 +173,7 @@ class MethodShard:
         if self.format == "packed":
             codes, levels = server.decode_parts(payload)
             leaf = levels[:, 0, :].clone().requires_grad_(True)
-            return RowView([leaf], _GatherLevels.apply(leaf, codes))
+            return RowView([leaf], _GatherLevels.apply(leaf, codes), codes)
         values = server.decode(payload)
         if values.shape[0] == 0:  # nothing fetched (a rank without positives): no forward to run
             leaves = [v.reshape((0,) + tuple(p.shape[1:])).clone().requires_grad_(True)
@@ -175,6 +184,19 @@ class MethodShard:
         with _logical_rows(self.method, self.partition.num_nodes):
             x = torch.func.functional_call(self._call, dict(zip(self._names, leaves)), ())
         return RowView(leaves, x)
+
+    @staticmethod
+    def row_l2(view: RowView, weights: torch.Tensor) -> torch.Tensor:
+        """``sum_i weights_i ||x_i||^2`` over the view's first ``len(weights)`` rows, differentiable.
+
+        Packed rows take it from their levels and a histogram of their codes
+        (``||x_i||^2 = sum_k n_ik c_ik^2``), so it keeps no (n, d) table for the backward."""
+        n = int(weights.shape[0])
+        if view.codes is not None:
+            levels, codes = view.leaves[0][:n], view.codes[:n]
+            hist = torch.stack([(codes == k).sum(1) for k in range(levels.shape[1])], 1).to(levels.dtype)
+            return (weights * (hist * levels.pow(2)).sum(1)).sum()
+        return (weights * view.embeddings[:n].pow(2).sum(1)).sum()
 
     @staticmethod
     def leaf_grads(view: RowView) -> list[torch.Tensor]:

@@ -169,6 +169,19 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     grad = torch.randn(needed.shape[0], 8, generator=g)
     out["plan_grad"] = (needed.numpy(), grad.numpy())
     out["plan_back"] = plan.push_gradients(grad, int(part.counts()[rank])).numpy()
+    # In the order the owners serve them (a halo's order), rows move in and out of caller-held
+    # buffers: pull_into / push_add, the fused propagation's path.
+    ids = torch.sort(needed).values
+    ids = ids[torch.sort(part.owner_of(ids), stable=True).indices]
+    ordered = FixedExchange(ids, part)
+    assert ordered.in_order
+    into = torch.full((ids.shape[0], 8), float("nan"))
+    out["into_pull"] = (ids.numpy(), ordered.pull_into(own_weight, into, plan_counter).numpy())
+    out["into_pull_wire"] = plan_counter.pop()
+    by_id = torch.sort(needed)
+    grad_ordered = grad[by_id.indices[torch.searchsorted(by_id.values, ids)]]  # the same rows' gradients
+    base = torch.ones(int(part.counts()[rank]), 8)
+    out["into_push"] = (ordered.push_add(grad_ordered.contiguous(), base.clone()) - base).numpy()
 
     # The last rank pushes nothing at all; the others push duplicates.
     ids, grads = _grads(rank, 0, 4)
@@ -260,6 +273,10 @@ def test_fixed_exchange_pulls_and_sums_back_like_fetch_and_push(three):
         # Ids travel once, when the plan is made; a pull then carries only the rows it serves.
         assert res["plan_setup_wire"]["control_bytes"] == 2 * 24 + 4 * remote
         assert res["plan_pull_wire"]["control_bytes"] == 0
+        ids, pulled = res["into_pull"]
+        np.testing.assert_array_equal(pulled, weight[ids])
+        np.testing.assert_allclose(res["into_push"], res["plan_back"], rtol=1e-5, atol=1e-5)
+        assert res["into_pull_wire"] == res["plan_pull_wire"]  # the same rows, counted the same way
     served = [res["plan_pull_wire"]["activations_bytes"] for res in three]
     asked = [int((part.owner[_needed(r, 3).numpy()] != r).sum()) * 4 * 8 for r in range(3)]
     assert sum(served) == sum(asked) and three[2]["plan_pull"].shape == (0, 8)

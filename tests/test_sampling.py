@@ -138,3 +138,16 @@ def test_block_sampling_is_deterministic_given_dgl_seed() -> None:
     a, b = draw(4), draw(4)
     assert all(torch.equal(x, y) for x, y in zip(a, b))
     assert any(x.shape != y.shape or not torch.equal(x, y) for x, y in zip(a, draw(5)))
+
+
+def test_bpr_batches_from_the_train_csr_alone_equal_those_from_the_graph() -> None:
+    """Split propagation gives BPRBatches a TrainCSR (no symmetric edge arrays): same batches."""
+    from gnaq_dist.graph import TrainCSR
+
+    g = random_graph(seed=5)
+    indptr, indices = g.train_csr()
+    users = np.repeat(np.arange(g.n_users), np.diff(indptr))
+    csr = TrainCSR.from_pairs(g.n_users, g.n_items, users[::-1].copy(), indices[::-1].copy())  # any order
+    assert np.array_equal(csr.indptr, indptr) and np.array_equal(csr.indices, indices)
+    for a, b in zip(BPRBatches(g, 16, 3, seed=1), BPRBatches(csr, 16, 3, seed=1), strict=True):
+        assert all(torch.equal(x, y) and x.dtype == torch.int64 for x, y in zip(a, b))

@@ -1,0 +1,66 @@
+"""Pieces of a rank's shard that save memory in the step: the packed view's gather, its L2
+from a code histogram, and Adam moments made at the first step. Each must compute what the
+plain formulation computes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from gnaq_dist.distributed import sharded
+from gnaq_dist.distributed.sharded import MethodShard, RowView
+from gnaq_dist.distributed.sparse_adam import RowSparseAdam
+
+
+def _packed_view(n: int = 11, d: int = 8, levels: int = 4, seed: int = 0) -> tuple[RowView, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    leaf = torch.randn(n, levels, generator=g).requires_grad_(True)
+    codes = torch.randint(0, levels, (n, d), generator=g, dtype=torch.uint8)
+    return RowView([leaf], sharded._GatherLevels.apply(leaf, codes), codes), leaf
+
+
+@pytest.mark.parametrize("block_rows", [3, 1 << 16])
+def test_gather_levels_equals_torch_gather_forward_and_backward(monkeypatch, block_rows):
+    monkeypatch.setattr(sharded._GatherLevels, "BLOCK_ROWS", block_rows)
+    view, leaf = _packed_view()
+    ref_leaf = leaf.detach().clone().requires_grad_(True)
+    ref = torch.gather(ref_leaf, 1, view.codes.long())
+    assert torch.equal(view.embeddings, ref)
+    w = torch.randn(ref.shape)
+    (view.embeddings * w).sum().backward()
+    (ref * w).sum().backward()
+    torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+
+
+def test_row_l2_of_packed_rows_from_the_code_histogram():
+    view, leaf = _packed_view()
+    weights = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.5, 1.0, 4.0])  # the first 7 rows (own rows)
+    x = view.pop_embeddings()
+    assert view.embeddings is None  # the view no longer keeps the (n, d) table alive
+    ref = (weights * x[:7].pow(2).sum(1)).sum()
+    got = MethodShard.row_l2(view, weights)
+    torch.testing.assert_close(got, ref)
+    (g_ref,) = torch.autograd.grad(ref, leaf, retain_graph=True)
+    (g_got,) = torch.autograd.grad(got, leaf)
+    torch.testing.assert_close(g_got, g_ref)
+    assert g_got[7:].abs().sum() == 0 and g_got[:7].abs().sum() > 0
+    with pytest.raises(RuntimeError, match="already taken"):
+        view.pop_embeddings()
+
+
+def test_row_l2_of_latent_rows_reads_the_embeddings():
+    x = torch.randn(5, 4, requires_grad=True)
+    view = RowView([x], x * 1.0)
+    w = torch.arange(5, dtype=torch.float32)
+    torch.testing.assert_close(MethodShard.row_l2(view, w), (w * x.pow(2).sum(1)).sum())
+
+
+def test_adam_moments_are_made_at_the_first_step():
+    p = torch.nn.Parameter(torch.ones(6, 3))
+    opt = RowSparseAdam([p], lr=0.1)
+    assert opt._moments is None  # a phase that never steps holds no moments
+    assert opt.state_bytes() == 6 * 3 * 8 + 6 * 8
+    opt.step(torch.tensor([1, 4]), [torch.ones(2, 3)])
+    assert opt._moments is not None and opt.state_bytes() == 6 * 3 * 8 + 6 * 8
+    assert torch.all(p.data[[1, 4]] < 1) and torch.all(p.data[[0, 2, 3, 5]] == 1)
+    assert torch.all(opt.exp_avg[0][[1, 4]] > 0) and opt.exp_avg_sq[0][0].abs().sum() == 0

@@ -31,7 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.interactions import InteractionData
+from gnaq_dist.interactions import InteractionData, unique_pair_keys
 from gnaq_dist.quant.packing import PackedTable
 from gnaq_dist.serving import BUNDLE_FORMAT, BUNDLE_JSON, BUNDLE_VERSION, body_digest
 from gnaq_dist.storage import is_local, join, output_exists, resolve, sha256_of
@@ -177,7 +177,7 @@ def _train_pairs(data: InteractionData) -> pa.Table:
     u, i = np.asarray(data.train_user, np.int64), np.asarray(data.train_item, np.int64)
     if u.size and (u.min() < 0 or u.max() >= data.n_users or i.min() < 0 or i.max() >= data.n_items):
         raise GnaqInputError(f"train pairs reference ids outside {data.n_users} users x {data.n_items} items")
-    keys = np.unique(u * np.int64(data.n_items) + i)
+    keys = unique_pair_keys(u, i, data.n_items)
     users = keys // data.n_items
     return pa.table({"user": pa.array(users.astype(np.int32)),
                      "item": pa.array((keys - users * data.n_items).astype(np.int32))})

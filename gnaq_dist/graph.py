@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.interactions import InteractionData
+from gnaq_dist.interactions import InteractionData, unique_pair_keys
 
 
 def interactions_csr(
@@ -41,7 +41,7 @@ def interactions_csr(
             raise GnaqInputError(f"user ids must lie in [0, {n_users}), got [{users.min()}, {users.max()}]")
         if items.min() < 0 or items.max() >= n_items:
             raise GnaqInputError(f"item ids must lie in [0, {n_items}), got [{items.min()}, {items.max()}]")
-    keys = np.unique(users * np.int64(n_items) + items)  # sorted by (user, item), duplicates gone
+    keys = unique_pair_keys(users, items, n_items)  # sorted by (user, item), duplicates gone
     row = keys // n_items
     indices = keys - row * n_items
     indptr = np.zeros(n_users + 1, dtype=np.int64)

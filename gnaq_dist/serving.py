@@ -30,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.interactions import unique_pair_keys
 
 BUNDLE_JSON = "bundle.json"
 BUNDLE_FORMAT = "gnaq-bundle"
@@ -90,7 +91,7 @@ def train_graph(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray
     items = np.asarray(items, dtype=np.int64)
     if users.size and (users.min() < 0 or users.max() >= n_users or items.min() < 0 or items.max() >= n_items):
         raise GnaqInputError(f"train pairs reference ids outside {n_users} users x {n_items} items")
-    keys = np.unique(users * np.int64(n_items) + items)  # sorted by (user, item), duplicates gone
+    keys = unique_pair_keys(users, items, n_items)  # sorted by (user, item), duplicates gone
     u = keys // n_items
     i = keys - u * n_items
     deg_u = np.bincount(u, minlength=n_users)

@@ -194,7 +194,12 @@ class MethodShard:
         n = int(weights.shape[0])
         if view.codes is not None:
             levels, codes = view.leaves[0][:n], view.codes[:n]
-            hist = torch.stack([(codes == k).sum(1) for k in range(levels.shape[1])], 1).to(levels.dtype)
+            hist = torch.zeros(levels.shape, dtype=levels.dtype, device=levels.device)
+            ones = torch.ones((), dtype=levels.dtype, device=levels.device).expand(min(n, _GatherLevels.BLOCK_ROWS),
+                                                                                    codes.shape[1])
+            for a in range(0, n, _GatherLevels.BLOCK_ROWS):  # one pass, the int64 index a block at a time
+                block = codes[a:a + _GatherLevels.BLOCK_ROWS].to(torch.int64)
+                hist[a:a + block.shape[0]].scatter_add_(1, block, ones[: block.shape[0]])
             return (weights * (hist * levels.pow(2)).sum(1)).sum()
         return (weights * view.embeddings[:n].pow(2).sum(1)).sum()
 

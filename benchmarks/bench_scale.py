@@ -191,9 +191,12 @@ def run_size(fraction: Fraction, args) -> dict[str, Any]:
             "batch_size": args.batch_size, "fanouts": args.fanouts, "row_group_rows": args.row_group_rows,
             "eval_batch": args.eval_batch, "propagation": args.propagation, "set": args.set}
     spec_file = d / "spec.json"
-    if spec_file.exists() and json.loads(spec_file.read_text()) != spec:
+    if args.report_only and spec_file.exists():  # report a size as it was run (sizes may differ in --set)
+        spec = json.loads(spec_file.read_text())
+    elif spec_file.exists() and json.loads(spec_file.read_text()) != spec:
         raise SystemExit(f"{d}: made with other parameters ({spec_file}); use another --workdir")
-    spec_file.write_text(json.dumps(spec))
+    else:
+        spec_file.write_text(json.dumps(spec))
     out: dict[str, Any] = {"size": size_name(fraction), "fraction": float(fraction), **spec}
     stages: list[tuple[str, Any]] = [("generate", lambda: stage_generate(d, users, items, rows, args)),
                                      ("ingest", lambda: stage_ingest(d, args))]

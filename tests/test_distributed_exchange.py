@@ -182,6 +182,9 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     grad_ordered = grad[by_id.indices[torch.searchsorted(by_id.values, ids)]]  # the same rows' gradients
     base = torch.ones(int(part.counts()[rank]), 8)
     out["into_push"] = (ordered.push_add(grad_ordered.contiguous(), base.clone()) - base).numpy()
+    # Ids in any order: the same results through the permuting path.
+    out["any_order"] = (plan.in_order, plan.pull_into(own_weight, torch.empty(needed.shape[0], 8)).numpy(),
+                        (plan.push_add(grad, base.clone()) - base).numpy())
 
     # The last rank pushes nothing at all; the others push duplicates.
     ids, grads = _grads(rank, 0, 4)
@@ -277,6 +280,10 @@ def test_fixed_exchange_pulls_and_sums_back_like_fetch_and_push(three):
         np.testing.assert_array_equal(pulled, weight[ids])
         np.testing.assert_allclose(res["into_push"], res["plan_back"], rtol=1e-5, atol=1e-5)
         assert res["into_pull_wire"] == res["plan_pull_wire"]  # the same rows, counted the same way
+        in_order, pulled, pushed = res["any_order"]
+        np.testing.assert_array_equal(pulled, res["plan_pull"])
+        np.testing.assert_allclose(pushed, res["plan_back"], rtol=1e-5, atol=1e-5)
+    assert not all(res["any_order"][0] for res in three)  # the permuting path ran somewhere
     served = [res["plan_pull_wire"]["activations_bytes"] for res in three]
     asked = [int((part.owner[_needed(r, 3).numpy()] != r).sum()) * 4 * 8 for r in range(3)]
     assert sum(served) == sum(asked) and three[2]["plan_pull"].shape == (0, 8)

@@ -30,7 +30,7 @@ own rows stay fp32 and uncompressed.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -418,6 +418,7 @@ class FixedExchange:
         self.recv_counts = [int(c) for c in recv_counts]
         self.send_counts = [int(c) for c in send_counts]
         self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
+        self.num_owned = int(partition.counts()[rank])
         self.needed = ids
         self.num_needed = int(ids.numel())
         self._rows_buffer: torch.Tensor | None = None
@@ -480,31 +481,56 @@ class FixedExchange:
             buf = self._rows_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
         return buf
 
-    def pull_into(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
-                  kind: str = "activations") -> torch.Tensor:
-        """Rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) written into ``out``
-        (n_needed, d), uncompressed, with no intermediate tensors (collective)."""
+    def start_pull(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
+                   kind: str = "activations") -> Pending:
+        """Start moving rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) into ``out``
+        (n_needed, d), uncompressed (collective); ``wait()`` returns ``out``. ``x_own`` is read
+        before this returns, so the caller may compute on it while the rows travel."""
         if not self.in_order or out.device != comm_device() or not out.is_contiguous():
             out.copy_(self.pull(x_own, counter, kind))
-            return out
+            return Pending(None, lambda: out)
         send = torch.index_select(x_own.detach(), 0, self.send_rows, out=self._served_rows(x_own))
         sent = self._remote(self.send_counts)
         _count(counter, kind, sent * send.shape[1] * send.element_size(), sent * 4 * send.shape[1])
-        dist.all_to_all_single(out, send, self.recv_counts, self.send_counts)
-        return out
+        work = dist.all_to_all_single(out, send, self.recv_counts, self.send_counts, async_op=True)
+        return Pending(work, lambda: out)
 
-    def push_add(self, grad: torch.Tensor, into: torch.Tensor, counter: WireCounter | None = None,
-                 kind: str = "activations") -> torch.Tensor:
-        """Gradients ``grad`` (n_needed, d) of the needed rows, uncompressed, added into the
-        owners' rows of ``into`` (n_own, d) in place (collective)."""
-        if not self.in_order or into.device != comm_device() or not grad.is_contiguous():
-            into += self.push_gradients(grad, int(into.shape[0]), counter=counter, kind=kind).to(into.dtype)
-            return into
+    def pull_into(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
+                  kind: str = "activations") -> torch.Tensor:
+        """:meth:`start_pull`, waited for."""
+        return self.start_pull(x_own, out, counter, kind).wait()
+
+    def start_push(self, grad: torch.Tensor, counter: WireCounter | None = None,
+                   kind: str = "activations") -> Pending:
+        """Start sending gradients ``grad`` (n_needed, d) of the needed rows, uncompressed, to
+        their owners (collective); ``wait(into)`` adds what arrived into the owners' rows of
+        ``into`` (n_own, d) in place and returns it. ``grad`` must stay unchanged until then."""
+        if not self.in_order or grad.device != comm_device() or not grad.is_contiguous():
+            summed = self.push_gradients(grad, self.num_owned, counter=counter, kind=kind)
+            return Pending(None, lambda into: into.add_(summed.to(into.dtype)))
         back = self._served_rows(grad)
         remote = self._remote(self.recv_counts)
         _count(counter, kind, remote * grad.shape[1] * grad.element_size(), remote * 4 * grad.shape[1])
-        dist.all_to_all_single(back, grad, self.send_counts, self.recv_counts)
-        return into.index_add_(0, self.send_rows, back)
+        work = dist.all_to_all_single(back, grad, self.send_counts, self.recv_counts, async_op=True)
+        return Pending(work, lambda into: into.index_add_(0, self.send_rows, back))
+
+    def push_add(self, grad: torch.Tensor, into: torch.Tensor, counter: WireCounter | None = None,
+                 kind: str = "activations") -> torch.Tensor:
+        """:meth:`start_push`, waited for into ``into``."""
+        return self.start_push(grad, counter, kind).wait(into)
+
+
+class Pending:
+    """A collective under way (``async_op``); ``wait(...)`` completes it and returns its result."""
+
+    def __init__(self, work: Any, finish: Callable[..., torch.Tensor]) -> None:
+        self._work, self._finish = work, finish
+
+    def wait(self, *args: Any) -> torch.Tensor:
+        if self._work is not None:
+            self._work.wait()
+            self._work = None
+        return self._finish(*args)
 
 
 @torch.no_grad()

@@ -59,11 +59,15 @@ class _MeanPropagation(torch.autograd.Function):
 
     Why one function: propagation is linear, so the backward is the same walk over ``A_hat^T``
     (Horner's rule over the layers) and needs no saved activation. Autograd layer by layer
-    keeps every layer and its gradient and allocates each anew; here two buffers of the plan
-    (own rows, own + halo rows) serve every layer of every step, forward and backward, and
-    only the output and the input's gradient are new tensors. The halo exchanges are the
-    same collectives, in the same order, as :meth:`HaloPlan.propagate`'s: ``L - 1`` pulls
-    forward, ``L - 1`` pushes backward.
+    keeps every layer and its gradient and allocates each anew; here three buffers of the plan
+    (two of own rows, one of halo rows) serve every layer of every step, forward and backward,
+    and only the output and the input's gradient are new tensors.
+
+    The halo's rows travel while the own rows' part is computed: forward, layer ``l``'s halo
+    rows are pulled while ``inner @ H^l`` runs, and ``outer @ halo`` is added when they have
+    arrived; backward, the halo's gradient part (``outer^T t``, small) is pushed first and
+    travels while ``inner t`` runs. The collectives are those of :meth:`HaloPlan.propagate`,
+    in the same order: ``L - 1`` pulls forward, ``L - 1`` pushes backward.
     """
 
     @staticmethod
@@ -71,15 +75,18 @@ class _MeanPropagation(torch.autograd.Function):
                 counter: WireCounter | None) -> torch.Tensor:
         ctx.plan, ctx.num_layers, ctx.counter = plan, num_layers, counter
         n = plan.n_own
-        acc = x_input[:n].detach().clone()
-        h, q_in = plan._buffer("own", n, x_input), x_input.detach()
-        for layer in range(1, num_layers + 1):
-            torch.mm(plan.adj, q_in, out=h)
-            acc += h
-            if layer < num_layers:
-                q_in = plan._buffer("input", plan.adj.shape[1], x_input)
-                q_in[:n].copy_(h)
-                plan.exchange.pull_into(h, q_in[n:], counter)
+        x = x_input.detach()
+        acc = x[:n].clone()
+        h, h_next = plan._buffer("own", n, x), plan._buffer("own2", n, x)
+        halo = plan._buffer("halo", plan.n_halo, x)
+        plan._apply(x[:n], x[n:], out=h)
+        acc += h
+        for _ in range(2, num_layers + 1):
+            pending = plan.exchange.start_pull(h, halo, counter)
+            torch.mm(plan.inner, h, out=h_next)
+            plan._add_outer(h_next, pending.wait())
+            acc += h_next
+            h, h_next = h_next, h
         return acc.div_(num_layers + 1)
 
     @staticmethod
@@ -87,24 +94,30 @@ class _MeanPropagation(torch.autograd.Function):
         plan, L = ctx.plan, ctx.num_layers
         n = plan.n_own
         g = grad.contiguous()  # the 1 / (L + 1) is applied once, to the result
-        t = g
-        for _ in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
-            u = torch.mm(plan.adj_t, t, out=plan._buffer("input", plan.adj_t.shape[0], g))
-            t = torch.add(g, u[:n], out=plan._buffer("own", n, g))
-            plan.exchange.push_add(u[n:], t, ctx.counter)
-        grad_x = plan.adj_t @ t
+        t, spare = g, [plan._buffer("own", n, g), plan._buffer("own2", n, g)]
+        halo = plan._buffer("halo", plan.n_halo, g)
+        for i in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
+            torch.mm(plan.outer_t, t, out=halo)
+            pending = plan.exchange.start_push(halo, ctx.counter)
+            u = torch.mm(plan.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
+            u += g
+            t = pending.wait(u)
+        grad_x = torch.empty((plan.n_input, g.shape[1]), dtype=g.dtype, device=g.device)
+        torch.mm(plan.inner, t, out=grad_x[:n])
         grad_x[:n] += g
+        torch.mm(plan.outer_t, t, out=grad_x[n:])
         return grad_x.div_(L + 1), None, None, None
 
 
 @dataclass(eq=False)
 class HaloPlan:
-    """Rank ``rank``'s rows of ``A_hat``: over its own nodes, then its halo, in that order."""
+    """Rank ``rank``'s rows of ``A_hat``, over its own nodes (``inner``) and its halo (``outer``)."""
 
     own: torch.Tensor  # int64 (n_own,), sorted global ids (= partition.owned_ids(rank))
     halo: torch.Tensor  # int64 (n_halo,), global ids of remote neighbours of own nodes, by (owner, id)
-    adj: torch.Tensor  # sparse CSR (n_own, n_own + n_halo)
-    adj_t: torch.Tensor  # sparse CSR (n_own + n_halo, n_own)
+    inner: torch.Tensor  # sparse CSR (n_own, n_own): A_hat[own, own], symmetric
+    outer: torch.Tensor  # sparse CSR (n_own, n_halo): A_hat[own, halo]
+    outer_t: torch.Tensor  # sparse CSR (n_halo, n_own): its transpose
     partition: Partition
     exchange: FixedExchange  # the halo's rows from their owners, planned once
     _buffers: dict[str, torch.Tensor] = field(default_factory=dict, repr=False)  # see _MeanPropagation
@@ -177,12 +190,18 @@ class HaloPlan:
         values = torch.empty(src.shape[0], dtype=torch.float32)
         for a in range(0, src.shape[0], _BLOCK):
             values[a:a + _BLOCK] = inv_sqrt[src[a:a + _BLOCK]] * inv_sqrt[dst[a:a + _BLOCK]]
-        n_in = n_own + int(halo.shape[0])
-        del dst, src, remote, inv_sqrt, position, by_id, by_owner
-        adj = csr_tensor(rows, cols, values, (n_own, n_in))
-        # Without a halo the rows are the whole of A_hat, which is symmetric: its own transpose.
-        adj_t = adj if n_in == n_own else csr_tensor(cols, rows, values, (n_in, n_own))
-        return cls(own, halo, adj, adj_t, partition, FixedExchange(halo, partition, counter=counter))
+        n_halo = int(halo.shape[0])
+        del dst, src, inv_sqrt, position, by_id, by_owner
+        # A_hat[own, own] is symmetric (it serves as its own transpose); only the halo block is
+        # transposed, for the backward.
+        keep = ~remote
+        inner = csr_tensor(rows[keep], cols[keep], values[keep], (n_own, n_own))
+        del keep
+        rows, cols, values = rows[remote], cols[remote] - n_own, values[remote]
+        del remote
+        outer = csr_tensor(rows, cols, values, (n_own, n_halo))
+        outer_t = csr_tensor(cols, rows, values, (n_halo, n_own))
+        return cls(own, halo, inner, outer, outer_t, partition, FixedExchange(halo, partition, counter=counter))
 
     @property
     def nodes(self) -> torch.Tensor:
@@ -193,19 +212,42 @@ class HaloPlan:
     def n_own(self) -> int:
         return int(self.own.shape[0])
 
+    @property
+    def n_halo(self) -> int:
+        return int(self.halo.shape[0])
+
+    @property
+    def n_input(self) -> int:
+        return self.n_own + self.n_halo
+
+    def _apply(self, x_own: torch.Tensor, x_halo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+        """``out = A_hat[own, :] [x_own; x_halo]``."""
+        torch.mm(self.inner, x_own, out=out)
+        return self._add_outer(out, x_halo)
+
+    def _add_outer(self, out: torch.Tensor, x_halo: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(out, self.outer, x_halo, out=out) if self.n_halo else out
+
+    def _check_input(self, x_input: torch.Tensor) -> None:
+        if x_input.dim() != 2 or x_input.shape[0] != self.n_input:
+            raise GnaqInputError(f"x_input must be ({self.n_input}, d), got {tuple(x_input.shape)}")
+
     def propagate(self, x_input: torch.Tensor, num_layers: int, layer_fn: LayerFn | None = None,
                   counter: WireCounter | None = None) -> list[torch.Tensor]:
         """``[Q^0 .. Q^L]`` of the own nodes, from ``H^0`` of :attr:`nodes` (collective)."""
-        if x_input.dim() != 2 or x_input.shape[0] != self.adj.shape[1]:
-            raise GnaqInputError(f"x_input must be ({self.adj.shape[1]}, d), got {tuple(x_input.shape)}")
+        self._check_input(x_input)
         q_in = layer_fn(x_input, 0) if layer_fn is not None else x_input
-        out = [q_in[: self.n_own]]
+        n = self.n_own
+        q_own, q_halo = q_in[:n], q_in[n:]
+        out = [q_own]
         for layer in range(1, num_layers + 1):
-            h = spmm(self.adj, q_in, self.adj_t)
+            h = spmm(self.inner, q_own)
+            if self.n_halo:
+                h = h + spmm(self.outer, q_halo, self.outer_t)
             q = layer_fn(h, layer) if layer_fn is not None else h
             out.append(q)
             if layer < num_layers:  # the next layer reads the halo's rows of this one
-                q_in = torch.cat([q, _OwnerRows.apply(q, self.exchange, counter)])
+                q_own, q_halo = q, _OwnerRows.apply(q, self.exchange, counter)
         return out
 
     def propagate_mean(self, x_input: torch.Tensor, num_layers: int, counter: WireCounter | None = None) -> torch.Tensor:
@@ -213,8 +255,7 @@ class HaloPlan:
         ``combine(propagate(x_input, L))`` gives for a method whose layers are plain
         (:attr:`~gnaq_dist.quant.base.EmbeddingMethod.linear_layers`), with no activation kept
         for the backward."""
-        if x_input.dim() != 2 or x_input.shape[0] != self.adj.shape[1]:
-            raise GnaqInputError(f"x_input must be ({self.adj.shape[1]}, d), got {tuple(x_input.shape)}")
+        self._check_input(x_input)
         if num_layers == 0:
             return x_input[: self.n_own]
         return _MeanPropagation.apply(x_input, self, num_layers, counter)
@@ -227,7 +268,8 @@ class HaloPlan:
         return buf
 
     def describe(self) -> dict[str, int]:
-        return {"own_nodes": self.n_own, "halo_nodes": int(self.halo.shape[0]), "nnz": int(self.adj.values().numel())}
+        return {"own_nodes": self.n_own, "halo_nodes": self.n_halo,
+                "nnz": int(self.inner.values().numel() + self.outer.values().numel())}
 
 
 def remote_rows(x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,

@@ -246,7 +246,8 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
             "bytes_per_node": st.get("bytes_per_node"), "fp32_bytes_per_node": st.get("fp32_bytes_per_node"),
             "floor_bytes_per_node": st.get("floor_bytes_per_node"),
             f"w{w}_s_per_step": t["s_per_step"], f"w{w}_edges_per_s": t["edges_per_s"],
-            f"w{w}_worker_rss_mib": max(t["worker_peak_rss_mib"]), f"w{w}_driver_rss_mib": t["driver_peak_rss_mib"],
+            f"w{w}_worker_rss_mib": max(t["worker_peak_rss_mib"]), f"w{w}_worker_rss_min_mib": min(t["worker_peak_rss_mib"]),
+            f"w{w}_driver_rss_mib": t["driver_peak_rss_mib"],
             f"w{w}_machine_mem_drop_mib": t.get("machine_mem_drop_mib"),
             f"w{w}_setup_s": t["setup_and_ray_s"], f"w{w}_eval_s": t["eval_s"],
             f"w{w}_bytes_per_step": t["bytes_per_step"], f"w{w}_fp32_bytes_per_step": t["fp32_bytes_per_step"],
@@ -323,6 +324,8 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
     series(ax_m, "ingest_rss_mib", "ingest", "s", "C1")
     for j, w in enumerate(workers):
         series(ax_m, f"w{w}_worker_rss_mib", f"train worker W={w} (max)", "^", "C2", styles[j % len(styles)])
+        if w > 1:  # rank 0 also partitions (METIS): the other ranks show what a worker's shard costs
+            series(ax_m, f"w{w}_worker_rss_min_mib", f"train worker W={w} (min)", "v", "C5", styles[j % len(styles)])
     for ax, title in ((ax_t, "time"), (ax_m, "peak RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")

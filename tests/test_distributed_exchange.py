@@ -170,21 +170,21 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     out["plan_grad"] = (needed.numpy(), grad.numpy())
     out["plan_back"] = plan.push_gradients(grad, int(part.counts()[rank])).numpy()
     # In the order the owners serve them (a halo's order), rows move in and out of caller-held
-    # buffers: pull_into / push_add, the fused propagation's path.
+    # buffers: start_pull / start_push, the fused propagation's path.
     ids = torch.sort(needed).values
     ids = ids[torch.sort(part.owner_of(ids), stable=True).indices]
     ordered = FixedExchange(ids, part)
     assert ordered.in_order
     into = torch.full((ids.shape[0], 8), float("nan"))
-    out["into_pull"] = (ids.numpy(), ordered.pull_into(own_weight, into, plan_counter).numpy())
+    out["into_pull"] = (ids.numpy(), ordered.start_pull(own_weight, into, plan_counter).wait().numpy())
     out["into_pull_wire"] = plan_counter.pop()
     by_id = torch.sort(needed)
     grad_ordered = grad[by_id.indices[torch.searchsorted(by_id.values, ids)]]  # the same rows' gradients
     base = torch.ones(int(part.counts()[rank]), 8)
-    out["into_push"] = (ordered.push_add(grad_ordered.contiguous(), base.clone()) - base).numpy()
+    out["into_push"] = (ordered.start_push(grad_ordered.contiguous()).wait(base.clone()) - base).numpy()
     # Ids in any order: the same results through the permuting path.
-    out["any_order"] = (plan.in_order, plan.pull_into(own_weight, torch.empty(needed.shape[0], 8)).numpy(),
-                        (plan.push_add(grad, base.clone()) - base).numpy())
+    out["any_order"] = (plan.in_order, plan.start_pull(own_weight, torch.empty(needed.shape[0], 8)).wait().numpy(),
+                        (plan.start_push(grad).wait(base.clone()) - base).numpy())
 
     # The last rank pushes nothing at all; the others push duplicates.
     ids, grads = _grads(rank, 0, 4)

@@ -418,7 +418,7 @@ class FixedExchange:
         self.recv_counts = [int(c) for c in recv_counts]
         self.send_counts = [int(c) for c in send_counts]
         self.send_rows = partition.local_of(asked)  # own rows to send, grouped by requester
-        self.num_owned = int(partition.counts()[rank])
+        self.partition = partition
         self.needed = ids
         self.num_needed = int(ids.numel())
         self._rows_buffer: torch.Tensor | None = None
@@ -473,13 +473,9 @@ class FixedExchange:
     # -- float rows into and out of caller-held buffers (the fused propagation's hot path) --
     def _served_rows(self, like: torch.Tensor) -> torch.Tensor:
         """The (rows this rank serves, d) buffer, kept between calls: the same rows move at every
-        layer of every step (pulls send from it, pushes receive into it; never both at once),
-        and a fresh activation-sized tensor costs its page faults each time."""
-        shape = (int(self.send_rows.shape[0]), int(like.shape[1]))
-        buf = self._rows_buffer
-        if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._rows_buffer = torch.empty(shape, dtype=like.dtype, device=like.device)
-        return buf
+        layer of every step (pulls send from it, pushes receive into it; never both at once)."""
+        self._rows_buffer = kept_buffer(self._rows_buffer, int(self.send_rows.shape[0]), like)
+        return self._rows_buffer
 
     def start_pull(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
                    kind: str = "activations") -> Pending:
@@ -495,18 +491,14 @@ class FixedExchange:
         work = dist.all_to_all_single(out, send, self.recv_counts, self.send_counts, async_op=True)
         return Pending(work, lambda: out)
 
-    def pull_into(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
-                  kind: str = "activations") -> torch.Tensor:
-        """:meth:`start_pull`, waited for."""
-        return self.start_pull(x_own, out, counter, kind).wait()
-
     def start_push(self, grad: torch.Tensor, counter: WireCounter | None = None,
                    kind: str = "activations") -> Pending:
         """Start sending gradients ``grad`` (n_needed, d) of the needed rows, uncompressed, to
         their owners (collective); ``wait(into)`` adds what arrived into the owners' rows of
         ``into`` (n_own, d) in place and returns it. ``grad`` must stay unchanged until then."""
         if not self.in_order or grad.device != comm_device() or not grad.is_contiguous():
-            summed = self.push_gradients(grad, self.num_owned, counter=counter, kind=kind)
+            n_own = int(self.partition.counts()[self.rank])
+            summed = self.push_gradients(grad, n_own, counter=counter, kind=kind)
             return Pending(None, lambda into: into.add_(summed.to(into.dtype)))
         back = self._served_rows(grad)
         remote = self._remote(self.recv_counts)
@@ -514,10 +506,16 @@ class FixedExchange:
         work = dist.all_to_all_single(back, grad, self.send_counts, self.recv_counts, async_op=True)
         return Pending(work, lambda into: into.index_add_(0, self.send_rows, back))
 
-    def push_add(self, grad: torch.Tensor, into: torch.Tensor, counter: WireCounter | None = None,
-                 kind: str = "activations") -> torch.Tensor:
-        """:meth:`start_push`, waited for into ``into``."""
-        return self.start_push(grad, counter, kind).wait(into)
+
+def kept_buffer(buf: torch.Tensor | None, rows: int, like: torch.Tensor) -> torch.Tensor:
+    """``buf`` if it is a (rows, d) tensor of ``like``'s width, dtype and device, else a new one.
+
+    Why: the same activation-sized buffers serve every layer of every step, and a fresh
+    tensor of 100+ MiB costs its page faults each time (docs/scale.md)."""
+    shape = (int(rows), int(like.shape[1]))
+    if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
+        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+    return buf
 
 
 class Pending:

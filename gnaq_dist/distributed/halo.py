@@ -21,7 +21,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gnaq_dist.distributed.exchange import FixedExchange, WireCounter
+from gnaq_dist.distributed.exchange import FixedExchange, WireCounter, kept_buffer
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, csr_tensor, spmm
@@ -179,8 +179,7 @@ class HaloPlan:
         halo = by_id[by_owner]
         position = torch.empty_like(by_owner)
         position[by_owner] = torch.arange(by_owner.shape[0], dtype=by_owner.dtype)
-        local = torch.from_numpy(partition.local_index.astype(np.int32) if n_own + halo.shape[0] < 2**31
-                                 else partition.local_index)
+        local = torch.from_numpy(partition.local_index.astype(_id_dtype(partition.num_nodes), copy=False))
         cols = local[src]
         cols[remote] = (n_own + position[torch.searchsorted(by_id, src[remote].to(torch.int64))]).to(cols.dtype)
         rows = local[dst]  # non-decreasing: edges are sorted by dst, own ids ascending
@@ -262,9 +261,7 @@ class HaloPlan:
 
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
         """A (rows, d) buffer kept for the next call (see :class:`_MeanPropagation`)."""
-        buf = self._buffers.get(name)
-        if buf is None or buf.shape != (rows, like.shape[1]) or buf.dtype != like.dtype or buf.device != like.device:
-            buf = self._buffers[name] = torch.empty((rows, like.shape[1]), dtype=like.dtype, device=like.device)
+        buf = self._buffers[name] = kept_buffer(self._buffers.get(name), rows, like)
         return buf
 
     def describe(self) -> dict[str, int]:

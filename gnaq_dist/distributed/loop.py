@@ -637,25 +637,20 @@ class DistributedTrainer:
         against all items' final rows. Nothing of size N x d is built: memory and work follow
         the shard, and the result equals :meth:`_evaluate_gathered`'s."""
         method, plan, part = self.shard.method, self.halo, self.partition
-        L = self.config.model.num_layers
         own_ids = torch.arange(plan.n_own, dtype=torch.int64)
         if method.name == "fp":
             server = LatentShard(list(method.trainable_row_params()), method.dim)
-            layer_fn, storage = method.layer_fn, self._fp_storage()
+            storage = self._fp_storage()
         else:  # the stored table's rows, propagated as final_from_packed propagates them
             own, server = self._packed_server()
-            layer_fn = None
             shared = server.shared_levels
             t = _allreduce_sum(torch.tensor([own.code_bytes(), 0 if shared else own.level_bytes(), own.num_rows],
                                             dtype=torch.int64)).tolist()
             level_bytes = t[1] + (own.level_bytes() if shared else 0)  # a shared codebook is stored once
             storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
         payload = torch.cat([server.serve(own_ids), plan.exchange.pull_served(server, self.gather_counter)])
-        x_input = server.decode(payload)
-        if method.linear_layers:  # fp, or the stored rows of a method with plain layers
-            final_own = plan.propagate_mean(x_input, L, self.gather_counter)
-        else:
-            final_own = method.combine(plan.propagate(x_input, L, layer_fn, counter=self.gather_counter))
+        # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
+        final_own = self._propagate_own(server.decode(payload), self.gather_counter)
         n_users = self.data.n_users
         items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
                               counter=self.gather_counter, what="evaluation items").pull(final_own, self.gather_counter)

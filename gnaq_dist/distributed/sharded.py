@@ -93,22 +93,27 @@ class _GatherLevels(torch.autograd.Function):
     BLOCK_ROWS = 1 << 16
 
     @staticmethod
+    def index_blocks(codes: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
+        """``(rows, int64 codes of those rows)`` a block of rows at a time."""
+        for a in range(0, codes.shape[0], _GatherLevels.BLOCK_ROWS):
+            rows = slice(a, a + _GatherLevels.BLOCK_ROWS)
+            yield rows, codes[rows].to(torch.int64)
+
+    @staticmethod
     def forward(ctx, levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
         ctx.save_for_backward(codes)
         ctx.num_levels = int(levels.shape[1])
         out = torch.empty(codes.shape, dtype=levels.dtype, device=levels.device)
-        for a in range(0, codes.shape[0], _GatherLevels.BLOCK_ROWS):
-            b = a + _GatherLevels.BLOCK_ROWS
-            torch.gather(levels[a:b], 1, codes[a:b].to(torch.int64), out=out[a:b])
+        for rows, index in _GatherLevels.index_blocks(codes):
+            torch.gather(levels[rows], 1, index, out=out[rows])
         return out
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
         (codes,) = ctx.saved_tensors
         out = torch.zeros((codes.shape[0], ctx.num_levels), dtype=grad.dtype, device=grad.device)
-        for a in range(0, codes.shape[0], _GatherLevels.BLOCK_ROWS):
-            b = a + _GatherLevels.BLOCK_ROWS
-            out[a:b].scatter_add_(1, codes[a:b].to(torch.int64), grad[a:b])
+        for rows, index in _GatherLevels.index_blocks(codes):
+            out[rows].scatter_add_(1, index, grad[rows])
         return out, None
 
 
@@ -195,11 +200,9 @@ class MethodShard:
         if view.codes is not None:
             levels, codes = view.leaves[0][:n], view.codes[:n]
             hist = torch.zeros(levels.shape, dtype=levels.dtype, device=levels.device)
-            ones = torch.ones((), dtype=levels.dtype, device=levels.device).expand(min(n, _GatherLevels.BLOCK_ROWS),
-                                                                                    codes.shape[1])
-            for a in range(0, n, _GatherLevels.BLOCK_ROWS):  # one pass, the int64 index a block at a time
-                block = codes[a:a + _GatherLevels.BLOCK_ROWS].to(torch.int64)
-                hist[a:a + block.shape[0]].scatter_add_(1, block, ones[: block.shape[0]])
+            one = torch.ones((), dtype=levels.dtype, device=levels.device)
+            for rows, index in _GatherLevels.index_blocks(codes):  # one pass
+                hist[rows].scatter_add_(1, index, one.expand(index.shape))
             return (weights * (hist * levels.pow(2)).sum(1)).sum()
         return (weights * view.embeddings[:n].pow(2).sum(1)).sum()
 

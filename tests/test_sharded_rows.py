@@ -1,5 +1,5 @@
 """Pieces of a rank's shard that save memory in the step: the packed view's gather, its L2
-from a code histogram, and Adam moments made at the first step. Each must compute what the
+from the rows of non-zero weight, and Adam moments made at the first step. Each must compute what the
 plain formulation computes."""
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ def _packed_view(n: int = 11, d: int = 8, levels: int = 4, seed: int = 0) -> tup
     return RowView([leaf], sharded._GatherLevels.apply(leaf, codes), codes), leaf
 
 
-@pytest.mark.parametrize("block_rows", [3, 1 << 16])
-def test_gather_levels_equals_torch_gather_forward_and_backward(monkeypatch, block_rows):
-    monkeypatch.setattr(sharded._GatherLevels, "BLOCK_ROWS", block_rows)
+@pytest.mark.parametrize("block_bytes", [3 * 8 * 8, 8 << 20])  # 3 rows a block; all rows in one
+def test_gather_levels_equals_torch_gather_forward_and_backward(monkeypatch, block_bytes):
+    monkeypatch.setattr(sharded._GatherLevels, "BLOCK_BYTES", block_bytes)
     view, leaf = _packed_view()
     ref_leaf = leaf.detach().clone().requires_grad_(True)
     ref = torch.gather(ref_leaf, 1, view.codes.long())
@@ -32,7 +32,7 @@ def test_gather_levels_equals_torch_gather_forward_and_backward(monkeypatch, blo
     torch.testing.assert_close(leaf.grad, ref_leaf.grad)
 
 
-def test_row_l2_of_packed_rows_from_the_code_histogram():
+def test_row_l2_of_packed_rows_from_their_levels_and_codes():
     view, leaf = _packed_view()
     weights = torch.tensor([0.0, 1.0, 2.0, 3.0, 0.5, 1.0, 4.0])  # the first 7 rows (own rows)
     x = view.pop_embeddings()

@@ -88,15 +88,21 @@ def _logical_rows(method: EmbeddingMethod, n: int) -> Iterator[None]:
 class _GatherLevels(torch.autograd.Function):
     """``levels.gather(1, codes)`` keeping the uint8 codes for the backward, not the int64 index
     ``torch.gather`` saves (8 bytes a value: twice an fp32 (n, d) table, held through the
-    whole propagation). The int64 index is made per block of rows, forward and backward."""
+    whole propagation). The int64 index is made per block of rows, forward and backward.
 
-    BLOCK_ROWS = 1 << 16
+    Why blocks of at most ``BLOCK_BYTES``: glibc serves an allocation above its mmap ceiling
+    (32 MiB) with fresh pages that the kernel faults in one by one, and frees it with ``munmap``;
+    below it, a freed block is reused by the next one. 8 MiB blocks made the forward 2.6x faster
+    than 32 MiB ones at 600k x 64 codes (docs/scale.md)."""
+
+    BLOCK_BYTES = 8 << 20
 
     @staticmethod
     def index_blocks(codes: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
         """``(rows, int64 codes of those rows)`` a block of rows at a time."""
-        for a in range(0, codes.shape[0], _GatherLevels.BLOCK_ROWS):
-            rows = slice(a, a + _GatherLevels.BLOCK_ROWS)
+        step = max(1, _GatherLevels.BLOCK_BYTES // (8 * max(1, codes.shape[1])))
+        for a in range(0, codes.shape[0], step):
+            rows = slice(a, a + step)
             yield rows, codes[rows].to(torch.int64)
 
     @staticmethod
@@ -194,17 +200,16 @@ class MethodShard:
     def row_l2(view: RowView, weights: torch.Tensor) -> torch.Tensor:
         """``sum_i weights_i ||x_i||^2`` over the view's first ``len(weights)`` rows, differentiable.
 
-        Packed rows take it from their levels and a histogram of their codes
-        (``||x_i||^2 = sum_k n_ik c_ik^2``), so it keeps no (n, d) table for the backward."""
-        n = int(weights.shape[0])
+        Only rows of non-zero weight are read (the batch's nodes: a few percent of a shard's
+        rows). Packed rows are gathered again from their levels and codes, so the view's (n, d)
+        table need not be kept for the backward."""
+        rows = torch.nonzero(weights).squeeze(1)
+        w = weights[rows]
         if view.codes is not None:
-            levels, codes = view.leaves[0][:n], view.codes[:n]
-            hist = torch.zeros(levels.shape, dtype=levels.dtype, device=levels.device)
-            one = torch.ones((), dtype=levels.dtype, device=levels.device)
-            for rows, index in _GatherLevels.index_blocks(codes):  # one pass
-                hist[rows].scatter_add_(1, index, one.expand(index.shape))
-            return (weights * (hist * levels.pow(2)).sum(1)).sum()
-        return (weights * view.embeddings[:n].pow(2).sum(1)).sum()
+            x = torch.gather(view.leaves[0][rows], 1, view.codes[rows].to(torch.int64))
+        else:
+            x = view.embeddings[rows]
+        return (w * x.pow(2).sum(1)).sum()
 
     @staticmethod
     def leaf_grads(view: RowView) -> list[torch.Tensor]:

@@ -282,3 +282,17 @@ def test_a_rank_that_raises_mid_training_fails_the_run_promptly():
     with pytest.raises(RankError, match="injected failure on rank 1"):
         run_ranks(scenario_step_failure, 2, timeout=60, pg_timeout_s=30)
     assert time.monotonic() - t0 < 25  # well before the 30 s process-group timeout
+
+
+def test_steady_throughput_leaves_out_the_first_step():
+    from gnaq_dist.distributed.loop import steady_throughput
+
+    got = steady_throughput([(3.0, 10), (1.0, 8), (2.0, 8), (1.5, 4)])
+    assert got["first_step_seconds"] == 3.0
+    assert got["steps"] == 3
+    assert got["seconds_per_step"] == pytest.approx(1.5)
+    assert got["median_step_seconds"] == pytest.approx(1.5)
+    assert got["edges_per_second"] == pytest.approx(20 / 4.5)
+    one = steady_throughput([(2.0, 5)])
+    assert one["first_step_seconds"] == 2.0 and one["seconds_per_step"] is None and one["edges_per_second"] is None
+    assert steady_throughput([])["first_step_seconds"] is None

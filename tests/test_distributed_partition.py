@@ -9,10 +9,12 @@ import pytest
 
 from gnaq_dist.distributed.partition import (
     Partition,
+    balance_loads,
     edge_cut_fraction,
     edges_for_rank,
     hash_owner,
     partition_nodes,
+    rank_loads,
 )
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import build_graph
@@ -75,6 +77,52 @@ def test_metis_partition_balances_users_and_items_and_cuts_fewer_edges(graph, wo
     # The clustered graph has structure METIS should find; hash ignores it.
     hashed = partition_nodes(graph, world_size, method="hash")
     assert edge_cut_fraction(part, graph) < 0.8 * edge_cut_fraction(hashed, graph)
+
+
+def _train_pairs(graph):
+    indptr, items = graph.train_csr()
+    return np.repeat(np.arange(graph.n_users, dtype=np.int64), np.diff(indptr)), items
+
+
+@pytest.mark.parametrize("world_size", [2, 3])
+def test_rank_loads_count_each_ranks_nonzeros_rows_and_halo(graph, world_size):
+    owner = hash_owner(graph.n_users, graph.n_items, world_size, seed=5)
+    users, items = _train_pairs(graph)
+    load = rank_loads(owner, users, items, graph.n_users, world_size)
+    src, dst = graph.src.numpy(), graph.dst.numpy()  # both directions of every train edge
+    for r in range(world_size):
+        into = owner[dst] == r
+        assert load.nonzeros[r] == into.sum()  # the rank's rows of A_hat
+        assert load.own[r] == (owner == r).sum()
+        assert load.halo[r] == len(set(src[into & (owner[src] != r)].tolist()))
+    assert load.cut_edges == (owner[users] != owner[graph.n_users + items]).sum()
+
+
+def test_balance_loads_evens_out_a_skewed_partition(graph):
+    users, items = _train_pairs(graph)
+    owner = hash_owner(graph.n_users, graph.n_items, 2, seed=1)
+    rng = np.random.default_rng(0)
+    ones = np.flatnonzero(owner == 1)
+    owner[rng.choice(ones, size=ones.size // 2, replace=False)] = 0  # rank 0 gets ~3/4 of the rows
+    moved, before, after = balance_loads(owner, users, items, graph.n_users, 2)
+    assert before.imbalance > 0.3
+    assert after.imbalance < 0.05
+    again = rank_loads(moved, users, items, graph.n_users, 2)
+    np.testing.assert_array_equal(again.cost, after.cost)
+    assert np.all(np.bincount(moved, minlength=2) > 0)
+    # Only nodes of the busy rank moved, and only to the idle one.
+    assert np.all(moved[owner == 1] == 1)
+    # A balanced start is left alone.
+    even, b, a = balance_loads(moved, users, items, graph.n_users, 2, tolerance=0.1)
+    np.testing.assert_array_equal(even, moved)
+
+
+def test_metis_partition_balances_the_modelled_step_cost(graph, caplog):
+    with caplog.at_level(logging.INFO, logger="gnaq_dist.distributed.partition"):
+        part = partition_nodes(graph, 2, method="metis")
+    assert "balanced the modelled step cost" in caplog.text
+    users, items = _train_pairs(graph)
+    assert rank_loads(part.owner, users, items, graph.n_users, 2).imbalance < 0.05
 
 
 def test_unusable_metis_result_falls_back_to_hash_and_says_so(graph, caplog):

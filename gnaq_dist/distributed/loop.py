@@ -728,6 +728,7 @@ class DistributedTrainer:
         phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
         phase_epochs = {"fp": 0, "quantized": 0}
         phase_steps = {"fp": 0, "quantized": 0}
+        step_times: list[tuple[float, int]] = []  # (seconds, positives) of every step of this run
         metrics: dict[str, float] = {}
         storage: dict[str, float] = {}
         every = cfg.checkpoint.every_epochs
@@ -772,7 +773,9 @@ class DistributedTrainer:
             for users, pos, neg in self.batches:
                 if self.global_step >= total_steps:
                     break
+                t_step = time.perf_counter()
                 loss_sum += self.step(users, pos, neg)
+                step_times.append((time.perf_counter() - t_step, int(users.shape[0])))
                 steps += 1
                 bar.update(1)
             seconds = time.perf_counter() - t0
@@ -821,6 +824,7 @@ class DistributedTrainer:
             "seconds_per_epoch": train_seconds / epochs_run,
             "seconds_per_step": train_seconds / steps_run,
             "edges_per_second": self.positives / max(train_seconds, 1e-9),
+            "steady": steady_throughput(step_times),
             "storage": storage,
             "wire": self.wire_summary(),
             "partition": self.partition.describe(),
@@ -834,6 +838,23 @@ class DistributedTrainer:
         }
 
 
+def steady_throughput(step_times: list[tuple[float, int]]) -> dict[str, float | None]:
+    """Steps after the run's first, alone: the rate a long run settles at.
+
+    Why apart from ``seconds_per_step``: that one is the phases' wall time over their steps, so it
+    also holds each epoch's shuffle and the first step's one-off costs (buffers, lazy optimizer
+    state), which weigh on a benchmark of a few steps but not on an epoch of thousands."""
+    rest = step_times[1:]
+    seconds = sum(t for t, _ in rest)
+    return {
+        "first_step_seconds": step_times[0][0] if step_times else None,
+        "seconds_per_step": seconds / len(rest) if rest else None,
+        "median_step_seconds": float(np.median([t for t, _ in rest])) if rest else None,
+        "edges_per_second": sum(n for _, n in rest) / seconds if rest and seconds > 0 else None,
+        "steps": len(rest),
+    }
+
+
 def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
                  resume_hint: ResumeHint | None = None) -> dict:
     """Train ``config`` as this rank of the default process group; every rank returns the same
@@ -845,4 +866,4 @@ def train_worker(config: TrainConfig, data: InteractionData | None = None, repor
     return DistributedTrainer(config, data, report, resume_hint).run()
 
 
-__all__ = ["DistributedTrainer", "train_worker"]
+__all__ = ["DistributedTrainer", "steady_throughput", "train_worker"]

@@ -13,7 +13,10 @@ Two methods:
   edges inside a partition, so fewer rows cross the wire. METIS as DGL 2.1.0 calls it
   takes no seed and is **not repeatable** (measured: different assignments for
   3 parts from one process to the next). So partition on one rank and
-  :func:`broadcast_partition` it, and store it with the checkpoint.
+  :func:`broadcast_partition` it, and store it with the checkpoint. METIS balances node
+  counts; :func:`balance_loads` then moves boundary nodes until the ranks' modelled costs of
+  a full-graph step (non-zeros, rows, halo: :class:`RankLoad`) agree, since every halo
+  exchange waits for the slowest rank.
 * ``"hash"``: a keyed hash (splitmix64 of ``id ^ seed``) orders the users and the items;
   they are dealt round-robin, so every rank owns ``n/W`` users and items, +-1, and the
   same seed gives the same partition everywhere. It is the fallback when METIS is
@@ -173,6 +176,98 @@ def _metis_owner(graph: BipartiteGraph, world_size: int, max_imbalance: float) -
     return owner
 
 
+# A rank's share of the full-graph step (forward and backward of L layers), in units of the
+# work of one non-zero of A_hat (read by every sparse product): an own row is also gathered
+# from its codes, added up at every layer and stepped by Adam; a halo row is gathered and
+# scattered (its exchange costs both ranks alike, so it does not unbalance them). Fitted to
+# profile_step at 1/10 of the scale benchmark (docs/scale.md): 0.18 us a non-zero, and the
+# waits of two partitions of the same graph (METIS, and one balanced by non-zeros and rows).
+ROW_COST = 9.0
+HALO_COST = 2.0
+
+
+@dataclass(frozen=True)
+class RankLoad:
+    """What a rank computes in the full-graph step under a partition (:func:`rank_loads`)."""
+
+    nonzeros: np.ndarray  # (W,) non-zeros of the rank's rows of A_hat (the degrees of its nodes)
+    own: np.ndarray  # (W,) nodes owned
+    halo: np.ndarray  # (W,) remote nodes adjacent to an owned node
+    cut_edges: int  # train edges whose user and item have different owners
+
+    @property
+    def cost(self) -> np.ndarray:
+        return self.nonzeros + ROW_COST * self.own + HALO_COST * self.halo
+
+    @property
+    def imbalance(self) -> float:
+        """Max over mean of :attr:`cost`: the time the others wait for the slowest rank, in parts of a step."""
+        c = self.cost
+        return float(c.max() / c.mean()) - 1.0 if c.mean() > 0 else 0.0
+
+
+def rank_loads(owner: np.ndarray, users: np.ndarray, items: np.ndarray, n_users: int, world_size: int) -> RankLoad:
+    """Each rank's non-zeros, own and halo nodes for the undirected train edges ``(users, items)``
+    (item ids 0-based) under ``owner``."""
+    n = owner.shape[0]
+    ou, oi = owner[users], owner[n_users + items]
+    degree = np.bincount(users, minlength=n_users)
+    degree = np.concatenate([degree, np.bincount(items, minlength=n - n_users)])
+    nonzeros = np.bincount(owner, weights=degree, minlength=world_size).astype(np.int64)
+    own = np.bincount(owner, minlength=world_size).astype(np.int64)
+    cut = ou != oi
+    # A cut edge puts its item in the halo of the user's owner and its user in the item's owner's.
+    keys = np.concatenate([ou[cut].astype(np.int64) * n + n_users + items[cut],
+                           oi[cut].astype(np.int64) * n + users[cut]])
+    halo = np.bincount(np.unique(keys) // n, minlength=world_size).astype(np.int64)
+    return RankLoad(nonzeros, own, halo, int(cut.sum()))
+
+
+def balance_loads(owner: np.ndarray, users: np.ndarray, items: np.ndarray, n_users: int, world_size: int,
+                  tolerance: float = 0.003, max_rounds: int = 8) -> tuple[np.ndarray, RankLoad, RankLoad]:
+    """Move boundary nodes from the busiest rank to the idlest until the modelled step costs
+    (:class:`RankLoad`) agree within ``tolerance``; returns ``(owner, load before, load after)``.
+
+    Why: METIS balances node counts, but a rank's step grows with its non-zeros and its halo,
+    and at every halo exchange the others wait for the slowest (measured: 8.5 % of a step at
+    the full scale benchmark). The nodes moved are those with the most neighbours already on
+    the receiving rank, so the cut shrinks or grows least; the best owner array seen is kept.
+    """
+    owner = np.array(owner, dtype=np.int32, copy=True)
+    n = owner.shape[0]
+    users = np.asarray(users, dtype=np.int64)
+    nodes_i = n_users + np.asarray(items, dtype=np.int64)
+    degree = np.bincount(np.concatenate([users, nodes_i]), minlength=n)
+    before = load = rank_loads(owner, users, nodes_i - n_users, n_users, world_size)
+    best, best_owner = load, owner.copy()
+    for _ in range(max_rounds):
+        if load.imbalance <= tolerance:
+            break
+        cost = load.cost
+        heavy, light = int(cost.argmax()), int(cost.argmin())
+        need = (cost[heavy] - cost[light]) / 2.0
+        ou, oi = owner[users], owner[nodes_i]
+        # Neighbours of each node on the light rank and on its own rank.
+        to_light = (np.bincount(users[oi == light], minlength=n) + np.bincount(nodes_i[ou == light], minlength=n))
+        at_home = np.bincount(users[(ou == heavy) & (oi == heavy)], minlength=n) + \
+            np.bincount(nodes_i[(ou == heavy) & (oi == heavy)], minlength=n)
+        cand = np.flatnonzero((owner == heavy) & (to_light > 0))
+        if cand.size == 0:
+            break
+        gain = to_light[cand] - at_home[cand]  # cut edges saved by the move
+        cand = cand[np.lexsort((degree[cand], -gain))]  # best gain first, small nodes first among equals
+        # A move shifts the node's non-zeros and row; its halo effect is settled by the next round.
+        shift = np.cumsum(degree[cand] + ROW_COST)
+        take = int(np.searchsorted(shift, need)) + 1
+        owner[cand[:take]] = light
+        if np.bincount(owner, minlength=world_size).min() == 0:
+            break
+        load = rank_loads(owner, users, nodes_i - n_users, n_users, world_size)
+        if load.cost.max() < best.cost.max():
+            best, best_owner = load, owner.copy()
+    return best_owner, before, best
+
+
 def partition_nodes(graph: BipartiteGraph | TrainCSR, world_size: int, method: str = "metis", seed: int = 0,
                     max_imbalance: float = 0.10) -> Partition:
     """Partition users and items over ``world_size`` ranks (METIS, hash as the fallback).
@@ -200,6 +295,15 @@ def partition_nodes(graph: BipartiteGraph | TrainCSR, world_size: int, method: s
             log.warning("METIS partitioning failed (%s: %s); falling back to hash partitioning",
                         type(exc).__name__, exc)
             used = "hash"
+        else:
+            indptr, items = graph.train_csr()
+            users = np.repeat(np.arange(graph.n_users, dtype=np.int64), np.diff(indptr))
+            owner, before, after = balance_loads(owner, users, items, graph.n_users, world_size)
+            log.info("balanced the modelled step cost per rank: imbalance %.1f%% -> %.1f%%, halos %s -> %s, "
+                     "non-zeros %s -> %s, cut edges %d -> %d", 100 * before.imbalance, 100 * after.imbalance,
+                     before.halo.tolist(), after.halo.tolist(), before.nonzeros.tolist(), after.nonzeros.tolist(),
+                     before.cut_edges, after.cut_edges)
+            del users
     elif method == "metis":
         used = "hash"  # one rank: nothing to cut
     if owner is None:
@@ -268,9 +372,12 @@ def broadcast_partition(partition: Partition | None, src: int = 0) -> Partition:
 __all__ = [
     "METHODS",
     "Partition",
+    "RankLoad",
+    "balance_loads",
     "broadcast_partition",
     "edge_cut_fraction",
     "edges_for_rank",
     "hash_owner",
     "partition_nodes",
+    "rank_loads",
 ]

@@ -48,7 +48,7 @@ def _halo_run(rank: int, world: int, method: str) -> dict:
 
 def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
     """The fused mean-of-layers propagation against layer by layer, for L = 0..3, twice each
-    (the second call reuses the plan's buffers)."""
+    (the second call reuses the plan's buffers), and fused into the step's kept tables."""
     from gnaq_dist.distributed.exchange import WireCounter
     from gnaq_dist.distributed.halo import HaloPlan, remote_rows
     from gnaq_dist.distributed.partition import partition_nodes
@@ -70,19 +70,27 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
     weights = torch.randn(graph.n_nodes, 8)
     wanted = torch.arange(0, graph.n_nodes, 3)[rank::world]
     out = [{"same_plan_from_csr": same_plan, "nnz": plan.describe()["nnz"]}]
+    like = torch.empty(0, 8)
     for layers in (0, 1, 2, 3, 3):
         got = {}
-        for fused in (True, False):
+        for mode in ("fused", "layered", "kept buffers"):
             x_in = (x_all[plan.nodes] * (layers + 1)).requires_grad_(True)
             counter = WireCounter()
-            if fused:
+            grad_out = None
+            if mode == "fused":
                 final = plan.propagate_mean(x_in, layers, counter)
-            else:
+            elif mode == "layered":
                 final = torch.stack(plan.propagate(x_in, layers, counter=counter)).mean(0)
-            loss = (remote_rows(final, wanted, part, counter) * weights[wanted]).sum()
+            else:  # the training step's way: result and gradients in the plan's kept tables
+                grad_out = plan.step_buffer("output", like)
+                final = plan.propagate_mean(x_in, layers, counter, out=grad_out,
+                                            grad_input=plan.step_buffer("input", like))
+            final_value = final.detach().clone()  # a kept table is overwritten by the backward
+            loss = (remote_rows(final, wanted, part, counter, grad_out=grad_out if layers else None)
+                    * weights[wanted]).sum()
             loss.backward()
-            got[fused] = (final.detach().numpy(), x_in.grad.numpy(), counter.sent["activations"])
-        out.append({"layers": layers, "fused": got[True], "layered": got[False]})
+            got[mode] = (final_value.numpy(), x_in.grad.clone().numpy(), counter.sent["activations"])
+        out.append({"layers": layers, **got})
     return out
 
 
@@ -98,6 +106,10 @@ def test_fused_mean_propagation_equals_layer_by_layer(world, method):
             assert np.abs(f_grad).sum() > 0
             assert f_bytes == l_bytes  # the same halo rows cross the wire, forward and back
             assert (f_bytes > 0) == (world > 1)
+            k_final, k_grad, k_bytes = r["kept buffers"]  # bit for bit the fused result, every call
+            np.testing.assert_array_equal(k_final, f_final)
+            np.testing.assert_array_equal(k_grad, f_grad)
+            assert k_bytes == f_bytes
 
 
 def _reference():

@@ -452,10 +452,10 @@ class FixedExchange:
 
     def push_gradients(self, grad: torch.Tensor, n_own: int, compressor: RowCompressor | None = None,
                        error_feedback: ErrorFeedback | None = None, counter: WireCounter | None = None,
-                       kind: str = "gradients_sent") -> torch.Tensor:
+                       kind: str = "gradients_sent", out: torch.Tensor | None = None) -> torch.Tensor:
         """Gradients of the needed rows to their owners, compressed as :func:`push_row_gradients`
         compresses them (None: fp32; error feedback on the needed ids); returns each owner's
-        (n_own, k) float32 sum of what came back (collective)."""
+        (n_own, k) float32 sum of what came back (collective), in ``out`` if given."""
         k = int(grad.shape[1])
         comp = compressor if compressor is not None else RowCompressor(bits=None)
         if error_feedback is not None and error_feedback.dim != k:
@@ -468,6 +468,8 @@ class FixedExchange:
         back = _all_to_all(rows.reshape(-1), [c * rb for c in self.recv_counts],
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
         values = comp.decode(back.contiguous(), k)
+        if out is not None and out.dtype == torch.float32 and tuple(out.shape) == (n_own, k):
+            return out.detach().zero_().index_add_(0, self.send_rows.to(out.device), values.to(out.device))
         return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)
 
     # -- float rows into and out of caller-held buffers (the fused propagation's hot path) --

@@ -34,6 +34,16 @@ def _id_dtype(num_nodes: int) -> type:
     return np.int32 if num_nodes < 2**31 else np.int64
 
 
+def _product(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out = a @ x`` for sparse ``a``, written in place.
+
+    Why not ``torch.mm(a, x, out=out)``: on the CPU that allocates the product anew and copies
+    it into ``out`` (a fresh (n, d) table per call, faulted in page by page: at 1/10 of the
+    scale benchmark the kernel's page faults were a fifth of a step). ``addmm`` with
+    ``beta=0`` writes into ``out`` and ignores what was there (NaN included)."""
+    return torch.addmm(out, a, x, beta=0, out=out)
+
+
 class _OwnerRows(torch.autograd.Function):
     """Rows of an activation split by owner (each rank holds its own nodes' rows), planned by
     a :class:`FixedExchange`: forward pulls them from their owners (fp32, counted as
@@ -43,14 +53,15 @@ class _OwnerRows(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_own: torch.Tensor, exchange: FixedExchange,  # type: ignore[override]
-                counter: WireCounter | None) -> torch.Tensor:
-        ctx.exchange, ctx.counter, ctx.n_own = exchange, counter, int(x_own.shape[0])
+                counter: WireCounter | None, grad_out: torch.Tensor | None = None) -> torch.Tensor:
+        ctx.exchange, ctx.counter, ctx.n_own, ctx.grad_out = exchange, counter, int(x_own.shape[0]), grad_out
         return exchange.pull(x_own, counter)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        g_own = ctx.exchange.push_gradients(grad, ctx.n_own, counter=ctx.counter, kind="activations")
-        return g_own.to(grad.dtype), None, None
+        g_own = ctx.exchange.push_gradients(grad, ctx.n_own, counter=ctx.counter, kind="activations",
+                                            out=ctx.grad_out)
+        return g_own.to(grad.dtype), None, None, None
 
 
 class _MeanPropagation(torch.autograd.Function):
@@ -72,18 +83,19 @@ class _MeanPropagation(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x_input: torch.Tensor, plan: HaloPlan, num_layers: int,  # type: ignore[override]
-                counter: WireCounter | None) -> torch.Tensor:
-        ctx.plan, ctx.num_layers, ctx.counter = plan, num_layers, counter
+                counter: WireCounter | None, out: torch.Tensor | None,
+                grad_input: torch.Tensor | None) -> torch.Tensor:
+        ctx.plan, ctx.num_layers, ctx.counter, ctx.grad_input = plan, num_layers, counter, grad_input
         n = plan.n_own
         x = x_input.detach()
-        acc = x[:n].clone()
+        acc = out.detach().copy_(x[:n]) if out is not None else x[:n].clone()
         h, h_next = plan._buffer("own", n, x), plan._buffer("own2", n, x)
         halo = plan._buffer("halo", plan.n_halo, x)
         plan._apply(x[:n], x[n:], out=h)
         acc += h
         for _ in range(2, num_layers + 1):
             pending = plan.exchange.start_pull(h, halo, counter)
-            torch.mm(plan.inner, h, out=h_next)
+            _product(plan.inner, h, out=h_next)
             plan._add_outer(h_next, pending.wait())
             acc += h_next
             h, h_next = h_next, h
@@ -97,16 +109,17 @@ class _MeanPropagation(torch.autograd.Function):
         t, spare = g, [plan._buffer("own", n, g), plan._buffer("own2", n, g)]
         halo = plan._buffer("halo", plan.n_halo, g)
         for i in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
-            torch.mm(plan.outer_t, t, out=halo)
+            _product(plan.outer_t, t, out=halo)
             pending = plan.exchange.start_push(halo, ctx.counter)
-            u = torch.mm(plan.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
+            u = _product(plan.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
             u += g
             t = pending.wait(u)
-        grad_x = torch.empty((plan.n_input, g.shape[1]), dtype=g.dtype, device=g.device)
-        torch.mm(plan.inner, t, out=grad_x[:n])
+        grad_x = ctx.grad_input.detach() if ctx.grad_input is not None else \
+            torch.empty((plan.n_input, g.shape[1]), dtype=g.dtype, device=g.device)
+        _product(plan.inner, t, out=grad_x[:n])
         grad_x[:n] += g
-        torch.mm(plan.outer_t, t, out=grad_x[n:])
-        return grad_x.div_(L + 1), None, None, None
+        _product(plan.outer_t, t, out=grad_x[n:])
+        return grad_x.div_(L + 1), None, None, None, None, None
 
 
 @dataclass(eq=False)
@@ -221,7 +234,7 @@ class HaloPlan:
 
     def _apply(self, x_own: torch.Tensor, x_halo: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
         """``out = A_hat[own, :] [x_own; x_halo]``."""
-        torch.mm(self.inner, x_own, out=out)
+        _product(self.inner, x_own, out=out)
         return self._add_outer(out, x_halo)
 
     def _add_outer(self, out: torch.Tensor, x_halo: torch.Tensor) -> torch.Tensor:
@@ -249,20 +262,43 @@ class HaloPlan:
                 q_own, q_halo = q, _OwnerRows.apply(q, self.exchange, counter)
         return out
 
-    def propagate_mean(self, x_input: torch.Tensor, num_layers: int, counter: WireCounter | None = None) -> torch.Tensor:
+    def propagate_mean(self, x_input: torch.Tensor, num_layers: int, counter: WireCounter | None = None, *,
+                       out: torch.Tensor | None = None, grad_input: torch.Tensor | None = None) -> torch.Tensor:
         """``mean(H^0 .. H^L)`` of the own nodes from ``H^0`` of :attr:`nodes` (collective): what
         ``combine(propagate(x_input, L))`` gives for a method whose layers are plain
         (:attr:`~gnaq_dist.quant.base.EmbeddingMethod.linear_layers`), with no activation kept
-        for the backward."""
+        for the backward.
+
+        ``out`` (n_own, d) receives the result and ``grad_input`` (n_input, d) the input's
+        gradient, in place of new tensors (the training step passes :meth:`step_buffer` s, so a
+        step allocates no table; ``grad_input`` may be ``x_input`` itself, which the backward
+        no longer reads)."""
         self._check_input(x_input)
+        for buf, rows, what in ((out, self.n_own, "out"), (grad_input, self.n_input, "grad_input")):
+            if buf is not None and (tuple(buf.shape) != (rows, x_input.shape[1]) or buf.dtype != x_input.dtype
+                                    or not buf.is_contiguous()):
+                raise GnaqInputError(f"{what} must be a contiguous {x_input.dtype} ({rows}, {x_input.shape[1]}), "
+                                     f"got {buf.dtype} {tuple(buf.shape)}")
         if num_layers == 0:
             return x_input[: self.n_own]
-        return _MeanPropagation.apply(x_input, self, num_layers, counter)
+        return _MeanPropagation.apply(x_input, self, num_layers, counter, out, grad_input)
 
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
         """A (rows, d) buffer kept for the next call (see :class:`_MeanPropagation`)."""
         buf = self._buffers[name] = kept_buffer(self._buffers.get(name), rows, like)
         return buf
+
+    def step_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The training step's kept tables, reused every step (no page faults for fresh ones):
+        ``"input"`` (n_input, d) holds the layer-0 rows, then their gradient; ``"output"``
+        (n_own, d) the final rows, then their gradient."""
+        rows = {"input": self.n_input, "output": self.n_own}[name]
+        return self._buffer(f"step_{name}", rows, like)
+
+    def release_step_buffers(self) -> None:
+        """Free the step's tables (evaluation, checkpoints: phases that need the memory)."""
+        for name in ("step_input", "step_output"):
+            self._buffers.pop(name, None)
 
     def describe(self) -> dict[str, int]:
         return {"own_nodes": self.n_own, "halo_nodes": self.n_halo,
@@ -270,10 +306,11 @@ class HaloPlan:
 
 
 def remote_rows(x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,
-                counter: WireCounter | None = None) -> torch.Tensor:
+                counter: WireCounter | None = None, grad_out: torch.Tensor | None = None) -> torch.Tensor:
     """Differentiable rows ``ids`` (unique global ids) of an activation split by owner, through a
-    plan used once (collective)."""
-    return _OwnerRows.apply(x_own, FixedExchange(ids, partition, counter=counter), counter)
+    plan used once (collective). ``grad_out`` (like ``x_own``) receives ``x_own``'s gradient in
+    place of a new tensor; it may be ``x_own`` itself if nothing reads that after this call."""
+    return _OwnerRows.apply(x_own, FixedExchange(ids, partition, counter=counter), counter, grad_out)
 
 
 __all__ = ["HaloPlan", "remote_rows"]

@@ -468,33 +468,40 @@ class DistributedTrainer:
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
-        view = shard.view(server, payload)
+        # Two tables kept from step to step (fresh ones cost their page faults every step):
+        # the layer-0 rows, then their gradient; the final rows, then theirs.
+        like = torch.empty((0, cfg.model.dim))
+        x_buf, out_buf = plan.step_buffer("input", like), plan.step_buffer("output", like)
+        view = shard.view(server, payload, out=x_buf)
         shard.zero_dense_grads()
         # L2 on layer-0 rows: each rank takes the global batch's occurrences of its own nodes.
         own_occ = occurrences[part.owner_of(occurrences) == self.rank]
         counts = torch.bincount(part.local_of(own_occ), minlength=plan.n_own).to(torch.float32)
         reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, counts) / global_batch
-        final_own = self._propagate_own(view.pop_embeddings(), self.counter)
+        final_own = self._propagate_own(view.pop_embeddings(), self.counter, out=out_buf, grad_input=x_buf)
         batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
-        final_rows = remote_rows(final_own, batch_nodes, part, self.counter)
+        final_rows = remote_rows(final_own, batch_nodes, part, self.counter, grad_out=out_buf)
         refine = self._refine_now()
-        if not refine:
-            del final_own  # not kept through the backward: one (n_own, d) table less at the peak
+        if refine:  # the rows refinement reads, taken before the backward overwrites out_buf
+            own_batch = torch.unique(own_occ)
+            refine_rows = final_own.detach()[part.local_of(own_batch)]
+        del final_own
         bpr = self._bpr(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
         (bpr + reg).backward()
         self._apply_gradients(view, plan=plan)
         if refine:
-            own_batch = torch.unique(own_occ)
-            self._refine(own_batch, final_own.detach()[part.local_of(own_batch)])
+            self._refine(own_batch, refine_rows)
         self.global_step += 1
         return float(bpr.detach())
 
-    def _propagate_own(self, x_input: torch.Tensor, counter: WireCounter) -> torch.Tensor:
+    def _propagate_own(self, x_input: torch.Tensor, counter: WireCounter, *, out: torch.Tensor | None = None,
+                       grad_input: torch.Tensor | None = None) -> torch.Tensor:
         """The own nodes' final rows over the halo plan: one linear function where the method's
-        layers are plain (no activation kept), else layer by layer with the method's ``layer_fn``."""
+        layers are plain (no activation kept; ``out`` and ``grad_input`` as in
+        :meth:`.HaloPlan.propagate_mean`), else layer by layer with the method's ``layer_fn``."""
         method, L = self.shard.method, self.config.model.num_layers
         if method.linear_layers:
-            return self.halo.propagate_mean(x_input, L, counter)
+            return self.halo.propagate_mean(x_input, L, counter, out=out, grad_input=grad_input)
         return method.combine(self.halo.propagate(x_input, L, method.layer_fn, counter=counter))
 
     def _apply_gradients(self, view, *, input_nodes: torch.Tensor | None = None, plan: HaloPlan | None = None) -> None:
@@ -605,6 +612,8 @@ class DistributedTrainer:
         whole graph (:meth:`_evaluate_gathered`). BiGeaR's stored form is its binarized
         propagated layers, built from the whole graph: it is always gathered.
         """
+        if self.halo is not None:
+            self.halo.release_step_buffers()  # evaluation's own tables take their place
         if self.halo is not None and self.shard.method.name != "bigear":
             return self._evaluate_split()
         return self._evaluate_gathered()

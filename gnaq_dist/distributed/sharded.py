@@ -106,10 +106,13 @@ class _GatherLevels(torch.autograd.Function):
             yield rows, codes[rows].to(torch.int64)
 
     @staticmethod
-    def forward(ctx, levels: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, levels: torch.Tensor, codes: torch.Tensor,  # type: ignore[override]
+                out: torch.Tensor | None = None) -> torch.Tensor:
         ctx.save_for_backward(codes)
         ctx.num_levels = int(levels.shape[1])
-        out = torch.empty(codes.shape, dtype=levels.dtype, device=levels.device)
+        if out is None or tuple(out.shape) != tuple(codes.shape) or out.dtype != levels.dtype:
+            out = torch.empty(codes.shape, dtype=levels.dtype, device=levels.device)
+        out = out.detach()
         for rows, index in _GatherLevels.index_blocks(codes):
             torch.gather(levels[rows], 1, index, out=out[rows])
         return out
@@ -120,7 +123,7 @@ class _GatherLevels(torch.autograd.Function):
         out = torch.zeros((codes.shape[0], ctx.num_levels), dtype=grad.dtype, device=grad.device)
         for rows, index in _GatherLevels.index_blocks(codes):
             out[rows].scatter_add_(1, index, grad[rows])
-        return out, None
+        return out, None, None
 
 
 @dataclass
@@ -179,12 +182,13 @@ class MethodShard:
         """Values per row of each gradient message (one message per row parameter)."""
         return [1 << self.method.bits] if self.format == "packed" else list(self._latent.widths)
 
-    def view(self, server, payload: torch.Tensor) -> RowView:
-        """Differentiable layer-0 embeddings of fetched wire rows (``fetch_rows(decode=False)``)."""
+    def view(self, server, payload: torch.Tensor, out: torch.Tensor | None = None) -> RowView:
+        """Differentiable layer-0 embeddings of fetched wire rows (``fetch_rows(decode=False)``);
+        packed rows are written into ``out`` (n, d) if given (a table kept between steps)."""
         if self.format == "packed":
             codes, levels = server.decode_parts(payload)
             leaf = levels[:, 0, :].clone().requires_grad_(True)
-            return RowView([leaf], _GatherLevels.apply(leaf, codes), codes)
+            return RowView([leaf], _GatherLevels.apply(leaf, codes, out), codes)
         values = server.decode(payload)
         if values.shape[0] == 0:  # nothing fetched (a rank without positives): no forward to run
             leaves = [v.reshape((0,) + tuple(p.shape[1:])).clone().requires_grad_(True)

@@ -150,6 +150,9 @@ def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
         "wall_s": wall, "driver_peak_rss_mib": rss, "machine_mem_drop_mib": sysmem, "workers": workers,
         "steps": s["steps"],
         "s_per_step": s["seconds_per_step"], "edges_per_s": s["edges_per_second"],
+        "steady_s_per_step": (s.get("steady") or {}).get("seconds_per_step"),
+        "steady_edges_per_s": (s.get("steady") or {}).get("edges_per_second"),
+        "first_step_s": (s.get("steady") or {}).get("first_step_seconds"),
         "train_s": s["phase_seconds"]["fp"] + s["phase_seconds"]["quantized"],
         "eval_s": s["phase_seconds"]["eval"], "worker_peak_rss_mib": s["worker_peak_rss_mb"],
         "bytes_per_step": wire["train_bytes_per_step"], "fp32_bytes_per_step": wire["train_fp32_bytes_per_step"],
@@ -246,6 +249,7 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
             "bytes_per_node": st.get("bytes_per_node"), "fp32_bytes_per_node": st.get("fp32_bytes_per_node"),
             "floor_bytes_per_node": st.get("floor_bytes_per_node"),
             f"w{w}_s_per_step": t["s_per_step"], f"w{w}_edges_per_s": t["edges_per_s"],
+            f"w{w}_steady_edges_per_s": t.get("steady_edges_per_s"),
             f"w{w}_worker_rss_mib": max(t["worker_peak_rss_mib"]), f"w{w}_worker_rss_min_mib": min(t["worker_peak_rss_mib"]),
             f"w{w}_driver_rss_mib": t["driver_peak_rss_mib"],
             f"w{w}_machine_mem_drop_mib": t.get("machine_mem_drop_mib"),
@@ -257,6 +261,8 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
         row["killed"] = r["killed"]
     if len(workers) >= 2 and f"w{workers[0]}_edges_per_s" in row and f"w{workers[-1]}_edges_per_s" in row:
         row["throughput_ratio"] = row[f"w{workers[-1]}_edges_per_s"] / row[f"w{workers[0]}_edges_per_s"]
+        a, b = row.get(f"w{workers[0]}_steady_edges_per_s"), row.get(f"w{workers[-1]}_steady_edges_per_s")
+        row["steady_throughput_ratio"] = b / a if a and b else None
     return row
 
 
@@ -272,7 +278,8 @@ def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
     w1, w2 = workers[0], workers[-1]
     lines = [
         "| size | users / items / log rows | train edges | generate rows/s (peak RSS MiB) | ingest rows/s (peak RSS MiB) "
-        f"| table B/node (fp32, floor) | W={w1} edges/s | W={w2} edges/s | W={w2}/W={w1} | W={w2} MB/step (fp32) "
+        f"| table B/node (fp32, floor) | W={w1} edges/s | W={w2} edges/s | W={w2}/W={w1} (after the first step) "
+        f"| W={w2} MB/step (fp32) "
         f"| worker peak RSS MiB W={w1} / W={w2} | Ray start + setup s W={w1} / W={w2} | eval s W={w1} / W={w2} | Recall@20 W={w1} / W={w2} |",
         "|" + "---|" * 14,
     ]
@@ -284,7 +291,7 @@ def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
             f"| {_f(r.get('bytes_per_node'), '.1f')} ({_f(r.get('fp32_bytes_per_node'), '.0f')}, "
             f"{_f(r.get('floor_bytes_per_node'), '.1f')}) "
             f"| {_f(r.get(f'w{w1}_edges_per_s'))} | {_f(r.get(f'w{w2}_edges_per_s'))} "
-            f"| {_f(r.get('throughput_ratio'), '.2f')}x "
+            f"| {_f(r.get('throughput_ratio'), '.2f')}x ({_f(r.get('steady_throughput_ratio'), '.2f')}x) "
             f"| {_f((r.get(f'w{w2}_bytes_per_step') or 0) / 1e6, '.2f')} "
             f"({_f((r.get(f'w{w2}_fp32_bytes_per_step') or 0) / 1e6, '.2f')}) "
             f"| {_f(r.get(f'w{w1}_worker_rss_mib'))} / {_f(r.get(f'w{w2}_worker_rss_mib'))} "

@@ -64,3 +64,26 @@ def test_adam_moments_are_made_at_the_first_step():
     assert opt._moments is not None and opt.state_bytes() == 6 * 3 * 8 + 6 * 8
     assert torch.all(p.data[[1, 4]] < 1) and torch.all(p.data[[0, 2, 3, 5]] == 1)
     assert torch.all(opt.exp_avg[0][[1, 4]] > 0) and opt.exp_avg_sq[0][0].abs().sum() == 0
+
+
+def test_adam_step_on_every_row_equals_the_row_indexed_step():
+    """Full-graph steps touch every row in order and take the in-place path; it must give what
+    the gather/scatter path gives, bit for bit, also with rows at different step counts."""
+    g = torch.Generator().manual_seed(0)
+    start = torch.randn(7, 4, generator=g)
+    a, b = torch.nn.Parameter(start.clone()), torch.nn.Parameter(start.clone())
+    opt_a, opt_b = RowSparseAdam([a], lr=0.05), RowSparseAdam([b], lr=0.05)
+    first = torch.tensor([2, 5])  # rows 2 and 5 run one step ahead
+    grad = torch.randn(2, 4, generator=g)
+    opt_a.step(first, [grad])
+    opt_b.step(first, [grad])
+    perm = torch.tensor([3, 0, 6, 1, 5, 2, 4])
+    for _ in range(3):
+        grad = torch.randn(7, 4, generator=g)
+        opt_a.step(torch.arange(7), [grad])  # every row, in order: the in-place path
+        opt_b.step(perm, [grad[perm]])  # the same rows permuted: the indexed path
+        assert torch.equal(a.data, b.data)
+        assert torch.equal(opt_a.exp_avg[0], opt_b.exp_avg[0])
+        assert torch.equal(opt_a.exp_avg_sq[0], opt_b.exp_avg_sq[0])
+        assert torch.equal(opt_a.steps, opt_b.steps)
+    assert not torch.equal(a.data, start)

@@ -73,6 +73,9 @@ class RowSparseAdam:
             raise GnaqInputError(f"got {len(grads)} gradients for {len(self.params)} row parameters")
         if rows.numel() == 0:
             return
+        if rows.numel() == self.num_rows and torch.equal(rows, torch.arange(self.num_rows)) and \
+                all(p.is_contiguous() for p in self.params):
+            return self._step_all(grads)
         self.steps[rows] += 1
         t = self.steps[rows].to(torch.float64)
         bc1 = (1.0 - torch.pow(self.beta1, t)).to(torch.float32).unsqueeze(1)
@@ -86,6 +89,24 @@ class RowSparseAdam:
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
             update = (m / bc1) / denom * self.lr
             p.data[rows] -= update.reshape(p.data[rows].shape).to(p.dtype)
+
+    def _step_all(self, grads: list[torch.Tensor]) -> None:
+        """:meth:`step` on every row in order (full-graph propagation touches them all): the
+        same arithmetic in place, without gathering and scattering each table by row index."""
+        self.steps += 1
+        first = int(self.steps[0])
+        same = bool((self.steps == first).all())
+        t = torch.tensor([float(first)], dtype=torch.float64) if same else self.steps.to(torch.float64)
+        bc1 = (1.0 - torch.pow(self.beta1, t)).to(torch.float32).unsqueeze(1)
+        bc2_sqrt = (1.0 - torch.pow(self.beta2, t)).sqrt().to(torch.float32).unsqueeze(1)
+        n = self.num_rows
+        for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
+            g = g.to(torch.float32).reshape(n, -1)
+            m = m_all.view(n, -1).mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
+            v = v_all.view(n, -1).mul_(self.beta2).addcmul_(g, g, value=1.0 - self.beta2)
+            denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
+            update = (m / bc1) / denom * self.lr
+            p.data.view(n, -1).sub_(update.to(p.dtype))
 
 
 __all__ = ["RowSparseAdam"]

@@ -336,6 +336,8 @@ class DistributedTrainer:
     def save_checkpoint(self, epoch: int, phase: str) -> str:
         """Collective: every rank writes its shard, rank 0 the replicated parts and, last, the manifest."""
         cfg = self.config
+        if self.halo is not None:
+            self.halo.release_step_buffers()  # the shard's Parquet bytes take their place
         so = cfg.storage_options
         store = ckpt.CheckpointStore(cfg.checkpoint_root, so)
         name = ckpt.checkpoint_name(self.global_step)
@@ -468,17 +470,23 @@ class DistributedTrainer:
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
-        # Two tables kept from step to step (fresh ones cost their page faults every step):
-        # the layer-0 rows, then their gradient; the final rows, then theirs.
-        like = torch.empty((0, cfg.model.dim))
-        x_buf, out_buf = plan.step_buffer("input", like), plan.step_buffer("output", like)
+        # With plain layers, two tables kept from step to step (fresh ones cost their page faults
+        # every step): the layer-0 rows, then their gradient; the final rows, then theirs.
+        x_buf = out_buf = None
+        if shard.method.linear_layers:
+            like = torch.empty((0, shard.method.dim))
+            x_buf, out_buf = plan.step_buffer("input", like), plan.step_buffer("output", like)
         view = shard.view(server, payload, out=x_buf)
         shard.zero_dense_grads()
         # L2 on layer-0 rows: each rank takes the global batch's occurrences of its own nodes.
         own_occ = occurrences[part.owner_of(occurrences) == self.rank]
         counts = torch.bincount(part.local_of(own_occ), minlength=plan.n_own).to(torch.float32)
         reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, counts) / global_batch
-        final_own = self._propagate_own(view.pop_embeddings(), self.counter, out=out_buf, grad_input=x_buf)
+        x_input = view.pop_embeddings()
+        if x_buf is not None and x_input.shape[1] != x_buf.shape[1]:  # rows wider than d: fresh tables
+            x_buf = out_buf = None
+        final_own = self._propagate_own(x_input, self.counter, out=out_buf, grad_input=x_buf)
+        del x_input
         batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
         final_rows = remote_rows(final_own, batch_nodes, part, self.counter, grad_out=out_buf)
         refine = self._refine_now()

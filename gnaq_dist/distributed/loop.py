@@ -518,18 +518,17 @@ class DistributedTrainer:
         plan own + halo rows: own rows' gradients stay here, the halo's go through the plan."""
         shard = self.shard
         clip = self.config.optim.grad_clip
-        local_rows = None
+        local_rows = None  # with a plan: every own row, in order
         summed = []
         for g, comp, ef in zip(shard.leaf_grads(view), self.compressors, self.feedback):
             if plan is not None:
                 n = plan.n_own
-                rows_i = torch.arange(n, dtype=torch.int64)
                 g_i = g[:n].detach().float() + plan.exchange.push_gradients(g[n:], n, comp, ef, counter=self.counter)
             else:
                 rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.counter)
-            if local_rows is not None and not torch.equal(local_rows, rows_i):
-                raise RuntimeError("row gradient messages disagree on the touched rows")
-            local_rows = rows_i
+                if local_rows is not None and not torch.equal(local_rows, rows_i):
+                    raise RuntimeError("row gradient messages disagree on the touched rows")
+                local_rows = rows_i
             summed.append(g_i)
         shard.apply_row_gradients(local_rows, summed, clip)
         if shard.dense:

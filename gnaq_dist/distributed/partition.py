@@ -235,10 +235,10 @@ def balance_loads(owner: np.ndarray, users: np.ndarray, items: np.ndarray, n_use
     """
     owner = np.array(owner, dtype=np.int32, copy=True)
     n = owner.shape[0]
-    users = np.asarray(users, dtype=np.int64)
-    nodes_i = n_users + np.asarray(items, dtype=np.int64)
+    users, items = np.asarray(users, dtype=np.int64), np.asarray(items, dtype=np.int64)
+    nodes_i = n_users + items
     degree = np.bincount(np.concatenate([users, nodes_i]), minlength=n)
-    before = load = rank_loads(owner, users, nodes_i - n_users, n_users, world_size)
+    before = load = rank_loads(owner, users, items, n_users, world_size)
     best, best_owner = load, owner.copy()
     for _ in range(max_rounds):
         if load.imbalance <= tolerance:
@@ -262,7 +262,7 @@ def balance_loads(owner: np.ndarray, users: np.ndarray, items: np.ndarray, n_use
         owner[cand[:take]] = light
         if np.bincount(owner, minlength=world_size).min() == 0:
             break
-        load = rank_loads(owner, users, nodes_i - n_users, n_users, world_size)
+        load = rank_loads(owner, users, items, n_users, world_size)
         if load.cost.max() < best.cost.max():
             best, best_owner = load, owner.copy()
     return best_owner, before, best

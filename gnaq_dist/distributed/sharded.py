@@ -225,19 +225,22 @@ class MethodShard:
         return out
 
     # -- applying summed gradients at the owner ------------------------------------------
-    def _param_grads(self, rows: torch.Tensor, wire_grads: list[torch.Tensor]) -> list[torch.Tensor]:
+    def _param_grads(self, rows: torch.Tensor | None, wire_grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.format == "packed":
             (g,) = wire_grads
             if self.method.phi_name == "identity":
                 return [g]
             with torch.enable_grad():
-                c = self.method.levels.detach()[rows].requires_grad_(True)
+                levels = self.method.levels.detach()  # a new leaf over the same storage
+                c = (levels if rows is None else levels[rows]).requires_grad_(True)
                 (gc,) = torch.autograd.grad(self.method.phi(c), c, g)
             return [gc]
         return [g.reshape((g.shape[0],) + tuple(p.shape[1:])) for g, p in zip(wire_grads, self.row_params)]
 
-    def apply_row_gradients(self, rows: torch.Tensor, wire_grads: list[torch.Tensor], clip: float | None) -> None:
-        """Owner side: summed wire gradients of local ``rows`` -> parameter gradients -> clip -> Adam."""
+    def apply_row_gradients(self, rows: torch.Tensor | None, wire_grads: list[torch.Tensor],
+                            clip: float | None) -> None:
+        """Owner side: summed wire gradients of local ``rows`` (None: every owned row, in order)
+        -> parameter gradients -> clip -> Adam."""
         grads = self._param_grads(rows, wire_grads)
         if clip is not None:
             grads = [g.clamp(-clip, clip) for g in grads]

@@ -66,16 +66,19 @@ class RowSparseAdam:
         return int(sum(2 * 4 * p.numel() for p in self.params) + self.steps.numel() * self.steps.element_size())
 
     @torch.no_grad()
-    def step(self, rows: torch.Tensor, grads: list[torch.Tensor]) -> None:
-        """Apply ``grads[i]`` (len(rows), width_i) to ``params[i][rows]``; ``rows`` unique local rows."""
-        rows = torch.as_tensor(rows, dtype=torch.int64)
+    def step(self, rows: torch.Tensor | None, grads: list[torch.Tensor]) -> None:
+        """Apply ``grads[i]`` (len(rows), width_i) to ``params[i][rows]``; ``rows`` unique local rows,
+        or None for every row in order (a full-graph step touches them all): then the update runs
+        in place, without gathering and scattering each table by row index."""
         if len(grads) != len(self.params):
             raise GnaqInputError(f"got {len(grads)} gradients for {len(self.params)} row parameters")
+        if rows is None:
+            if all(p.is_contiguous() for p in self.params):
+                return self._step_all(grads)
+            rows = torch.arange(self.num_rows)
+        rows = torch.as_tensor(rows, dtype=torch.int64)
         if rows.numel() == 0:
             return
-        if rows.numel() == self.num_rows and torch.equal(rows, torch.arange(self.num_rows)) and \
-                all(p.is_contiguous() for p in self.params):
-            return self._step_all(grads)
         self.steps[rows] += 1
         t = self.steps[rows].to(torch.float64)
         bc1 = (1.0 - torch.pow(self.beta1, t)).to(torch.float32).unsqueeze(1)
@@ -91,8 +94,7 @@ class RowSparseAdam:
             p.data[rows] -= update.reshape(p.data[rows].shape).to(p.dtype)
 
     def _step_all(self, grads: list[torch.Tensor]) -> None:
-        """:meth:`step` on every row in order (full-graph propagation touches them all): the
-        same arithmetic in place, without gathering and scattering each table by row index."""
+        """:meth:`step` on every row in order: the same arithmetic, in place."""
         self.steps += 1
         first = int(self.steps[0])
         same = bool((self.steps == first).all())

@@ -6,7 +6,10 @@ is that stage's own:
 
 1. ``python -m gnaq_dist.synthetic_logs`` (= ``gnaq generate``): the Parquet log;
 2. ``python -m gnaq_dist.ingest.cli`` (= ``gnaq ingest``, random split, dedup);
-3. for each W: ``train_on_ray`` with ``schedule.max_steps`` steps of GNAQ 2-bit
+3. for each W > 1: ``gnaq partition`` (METIS over the whole graph, once, in its own
+   process: the workers then read the owners from ``distributed.partition_file`` and none
+   of them holds the whole graph);
+4. for each W: ``train_on_ray`` with ``schedule.max_steps`` steps of GNAQ 2-bit
    (warm-up 0: every step is quantized; 2-bit gradients with error feedback; the graph
    split by owner, or ``--propagation sampled`` blocks), then its final evaluation (all
    test users against all items, or ``--set eval.max_users=N``).
@@ -135,12 +138,27 @@ def stage_ingest(d: Path, args) -> dict[str, Any]:
             "dataset_bytes": sum(f["bytes"] for f in m["files"].values())}
 
 
+def stage_partition(d: Path, workers: int, args) -> dict[str, Any]:
+    out = d / f"partition_w{workers}"
+    cmd = [sys.executable, "-m", "gnaq_dist.cli", "partition", str(d / "ds"), str(out), "--workers", str(workers),
+           "--overwrite"]
+    rc, wall, rss, sysmem = run_measured(cmd, d / f"partition_w{workers}.log", args.stage_timeout, args.min_free_mib)
+    if rc != 0:
+        raise RuntimeError(f"partition W={workers} failed ({rc}): see {d / f'partition_w{workers}.log'}")
+    m = json.loads((out / "manifest.json").read_text())
+    return {"wall_s": wall, "peak_rss_mib": rss, "machine_mem_drop_mib": sysmem, "uri": str(out),
+            "method": m["partition"]["method"], "rows_per_rank": m["partition"]["rows_per_rank"],
+            "edge_cut": m["edge_cut"], "seconds": m["seconds"]}
+
+
 def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
     result = d / f"train_w{workers}.summary.json"
+    part = d / f"partition_w{workers}.json"  # computed apart: the workers read its owners
+    extra = [f"--set=distributed.partition_file={json.loads(part.read_text())['uri']}"] if part.exists() else []
     cmd = [sys.executable, __file__, "--child-train", str(d / "ds"), "--child-out", str(d / f"run_w{workers}"),
            "--child-result", str(result), "--workers", str(workers), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--fanouts", args.fanouts, "--eval-batch", str(args.eval_batch),
-           "--propagation", args.propagation] + [f"--set={kv}" for kv in args.set]
+           "--propagation", args.propagation] + [f"--set={kv}" for kv in args.set] + extra
     rc, wall, rss, sysmem = run_measured(cmd, d / f"train_w{workers}.log", args.stage_timeout, args.min_free_mib)
     if rc != 0:
         raise RuntimeError(f"training W={workers} failed ({rc}): see {d / f'train_w{workers}.log'}")
@@ -158,6 +176,7 @@ def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
         "bytes_per_step": wire["train_bytes_per_step"], "fp32_bytes_per_step": wire["train_fp32_bytes_per_step"],
         "gather_bytes": wire["gather"]["total_bytes"], "storage": s["storage"], "metrics": s["metrics"],
         "rows": s.get("rows"), "partition_method": (s.get("partition") or {}).get("method"),
+        "partition_file": bool(extra),
         "setup_and_ray_s": s.get("_outer_seconds", wall) - s["phase_seconds"]["fp"] - s["phase_seconds"]["quantized"]
         - s["phase_seconds"]["eval"],
     }
@@ -203,6 +222,7 @@ def run_size(fraction: Fraction, args) -> dict[str, Any]:
     out: dict[str, Any] = {"size": size_name(fraction), "fraction": float(fraction), **spec}
     stages: list[tuple[str, Any]] = [("generate", lambda: stage_generate(d, users, items, rows, args)),
                                      ("ingest", lambda: stage_ingest(d, args))]
+    stages += [(f"partition_w{w}", (lambda w=w: stage_partition(d, w, args))) for w in args.workers if w > 1]
     stages += [(f"train_w{w}", (lambda w=w: stage_train(d, w, args))) for w in args.workers]
     for name, fn in stages:
         if name.split("_")[0] not in args.stages:
@@ -257,6 +277,9 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
             f"w{w}_bytes_per_step": t["bytes_per_step"], f"w{w}_fp32_bytes_per_step": t["fp32_bytes_per_step"],
             f"w{w}_recall20": t["metrics"].get("recall@20"),
         })
+        part = r.get(f"partition_w{w}")
+        if part and t.get("partition_file"):
+            row.update({f"w{w}_partition_s": part["wall_s"], f"w{w}_partition_rss_mib": part["peak_rss_mib"]})
     if r.get("killed"):
         row["killed"] = r["killed"]
     if len(workers) >= 2 and f"w{workers[0]}_edges_per_s" in row and f"w{workers[-1]}_edges_per_s" in row:
@@ -300,6 +323,11 @@ def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
             f"| {_f(r.get(f'w{w1}_recall20'), '.4f')} / {_f(r.get(f'w{w2}_recall20'), '.4f')} |"
         )
     for r in rows:
+        parts = [f"W={w}: {_f(r.get(f'w{w}_partition_s'), '.1f')} s, peak RSS {_f(r.get(f'w{w}_partition_rss_mib'))} MiB"
+                 for w in workers if r.get(f"w{w}_partition_s")]
+        if parts:
+            lines.append(f"\n{r['size']}: partitioned apart (gnaq partition, METIS): " + "; ".join(parts))
+    for r in rows:
         if r.get("killed"):
             lines.append(f"\n{r['size']}: {r['killed']}")
     return "\n".join(lines) + "\n"
@@ -331,8 +359,10 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
     series(ax_m, "ingest_rss_mib", "ingest", "s", "C1")
     for j, w in enumerate(workers):
         series(ax_m, f"w{w}_worker_rss_mib", f"train worker W={w} (max)", "^", "C2", styles[j % len(styles)])
-        if w > 1:  # rank 0 also partitions (METIS): the other ranks show what a worker's shard costs
+        if w > 1:
             series(ax_m, f"w{w}_worker_rss_min_mib", f"train worker W={w} (min)", "v", "C5", styles[j % len(styles)])
+            series(ax_m, f"w{w}_partition_rss_mib", f"partition W={w} (METIS, own process)", "D", "C6",
+                   styles[j % len(styles)])
     for ax, title in ((ax_t, "time"), (ax_m, "peak RSS (MiB)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
@@ -368,7 +398,7 @@ def main() -> None:
     p.add_argument("--workdir", default="/tmp/gnaq-scale", help="per-size stage outputs (kept: resumable)")
     p.add_argument("--report-dir", default=None, help="where scale.csv/.md/.png go (default: the workdir)")
     p.add_argument("--report-only", action="store_true", help="run nothing; report the stages already done")
-    p.add_argument("--stages", default="generate,ingest,train",
+    p.add_argument("--stages", default="generate,ingest,partition,train",
                    help="which stages to run (e.g. generate,ingest to prepare the data first)")
     p.add_argument("--child-train", help=argparse.SUPPRESS)
     p.add_argument("--child-out", help=argparse.SUPPRESS)

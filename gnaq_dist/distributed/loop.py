@@ -49,6 +49,7 @@ from gnaq_dist.distributed.exchange import (
 )
 from gnaq_dist.distributed.halo import HaloPlan, remote_rows
 from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
+from gnaq_dist.distributed.partition_store import read_partition
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize, users_to_evaluate
@@ -167,9 +168,21 @@ class DistributedTrainer:
             if part.checksum() != m["partition"]["owner_checksum"]:
                 raise ckpt.CheckpointError(f"{self.resume.uri}/partition.parquet does not match its manifest")
             return part
+        dcfg = self.config.distributed
+        if dcfg.partition_file:  # computed apart (gnaq partition): no whole graph on any rank
+            part, error = None, None
+            try:
+                part = read_partition(dcfg.partition_file, self.config.storage_options, world_size=self.world,
+                                      data=self.data_key)
+            except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
+                error = exc
+            _agree(error is None, f"reading distributed.partition_file {dcfg.partition_file}")
+            if error is not None:
+                raise error
+            return part
         part = None
         if self.rank == 0:
-            method = self.config.distributed.partition
+            method = dcfg.partition
             # Hash partitioning reads only the node counts; METIS reads the whole graph once.
             graph = self._whole_graph() if method == "metis" and self.world > 1 else self.edges
             part = partition_nodes(graph, self.world, method, seed=self.config.seed)

@@ -100,6 +100,7 @@ class EvalConfig:
 class DistributedConfig:
     workers: int = 1  # data-parallel workers (ranks); each owns ~1/W of the embedding rows
     partition: Literal["metis", "hash"] = "metis"  # row owners: METIS cut (hash if it fails or W = 1) or keyed hash
+    partition_file: str | None = None  # URI written by `gnaq partition` for this dataset and W: ranks read the owners instead of rank 0 partitioning at setup (METIS reads the whole graph)
     grad_bits: int | None = None  # bits of row gradients sent to their owners: 2, 4, 8 or null (fp32, exact)
     stochastic_rounding: bool = False  # unbiased stochastic rounding of compressed gradients (seed + rank)
     error_feedback: bool = True  # carry each compressed row's residual into its next message (only with grad_bits)

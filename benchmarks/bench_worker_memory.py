@@ -52,10 +52,10 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, resul
         f"retain_freed_memory={str(args.retain_freed_memory).lower()}", *args.set,
     ])
     with quantized_worker(config, rank, world, init_file, mark) as trainer:
-        for i, (users, pos, neg) in enumerate(trainer.batches):
+        for i, batch in enumerate(trainer.batches):
             if i >= args.steps:
                 break
-            trainer.step(users, pos, neg)
+            trainer.step(*batch)
         mark(f"{args.steps} steps")
         metrics = None
         if args.eval_users:

@@ -49,6 +49,21 @@ def interactions_csr(
     return indptr, indices
 
 
+def csr_rows_of(indptr: np.ndarray, indices: np.ndarray, keep: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The same CSR with only the rows where ``keep`` (bool, one per row) is set; the others empty.
+
+    Why keep every row's pointer: callers index rows by global user id (8 bytes a user),
+    while the per-edge array shrinks to the kept rows' (a rank's own users).
+    """
+    keep = np.asarray(keep, dtype=bool)
+    deg = np.diff(indptr)
+    if keep.shape != deg.shape:
+        raise GnaqInputError(f"keep has {keep.shape[0]} rows, the CSR {deg.shape[0]}")
+    out = np.zeros_like(indptr)
+    np.cumsum(np.where(keep, deg, 0), out=out[1:])
+    return out, indices[np.repeat(keep, deg)]
+
+
 def csr_keys(indptr: np.ndarray, indices: np.ndarray, n_items: int) -> np.ndarray:
     """Globally sorted keys ``u * n_items + i`` of a row-sorted CSR (for membership tests)."""
     rows = np.repeat(np.arange(indptr.shape[0] - 1, dtype=np.int64), np.diff(indptr))
@@ -110,6 +125,10 @@ class TrainCSR:
 
     def train_csr(self) -> tuple[np.ndarray, np.ndarray]:
         return self.indptr, self.indices
+
+    def rows_of(self, keep: np.ndarray) -> TrainCSR:
+        """Only the users where ``keep`` is set (:func:`csr_rows_of`): a rank's own users."""
+        return TrainCSR(self.n_users, self.n_items, *csr_rows_of(self.indptr, self.indices, keep))
 
 
 @dataclass(eq=False)
@@ -192,4 +211,5 @@ def build_graph(data: InteractionData) -> BipartiteGraph:
     return build_graph_from_arrays(data.n_users, data.n_items, data.train_user, data.train_item)
 
 
-__all__ = ["BipartiteGraph", "TrainCSR", "build_graph", "build_graph_from_arrays", "interactions_csr", "csr_keys"]
+__all__ = ["BipartiteGraph", "TrainCSR", "build_graph", "build_graph_from_arrays", "csr_keys", "csr_rows_of",
+           "interactions_csr"]

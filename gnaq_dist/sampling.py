@@ -18,6 +18,7 @@ import torch
 from gnaq_dist._dgl import dgl
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, TrainCSR
+from gnaq_dist.keyed import KeyedPermutation, derive_key, uniform_below
 from gnaq_dist.propagation import attach_block_weights
 
 
@@ -51,12 +52,28 @@ class NegativeSampler:
         users = np.asarray(users, dtype=np.int64)
         room = self._room[users][:, None]
         t = rng.integers(0, np.maximum(room, 1), size=(users.shape[0], num), dtype=np.int64)
-        below = np.searchsorted(self._adjusted, users[:, None] * self.n_items + t, side="right")
-        neg = t + below - self.indptr[users][:, None]
+        neg = self._item_of_rank(users, t)
         full = room[:, 0] <= 0
         if full.any():
             neg[full] = rng.integers(0, self.n_items, size=(int(full.sum()), num))
         return neg
+
+    def sample_keyed(self, users: np.ndarray, num: int, key: int | np.uint64, positions: np.ndarray) -> np.ndarray:
+        """Like :meth:`sample`, but negative ``k`` of the positive at global ``positions[i]``
+        is a pure function of ``(key, positions[i], k)``: any rank draws it alike."""
+        users = np.asarray(users, dtype=np.int64)
+        counters = np.asarray(positions, dtype=np.int64)[:, None] * num + np.arange(num, dtype=np.int64)
+        room = self._room[users][:, None]
+        neg = self._item_of_rank(users, uniform_below(key, counters, np.maximum(room, 1)))
+        full = room[:, 0] <= 0
+        if full.any():
+            neg[full] = uniform_below(key, counters[full], np.full((int(full.sum()), num), self.n_items))
+        return neg
+
+    def _item_of_rank(self, users: np.ndarray, t: np.ndarray) -> np.ndarray:
+        """The ``t``-th non-train item of each user (rows of ``t`` per user)."""
+        below = np.searchsorted(self._adjusted, users[:, None] * self.n_items + t, side="right")
+        return t + below - self.indptr[users][:, None]
 
 
 class BPRBatches:
@@ -116,6 +133,69 @@ class BPRBatches:
             yield BPRBatch(torch.from_numpy(users), torch.from_numpy(self.items[idx]), torch.from_numpy(neg))
 
 
+class OwnedBatch(NamedTuple):
+    users: torch.Tensor  # int64 (b,), this rank's share of the batch's positives
+    pos: torch.Tensor  # int64 (b,), item ids
+    neg: torch.Tensor  # int64 (b, num_negatives), item ids
+    global_size: int  # positives in the whole batch, every rank's (the loss is normalised by it)
+
+
+class OwnedBPRBatches:
+    """The epoch's global BPR batches, of which each rank takes the positives of its own users.
+
+    Why not :class:`BPRBatches` and a filter: that holds every train edge, a user per edge
+    and a shuffled index on every rank (at the scale benchmark's full size about 1 GB a
+    rank beyond its shard), and draws the whole batch's negatives on every rank. Here the
+    epoch's order is a :class:`~gnaq_dist.keyed.KeyedPermutation` of the global edge ids
+    (user-major CSR order), and a positive's negatives are keyed by its position in the
+    epoch. A rank needs every user's edge count (``all_indptr``, 8 bytes a user) and the
+    items of its own users only (``own``: a global-size indptr whose other rows may be
+    empty). Every W sees the same global batches, so W = 1 and W = 2 train alike.
+    """
+
+    def __init__(self, all_indptr: np.ndarray, own: TrainCSR, own_users: np.ndarray, batch_size: int,
+                 num_negatives: int = 1, seed: int = 0) -> None:
+        if batch_size <= 0:
+            raise GnaqInputError(f"batch_size must be positive, got {batch_size}")
+        if num_negatives <= 0:
+            raise GnaqInputError(f"num_negatives must be positive, got {num_negatives}")
+        self.all_indptr = np.asarray(all_indptr, dtype=np.int64)
+        self.own_users = np.asarray(own_users, dtype=bool)
+        if self.all_indptr.shape != (own.n_users + 1,) or self.own_users.shape != (own.n_users,):
+            raise GnaqInputError(f"all_indptr and own_users must cover the {own.n_users} users")
+        self.own_indptr, self.own_indices = own.train_csr()
+        all_deg, own_deg = np.diff(self.all_indptr), np.diff(self.own_indptr)
+        if not np.array_equal(own_deg[self.own_users], all_deg[self.own_users]):
+            raise GnaqInputError("own: an owned user's items differ in number from all_indptr's")
+        self.negatives = NegativeSampler(self.own_indptr, self.own_indices, own.n_items)
+        self.n_edges = int(self.all_indptr[-1])
+        self.batch_size = int(batch_size)
+        self.num_negatives = int(num_negatives)
+        self.seed = int(seed)
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __len__(self) -> int:
+        return -(-self.n_edges // self.batch_size)
+
+    def __iter__(self) -> Iterator[OwnedBatch]:
+        order = KeyedPermutation(self.n_edges, derive_key(self.seed, self.epoch, 1))
+        neg_key = derive_key(self.seed, self.epoch, 2)
+        for b in range(len(self)):
+            positions = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n_edges), dtype=np.int64)
+            size = int(positions.shape[0])
+            edges = order(positions)
+            users = np.searchsorted(self.all_indptr, edges, side="right") - 1
+            mine = self.own_users[users]
+            users, edges, positions = users[mine], edges[mine], positions[mine]
+            items = self.own_indices[self.own_indptr[users] + edges - self.all_indptr[users]]
+            neg = self.negatives.sample_keyed(users, self.num_negatives, neg_key, positions)
+            yield OwnedBatch(torch.from_numpy(users), torch.from_numpy(items.astype(np.int64)),
+                             torch.from_numpy(neg), size)
+
+
 class NeighborBlockSampler:
     """Layer-wise neighbour sampling into DGL blocks, weighted for unbiased propagation.
 
@@ -157,4 +237,4 @@ class NeighborBlockSampler:
         return seeds, blocks
 
 
-__all__ = ["BPRBatch", "BPRBatches", "NegativeSampler", "NeighborBlockSampler"]
+__all__ = ["BPRBatch", "BPRBatches", "NegativeSampler", "NeighborBlockSampler", "OwnedBPRBatches", "OwnedBatch"]

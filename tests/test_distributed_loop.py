@@ -16,6 +16,7 @@ import torch
 
 from distributed_utils import RankError, run_ranks
 from gnaq_dist.config import load_config
+from gnaq_dist.graph import TrainCSR
 from gnaq_dist.synthetic import clustered_interactions
 from gnaq_dist.train.config import TrainConfig
 
@@ -62,6 +63,8 @@ def scenario_train(rank: int, world: int, overrides_list: list[dict]) -> list[di
         if method == "gnaq":
             result["state"] = _state(trainer)
         result["adam_rows"] = trainer.shard.optimizer.state_rows()
+        result["edges_held"] = (int(trainer.edges.indices.shape[0]), int(trainer.test_csr[1].shape[0]))
+        result["own_users"] = int((trainer.partition.owner[: data.n_users] == rank).sum())
         out.append(result)
     return out
 
@@ -131,6 +134,22 @@ def test_each_rank_holds_about_half_the_rows(exact_runs):
         assert mem["optimizer_bytes_per_node"] == 2 * 4 * 4 + 8  # Adam moments of the levels, step count
 
 
+def test_split_ranks_keep_only_their_own_users_edges(exact_runs):
+    """With the graph split by owner, the per-edge arrays follow the shard: each rank keeps
+    its own users' train and test edges (the two ranks' add up to the whole), while a rank
+    with sampled blocks keeps every edge (DGL samples the whole graph)."""
+    data = small_data()
+    n_train = TrainCSR.from_pairs(data.n_users, data.n_items, data.train_user, data.train_item).indices.shape[0]
+    n_test = np.unique(data.test_user * data.n_items + data.test_item).shape[0]
+    _, blocks_two, full_one, full_two = exact_runs
+    assert full_one[0]["edges_held"] == (n_train, n_test)
+    assert [sum(r["edges_held"][i] for r in full_two) for i in (0, 1)] == [n_train, n_test]
+    for r in full_two:
+        assert 0.25 * n_train < r["edges_held"][0] < 0.75 * n_train
+        assert 0 < r["own_users"] < data.n_users
+    assert all(r["edges_held"][0] == n_train for r in blocks_two)
+
+
 @pytest.fixture(scope="module")
 def compressed_runs():
     """d = 64, 36 warm-up + 24 quantized steps on 2 ranks: fp32 gradients, then 2-bit with error feedback."""
@@ -196,6 +215,9 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
                                 ("gnaq", 2, {**full, "model.refine_every": 2}),
                                 ("fp", None, full), ("lsq", 2, {**full, "distributed.partition": "hash"})]:
         cfg = small_config(method, bits, **{"schedule.max_steps": 9, **extra})
+        # Split runs keep every edge here, for the gathered evaluation they are compared with
+        # (the split runs of exact_runs hold their own users' edges only).
+        DistributedTrainer.keep_whole_edges = True
         trainer = DistributedTrainer(cfg, data)
         result = trainer.run()
         result["method"] = method

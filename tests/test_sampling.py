@@ -10,7 +10,8 @@ from gnaq_dist._dgl import dgl
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, build_graph_from_arrays
 from gnaq_dist.propagation import BLOCK_WEIGHT, SAMPLED_DEGREE
-from gnaq_dist.sampling import BPRBatches, NegativeSampler, NeighborBlockSampler
+from gnaq_dist.graph import TrainCSR, csr_rows_of
+from gnaq_dist.sampling import BPRBatches, NegativeSampler, NeighborBlockSampler, OwnedBPRBatches
 
 
 def random_graph(n_users: int = 40, n_items: int = 30, p: float = 0.25, seed: int = 0) -> BipartiteGraph:
@@ -151,3 +152,69 @@ def test_bpr_batches_from_the_train_csr_alone_equal_those_from_the_graph() -> No
     assert np.array_equal(csr.indptr, indptr) and np.array_equal(csr.indices, indices)
     for a, b in zip(BPRBatches(g, 16, 3, seed=1), BPRBatches(csr, 16, 3, seed=1), strict=True):
         assert all(torch.equal(x, y) and x.dtype == torch.int64 for x, y in zip(a, b))
+
+
+# -- a rank's share of the global batches ----------------------------------------------------
+def _owned_epoch(g: BipartiteGraph, owner: np.ndarray, rank: int, restrict: bool, epoch: int = 1,
+                 batch_size: int = 37) -> list:
+    indptr, indices = g.train_csr()
+    whole = TrainCSR(g.n_users, g.n_items, indptr, indices)
+    mine = owner == rank
+    own = whole.rows_of(mine) if restrict else whole
+    batches = OwnedBPRBatches(indptr, own, mine, batch_size, num_negatives=3, seed=4)
+    batches.set_epoch(epoch)
+    return list(batches)
+
+
+def _triples(batch) -> list[tuple]:
+    return sorted(zip(batch.users.tolist(), batch.pos.tolist(), map(tuple, batch.neg.tolist())))
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_owned_batches_of_all_ranks_are_the_one_rank_batches(world) -> None:
+    """What makes W ranks train like one: at every step the ranks' shares (own users only,
+    from a CSR of their own rows) add up to exactly the single rank's batch, negatives included."""
+    g = random_graph()
+    one = _owned_epoch(g, np.zeros(g.n_users, dtype=np.int64), 0, restrict=False)
+    owner = np.random.default_rng(world).integers(0, world, g.n_users)
+    ranks = [_owned_epoch(g, owner, r, restrict=True) for r in range(world)]
+    assert len(one) == -(-g.n_edges // 37) and all(len(r) == len(one) for r in ranks)
+    for step, whole in enumerate(one):
+        parts = [r[step] for r in ranks]
+        assert all(p.global_size == whole.global_size == len(whole.users) for p in parts)
+        for r, p in enumerate(parts):
+            assert (owner[p.users.numpy()] == r).all()
+        assert sorted(t for p in parts for t in _triples(p)) == _triples(whole)
+    # The same with the whole CSR and a mask (sampled propagation keeps every edge).
+    masked = _owned_epoch(g, owner, 1, restrict=False)
+    assert [_triples(b) for b in masked] == [_triples(b) for b in ranks[1]]
+
+
+def test_owned_batches_cover_each_edge_once_with_true_negatives_and_reshuffle() -> None:
+    g = random_graph()
+    seen = train_sets(g)
+    epoch = _owned_epoch(g, np.zeros(g.n_users, dtype=np.int64), 0, restrict=False)
+    triples = [t for b in epoch for t in zip(b.users.tolist(), b.pos.tolist(), b.neg.tolist())]
+    assert sorted((u, i) for u, i, _ in triples) == sorted((u, i) for u in range(g.n_users) for i in seen[u])
+    for u, _, negs in triples:
+        assert all(0 <= n < g.n_items for n in negs)
+        if len(seen[u]) < g.n_items:
+            assert not seen[u].intersection(negs)
+    assert {n for u, _, negs in triples if u == 3 for n in negs} == {g.n_items - 1}
+    again = _owned_epoch(g, np.zeros(g.n_users, dtype=np.int64), 0, restrict=False)
+    assert [_triples(b) for b in again] == [_triples(b) for b in epoch]
+    other = _owned_epoch(g, np.zeros(g.n_users, dtype=np.int64), 0, restrict=False, epoch=2)
+    assert [b.users.tolist() for b in other] != [b.users.tolist() for b in epoch]
+
+
+def test_csr_rows_of_keeps_the_pointers_and_only_the_kept_rows_items() -> None:
+    indptr, indices = np.array([0, 2, 3, 3, 6]), np.array([1, 4, 0, 2, 3, 5])
+    kept_ptr, kept = csr_rows_of(indptr, indices, np.array([True, False, True, True]))
+    np.testing.assert_array_equal(kept_ptr, [0, 2, 2, 2, 5])
+    np.testing.assert_array_equal(kept, [1, 4, 2, 3, 5])
+    with pytest.raises(GnaqInputError, match="keep has 3 rows, the CSR 4"):
+        csr_rows_of(indptr, indices, np.ones(3, dtype=bool))
+    whole = TrainCSR(4, 6, indptr, indices)
+    with pytest.raises(GnaqInputError, match="an owned user's items differ"):
+        OwnedBPRBatches(indptr, whole.rows_of(np.array([True, False, False, False])),
+                        np.array([True, True, False, False]), 4)

@@ -297,6 +297,28 @@ def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer
     return (server.decode(rows) if decode else rows).to(device)
 
 
+def count_at_owners(ids: torch.Tensor, partition: Partition, n_own: int, *,
+                    counter: WireCounter | None = None) -> torch.Tensor:
+    """How often each of this rank's ``n_own`` rows occurs in all ranks' ``ids`` (int64, collective).
+
+    Why: a row's L2 weight in a step is its number of occurrences in the global batch, and
+    a rank holding only its own users' positives sees only its share of them. Sends one
+    ``(local row, count)`` pair per distinct id to its owner (as ``control`` bytes).
+    """
+    ids = _check_ids(ids, partition, "count_at_owners")
+    rank, world = _world()
+    uniq, cnt = torch.unique(ids, return_counts=True)
+    order, counts = _group_by_owner(uniq, partition)
+    pairs = torch.stack([partition.local_of(uniq[order]), cnt[order]], dim=1).reshape(-1)
+    recv = _exchange_header(counts, 16, 2, "count_at_owners", counter)
+    got = _all_to_all(pairs, (2 * counts).tolist(), (2 * recv).tolist()).reshape(-1, 2)
+    _count(counter, "control", int(counts.sum() - counts[rank]) * 16)
+    out = torch.zeros(int(n_own), dtype=torch.int64)
+    if got.numel() and int(got[:, 0].max()) >= n_own:
+        raise GnaqInputError(f"count_at_owners: a peer sent row {int(got[:, 0].max())} of {n_own}")
+    return out.index_add_(0, got[:, 0], got[:, 1])
+
+
 def _encode_gradients(comp: RowCompressor, error_feedback: ErrorFeedback | None, ids: torch.Tensor,
                       g: torch.Tensor) -> torch.Tensor:
     """Wire rows of gradient rows ``g`` (global ``ids``), with error feedback when compressing."""
@@ -563,6 +585,7 @@ __all__ = [
     "WireCounter",
     "allreduce_dense",
     "comm_device",
+    "count_at_owners",
     "fetch_rows",
     "push_row_gradients",
 ]

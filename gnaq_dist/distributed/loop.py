@@ -44,6 +44,7 @@ from gnaq_dist.distributed.exchange import (
     WireCounter,
     allreduce_dense,
     comm_device,
+    count_at_owners,
     fetch_rows,
     push_row_gradients,
 )
@@ -53,14 +54,14 @@ from gnaq_dist.distributed.partition_store import read_partition
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize, users_to_evaluate
-from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, interactions_csr
+from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, csr_rows_of, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_rows
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
 from gnaq_dist.runlog import RunLog
-from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
+from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import seed_everything
 
@@ -87,6 +88,11 @@ def _agree(ok: bool, what: str) -> None:
 class DistributedTrainer:
     """One rank's state: the graph (replicated, or its rows when split by owner), the partition, its
     shard, counters and log."""
+
+    #: Keep every user's train edges after setup with the graph split by owner (normally a rank
+    #: keeps its own users' only). Only for comparing the split evaluation with the gathered one,
+    #: which rebuilds the whole graph; BiGeaR, which is always evaluated gathered, keeps them anyway.
+    keep_whole_edges: bool = False
 
     def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
                  resume_hint: ResumeHint | None = None):
@@ -120,6 +126,7 @@ class DistributedTrainer:
         # Split by owner, a rank builds its rows of A_hat from the train CSR; the whole graph is
         # built only where something needs it (METIS on rank 0, sampled blocks, a gathered evaluation).
         self.edges = TrainCSR.from_pairs(data.n_users, data.n_items, data.train_user, data.train_item)
+        self.edges_whole = True  # every user's train edges (False: this rank's own users' only)
         self.graph: BipartiteGraph | None = None
         if not split:
             self._whole_graph()
@@ -136,12 +143,20 @@ class DistributedTrainer:
         self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
         L = config.model.num_layers
         self.sampler, self.halo = None, None
+        own_users = self.partition.owner[: data.n_users] == self.rank
+        all_indptr = self.edges.indptr
         if split:
             self.halo = HaloPlan.from_train_csr(*self.train_csr, self.partition, self.rank)
+            if config.model.method != "bigear" and not self.keep_whole_edges:
+                # From here on a rank reads its own users' rows only (their positives, negatives,
+                # ranking masks): the per-edge arrays follow the shard.
+                self.edges, self.edges_whole = self.edges.rows_of(own_users), False
+                self.train_csr = self.edges.train_csr()
+                self.test_csr = csr_rows_of(*self.test_csr, own_users)
         else:
             self.sampler = NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=L) if L > 0 else None
-        self.batches = BPRBatches(self.edges, config.schedule.batch_size, config.schedule.num_negatives,
-                                  seed=config.seed)
+        self.batches = OwnedBPRBatches(all_indptr, self.edges, own_users, config.schedule.batch_size,
+                                       config.schedule.num_negatives, seed=config.seed)
         self.steps_per_epoch = len(self.batches)
         self.global_step = 0
         self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
@@ -202,6 +217,9 @@ class DistributedTrainer:
     def _whole_graph(self) -> BipartiteGraph:
         """The whole symmetric training graph, built from the train CSR when first needed."""
         if self.graph is None:
+            if not self.edges_whole:
+                raise RuntimeError("this rank keeps its own users' train edges only: the whole graph cannot be "
+                                   "rebuilt (DistributedTrainer.keep_whole_edges)")
             indptr, items = self.edges.train_csr()
             users = np.repeat(np.arange(self.data.n_users, dtype=np.int64), np.diff(indptr))
             self.graph = build_graph_from_arrays(self.data.n_users, self.data.n_items, users, items)
@@ -408,14 +426,15 @@ class DistributedTrainer:
         return box[0]
 
     # -- one step --------------------------------------------------------------------------
-    def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
-        """One data-parallel step; returns this rank's share of the global BPR loss."""
+    def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_size: int) -> float:
+        """One data-parallel step on this rank's positives (an :class:`~gnaq_dist.sampling.OwnedBatch`)
+        of a global batch of ``global_size``; returns this rank's share of the global BPR loss."""
         if self.config.retain_freed_memory:  # from the first step on: setup's transients are gone
             retain_freed_memory()
-        self.positives += int(users.shape[0])
+        self.positives += int(global_size)
         if self.halo is not None:
-            return self._step_full(users, pos, neg)
-        return self._step_sampled(users, pos, neg)
+            return self._step_full(users, pos, neg, global_size)
+        return self._step_sampled(users, pos, neg, global_size)
 
     def _bpr(self, final_rows: torch.Tensor, nodes: torch.Tensor, users: torch.Tensor, pos_nodes: torch.Tensor,
              neg_nodes: torch.Tensor, global_batch: int) -> torch.Tensor:
@@ -428,14 +447,11 @@ class DistributedTrainer:
         neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
         return F.softplus(neg_score - pos_score.unsqueeze(1)).sum() / (global_batch * neg_nodes.shape[1])
 
-    def _step_sampled(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+    def _step_sampled(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_batch: int) -> float:
         """Sampled blocks of this rank's batch nodes, over layer-0 rows fetched from their owners."""
         cfg = self.config
         shard = self.shard
         n_users = self.data.n_users
-        global_batch = int(users.shape[0])
-        mine = self.partition.owner_of(users) == self.rank
-        users, pos, neg = users[mine], pos[mine], neg[mine]
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
         occurrences = torch.cat([users, pos_nodes, neg_nodes.reshape(-1)])
         batch_nodes = torch.unique(occurrences)
@@ -466,7 +482,7 @@ class DistributedTrainer:
         self.global_step += 1
         return bpr_value
 
-    def _step_full(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> float:
+    def _step_full(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_batch: int) -> float:
         """Full-graph propagation split by owner (:class:`.halo.HaloPlan`).
 
         Every rank runs the whole forward and backward, even without a positive of its own:
@@ -475,10 +491,12 @@ class DistributedTrainer:
         cfg = self.config
         shard, plan, part = self.shard, self.halo, self.partition
         n_users = self.data.n_users
-        global_batch = int(users.shape[0])
-        occurrences = torch.cat([users, pos + n_users, (neg + n_users).reshape(-1)])
-        mine = part.owner_of(users) == self.rank
-        users, pos_nodes, neg_nodes = users[mine], pos[mine] + n_users, neg[mine] + n_users
+        pos_nodes, neg_nodes = pos + n_users, neg + n_users
+        batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
+        # L2 on layer-0 rows: each row weighted by its occurrences in the global batch, which
+        # the ranks holding those positives send to the row's owner.
+        occurrences = count_at_owners(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]), part, plan.n_own,
+                                      counter=self.counter)
         server = shard.server()
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
@@ -491,21 +509,18 @@ class DistributedTrainer:
             x_buf, out_buf = plan.step_buffer("input", like), plan.step_buffer("output", like)
         view = shard.view(server, payload, out=x_buf)
         shard.zero_dense_grads()
-        # L2 on layer-0 rows: each rank takes the global batch's occurrences of its own nodes.
-        own_occ = occurrences[part.owner_of(occurrences) == self.rank]
-        counts = torch.bincount(part.local_of(own_occ), minlength=plan.n_own).to(torch.float32)
-        reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, counts) / global_batch
+        reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, occurrences.to(torch.float32)) / global_batch
         x_input = view.pop_embeddings()
         if x_buf is not None and x_input.shape[1] != x_buf.shape[1]:  # rows wider than d: fresh tables
             x_buf = out_buf = None
         final_own = self._propagate_own(x_input, self.counter, out=out_buf, grad_input=x_buf)
         del x_input
-        batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
         final_rows = remote_rows(final_own, batch_nodes, part, self.counter, grad_out=out_buf)
         refine = self._refine_now()
         if refine:  # the rows refinement reads, taken before the backward overwrites out_buf
-            own_batch = torch.unique(own_occ)
-            refine_rows = final_own.detach()[part.local_of(own_batch)]
+            own_local = occurrences.nonzero().reshape(-1)  # own rows in the global batch, by global id
+            own_batch = self.owned_t[own_local]
+            refine_rows = final_own.detach()[own_local]
         del final_own
         bpr = self._bpr(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
         (bpr + reg).backward()
@@ -799,12 +814,12 @@ class DistributedTrainer:
             t0 = time.perf_counter()
             loss_sum, steps = 0.0, 0
             self.batches.set_epoch(epoch)
-            for users, pos, neg in self.batches:
+            for batch in self.batches:
                 if self.global_step >= total_steps:
                     break
                 t_step = time.perf_counter()
-                loss_sum += self.step(users, pos, neg)
-                step_times.append((time.perf_counter() - t_step, int(users.shape[0])))
+                loss_sum += self.step(*batch)
+                step_times.append((time.perf_counter() - t_step, batch.global_size))
                 steps += 1
                 bar.update(1)
             seconds = time.perf_counter() - t0

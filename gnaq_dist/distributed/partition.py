@@ -36,6 +36,7 @@ import torch
 
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, TrainCSR
+from gnaq_dist.keyed import splitmix64
 
 log = logging.getLogger(__name__)
 
@@ -132,22 +133,13 @@ class Partition:
             raise GnaqInputError(f"rank must lie in [0, {self.world_size}), got {rank}")
 
 
-def _splitmix64(x: np.ndarray) -> np.ndarray:
-    """A fixed 64-bit mixer: the same keys on every platform and numpy version."""
-    with np.errstate(over="ignore"):
-        z = x.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
-        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
-        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
-        return z ^ (z >> np.uint64(31))
-
-
 def hash_owner(n_users: int, n_items: int, world_size: int, seed: int = 0) -> np.ndarray:
     """Users and items each ordered by a keyed hash and dealt round-robin: balance +-1."""
     owner = np.empty(n_users + n_items, dtype=np.int32)
-    salt = _splitmix64(np.array([seed], dtype=np.int64))[0]
+    salt = splitmix64(np.array([seed], dtype=np.int64))[0]
     for start, n in ((0, n_users), (n_users, n_items)):
         ids = np.arange(start, start + n, dtype=np.int64)
-        keys = _splitmix64(ids.astype(np.uint64) ^ salt)
+        keys = splitmix64(ids.astype(np.uint64) ^ salt)
         order = np.lexsort((ids, keys))  # ties (never in practice) broken by id
         owner[ids[order]] = np.arange(n, dtype=np.int64) % world_size
     return owner

@@ -173,6 +173,7 @@ def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
         "first_step_s": (s.get("steady") or {}).get("first_step_seconds"),
         "train_s": s["phase_seconds"]["fp"] + s["phase_seconds"]["quantized"],
         "eval_s": s["phase_seconds"]["eval"], "worker_peak_rss_mib": s["worker_peak_rss_mb"],
+        "worker_shards": s.get("worker_shards"),
         "bytes_per_step": wire["train_bytes_per_step"], "fp32_bytes_per_step": wire["train_fp32_bytes_per_step"],
         "gather_bytes": wire["gather"]["total_bytes"], "storage": s["storage"], "metrics": s["metrics"],
         "rows": s.get("rows"), "partition_method": (s.get("partition") or {}).get("method"),
@@ -277,6 +278,8 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
             f"w{w}_bytes_per_step": t["bytes_per_step"], f"w{w}_fp32_bytes_per_step": t["fp32_bytes_per_step"],
             f"w{w}_recall20": t["metrics"].get("recall@20"),
         })
+        row[f"w{w}_shards"] = t.get("worker_shards")
+        row[f"w{w}_worker_rss_all"] = t["worker_peak_rss_mib"]
         part = r.get(f"partition_w{w}")
         if part and t.get("partition_file"):
             row.update({f"w{w}_partition_s": part["wall_s"], f"w{w}_partition_rss_mib": part["peak_rss_mib"]})
@@ -339,7 +342,7 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m) = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, (ax_t, ax_m, ax_s) = plt.subplots(1, 3, figsize=(16, 4.4))
     x = [r["rows"] for r in rows]
 
     def series(ax, key, label, marker, color, style="-"):
@@ -355,6 +358,8 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
         series(ax_t, f"w{w}_s_per_step", f"train s/step W={w}", "^", "C2", ls)
         series(ax_t, f"w{w}_setup_s", f"Ray start + setup W={w} (s)", "x", "C3", ls)
         series(ax_t, f"w{w}_eval_s", f"evaluation W={w} (s)", "v", "C4", ls)
+        if w > 1:
+            series(ax_t, f"w{w}_partition_s", f"partition W={w} (s, own process)", "D", "C6", ls)
     series(ax_m, "gen_rss_mib", "generate", "o", "C0")
     series(ax_m, "ingest_rss_mib", "ingest", "s", "C1")
     for j, w in enumerate(workers):
@@ -363,10 +368,19 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
             series(ax_m, f"w{w}_worker_rss_min_mib", f"train worker W={w} (min)", "v", "C5", styles[j % len(styles)])
             series(ax_m, f"w{w}_partition_rss_mib", f"partition W={w} (METIS, own process)", "D", "C6",
                    styles[j % len(styles)])
-    for ax, title in ((ax_t, "time"), (ax_m, "peak RSS (MiB)")):
+    # Each worker's peak against the rows it propagates (own + halo): one line for every W
+    # means memory follows the shard, not the whole table.
+    for j, w in enumerate(workers):
+        pts = [(sh["own_nodes"] + sh.get("halo_nodes", 0), rss) for r in rows
+               for sh, rss in zip(r.get(f"w{w}_shards") or [], r.get(f"w{w}_worker_rss_all") or []) if sh]
+        if pts:
+            ax_s.plot(*zip(*pts), marker="^v<>"[j % 4], linestyle="none", color=f"C{2 + j}",
+                      label=f"train worker, W={w}")
+    for ax, title, xlabel in ((ax_t, "time", "log rows"), (ax_m, "peak RSS (MiB)", "log rows"),
+                              (ax_s, "worker peak RSS (MiB) against its shard", "rows propagated (own + halo)")):
         ax.set_xscale("log")
         ax.set_yscale("log")
-        ax.set_xlabel("log rows")
+        ax.set_xlabel(xlabel)
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
@@ -421,7 +435,7 @@ def main() -> None:
     with (report / "scale.csv").open("w", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=keys)
         writer.writeheader()
-        writer.writerows(rows)
+        writer.writerows({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()} for r in rows)
     table = markdown(rows, args.workers)
     (report / "scale.md").write_text(table)
     plot(rows, args.workers, report / "scale.png")

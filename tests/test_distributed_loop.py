@@ -147,6 +147,10 @@ def test_split_ranks_keep_only_their_own_users_edges(exact_runs):
     for r in full_two:
         assert 0.25 * n_train < r["edges_held"][0] < 0.75 * n_train
         assert 0 < r["own_users"] < data.n_users
+        # the summary's shard: what the rank propagates (own + halo rows, its non-zeros)
+        assert r["shard"]["own_nodes"] == r["rows"]["owned_rows"] and r["shard"]["halo_nodes"] > 0
+    assert sum(r["shard"]["nnz"] for r in full_two) == full_one[0]["shard"]["nnz"] == 2 * n_train
+    assert full_one[0]["shard"]["halo_nodes"] == 0
     assert all(r["edges_held"][0] == n_train for r in blocks_two)
 
 

@@ -101,6 +101,9 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
     assert code == 0
     summary = json.loads((out / "summary.json").read_text())
     assert len(summary["worker_nodes"]) == 2
+    # every worker's shard comes back with its peak memory: together they own every node
+    nodes = summary["partition"]["n_users"] + summary["partition"]["n_items"]
+    assert sum(s["own_nodes"] for s in summary["worker_shards"]) == nodes
     assert 0.02 < summary["metrics"]["recall@20"] <= 1.0  # random ranking gives about 0.005
     assert summary["phase_epochs"] == {"fp": 2, "quantized": 1}
     assert summary["storage"]["compression_ratio"] > 5

@@ -872,6 +872,8 @@ class DistributedTrainer:
             "storage": storage,
             "wire": self.wire_summary(),
             "partition": self.partition.describe(),
+            # What this rank's memory follows: the rows it propagates (own + halo) and its non-zeros.
+            "shard": self.halo.describe() if self.halo is not None else {"own_nodes": int(self.owned_t.shape[0])},
             "rows": self.shard.row_counts(),
             "memory": self.shard.memory(),
             "rank": self.rank,

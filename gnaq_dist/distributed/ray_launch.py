@@ -151,11 +151,14 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     else:
         summary = dict(train_worker(config, report=report, resume_hint=resume_hint))
     # Where each worker ran and its peak resident memory (MiB), gathered for rank 0's summary.
-    mine = (ray.get_runtime_context().get_node_id(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024)
+    # (and its shard: the rows and non-zeros it propagated, which its memory follows).
+    mine = (ray.get_runtime_context().get_node_id(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            summary.get("shard"))
     everyone: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(everyone, mine)
-    summary["worker_nodes"] = [node for node, _ in everyone]
-    summary["worker_peak_rss_mb"] = [round(rss, 1) for _, rss in everyone]
+    summary["worker_nodes"] = [node for node, _, _ in everyone]
+    summary["worker_peak_rss_mb"] = [round(rss, 1) for _, rss, _ in everyone]
+    summary["worker_shards"] = [shard for _, _, shard in everyone]
     with tempfile.TemporaryDirectory() as tmp:
         checkpoint = None
         if rank == 0:

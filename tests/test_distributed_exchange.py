@@ -239,6 +239,27 @@ def three():
     return run_ranks(scenario_three_ranks, 3, timeout=90)
 
 
+# -- decoding -------------------------------------------------------------------------------
+def test_decode_in_index_blocks_and_into_a_kept_table_equals_the_reference(monkeypatch):
+    """Wire rows decode a block of rows at a time (the int64 code index of a whole shard would be
+    8 bytes a value), optionally into a caller's table; the values are the reference's."""
+    from gnaq_dist.distributed import exchange
+
+    table = _table()
+    ids = np.arange(N)
+    shard = QuantizedShard.from_packed(table, ids)
+    payload = shard.serve(torch.from_numpy(ids))
+    whole = shard.decode(payload)
+    np.testing.assert_array_equal(whole.numpy(), _dequantize(table, ids))
+    monkeypatch.setattr(exchange, "INDEX_BLOCK_BYTES", 8 * DIM * 7)  # 7 rows a block: blocks end unevenly
+    into = torch.full((N, DIM), float("nan"))
+    assert shard.decode(payload, out=into) is into
+    np.testing.assert_array_equal(into.numpy(), whole.numpy())
+    assert shard.decode(payload[:0]).shape == (0, DIM)
+    with pytest.raises(GnaqInputError, match=rf"out must be a contiguous float32 \({N}, {DIM}\)"):
+        shard.decode(payload, out=torch.empty(N, DIM + 1))
+
+
 # -- occurrence counts -----------------------------------------------------------------------
 def test_count_at_owners_gives_each_owner_the_occurrences_of_its_rows_on_every_rank(three):
     part = _partition(3)

@@ -45,6 +45,10 @@ from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_
 #: split by owner, :mod:`.halo`), kept apart from the embedding rows and their gradients.
 WIRE_KINDS = ("rows_fetched", "gradients_sent", "activations", "allreduce", "control")
 HEADER_FIELDS = 3  # count, row_bytes, width
+#: Largest int64 code index made at once when decoding (8 MiB): below glibc's 32 MiB mmap
+#: ceiling a freed block is reused, above it every block is fresh pages faulted in one by one,
+#: and a whole-table index is 8 bytes a value (2.4 GB for the full scale benchmark's rank).
+INDEX_BLOCK_BYTES = 8 << 20
 
 
 # -- accounting ----------------------------------------------------------------------------
@@ -186,12 +190,21 @@ class QuantizedShard:
                       .reshape(n, self.groups, 1 << self.bits).to(torch.float32))
         return codes, levels
 
-    def decode(self, payload: torch.Tensor) -> torch.Tensor:
-        """Wire rows -> dequantized (n, groups*dim) float32, as :meth:`PackedTable.dequantize`."""
-        codes, levels = self.decode_parts(payload)
-        n = codes.shape[0]
-        q = codes.to(torch.int64).reshape(n, self.groups, self.dim)
-        return torch.gather(levels, 2, q).reshape(n, self.width)
+    def decode(self, payload: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """Wire rows -> dequantized (n, groups*dim) float32, as :meth:`PackedTable.dequantize`,
+        a block of rows at a time (:data:`INDEX_BLOCK_BYTES`); into ``out`` if given."""
+        n = payload.shape[0]
+        if out is None:
+            out = torch.empty((n, self.width), dtype=torch.float32)
+        elif tuple(out.shape) != (n, self.width) or out.dtype != torch.float32 or not out.is_contiguous():
+            raise GnaqInputError(f"out must be a contiguous float32 ({n}, {self.width}), got {out.dtype} "
+                                 f"{tuple(out.shape)}")
+        step = max(1, INDEX_BLOCK_BYTES // (8 * max(1, self.width)))
+        for a in range(0, n, step):
+            codes, levels = self.decode_parts(payload[a:a + step])
+            q = codes.to(torch.int64).reshape(codes.shape[0], self.groups, self.dim)
+            torch.gather(levels, 2, q, out=out[a:a + step].view(codes.shape[0], self.groups, self.dim))
+        return out
 
 
 class DenseShard:

@@ -295,10 +295,10 @@ class HaloPlan:
         rows = {"input": self.n_input, "output": self.n_own}[name]
         return self._buffer(f"step_{name}", rows, like)
 
-    def release_step_buffers(self) -> None:
-        """Free the step's tables (evaluation, checkpoints: phases that need the memory)."""
-        for name in ("step_input", "step_output"):
-            self._buffers.pop(name, None)
+    def release_buffers(self) -> None:
+        """Free every kept table, the step's and the propagation's (evaluation, checkpoints:
+        phases that need the memory for their own; the next step makes them again)."""
+        self._buffers.clear()
 
     def describe(self) -> dict[str, int]:
         return {"own_nodes": self.n_own, "halo_nodes": self.n_halo,

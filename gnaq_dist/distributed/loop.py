@@ -368,7 +368,7 @@ class DistributedTrainer:
         """Collective: every rank writes its shard, rank 0 the replicated parts and, last, the manifest."""
         cfg = self.config
         if self.halo is not None:
-            self.halo.release_step_buffers()  # the shard's Parquet bytes take their place
+            self.halo.release_buffers()  # the shard's Parquet bytes take their place
         so = cfg.storage_options
         store = ckpt.CheckpointStore(cfg.checkpoint_root, so)
         name = ckpt.checkpoint_name(self.global_step)
@@ -648,7 +648,7 @@ class DistributedTrainer:
         propagated layers, built from the whole graph: it is always gathered.
         """
         if self.halo is not None:
-            self.halo.release_step_buffers()  # evaluation's own tables take their place
+            self.halo.release_buffers()  # evaluation's own tables take their place
         if self.halo is not None and self.shard.method.name != "bigear":
             return self._evaluate_split()
         return self._evaluate_gathered()
@@ -694,7 +694,11 @@ class DistributedTrainer:
             storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
         payload = torch.cat([server.serve(own_ids), plan.exchange.pull_served(server, self.gather_counter)])
         # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
-        final_own = self._propagate_own(server.decode(payload), self.gather_counter)
+        x_input = server.decode(payload)
+        del payload
+        final_own = self._propagate_own(x_input, self.gather_counter)
+        del x_input
+        plan.release_buffers()  # ranking holds the final rows and the scores, nothing else
         n_users = self.data.n_users
         items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
                               counter=self.gather_counter, what="evaluation items").pull(final_own, self.gather_counter)

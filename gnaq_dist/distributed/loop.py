@@ -492,11 +492,12 @@ class DistributedTrainer:
         shard, plan, part = self.shard, self.halo, self.partition
         n_users = self.data.n_users
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
-        batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
+        mine = torch.cat([users, pos_nodes, neg_nodes.reshape(-1)])  # this rank's share of the batch's nodes
+        batch_nodes = torch.unique(mine)
         # L2 on layer-0 rows: each row weighted by its occurrences in the global batch, which
         # the ranks holding those positives send to the row's owner.
-        occurrences = count_at_owners(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]), part, plan.n_own,
-                                      counter=self.counter)
+        occurrences = count_at_owners(mine, part, plan.n_own, counter=self.counter)
+        del mine
         server = shard.server()
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
@@ -518,7 +519,7 @@ class DistributedTrainer:
         final_rows = remote_rows(final_own, batch_nodes, part, self.counter, grad_out=out_buf)
         refine = self._refine_now()
         if refine:  # the rows refinement reads, taken before the backward overwrites out_buf
-            own_local = occurrences.nonzero().reshape(-1)  # own rows in the global batch, by global id
+            own_local = occurrences.nonzero().reshape(-1)  # own rows in the global batch (local rows, ascending)
             own_batch = self.owned_t[own_local]
             refine_rows = final_own.detach()[own_local]
         del final_own

@@ -62,3 +62,20 @@ print(before - rss_mib())
 def test_release_free_memory_returns_what_pyarrow_freed():
     out = subprocess.run([sys.executable, "-c", RELEASE], capture_output=True, text=True, check=True).stdout
     assert float(out) > 100  # most of the 2 x 256 MiB the pool kept after the arrays died
+
+
+def test_huge_page_table_is_an_aligned_usable_table_or_a_plain_one():
+    """Large CPU tables start on a 2 MiB boundary (so THP can back them) and behave as any
+    tensor; small ones are plain ``torch.empty``."""
+    import torch
+
+    from gnaq_dist.allocator import huge_page_table
+
+    big = huge_page_table((100_000, 64), torch.float32)  # 25.6 MB
+    assert big.shape == (100_000, 64) and big.dtype == torch.float32 and big.is_contiguous()
+    assert big.data_ptr() % (2 << 20) == 0
+    big.copy_(torch.arange(100_000 * 64, dtype=torch.float32).reshape(100_000, 64))
+    assert float(big[99_999, 63]) == 100_000 * 64 - 1
+    assert torch.equal((big * 2)[:3], torch.arange(192, dtype=torch.float32).reshape(3, 64) * 2)
+    small = huge_page_table((10, 4), "float16")
+    assert small.shape == (10, 4) and small.dtype == torch.float16

@@ -36,6 +36,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from gnaq_dist.allocator import huge_page_table
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
@@ -551,7 +552,7 @@ def kept_buffer(buf: torch.Tensor | None, rows: int, like: torch.Tensor) -> torc
     tensor of 100+ MiB costs its page faults each time (docs/scale.md)."""
     shape = (int(rows), int(like.shape[1]))
     if buf is None or tuple(buf.shape) != shape or buf.dtype != like.dtype or buf.device != like.device:
-        buf = torch.empty(shape, dtype=like.dtype, device=like.device)
+        buf = huge_page_table(shape, like.dtype, like.device)  # read at random by the sparse products
     return buf
 
 

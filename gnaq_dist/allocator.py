@@ -18,7 +18,9 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import logging
+import math
 
 log = logging.getLogger(__name__)
 
@@ -26,6 +28,15 @@ _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
 _KEEP_UP_TO = 2**31 - 1  # bytes of free heap top kept before trimming (mallopt takes an int)
 _applied: bool | None = None
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    """The C library, loaded once (None where it cannot be: its functions then count as absent)."""
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
 
 
 def retain_freed_memory() -> bool:
@@ -38,12 +49,11 @@ def retain_freed_memory() -> bool:
     if _applied is not None:
         return _applied
     _applied = False
-    name = ctypes.util.find_library("c")
+    libc = _libc()
     try:
-        libc = ctypes.CDLL(name or "libc.so.6")
         mallopt = libc.mallopt
         libc.gnu_get_libc_version  # noqa: B018 - glibc only: AttributeError elsewhere
-    except (OSError, AttributeError):
+    except AttributeError:
         log.info("retain_freed_memory: not glibc, left the allocator as it is")
         return False
     mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
@@ -65,9 +75,8 @@ def release_free_memory() -> None:
     if _applied:  # the heap is being kept on purpose
         return
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.malloc_trim(0)
-    except (OSError, AttributeError):
+        _libc().malloc_trim(0)
+    except AttributeError:
         pass
 
 
@@ -78,15 +87,13 @@ _madvise = None
 
 
 def _libc_madvise():
+    """libc's ``madvise`` with its argument types, or False where there is none."""
     global _madvise
     if _madvise is None:
-        try:
-            libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
-            fn = libc.madvise
+        fn = getattr(_libc(), "madvise", None)
+        if fn is not None:
             fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-            _madvise = fn
-        except (OSError, AttributeError):
-            _madvise = False
+        _madvise = fn or False
     return _madvise
 
 
@@ -105,10 +112,7 @@ def huge_page_table(shape: tuple[int, ...], dtype, device=None):
 
     dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, dtype)
     device = torch.device("cpu") if device is None else torch.device(device)
-    n = 1
-    for k in shape:
-        n *= int(k)
-    nbytes = n * torch.empty((), dtype=dtype).element_size()
+    nbytes = math.prod(int(k) for k in shape) * dtype.itemsize
     madvise = _libc_madvise() if device.type == "cpu" and nbytes >= _HUGE_MIN_BYTES else None
     if not madvise:
         return torch.empty(shape, dtype=dtype, device=device)

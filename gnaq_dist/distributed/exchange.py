@@ -311,17 +311,19 @@ def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer
     return (server.decode(rows) if decode else rows).to(device)
 
 
-def count_at_owners(ids: torch.Tensor, partition: Partition, n_own: int, *,
+def count_at_owners(ids: torch.Tensor, partition: Partition, n_own: int, *, counts: torch.Tensor | None = None,
                     counter: WireCounter | None = None) -> torch.Tensor:
     """How often each of this rank's ``n_own`` rows occurs in all ranks' ``ids`` (int64, collective).
 
     Why: a row's L2 weight in a step is its number of occurrences in the global batch, and
     a rank holding only its own users' positives sees only its share of them. Sends one
     ``(local row, count)`` pair per distinct id to its owner (as ``control`` bytes).
+    ``counts`` given: ``ids`` are already distinct and sorted, each occurring ``counts`` times
+    (``torch.unique(..., return_counts=True)`` of a caller that needs the distinct ids too).
     """
     ids = _check_ids(ids, partition, "count_at_owners")
     rank, world = _world()
-    uniq, cnt = torch.unique(ids, return_counts=True)
+    uniq, cnt = torch.unique(ids, return_counts=True) if counts is None else (ids, counts.to(torch.int64))
     order, counts = _group_by_owner(uniq, partition)
     pairs = torch.stack([partition.local_of(uniq[order]), cnt[order]], dim=1).reshape(-1)
     recv = _exchange_header(counts, 16, 2, "count_at_owners", counter)

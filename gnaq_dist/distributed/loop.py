@@ -25,6 +25,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
+from functools import partial
 from typing import Any, Callable
 
 import numpy as np
@@ -85,6 +86,21 @@ def _agree(ok: bool, what: str) -> None:
         raise RuntimeError(f"{what} failed on {int(flag)} other rank(s); see their error")
 
 
+def _agreed(fn: Callable[[], Any] | None, what: str) -> Any:
+    """``fn()`` on this rank (None: nothing here), then :func:`_agree`: a rank that fails makes
+    every rank raise instead of the others hanging in the next collective."""
+    value, error = None, None
+    try:
+        if fn is not None:
+            value = fn()
+    except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
+        error = exc
+    _agree(error is None, what)
+    if error is not None:
+        raise error
+    return value
+
+
 class DistributedTrainer:
     """One rank's state: the graph (replicated, or its rows when split by owner), the partition, its
     shard, counters and log."""
@@ -102,18 +118,15 @@ class DistributedTrainer:
         self.report = report
         self.log = RunLog(None)
         self.history: list[dict[str, Any]] = []
-        error: BaseException | None = None
-        try:  # a rank that cannot set up makes every rank raise instead of hanging
+        def load() -> InteractionData:
             config.validate()
-            if data is None:
-                from gnaq_dist.dataset import load_dataset
+            if data is not None:
+                return data
+            from gnaq_dist.dataset import load_dataset
 
-                data = load_dataset(config.dataset, storage_options=config.storage_options)
-        except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
-            error = exc
-        _agree(error is None, "loading the config and the dataset")
-        if error is not None:
-            raise error
+            return load_dataset(config.dataset, storage_options=config.storage_options)
+
+        data = _agreed(load, "loading the config and the dataset")
         self.config = config
         self.data = data
         if config.threads:
@@ -185,16 +198,9 @@ class DistributedTrainer:
             return part
         dcfg = self.config.distributed
         if dcfg.partition_file:  # computed apart (gnaq partition): no whole graph on any rank
-            part, error = None, None
-            try:
-                part = read_partition(dcfg.partition_file, self.config.storage_options, world_size=self.world,
-                                      data=self.data_key)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
-                error = exc
-            _agree(error is None, f"reading distributed.partition_file {dcfg.partition_file}")
-            if error is not None:
-                raise error
-            return part
+            return _agreed(lambda: read_partition(dcfg.partition_file, self.config.storage_options,
+                                                  world_size=self.world, data=self.data_key),
+                           f"reading distributed.partition_file {dcfg.partition_file}")
         part = None
         if self.rank == 0:
             method = dcfg.partition
@@ -299,15 +305,8 @@ class DistributedTrainer:
 
     def _find_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
         """Collective: rank 0 chooses and verifies, every rank gets the same checkpoint (or none)."""
-        choice, error = None, None
-        if self.rank == 0:
-            try:
-                choice = self._choose_resume(hint)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                error = exc
-        _agree(error is None, "choosing the checkpoint to resume from")
-        if error is not None:
-            raise error
+        choice = _agreed(partial(self._choose_resume, hint) if self.rank == 0 else None,
+                         "choosing the checkpoint to resume from")
         box = [choice.uri if choice is not None else None]
         dist.broadcast_object_list(box, 0)
         if box[0] is None:
@@ -492,12 +491,11 @@ class DistributedTrainer:
         shard, plan, part = self.shard, self.halo, self.partition
         n_users = self.data.n_users
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
-        mine = torch.cat([users, pos_nodes, neg_nodes.reshape(-1)])  # this rank's share of the batch's nodes
-        batch_nodes = torch.unique(mine)
+        batch_nodes, batch_counts = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]),
+                                                 return_counts=True)  # this rank's share of the batch
         # L2 on layer-0 rows: each row weighted by its occurrences in the global batch, which
         # the ranks holding those positives send to the row's owner.
-        occurrences = count_at_owners(mine, part, plan.n_own, counter=self.counter)
-        del mine
+        occurrences = count_at_owners(batch_nodes, part, plan.n_own, counts=batch_counts, counter=self.counter)
         server = shard.server()
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gnaq_dist.distributed.partition import METHODS, Partition, partition_nodes
+from gnaq_dist.distributed.partition import METHODS, Partition, partition_nodes, rank_loads
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.storage import MANIFEST, AtomicOutput, join, read_json, resolve
 
@@ -53,15 +53,14 @@ def compute_partition(dataset: str, world_size: int, method: str = "metis", seed
     key = data_key(data)
     edges = TrainCSR.from_pairs(data.n_users, data.n_items, data.train_user, data.train_item)
     del data
-    graph = edges
-    if method == "metis" and world_size > 1:  # METIS reads the whole symmetric graph; hash only the counts
-        users = np.repeat(np.arange(edges.n_users, dtype=np.int64), np.diff(edges.indptr))
-        graph = build_graph_from_arrays(edges.n_users, edges.n_items, users, edges.indices)
-        del users
+    users = np.repeat(np.arange(edges.n_users, dtype=np.int64), np.diff(edges.indptr))
+    # METIS reads the whole symmetric graph; hash only the counts
+    graph = build_graph_from_arrays(edges.n_users, edges.n_items, users, edges.indices) \
+        if method == "metis" and world_size > 1 else edges
     part = partition_nodes(graph, world_size, method, seed=seed)
-    indptr, items = edges.train_csr()
-    user_of_edge = np.repeat(np.arange(edges.n_users, dtype=np.int64), np.diff(indptr))
-    cut = float(np.mean(part.owner[user_of_edge] != part.owner[items + edges.n_users])) if items.size else 0.0
+    del graph
+    load = rank_loads(part.owner, users, edges.indices, edges.n_users, world_size)
+    cut = load.cut_edges / edges.indices.shape[0] if edges.indices.size else 0.0
     return part, {"data": key, "edge_cut": cut, "seconds": round(time.perf_counter() - t0, 3),
                   "requested_method": method, "seed": int(seed)}
 

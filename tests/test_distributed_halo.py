@@ -71,6 +71,13 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
     wanted = torch.arange(0, graph.n_nodes, 3)[rank::world]
     out = [{"same_plan_from_csr": same_plan, "nnz": plan.describe()["nnz"]}]
     like = torch.empty(0, 8)
+    plan.reserve(8)  # as the training loop does before its first step
+
+    def tables() -> dict:
+        kept = {k: (tuple(v.shape), v.data_ptr()) for k, v in plan._buffers.items()}
+        return {**kept, "served": plan.exchange._rows_buffer.data_ptr()}
+
+    reserved = tables()
     for layers in (0, 1, 2, 3, 3):
         got = {}
         for mode in ("fused", "layered", "kept buffers"):
@@ -91,6 +98,8 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
             loss.backward()
             got[mode] = (final_value.numpy(), x_in.grad.clone().numpy(), counter.sent["activations"])
         out.append({"layers": layers, **got})
+    out[0].update(reserved=reserved, made_no_table=tables() == reserved,
+                  sizes=(plan.n_own, plan.n_halo, plan.n_input))
     return out
 
 
@@ -99,6 +108,12 @@ def test_fused_mean_propagation_equals_layer_by_layer(world, method):
     """Also: the plan built from the train CSR alone equals the one built from the whole graph."""
     for head, *runs in run_ranks(scenario_mean, world, method, timeout=120):
         assert head["same_plan_from_csr"] and head["nnz"] > 0
+        # reserve() made every table the propagation and the step keep; the calls made none.
+        n_own, n_halo, n_input = head["sizes"]
+        assert {k: v[0] for k, v in head["reserved"].items() if k != "served"} == {
+            "own": (n_own, 8), "own2": (n_own, 8), "halo": (n_halo, 8),
+            "step_input": (n_input, 8), "step_output": (n_own, 8)}
+        assert head["made_no_table"]
         for r in runs:
             (f_final, f_grad, f_bytes), (l_final, l_grad, l_bytes) = r["fused"], r["layered"]
             np.testing.assert_allclose(f_final, l_final, rtol=1e-5, atol=1e-6)

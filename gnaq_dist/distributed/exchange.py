@@ -517,6 +517,14 @@ class FixedExchange:
         self._rows_buffer = kept_buffer(self._rows_buffer, int(self.send_rows.shape[0]), like)
         return self._rows_buffer
 
+    def reserve(self, like: torch.Tensor) -> None:
+        """Make and touch the served-rows buffer of ``like``'s width now (see ``HaloPlan.reserve``)."""
+        if self._rows_buffer is None:
+            self._served_rows(like).zero_()
+
+    def release(self) -> None:
+        self._rows_buffer = None
+
     def start_pull(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
                    kind: str = "activations") -> Pending:
         """Start moving rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) into ``out``

@@ -295,10 +295,26 @@ class HaloPlan:
         rows = {"input": self.n_input, "output": self.n_own}[name]
         return self._buffer(f"step_{name}", rows, like)
 
+    def reserve(self, dim: int, dtype: torch.dtype = torch.float32) -> None:
+        """Make and touch now every table that a training step keeps (the propagation's, the
+        step's, the exchange's rows served), instead of in the next step.
+
+        Why: their first touch faults in every page, seconds at the scale benchmark's full size,
+        which would otherwise land in the first step (and in the first after each evaluation);
+        and a machine short of memory fails here, before training, not in the middle of a step."""
+        like = torch.empty((0, int(dim)), dtype=dtype)
+        for name, rows in (("own", self.n_own), ("own2", self.n_own), ("halo", self.n_halo),
+                           ("step_input", self.n_input), ("step_output", self.n_own)):
+            if name not in self._buffers:  # kept ones are touched already
+                self._buffer(name, rows, like).zero_()
+        self.exchange.reserve(like)
+
     def release_buffers(self) -> None:
         """Free every kept table, the step's and the propagation's (evaluation, checkpoints:
-        phases that need the memory for their own; the next step makes them again)."""
+        phases that need the memory for their own; :meth:`reserve` or the next step makes them
+        again)."""
         self._buffers.clear()
+        self.exchange.release()
 
     def describe(self) -> dict[str, int]:
         return {"own_nodes": self.n_own, "halo_nodes": self.n_halo,

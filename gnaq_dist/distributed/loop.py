@@ -241,6 +241,12 @@ class DistributedTrainer:
             self.compressors.append(RowCompressor(dcfg.grad_bits, stochastic=dcfg.stochastic_rounding, seed=seed))
             use_ef = dcfg.grad_bits is not None and dcfg.error_feedback
             self.feedback.append(ErrorFeedback(self.partition.num_nodes, k) if use_ef else None)
+        self._reserve_step_tables()
+
+    def _reserve_step_tables(self) -> None:
+        """The step's kept tables, made and touched before the step that uses them (HaloPlan.reserve)."""
+        if self.halo is not None and self.shard is not None and self.shard.method.linear_layers:
+            self.halo.reserve(self.shard.method.dim)
 
     def _start_fp(self) -> None:
         """The warm-up table: the own rows of the seed's N(0, 0.1^2) whole table (as ``local.py``)."""
@@ -843,6 +849,8 @@ class DistributedTrainer:
                 self._emit("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
             if every and (last or epoch % every == 0):
                 self.save_checkpoint(epoch, phase)
+            if not last:
+                self._reserve_step_tables()  # evaluation and checkpoints free them
         bar.close()
         if cfg.quantized and phase == "fp":
             self._start_quantized()

@@ -240,18 +240,15 @@ def three():
 
 
 # -- decoding -------------------------------------------------------------------------------
-def test_decode_in_index_blocks_and_into_a_kept_table_equals_the_reference(monkeypatch):
-    """Wire rows decode a block of rows at a time (the int64 code index of a whole shard would be
-    8 bytes a value), optionally into a caller's table; the values are the reference's."""
-    from gnaq_dist.distributed import exchange
-
+def test_decode_into_a_kept_table_equals_the_reference():
+    """Wire rows decode in one pass over their packed bytes, optionally into a caller's table;
+    the values are the reference's."""
     table = _table()
     ids = np.arange(N)
     shard = QuantizedShard.from_packed(table, ids)
     payload = shard.serve(torch.from_numpy(ids))
     whole = shard.decode(payload)
     np.testing.assert_array_equal(whole.numpy(), _dequantize(table, ids))
-    monkeypatch.setattr(exchange, "INDEX_BLOCK_BYTES", 8 * DIM * 7)  # 7 rows a block: blocks end unevenly
     into = torch.full((N, DIM), float("nan"))
     assert shard.decode(payload, out=into) is into
     np.testing.assert_array_equal(into.numpy(), whole.numpy())

@@ -10,26 +10,30 @@ import torch
 from gnaq_dist.distributed import sharded
 from gnaq_dist.distributed.sharded import MethodShard, RowView
 from gnaq_dist.distributed.sparse_adam import RowSparseAdam
+from gnaq_dist.quant.packing import pack_codes_torch, unpack_codes_torch
 
 
 def _packed_view(n: int = 11, d: int = 8, levels: int = 4, seed: int = 0) -> tuple[RowView, torch.Tensor]:
     g = torch.Generator().manual_seed(seed)
     leaf = torch.randn(n, levels, generator=g).requires_grad_(True)
     codes = torch.randint(0, levels, (n, d), generator=g, dtype=torch.uint8)
-    return RowView([leaf], sharded._GatherLevels.apply(leaf, codes), codes), leaf
+    bits = levels.bit_length() - 1
+    packed = pack_codes_torch(codes, bits)
+    return RowView([leaf], sharded._DequantizePacked.apply(leaf, packed, bits, d), packed, bits, d), leaf
 
 
-@pytest.mark.parametrize("block_bytes", [3 * 8 * 8, 8 << 20])  # 3 rows a block; all rows in one
-def test_gather_levels_equals_torch_gather_forward_and_backward(monkeypatch, block_bytes):
-    monkeypatch.setattr(sharded._GatherLevels, "BLOCK_BYTES", block_bytes)
-    view, leaf = _packed_view()
+@pytest.mark.parametrize("levels", [2, 4, 16])
+def test_dequantize_packed_equals_torch_gather_forward_and_backward(levels):
+    view, leaf = _packed_view(levels=levels)
+    codes = unpack_codes_torch(view.packed, view.bits, view.width)
     ref_leaf = leaf.detach().clone().requires_grad_(True)
-    ref = torch.gather(ref_leaf, 1, view.codes.long())
+    ref = torch.gather(ref_leaf, 1, codes.long())
     assert torch.equal(view.embeddings, ref)
     w = torch.randn(ref.shape)
     (view.embeddings * w).sum().backward()
     (ref * w).sum().backward()
     torch.testing.assert_close(leaf.grad, ref_leaf.grad)
+    assert leaf.grad.abs().sum() > 0
 
 
 def test_row_l2_of_packed_rows_from_their_levels_and_codes():

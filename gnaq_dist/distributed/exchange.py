@@ -40,16 +40,13 @@ from gnaq_dist.allocator import huge_page_table
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.dequant_kernels import dequantize_rows
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_torch
 
 #: ``activations``: fp32 rows of propagated layers and their gradients (full-graph propagation
 #: split by owner, :mod:`.halo`), kept apart from the embedding rows and their gradients.
 WIRE_KINDS = ("rows_fetched", "gradients_sent", "activations", "allreduce", "control")
 HEADER_FIELDS = 3  # count, row_bytes, width
-#: Largest int64 code index made at once when decoding (8 MiB): below glibc's 32 MiB mmap
-#: ceiling a freed block is reused, above it every block is fresh pages faulted in one by one,
-#: and a whole-table index is 8 bytes a value (2.4 GB for the full scale benchmark's rank).
-INDEX_BLOCK_BYTES = 8 << 20
 
 
 # -- accounting ----------------------------------------------------------------------------
@@ -179,33 +176,30 @@ class QuantizedShard:
         lv = lv.view(torch.uint8)
         return torch.cat([codes, lv], dim=1)
 
-    def decode_parts(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Wire rows -> (codes uint8 (n, groups*dim), levels float32 (n, groups, 2^b)): for training,
-        where the requester needs the levels as their own (differentiable) tensor."""
+    def split_payload(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wire rows -> (packed codes uint8 (n, code bytes), a view of ``payload``; levels float32
+        (n, groups, 2^b), or (1, groups, 2^b) for a shared codebook)."""
         n = payload.shape[0]
-        codes = unpack_codes_torch(payload[:, : self.code_bytes].contiguous(), self.bits, self.width)
+        packed = payload[:, : self.code_bytes]
         if self.shared_levels:
-            levels = self.levels.to(torch.float32).expand(n, -1, -1)
-        else:
-            levels = (bytes_view(payload[:, self.code_bytes:], self.levels.dtype)
-                      .reshape(n, self.groups, 1 << self.bits).to(torch.float32))
-        return codes, levels
+            return packed, self.levels.to(torch.float32)
+        levels = (bytes_view(payload[:, self.code_bytes:], self.levels.dtype)
+                  .reshape(n, self.groups, 1 << self.bits).to(torch.float32))
+        return packed, levels
+
+    def decode_parts(self, payload: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Wire rows -> (codes uint8 (n, groups*dim), levels float32 (n, groups, 2^b)), unpacked."""
+        packed, levels = self.split_payload(payload)
+        codes = unpack_codes_torch(packed.contiguous(), self.bits, self.width)
+        return codes, levels.expand(payload.shape[0], -1, -1)
 
     def decode(self, payload: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-        """Wire rows -> dequantized (n, groups*dim) float32, as :meth:`PackedTable.dequantize`,
-        a block of rows at a time (:data:`INDEX_BLOCK_BYTES`); into ``out`` if given."""
-        n = payload.shape[0]
-        if out is None:
-            out = torch.empty((n, self.width), dtype=torch.float32)
-        elif tuple(out.shape) != (n, self.width) or out.dtype != torch.float32 or not out.is_contiguous():
-            raise GnaqInputError(f"out must be a contiguous float32 ({n}, {self.width}), got {out.dtype} "
-                                 f"{tuple(out.shape)}")
-        step = max(1, INDEX_BLOCK_BYTES // (8 * max(1, self.width)))
-        for a in range(0, n, step):
-            codes, levels = self.decode_parts(payload[a:a + step])
-            q = codes.to(torch.int64).reshape(codes.shape[0], self.groups, self.dim)
-            torch.gather(levels, 2, q, out=out[a:a + step].view(codes.shape[0], self.groups, self.dim))
-        return out
+        """Wire rows -> dequantized (n, groups*dim) float32, as :meth:`PackedTable.dequantize`, in
+        one pass over the packed bytes (:func:`~gnaq_dist.quant.dequant_kernels.dequantize_rows`);
+        into ``out`` if given."""
+        packed, levels = self.split_payload(payload)
+        levels = levels.reshape(levels.shape[0], self.groups << self.bits)
+        return dequantize_rows(packed, levels, self.bits, self.width, self.dim, out=out)
 
 
 class DenseShard:

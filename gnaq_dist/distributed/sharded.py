@@ -31,12 +31,13 @@ from typing import Iterator
 import torch
 
 from gnaq_dist.distributed.compression import bytes_view
-from gnaq_dist.distributed.exchange import INDEX_BLOCK_BYTES, QuantizedShard
+from gnaq_dist.distributed.exchange import QuantizedShard
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.distributed.sparse_adam import RowSparseAdam
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
+from gnaq_dist.quant.dequant_kernels import dequantize_rows, level_gradients
 
 
 class LatentShard:
@@ -85,45 +86,31 @@ def _logical_rows(method: EmbeddingMethod, n: int) -> Iterator[None]:
         method.num_nodes = saved
 
 
-class _GatherLevels(torch.autograd.Function):
-    """``levels.gather(1, codes)`` keeping the uint8 codes for the backward, not the int64 index
-    ``torch.gather`` saves (8 bytes a value: twice an fp32 (n, d) table, held through the
-    whole propagation). The int64 index is made per block of rows, forward and backward.
+class _DequantizePacked(torch.autograd.Function):
+    """Packed rows with their levels as differentiable leaves -> the (n, d) float table, in one
+    pass (:func:`~gnaq_dist.quant.dequant_kernels.dequantize_rows`); the backward sums the table's
+    gradient into each row's levels (:func:`~gnaq_dist.quant.dequant_kernels.level_gradients`).
 
-    Why blocks of at most ``BLOCK_BYTES``: glibc serves an allocation above its mmap ceiling
-    (32 MiB) with fresh pages that the kernel faults in one by one, and frees it with ``munmap``;
-    below it, a freed block is reused by the next one. 8 MiB blocks made the forward 2.6x faster
-    than 32 MiB ones at 600k x 64 codes (docs/scale.md)."""
-
-    BLOCK_BYTES = INDEX_BLOCK_BYTES
+    Why not ``torch.gather``: it needs the codes unpacked and an int64 index (8 bytes a value)
+    forward and again backward; at the scale benchmark's full size that was about 2 s of a
+    rank's 17 s step, the one-pass kernels take 0.4 s. Only the packed bytes are kept for the
+    backward (16 bytes a row at 2 bits, d = 64)."""
 
     @staticmethod
-    def index_blocks(codes: torch.Tensor) -> Iterator[tuple[slice, torch.Tensor]]:
-        """``(rows, int64 codes of those rows)`` a block of rows at a time."""
-        step = max(1, _GatherLevels.BLOCK_BYTES // (8 * max(1, codes.shape[1])))
-        for a in range(0, codes.shape[0], step):
-            rows = slice(a, a + step)
-            yield rows, codes[rows].to(torch.int64)
-
-    @staticmethod
-    def forward(ctx, levels: torch.Tensor, codes: torch.Tensor,  # type: ignore[override]
+    def forward(ctx, levels: torch.Tensor, packed: torch.Tensor, bits: int, width: int,  # type: ignore[override]
                 out: torch.Tensor | None = None) -> torch.Tensor:
-        ctx.save_for_backward(codes)
-        ctx.num_levels = int(levels.shape[1])
-        if out is None or tuple(out.shape) != tuple(codes.shape) or out.dtype != levels.dtype:
-            out = torch.empty(codes.shape, dtype=levels.dtype, device=levels.device)
-        out = out.detach()
-        for rows, index in _GatherLevels.index_blocks(codes):
-            torch.gather(levels[rows], 1, index, out=out[rows])
-        return out
+        ctx.save_for_backward(packed)
+        ctx.bits = bits
+        n = int(packed.shape[0])
+        if out is not None and (tuple(out.shape) != (n, width) or out.dtype != torch.float32
+                                or not out.is_contiguous()):
+            out = None
+        return dequantize_rows(packed, levels.detach(), bits, width, out=None if out is None else out.detach())
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        (codes,) = ctx.saved_tensors
-        out = torch.zeros((codes.shape[0], ctx.num_levels), dtype=grad.dtype, device=grad.device)
-        for rows, index in _GatherLevels.index_blocks(codes):
-            out[rows].scatter_add_(1, index, grad[rows])
-        return out, None, None
+        (packed,) = ctx.saved_tensors
+        return level_gradients(packed, grad, ctx.bits), None, None, None, None
 
 
 @dataclass
@@ -132,7 +119,9 @@ class RowView:
 
     leaves: list[torch.Tensor]  # one per row parameter the wire carries gradients for
     embeddings: torch.Tensor | None
-    codes: torch.Tensor | None = None  # packed rows: their uint8 codes (n, d)
+    packed: torch.Tensor | None = None  # packed rows: their codes as packed bytes (n, code bytes)
+    bits: int = 0  # ... at this many bits a code,
+    width: int = 0  # ... this many values a row
 
     def pop_embeddings(self) -> torch.Tensor:
         """The embeddings, no longer held here: the (n, d) table then lives only as long as its
@@ -186,9 +175,10 @@ class MethodShard:
         """Differentiable layer-0 embeddings of fetched wire rows (``fetch_rows(decode=False)``);
         packed rows are written into ``out`` (n, d) if given (a table kept between steps)."""
         if self.format == "packed":
-            codes, levels = server.decode_parts(payload)
-            leaf = levels[:, 0, :].clone().requires_grad_(True)
-            return RowView([leaf], _GatherLevels.apply(leaf, codes, out), codes)
+            packed, levels = server.split_payload(payload)
+            leaf = levels[:, 0, :].expand(payload.shape[0], -1).clone().requires_grad_(True)
+            x = _DequantizePacked.apply(leaf, packed, server.bits, server.width, out)
+            return RowView([leaf], x, packed, server.bits, server.width)
         values = server.decode(payload)
         if values.shape[0] == 0:  # nothing fetched (a rank without positives): no forward to run
             leaves = [v.reshape((0,) + tuple(p.shape[1:])).clone().requires_grad_(True)
@@ -209,8 +199,9 @@ class MethodShard:
         table need not be kept for the backward."""
         rows = torch.nonzero(weights).squeeze(1)
         w = weights[rows]
-        if view.codes is not None:
-            x = torch.gather(view.leaves[0][rows], 1, view.codes[rows].to(torch.int64))
+        if view.packed is not None:
+            leaf = view.leaves[0]
+            x = _DequantizePacked.apply(leaf[rows], view.packed[rows], view.bits, view.width)
         else:
             x = view.embeddings[rows]
         return (w * x.pow(2).sum(1)).sum()

@@ -241,10 +241,11 @@ class DistributedTrainer:
             self.compressors.append(RowCompressor(dcfg.grad_bits, stochastic=dcfg.stochastic_rounding, seed=seed))
             use_ef = dcfg.grad_bits is not None and dcfg.error_feedback
             self.feedback.append(ErrorFeedback(self.partition.num_nodes, k) if use_ef else None)
-        self._reserve_step_tables()
 
     def _reserve_step_tables(self) -> None:
-        """The step's kept tables, made and touched before the step that uses them (HaloPlan.reserve)."""
+        """The step's kept tables, made and touched before an epoch's steps (HaloPlan.reserve):
+        after setup's and the quantized start's transients are gone (reserved beside those, they
+        would raise the peak), and again after an evaluation or a checkpoint freed them."""
         if self.halo is not None and self.shard is not None and self.shard.method.linear_layers:
             self.halo.reserve(self.shard.method.dim)
 
@@ -820,6 +821,7 @@ class DistributedTrainer:
             if cfg.quantized and phase == "fp" and epoch == warmup_epochs + 1:
                 self._start_quantized()
                 phase = "quantized"
+            self._reserve_step_tables()  # setup's one-off page faults, not the first step's
             t0 = time.perf_counter()
             loss_sum, steps = 0.0, 0
             self.batches.set_epoch(epoch)
@@ -849,8 +851,6 @@ class DistributedTrainer:
                 self._emit("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
             if every and (last or epoch % every == 0):
                 self.save_checkpoint(epoch, phase)
-            if not last:
-                self._reserve_step_tables()  # evaluation and checkpoints free them
         bar.close()
         if cfg.quantized and phase == "fp":
             self._start_quantized()

@@ -88,3 +88,23 @@ def test_empty_rows_and_bad_shapes():
     with pytest.raises(GnaqInputError, match="grad has 3 rows, packed codes 4"):
         K.level_gradients(packed, torch.zeros(3, 64), 2)
     assert torch.equal(unpack_codes_torch(packed.contiguous(), 2, 64), codes)
+
+
+def test_kernels_compile_in_process_where_numba_cannot_cache(monkeypatch):
+    """A read-only install leaves numba no cache directory: the kernels then compile per process."""
+    real, calls = K._compile, []
+
+    def no_cache_dir(numba, bits, cache):
+        calls.append(cache)
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return real(numba, bits, cache)
+
+    monkeypatch.setattr(K, "_compile", no_cache_dir)
+    K._kernels.cache_clear()
+    try:
+        codes, packed, levels = _rows(9, 64, 4, 1, shared=False, seed=3)
+        assert torch.equal(K.dequantize_rows(packed, levels, 4, 64), _reference(codes, levels, 4, 64))
+        assert calls == [True, False]
+    finally:
+        K._kernels.cache_clear()  # later tests compile (or load) the cached kernels again

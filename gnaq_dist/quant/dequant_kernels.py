@@ -45,8 +45,16 @@ def _kernels(bits: int) -> tuple[Any, Any] | None:
         log.info("numba not installed: packed rows are dequantized with torch (slower)")
         return None
 
+    try:  # compiled once per bit width into a cache (numba keys closures by their constants)
+        return _compile(numba, bits, cache=True)
+    except RuntimeError as exc:  # numba finds no writable cache directory: compile per process
+        log.info("numba cannot cache the kernels (%s): compiling them in this process", exc)
+        return _compile(numba, bits, cache=False)
+
+
+def _compile(numba: Any, bits: int, cache: bool) -> tuple[Any, Any]:
     per, mask, k = 8 // bits, (1 << bits) - 1, 1 << bits
-    jit = numba.njit(nogil=True, boundscheck=False)
+    jit = numba.njit(nogil=True, boundscheck=False, cache=cache)
 
     @jit
     def forward(packed, levels, dim, out):  # pragma: no cover - compiled
@@ -67,7 +75,7 @@ def _kernels(bits: int) -> tuple[Any, Any] | None:
                     code = (packed[r, j // per] >> ((j % per) * bits)) & mask
                     out[r, j] = levels[lr, (j // dim) * k + code]
 
-    @numba.njit(nogil=True, boundscheck=False, fastmath={"reassoc", "nsz"})
+    @numba.njit(nogil=True, boundscheck=False, cache=cache, fastmath={"reassoc", "nsz"})
     def backward(packed, grad, dim, out):  # pragma: no cover - compiled
         n, width = grad.shape
         full = width // per

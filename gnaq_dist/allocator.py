@@ -83,18 +83,15 @@ def release_free_memory() -> None:
 _HUGE_PAGE = 2 << 20
 _MADV_HUGEPAGE = 14  # Linux
 _HUGE_MIN_BYTES = 16 << 20  # smaller tables gain nothing worth the alignment slack
-_madvise = None
 
 
+@functools.cache
 def _libc_madvise():
-    """libc's ``madvise`` with its argument types, or False where there is none."""
-    global _madvise
-    if _madvise is None:
-        fn = getattr(_libc(), "madvise", None)
-        if fn is not None:
-            fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        _madvise = fn or False
-    return _madvise
+    """libc's ``madvise`` with its argument types, or None where there is none."""
+    fn = getattr(_libc(), "madvise", None)
+    if fn is not None:
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    return fn
 
 
 def huge_page_table(shape: tuple[int, ...], dtype, device=None):

@@ -195,8 +195,8 @@ class MethodShard:
         """``sum_i weights_i ||x_i||^2`` over the view's first ``len(weights)`` rows, differentiable.
 
         Only rows of non-zero weight are read (the batch's nodes: a few percent of a shard's
-        rows). Packed rows are gathered again from their levels and codes, so the view's (n, d)
-        table need not be kept for the backward."""
+        rows). Packed rows are dequantized again from their levels and packed codes, so the
+        view's (n, d) table need not be kept for the backward."""
         rows = torch.nonzero(weights).squeeze(1)
         w = weights[rows]
         if view.packed is not None:

@@ -25,6 +25,7 @@ import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.packing import SUPPORTED_BITS, packed_row_bytes, unpack_codes_torch
 
 log = logging.getLogger(__name__)
 
@@ -112,9 +113,7 @@ def _compile(numba: Any, bits: int, cache: bool) -> tuple[Any, Any]:
 
 
 def _check(packed: torch.Tensor, bits: int, width: int, dim: int) -> None:
-    from gnaq_dist.quant.packing import packed_row_bytes
-
-    if bits not in (1, 2, 4, 8):
+    if bits not in SUPPORTED_BITS:
         raise GnaqInputError(f"packed rows have 1, 2, 4 or 8 bits a code, got {bits}")
     if packed.dtype != torch.uint8 or packed.dim() != 2 or packed.shape[1] != packed_row_bytes(width, bits):
         raise GnaqInputError(f"packed codes must be uint8 (n, {packed_row_bytes(width, bits)}) for {width} values "
@@ -175,8 +174,6 @@ def level_gradients(packed: torch.Tensor, grad: torch.Tensor, bits: int, dim: in
 # -- the torch path (no numba, other devices; the tests' reference) -------------------------
 def _code_blocks(packed: torch.Tensor, bits: int, width: int, dim: int):
     """``(rows, int64 level index of those rows)`` a block of rows at a time (8 MiB indices)."""
-    from gnaq_dist.quant.packing import unpack_codes_torch
-
     step = max(1, BLOCK_BYTES // (8 * max(1, width)))
     group = (torch.arange(width, device=packed.device) // dim) << bits
     for a in range(0, int(packed.shape[0]), step):

@@ -46,17 +46,26 @@ def _halo_run(rank: int, world: int, method: str) -> dict:
             "activations": counter.sent["activations"], "n_nodes": graph.n_nodes}
 
 
-def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
+def scenario_mean(rank: int, world: int, method: str) -> dict[str, list[dict]]:
+    """:func:`_mean_runs` with the halo's rows through shared memory (/dev/shm) and through the
+    process group."""
+    from gnaq_dist.distributed.partition import partition_nodes
+
+    # METIS gives every rank the same partition at a process's first call, not at later ones.
+    part = partition_nodes(_graph(), world, method, seed=0)
+    return {"shared": _mean_runs(rank, world, part, "/dev/shm"), "gloo": _mean_runs(rank, world, part, None)}
+
+
+def _mean_runs(rank: int, world: int, part, shared_memory_dir: str | None) -> list[dict]:
     """The fused mean-of-layers propagation against layer by layer, for L = 0..3, twice each
     (the second call reuses the plan's buffers), and fused into the step's kept tables."""
     from gnaq_dist.distributed.exchange import WireCounter
     from gnaq_dist.distributed.halo import HaloPlan, remote_rows
-    from gnaq_dist.distributed.partition import partition_nodes
 
     graph = _graph()
-    part = partition_nodes(graph, world, method, seed=0)
-    plan = HaloPlan.build(graph, part, rank)
-    from_csr = HaloPlan.from_train_csr(*graph.train_csr(), part, rank)  # without the whole graph
+    plan = HaloPlan.build(graph, part, rank, shared_memory_dir=shared_memory_dir)
+    from_csr = HaloPlan.from_train_csr(*graph.train_csr(), part, rank,  # without the whole graph
+                                       shared_memory_dir=shared_memory_dir)
     same_plan = all(torch.equal(a, b) for a, b in [(plan.own, from_csr.own), (plan.halo, from_csr.halo)] + [
         (getattr(getattr(plan, m), part)(), getattr(getattr(from_csr, m), part)())
         for m in ("inner", "outer", "outer_t") for part in ("crow_indices", "col_indices", "values")
@@ -75,7 +84,10 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
 
     def tables() -> dict:
         kept = {k: (tuple(v.shape), v.data_ptr()) for k, v in plan._buffers.items()}
-        return {**kept, "served": plan.exchange._rows_buffer.data_ptr()}
+        ex = plan.exchange
+        if ex._served is None:
+            return {**kept, "served": ex._rows_buffer.data_ptr()}
+        return {**kept, "served": ex._served.own.data_ptr(), "needed": ex._needed.own.data_ptr()}
 
     reserved = tables()
     for layers in (0, 1, 2, 3, 3):
@@ -99,32 +111,46 @@ def scenario_mean(rank: int, world: int, method: str) -> list[dict]:
             got[mode] = (final_value.numpy(), x_in.grad.clone().numpy(), counter.sent["activations"])
         out.append({"layers": layers, **got})
     out[0].update(reserved=reserved, made_no_table=tables() == reserved,
-                  sizes=(plan.n_own, plan.n_halo, plan.n_input))
+                  sizes=(plan.n_own, plan.n_halo, plan.n_input), shared=plan.exchange._served is not None)
     return out
 
 
 @pytest.mark.parametrize("world,method", [(1, "hash"), (2, "metis"), (2, "hash")])
 def test_fused_mean_propagation_equals_layer_by_layer(world, method):
-    """Also: the plan built from the train CSR alone equals the one built from the whole graph."""
-    for head, *runs in run_ranks(scenario_mean, world, method, timeout=120):
-        assert head["same_plan_from_csr"] and head["nnz"] > 0
-        # reserve() made every table the propagation and the step keep; the calls made none.
-        n_own, n_halo, n_input = head["sizes"]
-        assert {k: v[0] for k, v in head["reserved"].items() if k != "served"} == {
-            "own": (n_own, 8), "own2": (n_own, 8), "halo": (n_halo, 8),
-            "step_input": (n_input, 8), "step_output": (n_own, 8)}
-        assert head["made_no_table"]
-        for r in runs:
-            (f_final, f_grad, f_bytes), (l_final, l_grad, l_bytes) = r["fused"], r["layered"]
-            np.testing.assert_allclose(f_final, l_final, rtol=1e-5, atol=1e-6)
-            np.testing.assert_allclose(f_grad, l_grad, rtol=1e-5, atol=1e-6)
-            assert np.abs(f_grad).sum() > 0
-            assert f_bytes == l_bytes  # the same halo rows cross the wire, forward and back
-            assert (f_bytes > 0) == (world > 1)
-            k_final, k_grad, k_bytes = r["kept buffers"]  # bit for bit the fused result, every call
-            np.testing.assert_array_equal(k_final, f_final)
-            np.testing.assert_array_equal(k_grad, f_grad)
-            assert k_bytes == f_bytes
+    """Also: the plan built from the train CSR alone equals the one built from the whole graph,
+    and the halo's rows through shared memory give bit for bit what the process group gives."""
+    for modes in run_ranks(scenario_mean, world, method, timeout=120):
+        # One rank has no peer to share with; two ranks on this machine share /dev/shm.
+        assert modes["shared"][0]["shared"] == (world > 1) and not modes["gloo"][0]["shared"]
+        for mode in ("shared", "gloo"):
+            _check_mean_runs(modes[mode], world)
+        for a, b in zip(modes["shared"][1:], modes["gloo"][1:]):
+            for kind in ("fused", "layered", "kept buffers"):
+                np.testing.assert_array_equal(a[kind][0], b[kind][0])
+                np.testing.assert_array_equal(a[kind][1], b[kind][1])
+                assert a[kind][2] == b[kind][2]  # the same rows counted as sent between the ranks
+
+
+def _check_mean_runs(runs: list[dict], world: int) -> None:
+    head, *runs = runs
+    assert head["same_plan_from_csr"] and head["nnz"] > 0
+    # reserve() made every table the propagation and the step keep; the calls made none.
+    n_own, n_halo, n_input = head["sizes"]
+    assert {k: v[0] for k, v in head["reserved"].items() if k not in ("served", "needed")} == {
+        "own": (n_own, 8), "own2": (n_own, 8), "halo": (n_halo, 8),
+        "step_input": (n_input, 8), "step_output": (n_own, 8)}
+    assert head["made_no_table"]
+    for r in runs:
+        (f_final, f_grad, f_bytes), (l_final, l_grad, l_bytes) = r["fused"], r["layered"]
+        np.testing.assert_allclose(f_final, l_final, rtol=1e-5, atol=1e-6)
+        np.testing.assert_allclose(f_grad, l_grad, rtol=1e-5, atol=1e-6)
+        assert np.abs(f_grad).sum() > 0
+        assert f_bytes == l_bytes  # the same halo rows cross the wire, forward and back
+        assert (f_bytes > 0) == (world > 1)
+        k_final, k_grad, k_bytes = r["kept buffers"]  # bit for bit the fused result, every call
+        np.testing.assert_array_equal(k_final, f_final)
+        np.testing.assert_array_equal(k_grad, f_grad)
+        assert k_bytes == f_bytes
 
 
 def _reference():

@@ -39,6 +39,7 @@ import torch.distributed as dist
 from gnaq_dist.allocator import huge_page_table
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
 from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.distributed.shared_rows import SharedTables
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.dequant_kernels import dequantize_rows
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, unpack_codes_torch
@@ -428,10 +429,17 @@ class FixedExchange:
     (:meth:`pull_served`: wire rows of a server, :meth:`pull`: fp32 rows) and a push one
     ``all_to_all`` of gradient rows (:meth:`push_gradients`, compressed or fp32), summed
     into the owners' rows in rank order. Rows come back in the order of ``needed_ids``.
+
+    With ``shared_memory_dir`` (a tmpfs such as /dev/shm) and every rank on one host, the
+    float rows of :meth:`start_pull` and :meth:`start_push` do not go through the process
+    group: each rank writes what it sends into a table its peers have mapped and reads its
+    part of theirs (:class:`~gnaq_dist.distributed.shared_rows.SharedTables`; the same
+    values and sums either way, in the same order).
     """
 
     def __init__(self, needed_ids: torch.Tensor, partition: Partition, *, counter: WireCounter | None = None,
-                 row_bytes: int = 0, width: int = 0, what: str = "FixedExchange"):
+                 row_bytes: int = 0, width: int = 0, what: str = "FixedExchange",
+                 shared_memory_dir: str | None = None):
         rank, world = _world()
         if partition.world_size != world:
             raise GnaqInputError(f"partition is for {partition.world_size} ranks, the process group has {world}")
@@ -454,6 +462,11 @@ class FixedExchange:
         self.needed = ids
         self.num_needed = int(ids.numel())
         self._rows_buffer: torch.Tensor | None = None
+        self.shared_memory_dir = shared_memory_dir
+        self._unshared = False  # the ranks found they cannot share memory (agreed; not asked again)
+        self._served: SharedTables | None = None  # rows this rank serves (pulls), by requester
+        self._needed: SharedTables | None = None  # gradients of the rows it needs (pushes), by owner
+        self._peer_starts: list[tuple[int, int]] = []  # per peer: where my rows start in its two tables
 
     def _remote(self, counts: list[int]) -> int:
         return sum(counts) - counts[self.rank]
@@ -512,18 +525,116 @@ class FixedExchange:
         return self._rows_buffer
 
     def reserve(self, like: torch.Tensor) -> None:
-        """Make and touch the served-rows buffer of ``like``'s width now (see ``HaloPlan.reserve``)."""
-        if self._rows_buffer is None:
+        """Make and touch the served-rows buffer of ``like``'s width now (see ``HaloPlan.reserve``);
+        with shared memory, this rank's tables and the parts of its peers' that it reads
+        (collective)."""
+        if self._share(like):
+            assert self._served is not None and self._needed is not None
+            for tables in (self._served, self._needed):
+                tables.before_writing().zero_()
+                for t in tables.tables:
+                    t.sum()  # map the peers' pages here, not in the first step
+        elif self._rows_buffer is None:
             self._served_rows(like).zero_()
 
     def release(self) -> None:
         self._rows_buffer = None
+        for tables in (self._served, self._needed):
+            if tables is not None:
+                tables.close()
+        self._served = self._needed = None
+
+    # -- shared memory between the ranks of one host (see SharedTables) --
+    def _share(self, like: torch.Tensor) -> bool:
+        """Whether float rows of ``like``'s width and dtype move through shared tables; makes them
+        at the first call (collective: every rank calls it at the same point, and all agree)."""
+        if self.shared_memory_dir is None or self._unshared or comm_device().type != "cpu":
+            return False
+        width, dtype = int(like.shape[1]), like.dtype
+        if self._served is not None:
+            own = self._served.own
+            if own.shape[1] == width and own.dtype == dtype:
+                return True
+            self.release()  # another width: tables anew (on every rank, which see the same width)
+        what = f"halo-w{width}"
+        served = SharedTables.create(len(self.send_rows), width, dtype, self.shared_memory_dir, what + "-served")
+        needed = SharedTables.create(self.num_needed, width, dtype, self.shared_memory_dir, what + "-needed") \
+            if served is not None else None
+        if served is None or needed is None:
+            self._unshared = True
+            return False
+        _, world = _world()
+        mine = torch.tensor([self.send_counts, self.recv_counts], dtype=torch.int64)
+        every = [torch.empty_like(mine) for _ in range(world)]
+        dist.all_gather(every, mine)
+        self._peer_starts = [(int(c[0, : self.rank].sum()), int(c[1, : self.rank].sum())) for c in every]
+        self._served, self._needed = served, needed
+        return True
+
+    def push_buffer(self, like: torch.Tensor) -> torch.Tensor | None:
+        """Where to compute the (n_needed, d) gradients that :meth:`start_push` sends, so that they
+        are written once: this rank's shared table (free to write), or None without shared
+        memory (collective, as :meth:`start_push`)."""
+        if not self.in_order or not self._share(like):
+            return None
+        assert self._needed is not None
+        return self._needed.before_writing()
+
+    def _pull_shared(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None,
+                     kind: str) -> Pending:
+        served = self._served
+        assert served is not None
+        send = torch.index_select(x_own.detach(), 0, self.send_rows, out=served.before_writing())
+        sent = self._remote(self.send_counts)
+        _count(counter, kind, sent * send.shape[1] * send.element_size(), sent * 4 * send.shape[1])
+        written = served.written()
+
+        def finish() -> torch.Tensor:
+            written.wait()
+            start = 0
+            for peer, n in enumerate(self.recv_counts):
+                if n:
+                    rows = served.tables[peer].narrow(0, self._peer_starts[peer][0], n)
+                    if self.in_order:
+                        out.narrow(0, start, n).copy_(rows)
+                    else:
+                        out[self.order[start: start + n]] = rows
+                start += n
+            served.read()
+            return out
+
+        return Pending(None, finish)
+
+    def _push_shared(self, grad: torch.Tensor, counter: WireCounter | None, kind: str) -> Pending:
+        needed = self._needed
+        assert needed is not None
+        box = needed.before_writing()
+        if grad.data_ptr() != box.data_ptr() or grad.shape != box.shape:
+            box.copy_(grad if self.in_order else grad[self.order])
+        remote = self._remote(self.recv_counts)
+        _count(counter, kind, remote * grad.shape[1] * grad.element_size(), remote * 4 * grad.shape[1])
+        written = needed.written()
+
+        def finish(into: torch.Tensor) -> torch.Tensor:
+            written.wait()
+            start = 0
+            for peer, n in enumerate(self.send_counts):  # rank order, as the process group's path sums
+                if n:
+                    rows = needed.tables[peer].narrow(0, self._peer_starts[peer][1], n)
+                    into.index_add_(0, self.send_rows.narrow(0, start, n), rows)
+                start += n
+            needed.read()
+            return into
+
+        return Pending(None, finish)
 
     def start_pull(self, x_own: torch.Tensor, out: torch.Tensor, counter: WireCounter | None = None,
                    kind: str = "activations") -> Pending:
         """Start moving rows ``needed_ids`` of the ranks' ``x_own`` (n_own, d) into ``out``
         (n_needed, d), uncompressed (collective); ``wait()`` returns ``out``. ``x_own`` is read
         before this returns, so the caller may compute on it while the rows travel."""
+        if self._share(x_own):
+            return self._pull_shared(x_own, out, counter, kind)
         if not self.in_order or out.device != comm_device() or not out.is_contiguous():
             out.copy_(self.pull(x_own, counter, kind))
             return Pending(None, lambda: out)
@@ -538,6 +649,8 @@ class FixedExchange:
         """Start sending gradients ``grad`` (n_needed, d) of the needed rows, uncompressed, to
         their owners (collective); ``wait(into)`` adds what arrived into the owners' rows of
         ``into`` (n_own, d) in place and returns it. ``grad`` must stay unchanged until then."""
+        if self._share(grad):
+            return self._push_shared(grad, counter, kind)
         if not self.in_order or grad.device != comm_device() or not grad.is_contiguous():
             n_own = int(self.partition.counts()[self.rank])
             summed = self.push_gradients(grad, n_own, counter=counter, kind=kind)

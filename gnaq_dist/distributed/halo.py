@@ -23,6 +23,7 @@ import torch
 
 from gnaq_dist.distributed.exchange import FixedExchange, WireCounter, kept_buffer
 from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.distributed.shared_rows import DEFAULT_DIR
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, csr_tensor, spmm
 
@@ -107,8 +108,10 @@ class _MeanPropagation(torch.autograd.Function):
         n = plan.n_own
         g = grad.contiguous()  # the 1 / (L + 1) is applied once, to the result
         t, spare = g, [plan._buffer("own", n, g), plan._buffer("own2", n, g)]
-        halo = plan._buffer("halo", plan.n_halo, g)
         for i in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
+            halo = plan.exchange.push_buffer(g)  # shared memory: written where the owners read it
+            if halo is None:
+                halo = plan._buffer("halo", plan.n_halo, g)
             _product(plan.outer_t, t, out=halo)
             pending = plan.exchange.start_push(halo, ctx.counter)
             u = _product(plan.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
@@ -137,16 +140,19 @@ class HaloPlan:
 
     @classmethod
     def build(cls, graph: BipartiteGraph, partition: Partition, rank: int,
-              counter: WireCounter | None = None) -> HaloPlan:
-        """This rank's plan; a collective (the ranks tell each other their halos once)."""
+              counter: WireCounter | None = None, shared_memory_dir: str | None = DEFAULT_DIR) -> HaloPlan:
+        """This rank's plan; a collective (the ranks tell each other their halos once).
+        ``shared_memory_dir``: where ranks on one host share the halo's float rows
+        (:class:`FixedExchange`; None: through the process group)."""
         if partition.num_nodes != graph.n_nodes:
             raise GnaqInputError(f"partition covers {partition.num_nodes} nodes, the graph has {graph.n_nodes}")
         mine = partition.owner_of(graph.dst) == rank
-        return cls._from_own_edges(graph.dst[mine], graph.src[mine], graph.degree, partition, rank, counter)
+        return cls._from_own_edges(graph.dst[mine], graph.src[mine], graph.degree, partition, rank, counter,
+                                   shared_memory_dir)
 
     @classmethod
     def from_train_csr(cls, indptr: np.ndarray, items: np.ndarray, partition: Partition, rank: int,
-                       counter: WireCounter | None = None) -> HaloPlan:
+                       counter: WireCounter | None = None, shared_memory_dir: str | None = DEFAULT_DIR) -> HaloPlan:
         """The same plan as :meth:`build`, from the user->items train CSR alone (collective).
 
         Why: the whole symmetric graph (``src``, ``dst``, ``norm``: 40 bytes per train edge)
@@ -174,11 +180,11 @@ class HaloPlan:
         del dst_u, item_sel
         src = torch.from_numpy(np.concatenate([src_u, user_sel[order]]))
         del src_u, user_sel, order
-        return cls._from_own_edges(dst, src, degree, partition, rank, counter)
+        return cls._from_own_edges(dst, src, degree, partition, rank, counter, shared_memory_dir)
 
     @classmethod
     def _from_own_edges(cls, dst: torch.Tensor, src: torch.Tensor, degree: torch.Tensor, partition: Partition,
-                        rank: int, counter: WireCounter | None) -> HaloPlan:
+                        rank: int, counter: WireCounter | None, shared_memory_dir: str | None) -> HaloPlan:
         """The plan from the directed edges into this rank's nodes (sorted by ``(dst, src)``) and
         every node's degree."""
         own = torch.from_numpy(partition.owned_ids(rank))
@@ -213,7 +219,8 @@ class HaloPlan:
         del remote
         outer = csr_tensor(rows, cols, values, (n_own, n_halo))
         outer_t = csr_tensor(cols, rows, values, (n_halo, n_own))
-        return cls(own, halo, inner, outer, outer_t, partition, FixedExchange(halo, partition, counter=counter))
+        exchange = FixedExchange(halo, partition, counter=counter, shared_memory_dir=shared_memory_dir)
+        return cls(own, halo, inner, outer, outer_t, partition, exchange)
 
     @property
     def nodes(self) -> torch.Tensor:

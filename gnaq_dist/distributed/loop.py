@@ -159,7 +159,8 @@ class DistributedTrainer:
         own_users = self.partition.owner[: data.n_users] == self.rank
         all_indptr = self.edges.indptr
         if split:
-            self.halo = HaloPlan.from_train_csr(*self.train_csr, self.partition, self.rank)
+            self.halo = HaloPlan.from_train_csr(*self.train_csr, self.partition, self.rank,
+                                                shared_memory_dir=config.distributed.shared_memory_dir)
             if config.model.method != "bigear" and not self.keep_whole_edges:
                 # From here on a rank reads its own users' rows only (their positives, negatives,
                 # ranking masks): the per-edge arrays follow the shard.

@@ -105,6 +105,7 @@ class DistributedConfig:
     stochastic_rounding: bool = False  # unbiased stochastic rounding of compressed gradients (seed + rank)
     error_feedback: bool = True  # carry each compressed row's residual into its next message (only with grad_bits)
     placement: Literal["PACK", "SPREAD", "STRICT_SPREAD"] = "PACK"  # Ray placement of the workers (STRICT_SPREAD: one per node)
+    shared_memory_dir: str | None = "/dev/shm"  # tmpfs where workers on one host share the halo's activation rows instead of sending them through gloo (used when every worker can map every other's; else, or null, the process group carries them)
 
     def validate(self) -> None:
         if self.workers < 1:

@@ -4,6 +4,8 @@ backward, and only the halo's rows cross the wire."""
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -121,7 +123,7 @@ def test_fused_mean_propagation_equals_layer_by_layer(world, method):
     and the halo's rows through shared memory give bit for bit what the process group gives."""
     for modes in run_ranks(scenario_mean, world, method, timeout=120):
         # One rank has no peer to share with; two ranks on this machine share /dev/shm.
-        assert modes["shared"][0]["shared"] == (world > 1) and not modes["gloo"][0]["shared"]
+        assert modes["shared"][0]["shared"] == (world > 1 and os.access("/dev/shm", os.W_OK)) and not modes["gloo"][0]["shared"]
         for mode in ("shared", "gloo"):
             _check_mean_runs(modes[mode], world)
         for a, b in zip(modes["shared"][1:], modes["gloo"][1:]):

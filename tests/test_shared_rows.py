@@ -14,6 +14,8 @@ from distributed_utils import run_ranks
 from gnaq_dist.distributed.partition import Partition, hash_owner
 
 N_USERS, N_ITEMS, DIM = 50, 40, 6
+HAS_SHM = os.path.isdir("/dev/shm") and os.access("/dev/shm", os.W_OK)
+needs_shm = pytest.mark.skipif(not HAS_SHM, reason="this machine has no writable /dev/shm")
 
 
 def _partition(world: int) -> Partition:
@@ -82,6 +84,7 @@ def _reference(world: int, grouped: bool) -> list[dict]:
     return refs
 
 
+@needs_shm
 @pytest.mark.parametrize("world,grouped", [(2, True), (3, False), (3, True)])
 def test_shared_tables_move_the_rows_the_process_group_moves(world, grouped):
     shared = run_ranks(scenario_exchange, world, "/dev/shm", grouped, timeout=120)
@@ -110,7 +113,8 @@ def scenario_cannot_share(rank: int, world: int, root: str) -> dict:
     from gnaq_dist.distributed.exchange import FixedExchange
     from gnaq_dist.distributed.shared_rows import SharedTables
 
-    only_0 = os.path.join(root, "only-rank-0")
+    # One file system here: rank 1 is given a path that does not exist in place of rank 0's.
+    only_0 = os.path.join(root, "only-rank-0") if rank == 0 else os.path.join(root, "not-on-rank-1")
     if rank == 0:
         os.makedirs(only_0)
     got = {"one_host_lacks_it": SharedTables.create(4, DIM, torch.float32, only_0, "lacks"),

@@ -246,9 +246,13 @@ class DistributedTrainer:
     def _reserve_step_tables(self) -> None:
         """The step's kept tables, made and touched before an epoch's steps (HaloPlan.reserve):
         after setup's and the quantized start's transients are gone (reserved beside those, they
-        would raise the peak), and again after an evaluation or a checkpoint freed them."""
+        would raise the peak), and again after an evaluation or a checkpoint freed them. Then
+        the ranks start the epoch together, so that a rank whose setup ended first does not
+        count its wait for the others (up to 2 s at full size) as its first step's time."""
         if self.halo is not None and self.shard is not None and self.shard.method.linear_layers:
             self.halo.reserve(self.shard.method.dim)
+        if self.world > 1:
+            dist.barrier()
 
     def _start_fp(self) -> None:
         """The warm-up table: the own rows of the seed's N(0, 0.1^2) whole table (as ``local.py``)."""

@@ -114,7 +114,13 @@ class SharedTables:
             os.unlink(path)
         if not ok:
             reason = next((info[3] for info in infos if info[3]), error or "a peer could not map the tables")
-            log.info("%s: rows move through the process group, not shared memory (%s)", what, reason)
+            # Ranks on several hosts is the normal case of a cluster; one host that cannot share
+            # (no such directory, a tmpfs too small: Docker's /dev/shm is 64 MiB) costs speed.
+            one_host = len({info[2] for info in infos}) == 1 and infos[0][2] is not None
+            log.log(logging.WARNING if one_host and rank == 0 else logging.INFO,
+                    "%s: rows move through the process group, not shared memory (%s)%s", what, reason,
+                    "; set distributed.shared_memory_dir to a tmpfs with room, e.g. a larger /dev/shm"
+                    if one_host else "")
             return None
         return cls(tables, rank, directory)
 

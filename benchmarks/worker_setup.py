@@ -41,6 +41,7 @@ def quantized_worker(config, rank: int, world: int, init_file: str,
         mark("warm-up start")
         trainer._start_quantized()
         mark("quantized start")
+        trainer._reserve_step_tables()  # as the loop does before an epoch's steps
         trainer.batches.set_epoch(1)
         yield trainer
     finally:

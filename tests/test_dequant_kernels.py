@@ -108,3 +108,22 @@ def test_kernels_compile_in_process_where_numba_cannot_cache(monkeypatch):
         assert calls == [True, False]
     finally:
         K._kernels.cache_clear()  # later tests compile (or load) the cached kernels again
+
+
+@pytest.mark.parametrize("bits", [1, 2, 4, 8])
+def test_warm_up_loads_the_kernels_for_whole_and_sliced_rows(bits):
+    """What the training loop calls before an epoch: afterwards rows of a step, whole or sliced
+    out of wire rows, run kernels already loaded (no numba compile or cache load in the step)."""
+    K._kernels.cache_clear()
+    forward, backward = K._kernels(bits)
+    assert len(forward.signatures) == len(backward.signatures) == 0
+    K.warm_up(bits)
+    loaded = (len(forward.signatures), len(backward.signatures))
+    assert loaded == (2, 2)  # a C-contiguous and a strided layout of the packed codes
+    codes, packed, levels = _rows(300, 64, bits, 1, shared=False, seed=5)
+    wire = torch.cat([packed, torch.zeros((packed.shape[0], 3), dtype=torch.uint8)], dim=1)
+    for rows in (packed, wire[:, : packed.shape[1]]):
+        x = K.dequantize_rows(rows, levels, bits, 64)
+        assert torch.equal(x, _reference(codes, levels, bits, 64))
+        K.level_gradients(rows, torch.ones_like(x), bits)
+    assert (len(forward.signatures), len(backward.signatures)) == loaded

@@ -61,6 +61,7 @@ from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_rows
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
+from gnaq_dist.quant.dequant_kernels import warm_up
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
 from gnaq_dist.train.config import TrainConfig
@@ -251,6 +252,8 @@ class DistributedTrainer:
         count its wait for the others (up to 2 s at full size) as its first step's time."""
         if self.halo is not None and self.shard is not None and self.shard.method.linear_layers:
             self.halo.reserve(self.shard.method.dim)
+        if self.shard is not None and self.shard.format == "packed":
+            warm_up(self.shard.method.bits)  # numba's first call, 0.6 s, not the first step's
         if self.world > 1:
             dist.barrier()
 

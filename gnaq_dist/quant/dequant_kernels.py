@@ -112,6 +112,19 @@ def _compile(numba: Any, bits: int, cache: bool) -> tuple[Any, Any]:
     return forward, backward
 
 
+def warm_up(bits: int, dim: int = 8) -> None:
+    """Load (or compile) ``bits``' kernels now, for packed rows whole and sliced out of wire rows.
+
+    Why: numba loads a kernel at its first call with each array layout, 0.6 s from its cache
+    (1.6 s compiling), which would otherwise fall in the first training step."""
+    width = dim
+    code = packed_row_bytes(width, bits)
+    wire = torch.zeros((2, code + 4), dtype=torch.uint8)
+    levels = torch.zeros((2, 1 << bits), dtype=torch.float32)
+    for packed in (wire[:, :code], wire[:, :code].contiguous()):  # strided (a wire slice) and whole
+        level_gradients(packed, dequantize_rows(packed, levels, bits, width, dim), bits, dim)
+
+
 def _check(packed: torch.Tensor, bits: int, width: int, dim: int) -> None:
     if bits not in SUPPORTED_BITS:
         raise GnaqInputError(f"packed rows have 1, 2, 4 or 8 bits a code, got {bits}")

@@ -245,15 +245,18 @@ class DistributedTrainer:
             self.feedback.append(ErrorFeedback(self.partition.num_nodes, k) if use_ef else None)
 
     def _reserve_step_tables(self) -> None:
-        """The step's kept tables, made and touched before an epoch's steps (HaloPlan.reserve):
-        after setup's and the quantized start's transients are gone (reserved beside those, they
+        """The step's kept tables (HaloPlan.reserve) and Adam's moments made and touched, and
+        numba's kernels loaded, before an epoch's steps rather than in its first step: after
+        setup's and the quantized start's transients are gone (reserved beside those, they
         would raise the peak), and again after an evaluation or a checkpoint freed them. Then
-        the ranks start the epoch together, so that a rank whose setup ended first does not
-        count its wait for the others (up to 2 s at full size) as its first step's time."""
+        the ranks start the epoch together: no rank's first step counts a wait for another's
+        setup."""
         if self.halo is not None and self.shard is not None and self.shard.method.linear_layers:
             self.halo.reserve(self.shard.method.dim)
-        if self.shard is not None and self.shard.format == "packed":
-            warm_up(self.shard.method.bits)  # numba's first call, 0.6 s, not the first step's
+        if self.shard is not None:
+            self.shard.optimizer.reserve()  # Adam's moments (8 bytes a value)
+            if self.shard.format == "packed":
+                warm_up(self.shard.method.bits)  # numba's first call, 0.6 s, not the first step's
         if self.world > 1:
             dist.barrier()
 

@@ -49,6 +49,11 @@ class RowSparseAdam:
                              [torch.zeros_like(p, dtype=torch.float32) for p in self.params])
         return self._moments
 
+    def reserve(self) -> None:
+        """Make the moments now, before a phase's steps (the training loop's reserve): their
+        zeroed pages are setup's, not the first step's."""
+        self._state()
+
     @property
     def exp_avg(self) -> list[torch.Tensor]:
         return self._state()[0]

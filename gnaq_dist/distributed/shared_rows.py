@@ -4,11 +4,12 @@ Why: between processes on one machine, gloo moves an ``all_to_all`` through TCP 
 loopback device. At the scale benchmark's full size a rank sends and receives about
 390 MiB of fp32 halo rows at each of the four exchanges of a step, and each one costs it
 0.27 s of CPU where a memory copy of the same rows takes 0.06 s (docs/scale.md, section
-"shared memory"); on two cores that CPU is taken from the sparse products. So when every
-rank can map every other rank's files, each rank writes the rows it sends into its own
-table, a one-element ``all_reduce`` says that every table is written, and each rank reads
-its part of its peers' tables in place; a second one says they have been read, before a
-table is written again. Only those two small messages go through the process group.
+"2026-12-05 (morning)"; benchmarks/bench_halo_exchange.py); on two cores that CPU is taken
+from the sparse products. So when every rank can map every other rank's files, each rank
+writes the rows it sends into its own table, a one-element ``all_reduce`` says that every
+table is written, and each rank reads its part of its peers' tables in place; a second
+one says they have been read, before a table is written again. Only those two small
+messages go through the process group.
 
 Whether the ranks share memory is agreed once per set of tables (:meth:`SharedTables.create`,
 a collective): each rank creates its file with ``posix_fallocate`` (so a tmpfs too small

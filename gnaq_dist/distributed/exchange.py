@@ -433,8 +433,9 @@ class FixedExchange:
     With ``shared_memory_dir`` (a tmpfs such as /dev/shm) and every rank on one host, the
     float rows of :meth:`start_pull` and :meth:`start_push` do not go through the process
     group: each rank writes what it sends into a table its peers have mapped and reads its
-    part of theirs (:class:`~gnaq_dist.distributed.shared_rows.SharedTables`; the same
-    values and sums either way, in the same order).
+    part of theirs (:class:`~gnaq_dist.distributed.shared_rows.SharedTables`). Rows arrive
+    the same either way; a halo's plan (rows in owner order) also sums pushed gradients in
+    the same order, bit for bit; a permuted plan may round them in another order.
     """
 
     def __init__(self, needed_ids: torch.Tensor, partition: Partition, *, counter: WireCounter | None = None,
@@ -532,8 +533,9 @@ class FixedExchange:
             assert self._served is not None and self._needed is not None
             for tables in (self._served, self._needed):
                 tables.before_writing().zero_()
-                for t in tables.tables:
-                    t.sum()  # map the peers' pages here, not in the first step
+                for peer, t in enumerate(tables.tables):
+                    if peer != self.rank:
+                        t.sum()  # map the peers' pages here, not in the first step
         elif self._rows_buffer is None:
             self._served_rows(like).zero_()
 

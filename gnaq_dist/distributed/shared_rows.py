@@ -52,7 +52,7 @@ def _map(path: str, rows: int, width: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.from_file(path, shared=True, size=rows * width, dtype=dtype).view(rows, width)
 
 
-def _agree(ok: bool) -> bool:
+def _true_on_every_rank(ok: bool) -> bool:
     flag = torch.tensor([1 if ok else 0], dtype=torch.int32)
     dist.all_reduce(flag, op=dist.ReduceOp.MIN)
     return bool(flag.item())
@@ -68,9 +68,7 @@ class SharedTables:
 
     tables: list[torch.Tensor]
     rank: int
-    directory: str
     _read: Any = field(default=None, repr=False)  # the pending "all ranks have read" all_reduce
-    _flag: torch.Tensor = field(default_factory=lambda: torch.zeros(1), repr=False)
 
     @property
     def own(self) -> torch.Tensor:
@@ -110,7 +108,7 @@ class SharedTables:
                     tables = [_map(p, r, width, dtype) for p, r, _, _ in infos]
                 except (OSError, RuntimeError) as e:
                     error = f"rank {rank} cannot map its peers' tables: {e}"
-        ok = _agree(error is None and len(tables) == world)  # every rank has mapped every file
+        ok = _true_on_every_rank(error is None and len(tables) == world)  # every rank has mapped every file
         if path is not None:
             os.unlink(path)
         if not ok:
@@ -123,13 +121,12 @@ class SharedTables:
                     "; set distributed.shared_memory_dir to a tmpfs with room, e.g. a larger /dev/shm"
                     if one_host else "")
             return None
-        return cls(tables, rank, directory)
+        return cls(tables, rank)
 
     def written(self) -> Any:
         """After writing :attr:`own`: start the all_reduce that tells every rank all tables are
-        written; ``wait()`` it before reading a peer's."""
-        self._flag = torch.zeros(1)
-        return dist.all_reduce(self._flag, async_op=True)
+        written; ``wait()`` it before reading a peer's (the work keeps its tensor)."""
+        return dist.all_reduce(torch.zeros(1), async_op=True)
 
     def read(self) -> None:
         """After reading the peers' tables: start the all_reduce that lets their owners write

@@ -25,6 +25,8 @@ from gnaq_dist.config import from_dict, to_dict
 from gnaq_dist.errors import DistributedTrainingError, GnaqInputError
 from gnaq_dist.train.config import TrainConfig
 
+log = logging.getLogger(__name__)
+
 WorkerFn = Callable[..., dict]  # fn(config, report=callable) -> summary dict
 
 
@@ -50,12 +52,23 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
         raise GnaqInputError(f"--address {address}: no Ray cluster reachable there ({exc.strerror or exc})") from exc
 
 
+# A Ray that this process starts for itself on one machine leaves out what only a cluster
+# needs. Every Ray Python process wakes 100 times a second (its core worker's signal check,
+# not configurable), and where the training workers fill the machine's cores each such
+# process costs their step about 1 % (docs/scale.md, "2026-12-05 (day)").
+ONE_MACHINE_RAY_ENV = {
+    "RAY_prestart_worker_first_driver": "0",  # no idle pool workers started ahead of the actors
+    "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no other node whose preemption to watch for
+}
+
+
 def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> bool:
     """Start a local Ray on this machine's CPUs (or join ``address``). True if we started it.
 
     A local Ray declares one logical CPU more than the machine has: Train v2 runs its
     controller as an actor, which is idle most of the time and must not wait for a CPU
-    that the workers hold.
+    that the workers hold. It starts with ``ONE_MACHINE_RAY_ENV`` (where the environment
+    does not set those variables already).
     """
     import ray
 
@@ -70,28 +83,41 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
         except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError
             raise GnaqInputError(f"--address {address}: cannot connect to a Ray cluster ({exc})") from exc
         return False
+    for name, value in ONE_MACHINE_RAY_ENV.items():
+        os.environ.setdefault(name, value)  # the raylet reads them at start; its workers inherit them
     ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True,
-             runtime_env={"worker_process_setup_hook": f"{__name__}.{quiet_state_api_polling.__name__}"})
+             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True)
     return True
 
 
-class _DropStateApiPolling(logging.Filter):
-    def filter(self, record: logging.LogRecord) -> bool:
-        return "State API may be temporarily unavailable" not in record.getMessage()
+def one_machine_trainer_class() -> type:
+    """``TorchTrainer`` without two Train actors that a Ray started for one job does not use.
 
-
-def quiet_state_api_polling() -> None:
-    """Worker setup hook of the local Ray: drop one warning Ray Train repeats every second.
-
-    Ray Train's PlacementGroupCleaner asks the state API (served by the dashboard) once a
-    second whether the controller lives; the local Ray runs without a dashboard (it would
-    cost memory and a CPU share for nothing here), so each poll logged "Failed to query Ray
-    Train Controller actor state" to the driver: ~3,600 lines an hour. Its only job,
-    removing a dead controller's placement group, is moot on a Ray that ends with the job.
+    The dataset manager serves Ray Data shards (we pass none); the placement-group cleaner
+    removes a dead controller's placement group from a cluster that outlives the job (this
+    Ray ends with it), and polls the state API once a second, which a Ray without a
+    dashboard answers with a warning each time. Each is a Ray Python process (see
+    ``ONE_MACHINE_RAY_ENV``). This reaches into Ray Train's private callbacks (ray is pinned
+    in pyproject.toml; tests/test_ray_one_machine.py checks which processes run): where
+    they have moved, the plain ``TorchTrainer`` is returned.
     """
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").addFilter(
-        _DropStateApiPolling())
+    from ray.train.torch import TorchTrainer
+
+    try:
+        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
+        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+    except ImportError:
+        log.info("Ray Train's callbacks have moved: the local Ray runs its dataset manager and cleaner")
+        return TorchTrainer
+    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
+        return TorchTrainer
+
+    class OneMachineTorchTrainer(TorchTrainer):
+        def _create_default_callbacks(self):  # noqa: ANN202 - Ray Train's signature
+            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
+            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+
+    return OneMachineTorchTrainer
 
 
 def check_capacity(workers: int, cpus_per_worker: float = 1.0) -> None:
@@ -207,7 +233,8 @@ def train_on_ray(
     try:
         check_capacity(workers)
         storage = storage_path or str(Path(config.out).resolve() / "ray")
-        trainer = TorchTrainer(
+        trainer_class = one_machine_trainer_class() if started else TorchTrainer
+        trainer = trainer_class(
             _worker_entry,
             train_loop_config={"config": to_dict(config), "worker_fn": worker_fn},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),

@@ -1,0 +1,62 @@
+"""The Ray that ``train_on_ray`` starts for itself on one machine: which Ray processes run
+beside the training workers. Each Ray Python process wakes 100 times a second, and on a
+machine the workers fill each costs their step about 1 % (docs/scale.md), so the ones a
+one-machine job does not use must not start: idle pool workers, the preemption watcher,
+the dataset manager and the placement-group cleaner. Linux only (reads /proc)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from gnaq_dist.distributed.ray_launch import train_on_ray  # noqa: E402
+from gnaq_dist.train.config import TrainConfig  # noqa: E402
+
+pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
+
+
+def ray_processes_beside_me(config: TrainConfig, report) -> dict:
+    """Runs in each worker: the titles of the processes its raylet started (workers, agents)."""
+    import torch.distributed as dist
+
+    dist.barrier()  # both workers and every actor of the job are up
+    raylet = os.getppid()
+    titles = []
+    for pid in filter(str.isdigit, os.listdir("/proc")):
+        try:
+            stat = Path(f"/proc/{pid}/stat").read_text()
+            title = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")[0].decode()
+        except OSError:
+            continue
+        if int(stat[stat.rindex(")") + 2:].split()[1]) == raylet:
+            titles.append(title.split(".")[0].strip())
+    dist.barrier()
+    return {"titles": sorted(titles)}
+
+
+@pytest.fixture
+def no_ray_running():
+    if ray.is_initialized():
+        pytest.skip("needs to start its own Ray")
+    ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable there
+    yield
+    assert not ray.is_initialized(), "train_on_ray left the Ray it started running"
+
+
+def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ray_running, tmp_path):
+    summary = train_on_ray(TrainConfig(dataset="unused", out=str(tmp_path)), workers=2,
+                           worker_fn=ray_processes_beside_me)
+    titles = summary["titles"]
+    assert titles.count("ray::RayTrainWorker") == 2, titles
+    assert "ray::TrainController" in titles, titles
+    for unused in ("ray::IDLE", "ray::PreemptionWatcher", "ray::DatasetManager", "ray::PlacementGroupCleaner"):
+        assert unused not in titles, titles
+    # What is left beside the workers and the controller: the report barrier's actor,
+    # Ray Data's autoscaling coordinator that Train's scaling policy asks, Ray's agents.
+    others = set(titles) - {"ray::RayTrainWorker", "ray::TrainController"}
+    assert len(others) <= 4, titles

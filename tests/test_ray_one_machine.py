@@ -14,7 +14,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from gnaq_dist.distributed.ray_launch import train_on_ray  # noqa: E402
+from gnaq_dist.distributed.ray_launch import ONE_MACHINE_RAY_ENV, train_on_ray  # noqa: E402
 from gnaq_dist.train.config import TrainConfig  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads /proc")
@@ -44,8 +44,13 @@ def no_ray_running():
     if ray.is_initialized():
         pytest.skip("needs to start its own Ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable there
+    for name in ONE_MACHINE_RAY_ENV:
+        if name in os.environ:
+            pytest.skip(f"{name} is set in this environment")
     yield
     assert not ray.is_initialized(), "train_on_ray left the Ray it started running"
+    # The settings of the Ray it started stay with that Ray.
+    assert not set(ONE_MACHINE_RAY_ENV) & set(os.environ)
 
 
 def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ray_running, tmp_path):

@@ -83,10 +83,16 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
         except Exception as exc:  # ConnectionError, TimeoutError, RuntimeError
             raise GnaqInputError(f"--address {address}: cannot connect to a Ray cluster ({exc})") from exc
         return False
-    for name, value in ONE_MACHINE_RAY_ENV.items():
-        os.environ.setdefault(name, value)  # the raylet reads them at start; its workers inherit them
-    ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-             object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True)
+    # The raylet that ray.init starts reads them, and its workers inherit them from it;
+    # this process's environment is left as it was.
+    added = {name: value for name, value in ONE_MACHINE_RAY_ENV.items() if name not in os.environ}
+    os.environ.update(added)
+    try:
+        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
+                 object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True)
+    finally:
+        for name in added:
+            del os.environ[name]
     return True
 
 

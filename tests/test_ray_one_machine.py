@@ -35,6 +35,8 @@ def ray_processes_beside_me(config: TrainConfig, report) -> dict:
             continue
         if int(stat[stat.rindex(")") + 2:].split()[1]) == raylet:
             titles.append(title.split(".")[0].strip())
+    report({"event": "eval", "epoch": 1})  # Ray Train logs an INFO line per report unless quieted
+    print(f"worker {dist.get_rank()} listed its neighbours", file=sys.stderr, flush=True)
     dist.barrier()
     return {"titles": sorted(titles)}
 
@@ -53,9 +55,14 @@ def no_ray_running():
     assert not set(ONE_MACHINE_RAY_ENV) & set(os.environ)
 
 
-def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ray_running, tmp_path):
+def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ray_running, tmp_path, capfd):
     summary = train_on_ray(TrainConfig(dataset="unused", out=str(tmp_path)), workers=2,
                            worker_fn=ray_processes_beside_me)
+    # The workers' stderr reaches the driver in order: the line printed after the report
+    # arrives, and the report's own INFO line (its whole record, once per report) does not.
+    err = capfd.readouterr().err
+    assert "listed its neighbours" in err
+    assert "Reporting training result" not in err
     titles = summary["titles"]
     assert titles.count("ray::RayTrainWorker") == 2, titles
     assert "ray::TrainController" in titles, titles

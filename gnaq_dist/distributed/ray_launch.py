@@ -141,6 +141,20 @@ def check_capacity(workers: int, cpus_per_worker: float = 1.0) -> None:
         )
 
 
+def _quiet_report_lines() -> None:
+    """Drop the INFO line Ray Train logs in a worker for every report, with its whole record.
+
+    ``LoggingConfig(log_level="WARNING")`` does not reach it: Ray Train 2.60 names that
+    logger by its file's path, not under ``ray.train``. Our records come back in the
+    summary and metrics.jsonl.
+    """
+    try:
+        from ray.train.v2._internal.execution import context
+    except ImportError:
+        return
+    logging.getLogger(context.__file__).setLevel(logging.WARNING)
+
+
 def _worker_entry(payload: dict[str, Any]) -> None:
     """Runs in every Ray Train worker (a fresh process: imports happen here)."""
     import ray.train
@@ -153,6 +167,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     config = from_dict(TrainConfig, payload["config"])
     custom: WorkerFn | None = payload.get("worker_fn")
     rank = dist.get_rank()
+    _quiet_report_lines()
 
     def report(record: dict) -> None:
         if record.get("event") not in (None, "eval", "checkpoint"):

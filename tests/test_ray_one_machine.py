@@ -2,7 +2,8 @@
 beside the training workers. Each Ray Python process wakes 100 times a second, and on a
 machine the workers fill each costs their step about 1 % (docs/scale.md), so the ones a
 one-machine job does not use must not start: idle pool workers, the preemption watcher,
-the dataset manager and the placement-group cleaner. Linux only (reads /proc)."""
+the dataset manager and the placement-group cleaner. Also: Ray Train's INFO line per
+report stays out of the driver's output. Linux only (reads /proc)."""
 
 from __future__ import annotations
 

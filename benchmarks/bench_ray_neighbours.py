@@ -14,12 +14,13 @@ the Ray that ``train_on_ray`` starts for one job leaves out the processes it doe
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import statistics
 import subprocess
 import sys
 from pathlib import Path
+
+from gnaq_dist.distributed.ray_launch import ray_environment
 
 HERE = Path(__file__).resolve().parent
 
@@ -47,9 +48,8 @@ def step_seconds(profile_args: list[str]) -> float:
 def beside_idle_ray(actors: int | None, profile_args: list[str]) -> float:
     if actors is None:
         return step_seconds(profile_args)
-    env = dict(os.environ, RAY_USAGE_STATS_ENABLED="0")
     ray = subprocess.Popen([sys.executable, "-c", IDLE_RAY, str(actors)], stdin=subprocess.PIPE,
-                           stdout=subprocess.PIPE, text=True, env=env)
+                           stdout=subprocess.PIPE, text=True)
     try:
         if ray.stdout.readline().strip() != "ready":
             raise RuntimeError("the idle Ray did not start")
@@ -65,6 +65,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("profile_args", nargs=argparse.REMAINDER, help="-- then profile_step.py's arguments")
     args = parser.parse_args()
+    ray_environment()  # the idle Ray gets the settings a gnaq run's Ray has
     profile_args = [a for a in args.profile_args if a != "--"]
     cases: list[int | None] = [None, *(int(n) for n in args.actors.split(","))]
     seconds: dict[int | None, list[float]] = {case: [] for case in cases}

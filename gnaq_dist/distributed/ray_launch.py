@@ -115,8 +115,6 @@ def one_machine_trainer_class() -> type:
     except ImportError:
         log.info("Ray Train's callbacks have moved: the local Ray runs its dataset manager and cleaner")
         return TorchTrainer
-    if not callable(getattr(TorchTrainer, "_create_default_callbacks", None)):
-        return TorchTrainer
 
     class OneMachineTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):  # noqa: ANN202 - Ray Train's signature

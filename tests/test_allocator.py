@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 
@@ -79,3 +80,53 @@ def test_huge_page_table_is_an_aligned_usable_table_or_a_plain_one():
     assert torch.equal((big * 2)[:3], torch.arange(192, dtype=torch.float32).reshape(3, 64) * 2)
     small = huge_page_table((10, 4), "float16")
     assert small.shape == (10, 4) and small.dtype == torch.float16
+
+
+THREAD = """
+import resource, threading
+import numpy as np
+
+def faults():
+    return resource.getrusage(resource.RUSAGE_THREAD).ru_minflt
+
+rounds = []
+
+def loop():  # as a step does: blocks of several sizes under 32 MiB, some outliving others
+    for _ in range(4):
+        before = faults()
+        kept = []
+        for i, mib in enumerate([3, 20, 9, 30, 5, 12, 25, 7]):
+            block = np.ones(mib * 2**20 // 8)  # every page touched
+            if i % 2:
+                kept.append(block)
+            del block
+        del kept
+        rounds.append(faults() - before)
+
+thread = threading.Thread(target=loop)  # Ray Train runs the training loop in a thread
+thread.start()
+thread.join()
+print(*rounds)
+"""
+
+
+def _thread_rounds(extra_env: dict[str, str]) -> list[int]:
+    from gnaq_dist.allocator import THREAD_ALLOCATION_ENV
+
+    env = {k: v for k, v in os.environ.items() if k not in THREAD_ALLOCATION_ENV}
+    out = subprocess.run([sys.executable, "-c", THREAD], capture_output=True, text=True, check=True,
+                         env={**env, **extra_env}).stdout
+    return [int(n) for n in out.split()]
+
+
+def test_a_thread_reuses_the_blocks_it_freed_with_the_workers_allocator_settings():
+    """What ``train_on_ray`` gives its workers' environment: a thread's freed blocks stay in
+    the process, so the next round of the same blocks takes no fresh pages."""
+    from gnaq_dist.allocator import THREAD_ALLOCATION_ENV, worker_allocator_env
+
+    first, *again = _thread_rounds(THREAD_ALLOCATION_ENV)
+    assert first > 1000 and max(again) <= first // 100, (first, again)
+    # glibc's defaults: the thread's arena unmaps its emptied heaps, every round faults anew.
+    first, *again = _thread_rounds({})
+    assert min(again) >= first // 5, (first, again)
+    assert worker_allocator_env().keys() == THREAD_ALLOCATION_ENV.keys()

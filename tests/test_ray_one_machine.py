@@ -3,7 +3,8 @@ beside the training workers. Each Ray Python process wakes 100 times a second, a
 machine the workers fill each costs their step about 1 % (docs/scale.md), so the ones a
 one-machine job does not use must not start: idle pool workers, the preemption watcher,
 the dataset manager and the placement-group cleaner. Also: Ray Train's INFO line per
-report stays out of the driver's output. Linux only (reads /proc)."""
+report stays out of the driver's output, and the workers start with the allocator
+settings of a process that allocates from a thread. Linux only (reads /proc)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
+from gnaq_dist.allocator import THREAD_ALLOCATION_ENV  # noqa: E402
 from gnaq_dist.distributed.ray_launch import ONE_MACHINE_RAY_ENV, train_on_ray  # noqa: E402
 from gnaq_dist.train.config import TrainConfig  # noqa: E402
 
@@ -39,7 +41,10 @@ def ray_processes_beside_me(config: TrainConfig, report) -> dict:
     report({"event": "eval", "epoch": 1})  # Ray Train logs an INFO line per report unless quieted
     print(f"worker {dist.get_rank()} listed its neighbours", file=sys.stderr, flush=True)
     dist.barrier()
-    return {"titles": sorted(titles)}
+    # The environment the process started with, which is what glibc's malloc read.
+    started_with = dict(entry.decode().split("=", 1) for entry in
+                        Path("/proc/self/environ").read_bytes().split(b"\0") if b"=" in entry)
+    return {"titles": sorted(titles), "malloc_env": {k: started_with.get(k) for k in THREAD_ALLOCATION_ENV}}
 
 
 @pytest.fixture
@@ -47,7 +52,7 @@ def no_ray_running():
     if ray.is_initialized():
         pytest.skip("needs to start its own Ray")
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])  # tests/ is not importable there
-    for name in ONE_MACHINE_RAY_ENV:
+    for name in (*ONE_MACHINE_RAY_ENV, *THREAD_ALLOCATION_ENV):
         if name in os.environ:
             pytest.skip(f"{name} is set in this environment")
     yield
@@ -73,3 +78,4 @@ def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ra
     # Ray Data's autoscaling coordinator that Train's scaling policy asks, Ray's agents.
     others = set(titles) - {"ray::RayTrainWorker", "ray::TrainController"}
     assert len(others) <= 4, titles
+    assert summary["malloc_env"] == THREAD_ALLOCATION_ENV

@@ -21,6 +21,7 @@ import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
+from gnaq_dist.allocator import worker_allocator_env
 from gnaq_dist.config import from_dict, to_dict
 from gnaq_dist.errors import DistributedTrainingError, GnaqInputError
 from gnaq_dist.train.config import TrainConfig
@@ -264,7 +265,10 @@ def train_on_ray(
                                  failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
                                  # Not Ray Train's INFO line per report with the whole record:
                                  # our records come back in the summary and metrics.jsonl.
-                                 logging_config=LoggingConfig(log_level="WARNING")),
+                                 logging_config=LoggingConfig(log_level="WARNING"),
+                                 # glibc reads these at the worker's start: its loop runs in a
+                                 # thread, whose freed blocks are otherwise unmapped (allocator.py).
+                                 worker_runtime_env={"env_vars": worker_allocator_env()}),
         )
         try:
             result = trainer.fit()

@@ -84,6 +84,11 @@ def retain_freed_memory() -> bool:
     return _applied
 
 
+def retaining_freed_memory() -> bool:
+    """Whether :func:`retain_freed_memory` has been applied in this process."""
+    return bool(_applied)
+
+
 def release_free_memory() -> None:
     """Give freed memory back to the system: pyarrow's pool (mimalloc or jemalloc keep what
     reading Parquet freed) and glibc's heap (``malloc_trim``). Called after setup, whose
@@ -143,4 +148,4 @@ def huge_page_table(shape: tuple[int, ...], dtype, device=None):
 
 
 __all__ = ["THREAD_ALLOCATION_ENV", "huge_page_table", "release_free_memory", "retain_freed_memory",
-           "worker_allocator_env"]
+           "retaining_freed_memory", "worker_allocator_env"]

@@ -49,6 +49,7 @@ def _state(trainer) -> dict:
 
 def scenario_train(rank: int, world: int, overrides_list: list[dict]) -> list[dict]:
     """Run each configuration in turn; return its result and this rank's rows."""
+    from gnaq_dist.allocator import retaining_freed_memory
     from gnaq_dist.distributed.loop import DistributedTrainer
 
     data = small_data()
@@ -65,6 +66,7 @@ def scenario_train(rank: int, world: int, overrides_list: list[dict]) -> list[di
         result["adam_rows"] = trainer.shard.optimizer.state_rows()
         result["edges_held"] = (int(trainer.edges.indices.shape[0]), int(trainer.test_csr[1].shape[0]))
         result["own_users"] = int((trainer.partition.owner[: data.n_users] == rank).sum())
+        result["retaining"] = retaining_freed_memory()
         out.append(result)
     return out
 
@@ -99,6 +101,8 @@ def test_two_ranks_train_exactly_like_one(exact_runs):
     assert one[0]["phase_steps"] == two[0]["phase_steps"] == {"fp": 6, "quantized": 6}
     # Same records on every rank (Ray's report is a barrier): 2 epochs x (epoch, wire) + 1 eval.
     assert two[0]["reports"] == two[1]["reports"] == one[0]["reports"] == 5
+    # retain_freed_memory: null keeps a worker's freed blocks (its steps keep their tables).
+    assert all(r["retaining"] for r in one + two)
 
 
 def test_split_full_graph_propagation_trains_like_blocks_on_one_and_two_ranks(exact_runs):

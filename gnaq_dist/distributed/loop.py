@@ -446,7 +446,7 @@ class DistributedTrainer:
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_size: int) -> float:
         """One data-parallel step on this rank's positives (an :class:`~gnaq_dist.sampling.OwnedBatch`)
         of a global batch of ``global_size``; returns this rank's share of the global BPR loss."""
-        if self.config.retain_freed_memory:  # from the first step on: setup's transients are gone
+        if self.config.retain_freed_memory is not False:  # null: on here (config.py); from the first step on
             retain_freed_memory()
         self.positives += int(global_size)
         if self.halo is not None:

@@ -7,11 +7,13 @@ starts as zero pages that the kernel faults in one by one. At 1/10 of the scale 
 that was about a quarter of a step (docs/scale.md). With ``M_MMAP_MAX = 0`` large blocks come
 from the heap and, with a high ``M_TRIM_THRESHOLD``, freed blocks stay there for the next
 step. The cost: resident memory no longer falls after a peak, and the heap fragments (a
-long-lived block above freed ones pins them), so the peak grows: measured at 1/10, +72 %
-at W = 1 and +50 % at W = 2. Hence opt-in (``retain_freed_memory: true``), applied at the
-first training step so that setup's transients do not fragment the heap. Since the split
-step keeps its tables from step to step (``HaloPlan.step_buffer``) it allocates none, and
-this option gains about 2 % there (2.27 against 2.21 s a step at 1/10, W = 1: noise level).
+long-lived block above freed ones pins them), so the peak grows: measured at 1/10 when
+steps made fresh tables, +72 % at W = 1 and +50 % at W = 2. It is applied at the first
+training step, so that setup's transients do not fragment the heap. The distributed loop
+keeps its step's tables (``HaloPlan.step_buffer``), so there the peak no longer grows
+(+0-5 % at full) and it is on by default (``retain_freed_memory: null``); the one-process
+loop's autograd tensors still fragment it, so there it is opt-in. A Ray Train worker also
+needs ``THREAD_ALLOCATION_ENV`` (below), or its loop's thread does not use this heap.
 """
 
 from __future__ import annotations

@@ -263,8 +263,8 @@ def train_on_ray(
                                          placement_strategy=placement_strategy or config.distributed.placement),
             run_config=RunConfig(storage_path=storage, name="train",
                                  failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
-                                 # Not Ray Train's INFO line per report with the whole record:
-                                 # our records come back in the summary and metrics.jsonl.
+                                 # Ray Train's own INFO logs off (our records come back in the
+                                 # summary); its per-report line escapes this: _quiet_report_lines.
                                  logging_config=LoggingConfig(log_level="WARNING"),
                                  # glibc reads these at the worker's start: its loop runs in a
                                  # thread, whose freed blocks are otherwise unmapped (allocator.py).

@@ -12,20 +12,72 @@ not touch.
 The update of a touched row is torch's Adam (no weight decay, no amsgrad):
 ``m = b1 m + (1-b1) g``, ``v = b2 v + (1-b2) g^2``,
 ``p -= lr / (1 - b1^t) * m / (sqrt(v) / sqrt(1 - b2^t) + eps)``.
+
+The update runs in one pass over each touched row (numba, :func:`_fused_kernel`): torch's
+elementwise form makes five temporaries the size of the touched rows and reads and writes
+each of them. With a table of 3 M x 64 (a rank's latent rows at the scale benchmark's full
+size) that was 3.0-6.7 s a step on this machine against 1.0 s in one pass
+(``benchmarks/bench_row_adam.py``), and the temporaries were fresh memory for every phase's
+first step. Without numba the torch form runs (the tests' reference).
 """
 
 from __future__ import annotations
 
+import functools
+import logging
+from typing import Any
+
+import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
+
+log = logging.getLogger(__name__)
+
+
+@functools.cache
+def _fused_kernel() -> Any | None:
+    """The compiled one-pass update, or None where numba is missing."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; this keeps a bare torch usable
+        log.info("numba not installed: Adam's row update runs in torch (slower)")
+        return None
+    try:
+        return _compile(numba, cache=True)
+    except RuntimeError as exc:  # no writable cache directory: compile in this process
+        log.info("numba cannot cache the Adam kernel (%s): compiling it in this process", exc)
+        return _compile(numba, cache=False)
+
+
+def _compile(numba: Any, cache: bool) -> Any:
+    @numba.njit(nogil=True, boundscheck=False, cache=cache)
+    def adam_rows(p, m, v, g, rows, bc1, bc2_sqrt, b1, b2, one_minus_b1, one_minus_b2, lr, eps):  # pragma: no cover
+        """Rows ``rows`` of (N, k) float32 ``p``, ``m``, ``v`` (every row in order where ``rows`` is
+        empty) from (n, k) ``g``; ``bc1``, ``bc2_sqrt`` per row of ``g`` or one for all. float32
+        throughout, in the order of the torch form's operations."""
+        n, k = g.shape
+        every, shared = rows.shape[0] == 0, bc1.shape[0] == 1
+        for i in range(n):
+            r = i if every else rows[i]
+            c1 = bc1[0] if shared else bc1[i]
+            c2 = bc2_sqrt[0] if shared else bc2_sqrt[i]
+            for j in range(k):
+                gj = g[i, j]
+                mj = m[r, j] * b1 + one_minus_b1 * gj
+                vj = v[r, j] * b2 + one_minus_b2 * (gj * gj)
+                m[r, j] = mj
+                v[r, j] = vj
+                p[r, j] -= ((mj / c1) / (np.sqrt(vj) / c2 + eps)) * lr
+
+    return adam_rows
 
 
 class RowSparseAdam:
     """Adam state (two moments and a step count per row) for row parameters sharing one row index."""
 
     def __init__(self, params: list[torch.Tensor], lr: float, betas: tuple[float, float] = (0.9, 0.999),
-                 eps: float = 1e-8) -> None:
+                 eps: float = 1e-8, fused: bool = True) -> None:
         if not params:
             raise GnaqInputError("RowSparseAdam needs at least one row parameter")
         rows = {int(p.shape[0]) for p in params}
@@ -38,6 +90,7 @@ class RowSparseAdam:
         self.lr = float(lr)
         self.beta1, self.beta2 = (float(b) for b in betas)
         self.eps = float(eps)
+        self.fused = fused  # one pass per row where numba runs it; False: torch's form (the reference)
         self.steps = torch.zeros(self.num_rows, dtype=torch.int64)
         self._moments: tuple[list[torch.Tensor], list[torch.Tensor]] | None = None
 
@@ -51,8 +104,14 @@ class RowSparseAdam:
 
     def reserve(self) -> None:
         """Make the moments now, before a phase's steps (the training loop's reserve): their
-        zeroed pages are setup's, not the first step's."""
+        zeroed pages are setup's, not the first step's; and load the kernel (numba loads it at
+        its first call, about half a second)."""
         self._state()
+        kernel = _fused_kernel() if self.fused else None
+        if kernel is not None:
+            one, f = np.zeros((1, 1), dtype=np.float32), np.ones(1, dtype=np.float32)
+            kernel(one, one.copy(), one.copy(), one.copy(), np.zeros(0, dtype=np.int64), f, f,
+                   *(np.float32(0.5),) * 6)
 
     @property
     def exp_avg(self) -> list[torch.Tensor]:
@@ -88,6 +147,8 @@ class RowSparseAdam:
         t = self.steps[rows].to(torch.float64)
         bc1 = (1.0 - torch.pow(self.beta1, t)).to(torch.float32).unsqueeze(1)
         bc2_sqrt = (1.0 - torch.pow(self.beta2, t)).sqrt().to(torch.float32).unsqueeze(1)
+        if self._fused(rows, grads, bc1, bc2_sqrt):
+            return
         for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
             g = g.to(torch.float32).reshape(rows.shape[0], -1)
             m = m_all[rows].reshape(rows.shape[0], -1).mul_(self.beta1).add_(g, alpha=1.0 - self.beta1)
@@ -106,6 +167,8 @@ class RowSparseAdam:
         t = torch.tensor([float(first)], dtype=torch.float64) if same else self.steps.to(torch.float64)
         bc1 = (1.0 - torch.pow(self.beta1, t)).to(torch.float32).unsqueeze(1)
         bc2_sqrt = (1.0 - torch.pow(self.beta2, t)).sqrt().to(torch.float32).unsqueeze(1)
+        if self._fused(None, grads, bc1, bc2_sqrt):
+            return
         n = self.num_rows
         for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
             g = g.to(torch.float32).reshape(n, -1)
@@ -114,6 +177,25 @@ class RowSparseAdam:
             denom = (v.sqrt() / bc2_sqrt).add_(self.eps)
             update = (m / bc1) / denom * self.lr
             p.data.view(n, -1).sub_(update.to(p.dtype))
+
+    def _fused(self, rows: torch.Tensor | None, grads: list[torch.Tensor], bc1: torch.Tensor,
+               bc2_sqrt: torch.Tensor) -> bool:
+        """The update of ``rows`` (None: every row) in one pass per row; False (nothing done)
+        where the kernel cannot run it: no numba, or a parameter not float32 and contiguous."""
+        kernel = _fused_kernel() if self.fused else None
+        if kernel is None or not all(p.dtype == torch.float32 and p.is_contiguous() for p in self.params):
+            return False
+        idx = (torch.empty(0, dtype=torch.int64) if rows is None else rows).numpy()
+        f32 = np.float32
+        consts = (f32(self.beta1), f32(self.beta2), f32(1.0 - self.beta1), f32(1.0 - self.beta2), f32(self.lr),
+                  f32(self.eps))
+        c1, c2 = bc1.reshape(-1).contiguous().numpy(), bc2_sqrt.reshape(-1).contiguous().numpy()
+        for p, m_all, v_all, g in zip(self.params, self.exp_avg, self.exp_avg_sq, grads):
+            n = int(p.shape[0])
+            g = g.detach().to(torch.float32).reshape(idx.shape[0] if rows is not None else n, -1).contiguous()
+            kernel(p.data.view(n, -1).numpy(), m_all.view(n, -1).numpy(), v_all.view(n, -1).numpy(), g.numpy(),
+                   idx, c1, c2, *consts)
+        return True
 
 
 __all__ = ["RowSparseAdam"]

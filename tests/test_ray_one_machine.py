@@ -2,9 +2,10 @@
 beside the training workers. Each Ray Python process wakes 100 times a second, and on a
 machine the workers fill each costs their step about 1 % (docs/scale.md), so the ones a
 one-machine job does not use must not start: idle pool workers, the preemption watcher,
-the dataset manager and the placement-group cleaner. Also: Ray Train's INFO line per
-report stays out of the driver's output, and the workers start with the allocator
-settings of a process that allocates from a thread. Linux only (reads /proc)."""
+the dataset manager, the placement-group cleaner and Ray Data's autoscaling coordinator.
+Also: Ray Train's INFO line per report stays out of the driver's output, and the workers
+start with the allocator settings of a process that allocates from a thread. Linux only
+(reads /proc)."""
 
 from __future__ import annotations
 
@@ -72,10 +73,11 @@ def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ra
     titles = summary["titles"]
     assert titles.count("ray::RayTrainWorker") == 2, titles
     assert "ray::TrainController" in titles, titles
-    for unused in ("ray::IDLE", "ray::PreemptionWatcher", "ray::DatasetManager", "ray::PlacementGroupCleaner"):
+    for unused in ("ray::IDLE", "ray::PreemptionWatcher", "ray::DatasetManager", "ray::PlacementGroupCleaner",
+                   "ray::_AutoscalingCoordinator"):
         assert unused not in titles, titles
-    # What is left beside the workers and the controller: the report barrier's actor,
-    # Ray Data's autoscaling coordinator that Train's scaling policy asks, Ray's agents.
+    # What is left beside the workers and the controller: the report barrier's actor and
+    # Ray's agents.
     others = set(titles) - {"ray::RayTrainWorker", "ray::TrainController"}
-    assert len(others) <= 4, titles
+    assert len(others) <= 3, titles
     assert summary["malloc_env"] == THREAD_ALLOCATION_ENV

@@ -98,29 +98,48 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
 
 
 def one_machine_trainer_class() -> type:
-    """``TorchTrainer`` without two Train actors that a Ray started for one job does not use.
+    """``TorchTrainer`` without three Train actors that a Ray started for one job does not use.
 
     The dataset manager serves Ray Data shards (we pass none); the placement-group cleaner
     removes a dead controller's placement group from a cluster that outlives the job (this
     Ray ends with it), and polls the state API once a second, which a Ray without a
-    dashboard answers with a warning each time. Each is a Ray Python process (see
-    ``ONE_MACHINE_RAY_ENV``). This reaches into Ray Train's private callbacks (ray is pinned
-    in pyproject.toml; tests/test_ray_one_machine.py checks which processes run): where
-    they have moved, the plain ``TorchTrainer`` is returned.
+    dashboard answers with a warning each time; Ray Data's autoscaling coordinator shares a
+    cluster's resources between Train and Data and forwards their requests to an autoscaler
+    (this Ray has neither: Train's fixed scaling policy asks it at every poll for nothing).
+    Each is a Ray Python process (see ``ONE_MACHINE_RAY_ENV``). This reaches into Ray Train's
+    private callbacks and scaling policy (ray is pinned in pyproject.toml;
+    tests/test_ray_one_machine.py checks which processes run): where they have moved, the
+    plain ``TorchTrainer`` is returned.
     """
     from ray.train.torch import TorchTrainer
 
     try:
         from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
         from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
     except ImportError:
-        log.info("Ray Train's callbacks have moved: the local Ray runs its dataset manager and cleaner")
+        log.info("Ray Train's internals have moved: the local Ray runs its dataset manager, cleaner and "
+                 "autoscaling coordinator")
         return TorchTrainer
+
+    class NoAutoscalerScalingPolicy(FixedScalingPolicy):
+        """Train's fixed number of workers, without resource requests to an autoscaler."""
+
+        def after_controller_start(self, train_run_context) -> None:  # noqa: ANN001 - Ray Train's signature
+            pass  # where the fixed policy makes the coordinator and sends its first request
+
+        def _maybe_send_resource_request(self) -> None:
+            pass  # called at every poll; with no coordinator, cancelling at shutdown does nothing
 
     class OneMachineTorchTrainer(TorchTrainer):
         def _create_default_callbacks(self):  # noqa: ANN202 - Ray Train's signature
             unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
             return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
+
+        def _initialize_and_run_controller(self, **controller_init_kwargs):  # noqa: ANN202 - Ray Train's
+            if type(controller_init_kwargs.get("scaling_policy")) is FixedScalingPolicy and not self.datasets:
+                controller_init_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(self.scaling_config)
+            return super()._initialize_and_run_controller(**controller_init_kwargs)
 
     return OneMachineTorchTrainer
 

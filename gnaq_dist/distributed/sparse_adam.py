@@ -24,30 +24,19 @@ first step (57 s there). Without numba the torch form runs (the tests' reference
 from __future__ import annotations
 
 import functools
-import logging
 from typing import Any
 
 import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
-
-log = logging.getLogger(__name__)
+from gnaq_dist.quant.dequant_kernels import compile_with_numba
 
 
 @functools.cache
 def _fused_kernel() -> Any | None:
     """The compiled one-pass update, or None where numba is missing."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a dependency; this keeps a bare torch usable
-        log.info("numba not installed: Adam's row update runs in torch (slower)")
-        return None
-    try:
-        return _compile(numba, cache=True)
-    except RuntimeError as exc:  # no writable cache directory: compile in this process
-        log.info("numba cannot cache the Adam kernel (%s): compiling it in this process", exc)
-        return _compile(numba, cache=False)
+    return compile_with_numba(_compile, "Adam's row updates")
 
 
 def _compile(numba: Any, cache: bool) -> Any:

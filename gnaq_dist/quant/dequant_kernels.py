@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -34,23 +35,29 @@ log = logging.getLogger(__name__)
 BLOCK_BYTES = 8 << 20
 
 
+def compile_with_numba(build: Callable[[Any, bool], Any], what: str) -> Any | None:
+    """``build(numba, cache)``'s kernels, cached on disk where numba can write its cache (else
+    compiled in this process), or None where numba is missing (``what`` names them in the log)."""
+    try:
+        import numba
+    except ImportError:  # pragma: no cover - numba is a dependency; this keeps a bare torch usable
+        log.info("numba not installed: %s run in torch (slower)", what)
+        return None
+    try:
+        return build(numba, True)
+    except RuntimeError as exc:  # numba finds no writable cache directory: compile per process
+        log.info("numba cannot cache %s (%s): compiling them in this process", what, exc)
+        return build(numba, False)
+
+
 @functools.lru_cache(maxsize=None)
 def _kernels(bits: int) -> tuple[Any, Any] | None:
     """The compiled pair (forward, backward) for ``bits`` a code, or None where numba is missing.
 
     ``bits`` is a constant of the compiled code (a closure variable), so the per-byte loop
-    unrolls; a kernel for any bit width, shifting by a variable, ran 4x slower."""
-    try:
-        import numba
-    except ImportError:  # pragma: no cover - numba is a dependency; this keeps a bare torch usable
-        log.info("numba not installed: packed rows are dequantized with torch (slower)")
-        return None
-
-    try:  # compiled once per bit width into a cache (numba keys closures by their constants)
-        return _compile(numba, bits, cache=True)
-    except RuntimeError as exc:  # numba finds no writable cache directory: compile per process
-        log.info("numba cannot cache the kernels (%s): compiling them in this process", exc)
-        return _compile(numba, bits, cache=False)
+    unrolls; a kernel for any bit width, shifting by a variable, ran 4x slower. Compiled once
+    per bit width into numba's cache (it keys closures by their constants)."""
+    return compile_with_numba(lambda numba, cache: _compile(numba, bits, cache), "the packed-row kernels")
 
 
 def _compile(numba: Any, bits: int, cache: bool) -> tuple[Any, Any]:

@@ -280,11 +280,7 @@ class DistributedTrainer:
         self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
         self._fold(self.gather_counter, "gather")
         del fp, own, full
-        if cfg.retain_freed_memory is False:
-            release_free_memory()
-        # Else the warm-up table's memory stays in the heap for the quantized steps, which
-        # need as much: given back, the first of them faulted it in again (1/10, W=2: 2.70
-        # against 1.48 s for the first step; 1.3 s the steps after it; peak RSS +3 %).
+        release_free_memory()
 
     def _gather_latent(self, method) -> torch.Tensor:
         """The whole table of a latent row format (fp weights) on every rank (collective)."""

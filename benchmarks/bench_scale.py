@@ -15,7 +15,10 @@ is that stage's own:
    test users against all items, or ``--set eval.max_users=N``).
 
 Every stage writes ``<workdir>/<size>/<stage>.json``; a stage whose JSON exists is not
-run again (resumable: re-run the same command after an interruption). Afterwards it
+run again (resumable: re-run the same command after an interruption). ``--repeat N``
+trains each worker count N times, alternating W=1 and W=2, so that each pair's ratio is
+measured in about the same machine state; the report gives every pair and the median.
+Afterwards it
 writes ``scale.csv``, ``scale.md`` and ``scale.png`` (log-log time and memory against
 log rows) into ``--report-dir``.
 
@@ -33,7 +36,9 @@ import csv
 import json
 import math
 import os
+import re
 import signal
+import statistics
 import subprocess
 import sys
 import time
@@ -151,17 +156,29 @@ def stage_partition(d: Path, workers: int, args) -> dict[str, Any]:
             "edge_cut": m["edge_cut"], "seconds": m["seconds"]}
 
 
-def stage_train(d: Path, workers: int, args) -> dict[str, Any]:
-    result = d / f"train_w{workers}.summary.json"
+def train_stage_name(workers: int, repeat: int) -> str:
+    """``train_w2`` for the first run of a worker count, ``train_w2_r3`` for its third (``--repeat``)."""
+    return f"train_w{workers}" + (f"_r{repeat}" if repeat > 1 else "")
+
+
+def repeats_done(d: Path) -> int:
+    """The highest repeat index whose training JSON exists in ``d`` (1 when there is none)."""
+    found = [int(m.group(1)) for f in d.glob("train_w*_r*.json") if (m := re.fullmatch(r"train_w\d+_r(\d+)\.json", f.name))]
+    return max(found, default=1)
+
+
+def stage_train(d: Path, workers: int, args, repeat: int = 1) -> dict[str, Any]:
+    name = train_stage_name(workers, repeat)
+    result = d / f"{name}.summary.json"
     part = d / f"partition_w{workers}.json"  # computed apart: the workers read its owners
     extra = [f"--set=distributed.partition_file={json.loads(part.read_text())['uri']}"] if part.exists() else []
-    cmd = [sys.executable, __file__, "--child-train", str(d / "ds"), "--child-out", str(d / f"run_w{workers}"),
+    cmd = [sys.executable, __file__, "--child-train", str(d / "ds"), "--child-out", str(d / name.replace("train_", "run_")),
            "--child-result", str(result), "--workers", str(workers), "--steps", str(args.steps),
            "--batch-size", str(args.batch_size), "--fanouts", args.fanouts, "--eval-batch", str(args.eval_batch),
            "--propagation", args.propagation] + [f"--set={kv}" for kv in args.set] + extra
-    rc, wall, rss, sysmem = run_measured(cmd, d / f"train_w{workers}.log", args.stage_timeout, args.min_free_mib)
+    rc, wall, rss, sysmem = run_measured(cmd, d / f"{name}.log", args.stage_timeout, args.min_free_mib)
     if rc != 0:
-        raise RuntimeError(f"training W={workers} failed ({rc}): see {d / f'train_w{workers}.log'}")
+        raise RuntimeError(f"training W={workers} failed ({rc}): see {d / f'{name}.log'}")
     s = json.loads(result.read_text())
     wire = s["wire"]
     return {
@@ -224,7 +241,10 @@ def run_size(fraction: Fraction, args) -> dict[str, Any]:
     stages: list[tuple[str, Any]] = [("generate", lambda: stage_generate(d, users, items, rows, args)),
                                      ("ingest", lambda: stage_ingest(d, args))]
     stages += [(f"partition_w{w}", (lambda w=w: stage_partition(d, w, args))) for w in args.workers if w > 1]
-    stages += [(f"train_w{w}", (lambda w=w: stage_train(d, w, args))) for w in args.workers]
+    # Repeats alternate the worker counts (W=1, W=2, W=1, W=2, ...) so that each pair sees
+    # the machine in about the same state: on a shared VM a run's speed drifts by 10-20 %.
+    stages += [(train_stage_name(w, i), (lambda w=w, i=i: stage_train(d, w, args, i)))
+               for i in range(1, max(args.repeat, repeats_done(d)) + 1) for w in args.workers]
     for name, fn in stages:
         if name.split("_")[0] not in args.stages:
             continue
@@ -285,11 +305,41 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
             row.update({f"w{w}_partition_s": part["wall_s"], f"w{w}_partition_rss_mib": part["peak_rss_mib"]})
     if r.get("killed"):
         row["killed"] = r["killed"]
+    if len(workers) >= 2:
+        row.update(pair_ratios(r, workers[0], workers[-1]))
     if len(workers) >= 2 and f"w{workers[0]}_edges_per_s" in row and f"w{workers[-1]}_edges_per_s" in row:
         row["throughput_ratio"] = row[f"w{workers[-1]}_edges_per_s"] / row[f"w{workers[0]}_edges_per_s"]
         a, b = row.get(f"w{workers[0]}_steady_edges_per_s"), row.get(f"w{workers[-1]}_steady_edges_per_s")
         row["steady_throughput_ratio"] = b / a if a and b else None
     return row
+
+
+def pair_ratios(r: dict[str, Any], w1: int, w2: int) -> dict[str, Any]:
+    """Throughput of W=w2 over W=w1 for each repeat that ran both (all steps, and after the first)."""
+    pairs = []
+    i = 1
+    while train_stage_name(w1, i) in r or train_stage_name(w2, i) in r:
+        a, b = r.get(train_stage_name(w1, i)), r.get(train_stage_name(w2, i))
+        if a and b:
+            steady = (b["steady_edges_per_s"] / a["steady_edges_per_s"]
+                      if a.get("steady_edges_per_s") and b.get("steady_edges_per_s") else None)
+            pairs.append({"repeat": i, "ratio": b["edges_per_s"] / a["edges_per_s"], "steady_ratio": steady,
+                          f"w{w1}_s_per_step": a["s_per_step"], f"w{w2}_s_per_step": b["s_per_step"]})
+        i += 1
+    return {"pairs": pairs} if len(pairs) > 1 else {}
+
+
+def pairs_line(pairs: list[dict[str, Any]], w1: int, w2: int) -> str:
+    """One sentence: every alternated pair's ratio, then the median and the range."""
+    def spread(key: str) -> str:
+        vals = [p[key] for p in pairs if p.get(key)]
+        if not vals:
+            return "-"
+        return (", ".join(f"{v:.2f}x" for v in vals)
+                + f" (median {statistics.median(vals):.2f}x, {min(vals):.2f}-{max(vals):.2f}x)")
+    steps = "; ".join(f"{p[f'w{w1}_s_per_step']:.2f} / {p[f'w{w2}_s_per_step']:.2f}" for p in pairs)
+    return (f"W={w2}/W={w1} in {len(pairs)} alternated pairs: {spread('ratio')}; after the first step "
+            f"{spread('steady_ratio')}; s/step W={w1} / W={w2}: {steps}")
 
 
 def _f(v: Any, spec: str = ",.0f") -> str:
@@ -330,6 +380,9 @@ def markdown(rows: list[dict[str, Any]], workers: list[int]) -> str:
                  for w in workers if r.get(f"w{w}_partition_s")]
         if parts:
             lines.append(f"\n{r['size']}: partitioned apart (gnaq partition, METIS): " + "; ".join(parts))
+    for r in rows:
+        if r.get("pairs"):
+            lines.append(f"\n{r['size']}: " + pairs_line(r["pairs"], w1, w2))
     for r in rows:
         if r.get("killed"):
             lines.append(f"\n{r['size']}: {r['killed']}")
@@ -397,6 +450,9 @@ def main() -> None:
     p.add_argument("--fractions", default="1/100,1/10,1", help="sizes as fractions of the largest, e.g. 1/1000,1/100")
     p.add_argument("--workers", default="1,2", help="Ray worker counts to train with")
     p.add_argument("--steps", type=int, default=20, help="training steps per run (schedule.max_steps)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="train each worker count this many times, alternating (W=1, W=2, W=1, ...), and report "
+                        "every pair's throughput ratio with its median and range")
     p.add_argument("--batch-size", type=int, default=8192)
     p.add_argument("--fanouts", default="10,10,10", help="for --propagation sampled")
     p.add_argument("--propagation", default="full", choices=["full", "sampled"],

@@ -395,7 +395,9 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax_t, ax_m, ax_s) = plt.subplots(1, 3, figsize=(16, 4.4))
+    paired = [r for r in rows if r.get("pairs")]
+    fig, axes = plt.subplots(1, 4 if paired else 3, figsize=(21 if paired else 16, 4.4))
+    ax_t, ax_m, ax_s = axes[:3]
     x = [r["rows"] for r in rows]
 
     def series(ax, key, label, marker, color, style="-"):
@@ -437,6 +439,23 @@ def plot(rows: list[dict[str, Any]], workers: list[int], path: Path) -> None:
         ax.set_title(title)
         ax.grid(True, which="both", alpha=0.3)
         ax.legend(fontsize=7)
+    if paired:  # --repeat: each pair's ratio, so that the spread between runs is seen
+        ax_p = axes[3]
+        w1, w2 = workers[0], workers[-1]
+        for j, r in enumerate(paired):
+            ax_p.plot([q["repeat"] for q in r["pairs"]], [q["ratio"] for q in r["pairs"]], marker="o",
+                      color=f"C{j}", label=f"{r['size']}, all steps")
+            steady = [(q["repeat"], q["steady_ratio"]) for q in r["pairs"] if q.get("steady_ratio")]
+            if steady:
+                ax_p.plot(*zip(*steady), marker="x", linestyle="--", color=f"C{j}",
+                          label=f"{r['size']}, after the first step")
+        ax_p.axhline(w2 / w1, color="grey", linestyle=":", label="linear")
+        ax_p.set_ylim(bottom=0)
+        ax_p.set_xticks(sorted({q["repeat"] for r in paired for q in r["pairs"]}))
+        ax_p.set_xlabel(f"pair (W={w1}, then W={w2})")
+        ax_p.set_title(f"throughput W={w2} / W={w1}, alternated pairs")
+        ax_p.grid(True, alpha=0.3)
+        ax_p.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

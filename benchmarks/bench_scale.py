@@ -18,9 +18,8 @@ Every stage writes ``<workdir>/<size>/<stage>.json``; a stage whose JSON exists 
 run again (resumable: re-run the same command after an interruption). ``--repeat N``
 trains each worker count N times, alternating W=1 and W=2, so that each pair's ratio is
 measured in about the same machine state; the report gives every pair and the median.
-Afterwards it
-writes ``scale.csv``, ``scale.md`` and ``scale.png`` (log-log time and memory against
-log rows) into ``--report-dir``.
+Afterwards it writes ``scale.csv``, ``scale.md`` and ``scale.png`` (log-log time and
+memory against log rows) into ``--report-dir``.
 
     python benchmarks/bench_scale.py --fractions 0.001,0.01 --workdir /tmp/gnaq-scale
     python benchmarks/bench_scale.py --fractions 0.001,0.01 --report-dir docs/img  # report only what exists
@@ -497,6 +496,8 @@ def main() -> None:
         args.workers = int(args.workers)
         child_train(args)
         return
+    if args.repeat < 1:
+        p.error(f"--repeat {args.repeat}: must be at least 1")
     args.workers = [int(w) for w in args.workers.split(",")]
     args.stages = {s.strip() for s in args.stages.split(",")}
     fractions = sorted(Fraction(f.strip()) for f in args.fractions.split(","))

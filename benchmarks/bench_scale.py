@@ -306,11 +306,16 @@ def flat_row(r: dict[str, Any], workers: list[int]) -> dict[str, Any]:
         row["killed"] = r["killed"]
     if len(workers) >= 2:
         row.update(pair_ratios(r, workers[0], workers[-1]))
-    if len(workers) >= 2 and f"w{workers[0]}_edges_per_s" in row and f"w{workers[-1]}_edges_per_s" in row:
-        row["throughput_ratio"] = row[f"w{workers[-1]}_edges_per_s"] / row[f"w{workers[0]}_edges_per_s"]
-        a, b = row.get(f"w{workers[0]}_steady_edges_per_s"), row.get(f"w{workers[-1]}_steady_edges_per_s")
-        row["steady_throughput_ratio"] = b / a if a and b else None
+        a, b = r.get(train_stage_name(workers[0], 1)), r.get(train_stage_name(workers[-1], 1))
+        if a and b:
+            row["throughput_ratio"], row["steady_throughput_ratio"] = throughput_ratios(a, b)
     return row
+
+
+def throughput_ratios(a: dict[str, Any], b: dict[str, Any]) -> tuple[float, float | None]:
+    """Run ``b``'s throughput over run ``a``'s: all steps, and after the first (None if either lacks it)."""
+    sa, sb = a.get("steady_edges_per_s"), b.get("steady_edges_per_s")
+    return b["edges_per_s"] / a["edges_per_s"], (sb / sa if sa and sb else None)
 
 
 def pair_ratios(r: dict[str, Any], w1: int, w2: int) -> dict[str, Any]:
@@ -320,9 +325,8 @@ def pair_ratios(r: dict[str, Any], w1: int, w2: int) -> dict[str, Any]:
     while train_stage_name(w1, i) in r or train_stage_name(w2, i) in r:
         a, b = r.get(train_stage_name(w1, i)), r.get(train_stage_name(w2, i))
         if a and b:
-            steady = (b["steady_edges_per_s"] / a["steady_edges_per_s"]
-                      if a.get("steady_edges_per_s") and b.get("steady_edges_per_s") else None)
-            pairs.append({"repeat": i, "ratio": b["edges_per_s"] / a["edges_per_s"], "steady_ratio": steady,
+            ratio, steady = throughput_ratios(a, b)
+            pairs.append({"repeat": i, "ratio": ratio, "steady_ratio": steady,
                           f"w{w1}_s_per_step": a["s_per_step"], f"w{w2}_s_per_step": b["s_per_step"]})
         i += 1
     return {"pairs": pairs} if len(pairs) > 1 else {}

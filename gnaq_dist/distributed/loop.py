@@ -32,7 +32,6 @@ import numpy as np
 import pyarrow as pa
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gnaq_dist import checkpoint as ckpt
@@ -64,7 +63,9 @@ from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figur
 from gnaq_dist.quant.dequant_kernels import warm_up
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
+from gnaq_dist.train.bpr import bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
+from gnaq_dist.train.schedule import Schedule, TimeBudget
 from gnaq_dist.train.local import seed_everything
 
 log = logging.getLogger(__name__)
@@ -170,7 +171,8 @@ class DistributedTrainer:
                 self.test_csr = csr_rows_of(*self.test_csr, own_users)
         else:
             self.sampler = NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=L) if L > 0 else None
-        self.batches = OwnedBPRBatches(all_indptr, self.edges, own_users, config.schedule.batch_size,
+        self.schedule = Schedule.of(config, self.n_train)
+        self.batches = OwnedBPRBatches(all_indptr, self.edges, own_users, self.schedule.batch_size,
                                        config.schedule.num_negatives, seed=config.seed)
         self.steps_per_epoch = len(self.batches)
         self.global_step = 0
@@ -453,16 +455,17 @@ class DistributedTrainer:
             return self._step_full(users, pos, neg, global_size)
         return self._step_sampled(users, pos, neg, global_size)
 
-    def _bpr(self, final_rows: torch.Tensor, nodes: torch.Tensor, users: torch.Tensor, pos_nodes: torch.Tensor,
-             neg_nodes: torch.Tensor, global_batch: int) -> torch.Tensor:
-        """BPR of this rank's positives, normalised by the *global* batch (rows of ``nodes``, sorted)."""
+    def _backward(self, final_rows: torch.Tensor, nodes: torch.Tensor, users: torch.Tensor,
+                  pos_nodes: torch.Tensor, neg_nodes: torch.Tensor, global_batch: int, reg: torch.Tensor) -> float:
+        """BPR of this rank's positives, normalised by the *global* batch (rows of ``nodes``, sorted),
+        scored in ``schedule.loss_chunk`` chunks, then one backward with the L2 term ``reg``."""
         def rows(ids: torch.Tensor) -> torch.Tensor:
-            return final_rows[torch.searchsorted(nodes, ids)]
+            return torch.searchsorted(nodes, ids)
 
-        u = rows(users)
-        pos_score = (u * rows(pos_nodes)).sum(-1)
-        neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
-        return F.softplus(neg_score - pos_score.unsqueeze(1)).sum() / (global_batch * neg_nodes.shape[1])
+        bpr, grad = bpr_row_gradient(final_rows, rows(users), rows(pos_nodes), rows(neg_nodes),
+                                     global_batch * neg_nodes.shape[1], self.config.schedule.loss_chunk)
+        torch.autograd.backward([final_rows, reg], [grad, torch.ones_like(reg)])
+        return float(bpr)
 
     def _step_sampled(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_batch: int) -> float:
         """Sampled blocks of this rank's batch nodes, over layer-0 rows fetched from their owners."""
@@ -470,8 +473,7 @@ class DistributedTrainer:
         shard = self.shard
         n_users = self.data.n_users
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
-        occurrences = torch.cat([users, pos_nodes, neg_nodes.reshape(-1)])
-        batch_nodes = torch.unique(occurrences)
+        batch_nodes, counts = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]), return_counts=True)
         if batch_nodes.numel() and self.sampler is not None:
             input_nodes, blocks = self.sampler.sample(batch_nodes)
         else:
@@ -487,12 +489,9 @@ class DistributedTrainer:
             layers = propagate_blocks(blocks, view.embeddings, L, shard.method.layer_fn) if L else \
                 [shard.method.layer_fn(view.embeddings, 0)]
             final = shard.method.combine(layers)
-            bpr = self._bpr(final, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
             x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
-            reg_rows = x0[torch.searchsorted(batch_nodes, occurrences)]
-            reg = cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / global_batch
-            (bpr + reg).backward()
-            bpr_value = float(bpr.detach())
+            reg = cfg.optim.l2 * 0.5 * (counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
+            bpr_value = self._backward(final, batch_nodes, users, pos_nodes, neg_nodes, global_batch, reg)
         self._apply_gradients(view, input_nodes=input_nodes)
         if self._refine_now():
             self._refine(batch_nodes, final)
@@ -539,13 +538,12 @@ class DistributedTrainer:
             own_batch = self.owned_t[own_local]
             refine_rows = final_own.detach()[own_local]
         del final_own
-        bpr = self._bpr(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch)
-        (bpr + reg).backward()
+        bpr = self._backward(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch, reg)
         self._apply_gradients(view, plan=plan)
         if refine:
             self._refine(own_batch, refine_rows)
         self.global_step += 1
-        return float(bpr.detach())
+        return bpr
 
     def _propagate_own(self, x_input: torch.Tensor, counter: WireCounter, *, out: torch.Tensor | None = None,
                        grad_input: torch.Tensor | None = None) -> torch.Tensor:
@@ -581,6 +579,14 @@ class DistributedTrainer:
             for p in shard.dense:
                 p.grad.mul_(self.world)  # allreduce_dense averages; the loss is already global
             shard.apply_dense(clip)
+
+    def _out_of_time(self, budget: TimeBudget) -> bool:
+        """Whether the wall-clock budget is spent, agreed by every rank (their clocks differ)."""
+        if budget.seconds is None:
+            return False
+        if self.world == 1:
+            return budget.spent()
+        return bool(_allreduce_sum(torch.tensor([1 if budget.spent() else 0], dtype=torch.int64)) > 0)
 
     def _refine_now(self) -> bool:
         every = self.config.model.refine_every
@@ -786,10 +792,10 @@ class DistributedTrainer:
     def run(self) -> dict[str, Any]:
         cfg = self.config
         sched = cfg.schedule
-        warmup_epochs = cfg.warmup_epochs
-        total_steps = sched.epochs * self.steps_per_epoch
-        if sched.max_steps is not None:
-            total_steps = min(total_steps, sched.max_steps)
+        plan = self.schedule
+        warmup_epochs = plan.warmup_epochs
+        total_steps = plan.total_steps
+        budget = TimeBudget(sched.max_minutes)
         phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
         phase_epochs = {"fp": 0, "quantized": 0}
         phase_steps = {"fp": 0, "quantized": 0}
@@ -802,7 +808,8 @@ class DistributedTrainer:
         self.history.append(self.log.write(
             "start", method=cfg.model.method, bits=cfg.model.bits, n_users=self.data.n_users,
             n_items=self.data.n_items, n_train=self.n_train, steps_per_epoch=self.steps_per_epoch,
-            epochs=sched.epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0, world_size=self.world))
+            batch_size=plan.batch_size, epochs=sched.epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0,
+            max_minutes=sched.max_minutes, world_size=self.world))
         if self.resume is not None:
             self._restore(self.resume)
             m = self.resume.manifest
@@ -821,15 +828,17 @@ class DistributedTrainer:
         epoch = first_epoch - 1
         bar = tqdm(total=total_steps, initial=min(self.global_step, total_steps), unit="step", mininterval=1.0,
                    desc=f"{cfg.model.method} W={self.world}", disable=not (cfg.progress and self.rank == 0))
+        budget.start()
+        out_of_time = False
         for epoch in range(first_epoch, sched.epochs + 1):
-            if self.global_step >= total_steps:
+            if self.global_step >= total_steps or out_of_time:
                 break
             # Each epoch's randomness (neighbour sampling, stochastic rounding) restarts from
             # (seed, epoch): a run resumed at an epoch boundary continues as if never stopped.
             seed_everything(cfg.seed * 100_003 + epoch)
             for i, comp in enumerate(self.compressors):
                 comp.reseed((cfg.seed * 1_000_003 + self.rank * 101 + i) * 100_003 + epoch)
-            if cfg.quantized and phase == "fp" and epoch == warmup_epochs + 1:
+            if phase == "fp" and plan.quantize_at(epoch):
                 self._start_quantized()
                 phase = "quantized"
             self._reserve_step_tables()  # setup's one-off page faults, not the first step's
@@ -839,37 +848,49 @@ class DistributedTrainer:
             for batch in self.batches:
                 if self.global_step >= total_steps:
                     break
+                if self._out_of_time(budget):
+                    out_of_time = True
+                    if self.rank == 0:
+                        bar.write(f"time limit: {sched.max_minutes:g} min reached after {self.global_step} steps")
+                    break
                 t_step = time.perf_counter()
                 loss_sum += self.step(*batch)
                 step_times.append((time.perf_counter() - t_step, batch.global_size))
                 steps += 1
                 bar.update(1)
             seconds = time.perf_counter() - t0
+            if not steps:  # the budget ran out before this epoch's first step
+                epoch -= 1
+                break
             phase_seconds[phase] += seconds
             phase_epochs[phase] += 1
             phase_steps[phase] += steps
             loss, wire = self._epoch_wire(loss_sum, steps)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
-            self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step)
+            self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step,
+                       steps=steps, elapsed=budget.elapsed())
             self._emit("wire", epoch=epoch, phase=phase, **wire)
-            last = epoch == sched.epochs or self.global_step >= total_steps
+            last = epoch == sched.epochs or self.global_step >= total_steps or out_of_time
             if last and cfg.quantized and phase == "fp":
                 break  # the budget ended inside the warm-up: quantize first (below)
-            if last or (sched.eval_every and epoch % sched.eval_every == 0):
+            if last or plan.evaluate_after(epoch):
                 t1 = time.perf_counter()
                 metrics, storage = self.evaluate()
                 phase_seconds["eval"] += time.perf_counter() - t1
-                self._emit("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
+                self._emit("eval", epoch=epoch, phase=phase, step=self.global_step,
+                           train_seconds=phase_seconds["fp"] + phase_seconds["quantized"], **metrics)
             if every and (last or epoch % every == 0):
                 self.save_checkpoint(epoch, phase)
         bar.close()
         if cfg.quantized and phase == "fp":
             self._start_quantized()
             phase = "quantized"
+            metrics = {}
+        evaluated = any(r.get("event") == "eval" and r.get("step") == self.global_step for r in self.history[-3:])
+        if not metrics or not evaluated:  # the last state, not yet evaluated (a time limit, a warm-up cut short)
             metrics, storage = self.evaluate()
-            self._emit("eval", epoch=epoch, phase="quantized", step=self.global_step, **metrics)
-        if not metrics:  # resumed a finished run without evaluating on load
-            metrics, storage = self.evaluate()
+            self._emit("eval", epoch=epoch, phase=phase, step=self.global_step,
+                       train_seconds=phase_seconds["fp"] + phase_seconds["quantized"], **metrics)
         if every and self._last_checkpoint_step != self.global_step:
             self.save_checkpoint(epoch, phase)
         train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]

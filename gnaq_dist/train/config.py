@@ -61,12 +61,15 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = 40  # total epochs (warm-up included)
     warmup_epochs: int = 20  # full-precision epochs before the quantized phase (ignored for fp)
-    batch_size: int = 8192  # positive (user, item) pairs per step
+    batch_size: int = 8192  # positive (user, item) pairs per step (ignored when steps_per_epoch is set)
+    steps_per_epoch: int | None = None  # optimizer steps per epoch, each one propagation: the batch is then ceil(train edges / steps_per_epoch), so an epoch's cost follows the graph, not its square (null: batch_size decides)
+    loss_chunk: int = 65536  # positives scored at once in the BPR loss: bounds the loss's memory, not the batch (the gradient does not depend on it)
     num_negatives: int = 4  # sampled negatives per positive (BPR)
     propagation: Literal["full", "sampled"] = "full"  # full graph per step (split by owner over workers), or DGL neighbour sampling
     fanouts: list[int] = field(default_factory=lambda: [10, 10, 10])  # per layer (-1 = all)
     eval_every: int = 5  # epochs between evaluations (0 = only at the end)
     max_steps: int | None = None  # stop after this many steps in total (smoke runs)
+    max_minutes: float | None = None  # wall-clock budget of the training loop: at it, training stops, then evaluates and writes the final checkpoint (null: none)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -80,6 +83,14 @@ class ScheduleConfig:
             )
         if self.batch_size < 1 or self.num_negatives < 1:
             raise ConfigError("schedule.batch_size and schedule.num_negatives must be >= 1")
+        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
+            raise ConfigError(f"schedule.steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
+        if self.loss_chunk < 1:
+            raise ConfigError(f"schedule.loss_chunk must be >= 1, got {self.loss_chunk}")
+        if self.max_minutes is not None and not self.max_minutes > 0:
+            raise ConfigError(f"schedule.max_minutes must be > 0 or null, got {self.max_minutes}")
+        if self.max_steps is not None and self.max_steps < 1:
+            raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {self.max_steps}")
 
 
 @dataclass

@@ -17,7 +17,6 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from gnaq_dist.allocator import retain_freed_memory
@@ -30,7 +29,9 @@ from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.packing import storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
+from gnaq_dist.train.bpr import bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
+from gnaq_dist.train.schedule import Schedule, TimeBudget
 
 
 @dataclass
@@ -91,7 +92,8 @@ class LocalTrainer:
             if config.schedule.propagation == "sampled"
             else None
         )
-        self.batches = BPRBatches(self.graph, config.schedule.batch_size, config.schedule.num_negatives,
+        self.schedule = Schedule.of(config, data.n_train)
+        self.batches = BPRBatches(self.graph, self.schedule.batch_size, config.schedule.num_negatives,
                                   seed=config.seed)
         self.steps_per_epoch = len(self.batches)
         self.global_step = 0
@@ -111,26 +113,8 @@ class LocalTrainer:
         cfg = self.config
         if cfg.retain_freed_memory:  # from the first step on: setup's transients are gone
             retain_freed_memory()
-        n_users = self.data.n_users
-        pos_nodes = pos + n_users
-        neg_nodes = neg + n_users
-        batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
-        final, row_ids = self._final_embeddings_for(method, batch_nodes)
-
-        def rows(ids: torch.Tensor) -> torch.Tensor:
-            if row_ids is None:
-                return final[ids]
-            return final[torch.searchsorted(row_ids, ids)]
-
-        u = rows(users)
-        pos_score = (u * rows(pos_nodes)).sum(-1)
-        neg_score = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1)
-        bpr = F.softplus(neg_score - pos_score.unsqueeze(1)).mean()
-        reg_rows = method.reg_embeddings(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
-        reg = cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0]
-        loss = bpr + reg
         optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        bpr, batch_nodes, final, batch_rows = self.backward(method, users, pos, neg)
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(method.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -140,9 +124,34 @@ class LocalTrainer:
             # embeddings (computed before the optimizer step). Both propagation paths
             # refine the same rows, and so will a worker that owns only some of them.
             with torch.no_grad():
-                method.refine(batch_nodes, rows(batch_nodes).detach())
+                method.refine(batch_nodes, final[batch_rows])
         self.global_step += 1
-        return float(bpr.detach())
+        return bpr
+
+    def backward(self, method: EmbeddingMethod, users, pos, neg):
+        """One propagation, the BPR + L2 loss of every positive (in ``schedule.loss_chunk``
+        chunks), one backward: gradients accumulate in ``method``'s parameters.
+
+        Returns the BPR loss, the batch's nodes (sorted, unique), the final rows (detached) and
+        the batch nodes' indices into them."""
+        cfg = self.config
+        n_users = self.data.n_users
+        pos_nodes = pos + n_users
+        neg_nodes = neg + n_users
+        batch_nodes, counts = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]), return_counts=True)
+        final, row_ids = self._final_embeddings_for(method, batch_nodes)
+
+        def rows(ids: torch.Tensor) -> torch.Tensor:
+            return ids if row_ids is None else torch.searchsorted(row_ids, ids)
+
+        denom = users.shape[0] * neg.shape[1]
+        bpr, grad = bpr_row_gradient(final, rows(users), rows(pos_nodes), rows(neg_nodes), denom,
+                                     cfg.schedule.loss_chunk)
+        # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
+        reg_rows = method.reg_embeddings(batch_nodes)
+        reg = cfg.optim.l2 * 0.5 * (counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]
+        torch.autograd.backward([final, reg], [grad, torch.ones_like(reg)])
+        return float(bpr), batch_nodes, final.detach(), rows(batch_nodes)
 
     # -- evaluation from the packed table --------------------------------------------
     @torch.no_grad()
@@ -185,11 +194,11 @@ class LocalTrainer:
         sched = cfg.schedule
         data = self.data
         N, d, L = data.n_nodes, cfg.model.dim, cfg.model.num_layers
-        warmup_epochs = cfg.warmup_epochs
-        total_epochs = sched.epochs
-        total_steps = total_epochs * self.steps_per_epoch
-        if sched.max_steps is not None:
-            total_steps = min(total_steps, sched.max_steps)
+        plan = self.schedule
+        warmup_epochs = plan.warmup_epochs
+        total_epochs = plan.epochs
+        total_steps = plan.total_steps
+        budget = TimeBudget(sched.max_minutes)
 
         method: EmbeddingMethod = build_method("fp", N, d, None, L)
         optimizer = self._optimizer(method, cfg.optim.lr)
@@ -201,7 +210,8 @@ class LocalTrainer:
         metrics: dict[str, float] = {}
         self.log.write("start", method=cfg.model.method, bits=cfg.model.bits, n_users=data.n_users,
                        n_items=data.n_items, n_train=data.n_train, steps_per_epoch=self.steps_per_epoch,
-                       epochs=total_epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0)
+                       batch_size=plan.batch_size, epochs=total_epochs,
+                       warmup_epochs=warmup_epochs if cfg.quantized else 0, max_minutes=sched.max_minutes)
         bar = tqdm(total=total_steps, desc=f"{cfg.model.method}", unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
         epoch = 0
@@ -217,11 +227,13 @@ class LocalTrainer:
             phase_seconds["fp"] = warm_start.seconds
             phase_epochs["fp"] = warm_start.epoch
             bar.update(min(warm_start.steps, total_steps))
+        budget.start()
+        out_of_time = False
         try:
             for epoch in range(first_epoch, total_epochs + 1):
-                if self.global_step >= total_steps:
+                if self.global_step >= total_steps or out_of_time:
                     break
-                if cfg.quantized and epoch == warmup_epochs + 1:
+                if plan.quantize_at(epoch):
                     method = self._start_quantized_phase(method)
                     optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)
                     phase = "quantized"
@@ -232,6 +244,10 @@ class LocalTrainer:
                 for users, pos, neg in self.batches:
                     if self.global_step >= total_steps:
                         break
+                    if budget.spent():
+                        out_of_time = True
+                        bar.write(f"time limit: {sched.max_minutes:g} min reached after {self.global_step} steps")
+                        break
                     losses.append(self.step(method, optimizer, users, pos, neg))
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", phase=phase)
@@ -240,26 +256,38 @@ class LocalTrainer:
                 if capture_epoch == epoch and method.name == "fp":
                     captured = WarmStart(method.embed(None).detach().clone(), epoch,
                                          phase_seconds[phase], self.global_step)
+                if not losses:  # the budget ran out before this epoch's first step
+                    phase_epochs[phase] -= 1
+                    epoch -= 1
+                    break
                 self.log.write("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
-                               seconds=time.perf_counter() - t0, step=self.global_step)
+                               seconds=time.perf_counter() - t0, step=self.global_step, steps=len(losses),
+                               elapsed=budget.elapsed())
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
-                last = epoch == total_epochs or self.global_step >= total_steps
-                if last or (sched.eval_every and epoch % sched.eval_every == 0):
+                last = epoch == total_epochs or self.global_step >= total_steps or out_of_time
+                if last or plan.evaluate_after(epoch):
                     t1 = time.perf_counter()
                     metrics = self.evaluate(method)
                     phase_seconds["eval"] += time.perf_counter() - t1
-                    record = self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step, **metrics)
+                    record = self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step,
+                                            train_seconds=phase_seconds["fp"] + phase_seconds["quantized"],
+                                            **metrics)
                     history.append(record)
                     bar.write(f"epoch {epoch} [{phase}] " + "  ".join(
                         f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("@20") or k.endswith("@10")))
         finally:
             bar.close()
         if cfg.quantized and method.name == "fp":
-            # The budget ended inside the warm-up (max_steps): quantize what we have.
+            # The budget (max_steps, max_minutes) ended inside the warm-up: quantize what we have.
             method = self._start_quantized_phase(method)
+            phase = "quantized"
+            metrics = {}
+        if not metrics or history[-1]["step"] != self.global_step:  # the last state, not yet evaluated
             metrics = self.evaluate(method)
-            history.append(self.log.write("eval", epoch=epoch, phase="quantized", step=self.global_step, **metrics))
+            history.append(self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step,
+                                          train_seconds=phase_seconds["fp"] + phase_seconds["quantized"],
+                                          **metrics))
         storage = self.storage(method)
         train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
         epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])

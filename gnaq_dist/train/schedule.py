@@ -1,0 +1,76 @@
+"""The training schedule both trainers follow: batch size, steps, phases and the time budget.
+
+One place decides how many positives a step takes (``schedule.steps_per_epoch`` or
+``schedule.batch_size``), how many steps the run has, when the quantized phase starts,
+when to evaluate, and when the wall-clock budget (``schedule.max_minutes``) ends training,
+so the one-process trainer and every rank of the distributed one walk the same schedule.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+from gnaq_dist.train.config import TrainConfig
+
+
+def batch_size_for(config: TrainConfig, n_train: int) -> int:
+    """Positives a step takes: ``ceil(n_train / steps_per_epoch)`` when that is set, else
+    ``schedule.batch_size``."""
+    sched = config.schedule
+    if sched.steps_per_epoch:
+        return max(1, -(-int(n_train) // sched.steps_per_epoch))
+    return sched.batch_size
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's plan in steps and epochs, from the config and the number of train edges."""
+
+    batch_size: int
+    steps_per_epoch: int
+    epochs: int
+    warmup_epochs: int  # full-precision epochs (all of them for fp)
+    total_steps: int
+    eval_every: int
+    quantized: bool
+
+    @classmethod
+    def of(cls, config: TrainConfig, n_train: int) -> Schedule:
+        sched = config.schedule
+        batch = batch_size_for(config, n_train)
+        steps_per_epoch = max(1, -(-int(n_train) // batch))
+        total = sched.epochs * steps_per_epoch
+        if sched.max_steps is not None:
+            total = min(total, sched.max_steps)
+        return cls(batch, steps_per_epoch, sched.epochs, config.warmup_epochs, total, sched.eval_every,
+                   config.quantized)
+
+    def quantize_at(self, epoch: int) -> bool:
+        """True at the first epoch of the quantized phase."""
+        return self.quantized and epoch == self.warmup_epochs + 1
+
+    def evaluate_after(self, epoch: int) -> bool:
+        """A periodic evaluation after ``epoch`` (the last one is evaluated regardless)."""
+        return bool(self.eval_every) and epoch % self.eval_every == 0
+
+
+class TimeBudget:
+    """``schedule.max_minutes`` of wall clock from :meth:`start` (None: no budget)."""
+
+    def __init__(self, minutes: float | None) -> None:
+        self.seconds = None if minutes is None else float(minutes) * 60.0
+        self.started: float | None = None
+
+    def start(self) -> None:
+        self.started = time.monotonic()
+
+    def elapsed(self) -> float:
+        return 0.0 if self.started is None else time.monotonic() - self.started
+
+    def spent(self) -> bool:
+        """True once the budget is used up (never without a budget)."""
+        return self.seconds is not None and self.started is not None and self.elapsed() >= self.seconds
+
+
+__all__ = ["Schedule", "TimeBudget", "batch_size_for"]

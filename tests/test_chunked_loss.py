@@ -10,13 +10,11 @@ import torch.nn.functional as F
 
 from distributed_utils import run_ranks
 from gnaq_dist.config import load_config
-from gnaq_dist.errors import ConfigError
 from gnaq_dist.quant import build_method
 from gnaq_dist.synthetic import clustered_interactions
 from gnaq_dist.train.bpr import bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import LocalTrainer
-from gnaq_dist.train.schedule import Schedule
 
 METHODS = [("fp", None), ("gnaq", 2), ("gnaq_ste", 2), ("lsq", 2), ("n2uq", 2), ("bigear", 1)]
 
@@ -167,23 +165,3 @@ def test_chunked_gradient_is_the_same_on_one_and_two_ranks_for_every_method():
                         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(what))
                     for got, want in zip(dense, ref_dense):
                         np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(what))
-
-
-def test_steps_per_epoch_sets_the_batch_and_the_schedule():
-    cfg = small_config("gnaq", 2, **{"schedule.steps_per_epoch": 4, "schedule.epochs": 3,
-                                     "schedule.warmup_epochs": 1})
-    plan = Schedule.of(cfg, 1001)
-    assert (plan.batch_size, plan.steps_per_epoch, plan.total_steps) == (251, 4, 12)
-    assert plan.quantize_at(2) and not plan.quantize_at(1)
-    trainer = LocalTrainer(cfg, small_data())
-    n_train = small_data().n_train
-    assert trainer.steps_per_epoch == 4 and trainer.schedule.batch_size == -(-n_train // 4)
-    result = trainer.run()
-    assert result.phase_epochs == {"fp": 1, "quantized": 2}
-
-
-@pytest.mark.parametrize("key,value", [("schedule.steps_per_epoch", 0), ("schedule.loss_chunk", 0),
-                                       ("schedule.max_minutes", 0), ("schedule.max_minutes", -1)])
-def test_bad_schedule_values_are_refused(key, value):
-    with pytest.raises(ConfigError, match=key):
-        small_config("fp", None, **{key: value}).validate()

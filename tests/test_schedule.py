@@ -1,0 +1,83 @@
+"""The shared schedule: steps per epoch decide the batch, and the wall-clock budget ends a run
+(in one process and on 2 gloo ranks that must agree when to stop)."""
+
+from __future__ import annotations
+
+import pytest
+
+from distributed_utils import run_ranks
+from gnaq_dist.errors import ConfigError
+from gnaq_dist.synthetic import clustered_interactions
+from gnaq_dist.train.local import LocalTrainer
+from gnaq_dist.train.schedule import Schedule
+from test_chunked_loss import small_config, small_data
+
+
+def test_steps_per_epoch_sets_the_batch_and_the_schedule():
+    cfg = small_config("gnaq", 2, **{"schedule.steps_per_epoch": 4, "schedule.epochs": 3,
+                                     "schedule.warmup_epochs": 1})
+    plan = Schedule.of(cfg, 1001)
+    assert (plan.batch_size, plan.steps_per_epoch, plan.total_steps) == (251, 4, 12)
+    assert plan.quantize_at(2) and not plan.quantize_at(1)
+    trainer = LocalTrainer(cfg, small_data())
+    n_train = small_data().n_train
+    assert trainer.steps_per_epoch == 4 and trainer.schedule.batch_size == -(-n_train // 4)
+    result = trainer.run()
+    assert result.phase_epochs == {"fp": 1, "quantized": 2}
+
+
+@pytest.mark.parametrize("key,value", [("schedule.steps_per_epoch", 0), ("schedule.loss_chunk", 0),
+                                       ("schedule.max_minutes", 0), ("schedule.max_minutes", -1)])
+def test_bad_schedule_values_are_refused(key, value):
+    with pytest.raises(ConfigError, match=key):
+        small_config("fp", None, **{key: value}).validate()
+
+
+def test_a_time_limit_ends_training_then_evaluates_the_quantized_table():
+    cfg = small_config("gnaq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 1,
+                                     "schedule.max_minutes": 0.05})
+    result = LocalTrainer(cfg, small_data()).run()
+    epochs = result.phase_epochs["fp"] + result.phase_epochs["quantized"]
+    assert 1 < epochs < 10_000
+    assert 1.5 <= result.phase_seconds["fp"] + result.phase_seconds["quantized"] < 3.0 + 5.0
+    last = result.history[-1]
+    assert last["phase"] == "quantized" and last["recall@10"] == result.metrics["recall@10"] > 0
+
+
+def test_a_time_limit_inside_the_warm_up_still_ends_with_a_quantized_table():
+    cfg = small_config("lsq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 9_000,
+                                    "schedule.max_minutes": 0.01})
+    result = LocalTrainer(cfg, small_data()).run()
+    assert result.phase_epochs["quantized"] == 0 and result.history[-1]["phase"] == "quantized"
+    assert result.storage["compression_ratio"] > 1
+
+
+def scenario_time_limit(rank: int, world: int, tmp: str) -> dict:
+    """Rank 1 sleeps in every step, so the ranks' clocks disagree; both must stop together."""
+    import time
+
+    from gnaq_dist.distributed.loop import DistributedTrainer
+
+    cfg = small_config("gnaq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 2,
+                                     "schedule.max_minutes": 0.04, "checkpoint.every_epochs": 1000,
+                                     "checkpoint.dir": tmp, "schedule.propagation": "full"})
+    trainer = DistributedTrainer(cfg, small_data())
+    if rank == 1:
+        original = trainer.step
+
+        def slow_step(*args):
+            time.sleep(0.01)
+            return original(*args)
+
+        trainer.step = slow_step
+    return trainer.run()
+
+
+def test_two_ranks_agree_on_the_time_limit_and_write_the_final_checkpoint(tmp_path):
+    r0, r1 = run_ranks(scenario_time_limit, 2, str(tmp_path), timeout=180)
+    assert r0["steps"] == r1["steps"] > 0 and r0["metrics"] == r1["metrics"]
+    assert r0["phase_epochs"]["quantized"] >= 1
+    assert r0["checkpoint"] and r0["checkpoint"] == r1["checkpoint"]
+    assert r0["history"][-1]["event"] in ("checkpoint", "end")
+    evals = [h for h in r0["history"] if h.get("event") == "eval"]
+    assert evals[-1]["step"] == r0["steps"]

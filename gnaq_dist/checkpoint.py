@@ -442,7 +442,6 @@ def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
     ``data`` is the training dataset the manifest names (its id maps and train edges).
     """
     from gnaq_dist.dataset import load_dataset
-    from gnaq_dist.graph import build_graph
 
     manifest = verify(uri, storage_options)
     dataset = manifest["config"].get("dataset")
@@ -452,6 +451,16 @@ def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
     key = data_key(data)
     if key["train_sha256"] != manifest["data"]["train_sha256"]:
         raise CheckpointError(f"{uri}: dataset {dataset} has changed since the checkpoint was written")
+    kind, table = load_table(uri, manifest, data, storage_options)
+    return manifest, kind, table, data
+
+
+def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
+               storage_options: dict[str, Any] | None = None) -> tuple[str, Any]:
+    """``(kind, table)`` of a verified checkpoint of ``data``: every shard read into one method,
+    packed as the evaluator packs it (shared by ``gnaq export`` and ``gnaq evaluate``)."""
+    from gnaq_dist.graph import build_graph
+
     n = data.n_nodes
     rows = read_rows(uri, manifest, np.arange(n, dtype=np.int64), storage_options)
     graph = build_graph(data) if manifest["shard_method"] == "bigear" else None
@@ -459,16 +468,16 @@ def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
     load_rows(method, rows)
     load_dense(method, read_table(uri, "dense.parquet", storage_options), None)
     if method.name == "fp":
-        return manifest, "fp", method.weight.detach().clone(), data
+        return "fp", method.weight.detach().clone()
     if method.name == "bigear":
         method.init_from_full_precision(method.weight.detach().clone())
     level_dtype = getattr(torch, manifest["model"]["level_dtype"])
-    return manifest, "packed", method.pack(level_dtype=level_dtype), data
+    return "packed", method.pack(level_dtype=level_dtype)
 
 
 __all__ = [
     "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "build_for_rows", "checkpoint_name", "data_key",
-    "dense_table", "load_dense", "load_for_export", "load_rows", "new_manifest", "parquet_bytes", "read_manifest",
-    "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name", "shard_table",
-    "verify", "write_file",
+    "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes",
+    "read_manifest", "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name",
+    "shard_table", "verify", "write_file",
 ]

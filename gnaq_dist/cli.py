@@ -179,6 +179,40 @@ def _cmd_recommend(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
     return run
 
 
+def _cmd_evaluate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
+    parser.add_argument("model", nargs="?", metavar="CHECKPOINT_OR_BUNDLE",
+                        help="a checkpoint directory (any fsspec URI) or an exported bundle (a local path)")
+    parser.add_argument("--dataset", help="the ingested dataset to evaluate on (URI; required)")
+    parser.add_argument("--popularity", action="store_true",
+                        help="score train-set popularity instead of a model")
+    parser.add_argument("--oracle", metavar="LOG",
+                        help="score the generator's ranking of the gnaq generate log DATASET was ingested from")
+    parser.add_argument("--ks", help="cut-offs, e.g. 10,20,50 (default: the checkpoint's eval.ks, else 10,20,50)")
+    parser.add_argument("--split", choices=("test", "valid"),
+                        help="held-out split (default: the checkpoint's eval.split, else test)")
+    parser.add_argument("--max-users", type=int, metavar="N",
+                        help="a fixed random sample of N users (default: the checkpoint's eval.max_users, else all)")
+    parser.add_argument("--seed", type=int, help="seed of the user sample (default: the checkpoint's seed, else 0)")
+    parser.add_argument("--batch-size", type=int, metavar="B", help="users scored at once")
+    parser.add_argument("--json", action="store_true", help="print the metrics as one JSON object")
+    parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+    def run(args: argparse.Namespace) -> int:
+        import json
+
+        from gnaq_dist.evaluate import evaluate, format_report, parse_ks
+
+        result = evaluate(
+            args.model, args.dataset, popularity=args.popularity, oracle=args.oracle,
+            ks=parse_ks(args.ks) if args.ks is not None else None, split=args.split, max_users=args.max_users,
+            seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress and sys.stderr.isatty(),
+        )
+        print(json.dumps(result) if args.json else format_report(result))
+        return 0
+
+    return run
+
+
 COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[argparse.Namespace], int]]]] = {
     "ingest": ("turn interaction logs (Parquet, any fsspec URI) into a training dataset", _cmd_ingest),
     "train": ("train LightGCN with GNAQ or a baseline on an ingested dataset", _cmd_train),
@@ -196,7 +230,22 @@ COMMANDS: dict[str, tuple[str, Callable[[argparse.ArgumentParser], Callable[[arg
 COMMANDS.update({
     "export": ("write a trained checkpoint as an edge bundle (Parquet + bundle.json)", _cmd_export),
     "recommend": ("top-K items for users from an exported bundle (numpy only, no torch)", _cmd_recommend),
+    "evaluate": ("Recall@K / NDCG@K of a checkpoint, a bundle, popularity or a synthetic log's generator",
+                 _cmd_evaluate),
 })
+
+
+def version() -> str:
+    """The installed package's version (``gnaq_dist.__version__`` when not installed)."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as dist_version
+
+    try:
+        return dist_version("gnaq-dist")
+    except PackageNotFoundError:
+        import gnaq_dist
+
+        return getattr(gnaq_dist, "__version__", "unknown")
 
 
 def build_parser(
@@ -205,6 +254,7 @@ def build_parser(
     """All subcommands, or only ``command``'s arguments set up: a setup imports its modules,
     and ``gnaq recommend`` must not pull in torch through another command's."""
     parser = argparse.ArgumentParser(prog="gnaq", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"gnaq {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers = {}
     for name, (help_text, setup) in COMMANDS.items():
@@ -216,6 +266,9 @@ def build_parser(
 
 def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv == ["--version"]:  # without setting up (importing) every subcommand
+        print(f"gnaq {version()}")
+        return 0
     parser, handlers = build_parser(argv[0] if argv and argv[0] in COMMANDS else None)
     args = parser.parse_args(argv)
     if args.command is None:

@@ -7,11 +7,13 @@ Users without test items are skipped (they count in neither sum nor count).
 
 Embedding rows: if ``user_emb`` has ``n_users`` rows it is indexed by the global ids in
 ``users``; otherwise it must have ``len(users)`` rows aligned with ``users`` (a shard).
+Scores that are no dot product (a generator's ground truth) go through
+:func:`evaluate_scores`, which takes a per-batch scoring function instead.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -90,9 +92,23 @@ def _check_csr(
     return indptr, indices
 
 
+#: ``score(batch users, their rows) -> (B, n_items)`` scores, a fresh tensor (train items are
+#: overwritten with ``-inf`` in place).
+BatchScores = Callable[[np.ndarray, np.ndarray], torch.Tensor]
+
+
+def _dot_scores(user_emb: torch.Tensor, item_emb: torch.Tensor) -> BatchScores:
+    """Scores as dot products of ``user_emb`` rows with every item's embedding."""
+    user_t, item_t = user_emb.detach(), item_emb.detach()
+
+    def score(users: np.ndarray, rows: np.ndarray) -> torch.Tensor:
+        return user_t[torch.from_numpy(rows)] @ item_t.T
+
+    return score
+
+
 def _topk_batches(
-    user_emb: torch.Tensor,
-    item_emb: torch.Tensor,
+    score: BatchScores,
     users: np.ndarray,
     rows: np.ndarray,
     train_csr: tuple[np.ndarray, np.ndarray],
@@ -100,14 +116,13 @@ def _topk_batches(
     batch_size: int,
 ) -> Iterator[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
     """Yield ``(batch users, top-k items, top-k scores)`` with train items at ``-inf``;
-    ``rows[j]`` is the row of ``user_emb`` for ``users[j]``."""
+    ``rows[j]`` is the scoring row for ``users[j]``."""
     if batch_size <= 0:
         raise GnaqInputError(f"batch_size must be positive, got {batch_size}")
     indptr, indices = train_csr
-    item_t = item_emb.detach()
     for start in range(0, users.shape[0], batch_size):
         bu = users[start : start + batch_size]
-        scores = user_emb.detach()[torch.from_numpy(rows[start : start + batch_size])] @ item_t.T
+        scores = score(bu, rows[start : start + batch_size])
         r, pos = _ragged_positions(indptr, bu)
         scores[torch.from_numpy(r), torch.from_numpy(indices[pos])] = float("-inf")
         top_scores, top_items = torch.topk(scores, k, dim=1)
@@ -129,7 +144,7 @@ def rank_topk(
     k = min(int(k_max), item_emb.shape[0])
     items_out, scores_out = [], []
     rows = _user_rows(user_emb, users_np, indptr.shape[0] - 1)
-    batches = _topk_batches(user_emb, item_emb, users_np, rows, (indptr, indices), k, batch_size)
+    batches = _topk_batches(_dot_scores(user_emb, item_emb), users_np, rows, (indptr, indices), k, batch_size)
     for _, top_items, top_scores in batches:
         items_out.append(top_items)
         scores_out.append(top_scores)
@@ -168,17 +183,56 @@ def evaluate_ranking(
     ``test_csr`` rows must be sorted and duplicate-free, as
     :func:`gnaq_dist.graph.interactions_csr` makes them.
     """
+    return _ranking_sums(_dot_scores(user_emb, item_emb), item_emb.shape[0],
+                         lambda u, n: _user_rows(user_emb, u, n), users, train_csr, test_csr, ks, batch_size,
+                         progress)
+
+
+def evaluate_scores(
+    score: Callable[[np.ndarray], torch.Tensor],
+    n_items: int,
+    users: np.ndarray | torch.Tensor | None,
+    train_csr: tuple[np.ndarray, np.ndarray],
+    test_csr: tuple[np.ndarray, np.ndarray],
+    ks: Sequence[int] = (10, 20, 50),
+    batch_size: int = 1024,
+    progress: bool = False,
+) -> EvalSums:
+    """As :func:`evaluate_ranking`, with ``score(batch of global user ids) -> (B, n_items)``
+    (a fresh tensor) in place of embedding dot products: for scores that are no low-rank
+    product, still computed a batch at a time."""
+
+    def check(users_np: np.ndarray, n_users: int) -> np.ndarray:
+        if users_np.size and (users_np.min() < 0 or users_np.max() >= n_users):
+            raise GnaqInputError(f"user ids must lie in [0, {n_users}), got [{users_np.min()}, {users_np.max()}]")
+        return users_np
+
+    return _ranking_sums(lambda bu, rows: score(bu), int(n_items), check, users, train_csr, test_csr, ks,
+                         batch_size, progress)
+
+
+def _ranking_sums(
+    score: BatchScores,
+    n_items: int,
+    rows_of: Callable[[np.ndarray, int], np.ndarray],
+    users: np.ndarray | torch.Tensor | None,
+    train_csr: tuple[np.ndarray, np.ndarray],
+    test_csr: tuple[np.ndarray, np.ndarray],
+    ks: Sequence[int],
+    batch_size: int,
+    progress: bool,
+) -> EvalSums:
+    """The metric sums of both entry points; ``rows_of(users, n_users)`` gives each user's scoring row."""
     ks = tuple(int(k) for k in ks)
     if not ks or min(ks) <= 0:
         raise GnaqInputError(f"ks must be positive, got {ks}")
     t_indptr, t_indices = _check_csr("test_csr", test_csr)
     n_users = t_indptr.shape[0] - 1
     tr_indptr, tr_indices = _check_csr("train_csr", train_csr, n_users)
-    n_items = item_emb.shape[0]
     users_np = np.arange(n_users, dtype=np.int64) if users is None else np.asarray(users, dtype=np.int64)
     n_test = np.diff(t_indptr)[users_np]
     keep = n_test > 0
-    rows = _user_rows(user_emb, users_np, n_users)[keep]
+    rows = rows_of(users_np, n_users)[keep]
     users_np, n_test = users_np[keep], n_test[keep]
 
     k_top = min(max(ks), n_items)
@@ -190,9 +244,7 @@ def evaluate_ranking(
     done = 0
     bar = tqdm(total=int(users_np.shape[0]), unit="user", unit_scale=True, desc="evaluate", leave=False,
                disable=not progress, mininterval=1.0)
-    for bu, top_items, top_scores in _topk_batches(
-        user_emb, item_emb, users_np, rows, (tr_indptr, tr_indices), k_top, batch_size
-    ):
+    for bu, top_items, top_scores in _topk_batches(score, users_np, rows, (tr_indptr, tr_indices), k_top, batch_size):
         nt = n_test[done : done + bu.shape[0]]
         done += bu.shape[0]
         bar.update(bu.shape[0])
@@ -208,4 +260,4 @@ def evaluate_ranking(
     return EvalSums(ks, recall, ndcg, int(users_np.shape[0]))
 
 
-__all__ = ["EvalSums", "evaluate_ranking", "finalize", "rank_topk", "users_to_evaluate"]
+__all__ = ["EvalSums", "evaluate_ranking", "evaluate_scores", "finalize", "rank_topk", "users_to_evaluate"]

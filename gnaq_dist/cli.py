@@ -32,8 +32,11 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
     flags = {
         "dataset": args.dataset, "out": args.out, "model.method": args.method,
         "model.bits": args.bits, "schedule.epochs": args.epochs, "seed": args.seed,
+        "schedule.steps_per_epoch": args.steps_per_epoch, "schedule.max_minutes": args.time_limit,
     }
     overrides = [f"{key}={value}" for key, value in flags.items() if value is not None]
+    if args.method == "fp" and args.bits is None:  # a config's bit width is for its quantized method
+        overrides.append("model.bits=null")
     if args.no_progress:
         overrides.append("progress=false")
     return overrides + list(args.overrides)
@@ -47,10 +50,15 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     parser.add_argument("--bits", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int)
+    parser.add_argument("--steps-per-epoch", type=int, metavar="N",
+                        help="optimizer steps per epoch, one propagation each (schedule.steps_per_epoch)")
+    parser.add_argument("--time-limit", type=float, metavar="MIN",
+                        help="stop training after MIN minutes of wall clock, then evaluate and write the "
+                             "final checkpoint (schedule.max_minutes)")
     parser.add_argument("--no-progress", action="store_true")
     parser.add_argument("--workers", type=int,
-                        help="train with W Ray Train workers (sharded tables, sampled blocks); "
-                             "without it, train in this process on the full graph")
+                        help="train with W Ray Train workers (sharded tables; the full graph split by "
+                             "owner unless schedule.propagation=sampled); without it, train in this process")
     parser.add_argument("--address", help="an existing Ray cluster (default: start a local one)")
 
     def run(args: argparse.Namespace) -> int:

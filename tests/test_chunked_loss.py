@@ -43,12 +43,13 @@ def test_chunked_bpr_gradient_equals_autograd_of_the_whole_loss():
     u = x[users]
     ref = F.softplus((u.unsqueeze(1) * x[neg]).sum(-1) - (u * x[pos]).sum(-1, keepdim=True)).mean()
     ref.backward()
-    for chunk in (None, 1, 5, 37, 1000):
-        loss, grad = bpr_row_gradient(final, users, pos, neg, 37 * 4, chunk)
-        assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
-        torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-7)
-    loss, grad = bpr_row_gradient(final, users[:0], pos[:0], neg[:0], 1.0, 4)  # a rank with no positive
-    assert float(loss) == 0.0 and not grad.any()
+    for fused in (True, False):  # numba's one-pass kernel, torch's chunks
+        for chunk in (None, 1, 5, 37, 1000):
+            loss, grad = bpr_row_gradient(final, users, pos, neg, 37 * 4, chunk, fused=fused)
+            assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
+            torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-7)
+        loss, grad = bpr_row_gradient(final, users[:0], pos[:0], neg[:0], 1.0, 4, fused=fused)  # no positive here
+        assert float(loss) == 0.0 and not grad.any()
 
 
 def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list[torch.Tensor]:

@@ -7,19 +7,73 @@ rows, which the caller then back-propagates through the propagation once.
 
 from __future__ import annotations
 
+import functools
+import math
+from typing import Any
+
+import numpy as np
 import torch
 import torch.nn.functional as F
 
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.dequant_kernels import compile_with_numba
+
+
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any | None:
+    """The fused per-positive kernel (one pass, no (B, k, d) temporaries), or None without numba."""
+    return compile_with_numba(_compile, "the BPR loss kernel")
+
+
+def _compile(numba: Any, cache: bool) -> Any:
+    @numba.njit(nogil=True, boundscheck=False, fastmath=True, cache=cache)
+    def bpr(final, users, pos, neg, inv_denom, grad):  # pragma: no cover - compiled
+        n, k = neg.shape
+        d = final.shape[1]
+        total = 0.0
+        gu = np.empty(d, dtype=np.float32)
+        for i in range(n):
+            u, p = users[i], pos[i]
+            sp = np.float32(0.0)
+            for j in range(d):
+                sp += final[u, j] * final[p, j]
+                gu[j] = 0.0
+            g_sum = np.float32(0.0)
+            for c in range(k):
+                q = neg[i, c]
+                sq = np.float32(0.0)
+                for j in range(d):
+                    sq += final[q, j] * final[u, j]
+                diff = sq - sp
+                # softplus and sigmoid, stable for either sign of diff
+                if diff > 0:
+                    total += diff + math.log1p(math.exp(-diff))
+                    e = math.exp(-diff)
+                    g = np.float32(inv_denom / (1.0 + e))
+                else:
+                    e = math.exp(diff)
+                    total += math.log1p(e)
+                    g = np.float32(inv_denom * e / (1.0 + e))
+                g_sum += g
+                for j in range(d):
+                    gu[j] += g * final[q, j]
+                    grad[q, j] += g * final[u, j]
+            for j in range(d):
+                grad[u, j] += gu[j] - g_sum * final[p, j]
+                grad[p, j] -= g_sum * final[u, j]
+        return total
+
+    return bpr
 
 
 def bpr_row_gradient(final: torch.Tensor, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
-                     denom: float, chunk: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                     denom: float, chunk: int | None = None, fused: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
     """``(loss, grad)`` of ``sum softplus(<u, n_k> - <u, p>) / denom`` over the positives.
 
     ``users``, ``pos`` (B,) and ``neg`` (B, k) are row indices into ``final`` (n, d);
-    ``grad`` is (n, d), the loss's gradient w.r.t. ``final``. ``chunk`` positives are scored
-    at a time (None: all at once); the result does not depend on it beyond float rounding.
+    ``grad`` is (n, d), the loss's gradient w.r.t. ``final``. With numba (``fused``) one pass
+    holds one positive's rows at a time; in torch, ``chunk`` positives are scored at a time
+    (None: all at once). The result depends on neither beyond float rounding.
     """
     if neg.dim() != 2 or neg.shape[0] != users.shape[0] or pos.shape != users.shape:
         raise GnaqInputError("users, pos must be (B,) and neg (B, k) with the same B")
@@ -27,6 +81,11 @@ def bpr_row_gradient(final: torch.Tensor, users: torch.Tensor, pos: torch.Tensor
         raise GnaqInputError(f"chunk must be >= 1 or None, got {chunk}")
     final = final.detach()
     grad = torch.zeros_like(final)
+    kernel = _kernel() if fused and final.dtype == torch.float32 and final.device.type == "cpu" else None
+    if kernel is not None:
+        total = kernel(final.contiguous().numpy(), users.numpy(), pos.numpy(), np.ascontiguousarray(neg.numpy()),
+                       1.0 / denom, grad.numpy())
+        return torch.tensor(total / denom, dtype=final.dtype), grad
     total = torch.zeros((), dtype=torch.float64)
     n = int(users.shape[0])
     step = n if chunk is None else int(chunk)

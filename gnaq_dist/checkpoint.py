@@ -12,7 +12,8 @@ Layout (PyTorch-BigGraph style: one file per shard, a manifest as the commit mar
                                        config, dataset key, partition, sha256 of every file
 
 Why this shape: every rank writes only what it owns, in parallel, through fsspec (local,
-``memory://``, ``s3://``); nothing is pickled, and every file is readable with pyarrow
+``memory://``, ``s3://``), each file all or nothing (:func:`gnaq_dist.storage.write_file`);
+nothing is pickled, and every file is readable with pyarrow
 alone. A directory without ``manifest.json``, or with a file whose size or sha256
 differs from it, is never loaded: :meth:`CheckpointStore.latest` skips it (with a
 warning naming the file) and falls back to the newest complete checkpoint.
@@ -28,10 +29,8 @@ import hashlib
 import io
 import json
 import logging
-import os
 import posixpath
 import re
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -40,11 +39,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from gnaq_dist.dataset import data_key, load_dataset  # data_key re-exported: the trainers check checkpoints with it
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
-from gnaq_dist.storage import is_local, join, resolve
+from gnaq_dist.storage import join, resolve, write_file
 
 log = logging.getLogger(__name__)
 
@@ -71,47 +71,11 @@ def residual_name(rank: int, world: int) -> str:
     return f"residuals-{rank:05d}-of-{world:05d}.parquet"
 
 
-def data_key(data: InteractionData) -> dict[str, Any]:
-    """What identifies the training data: a checkpoint of other data must not load."""
-    digest = hashlib.sha256()
-    digest.update(np.array([data.n_users, data.n_items], dtype=np.int64).tobytes())
-    for column in (data.train_user, data.train_item):  # hashed in place: no copy of the pairs
-        digest.update(np.ascontiguousarray(column, dtype=np.int64).data)
-    return {"fingerprint": data.fingerprint, "n_users": int(data.n_users), "n_items": int(data.n_items),
-            "n_train": int(data.n_train), "train_sha256": digest.hexdigest()[:32]}
-
-
 # -- files ---------------------------------------------------------------------------------
 def parquet_bytes(table: pa.Table) -> bytes:
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink, compression="zstd")
     return sink.getvalue().to_pybytes()
-
-
-def write_file(fs, path: str, data: bytes) -> dict[str, Any]:
-    """Write ``data`` so that ``path`` holds all of it or nothing; returns its manifest entry.
-
-    Local files are written beside the target and renamed; object stores publish a PUT
-    whole. The checksum is of the bytes we meant to write; readers compare against it.
-    """
-    parent = posixpath.dirname(path)
-    if is_local(fs):
-        os.makedirs(parent, exist_ok=True)
-        tmp = os.path.join(parent, f".{posixpath.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-        try:
-            with open(tmp, "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-    else:
-        fs.makedirs(parent, exist_ok=True)
-        with fs.open(path, "wb") as handle:
-            handle.write(data)
-    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
 
 
 # -- tables of a method's state ----------------------------------------------------------------
@@ -438,11 +402,10 @@ def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
     """``(manifest, kind, table, data)`` of a checkpoint, for ``gnaq export``.
 
     Reads every shard into one method over all rows and packs it as the evaluator does:
-    ``kind`` is ``"packed"`` (a PackedTable) or ``"fp"`` (a float32 (N, d) tensor).
+    ``kind`` is ``"packed"`` (a PackedTable) or ``"fp"`` (a float32 (N, d) numpy array):
+    numpy, as :func:`gnaq_dist.export.export_bundle` takes them.
     ``data`` is the training dataset the manifest names (its id maps and train edges).
     """
-    from gnaq_dist.dataset import load_dataset
-
     manifest = verify(uri, storage_options)
     dataset = manifest["config"].get("dataset")
     if not dataset:
@@ -452,7 +415,7 @@ def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
     if key["train_sha256"] != manifest["data"]["train_sha256"]:
         raise CheckpointError(f"{uri}: dataset {dataset} has changed since the checkpoint was written")
     kind, table = load_table(uri, manifest, data, storage_options)
-    return manifest, kind, table, data
+    return manifest, kind, table.numpy() if kind == "fp" else table, data
 
 
 def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
@@ -479,5 +442,5 @@ __all__ = [
     "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "build_for_rows", "checkpoint_name", "data_key",
     "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes",
     "read_manifest", "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name",
-    "shard_table", "verify", "write_file",
+    "shard_table", "verify",
 ]

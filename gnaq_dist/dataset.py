@@ -2,11 +2,13 @@
 
 A directory is a dataset only if it has ``manifest.json`` (the commit mark written
 last); with ``verify`` every file's sha256 and row count must match the manifest, so a
-truncated or swapped file is caught before training on it.
+truncated or swapped file is caught before training on it. :func:`data_key` names the
+training data, so that checkpoints and partitions of other data are refused.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import posixpath
 from typing import Any
@@ -102,3 +104,13 @@ def load_id_maps(uri: str, storage_options: dict[str, Any] | None = None, verify
         table = tables[name].sort_by("index")
         out.append(table.column("raw_id").combine_chunks())
     return out[0], out[1]
+
+
+def data_key(data: InteractionData) -> dict[str, Any]:
+    """What identifies the training data: a checkpoint or partition of other data must not load."""
+    digest = hashlib.sha256()
+    digest.update(np.array([data.n_users, data.n_items], dtype=np.int64).tobytes())
+    for column in (data.train_user, data.train_item):  # hashed in place: no copy of the pairs
+        digest.update(np.ascontiguousarray(column, dtype=np.int64).data)
+    return {"fingerprint": data.fingerprint, "n_users": int(data.n_users), "n_items": int(data.n_items),
+            "n_train": int(data.n_train), "train_sha256": digest.hexdigest()[:32]}

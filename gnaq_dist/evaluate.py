@@ -51,7 +51,7 @@ def eval_defaults() -> dict[str, Any]:
 def detect_model(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """``"checkpoint"`` (``manifest.json`` of a gnaq checkpoint) or ``"bundle"`` (``bundle.json``)."""
     from gnaq_dist.checkpoint import MANIFEST
-    from gnaq_dist.serving import BUNDLE_JSON
+    from gnaq_dist.bundle import BUNDLE_JSON
     from gnaq_dist.storage import join, read_json, resolve
 
     fs, path = resolve(uri, storage_options)
@@ -83,9 +83,10 @@ def final_embeddings(kind: str, table: Any, graph, method, num_layers: int) -> t
 def checkpoint_model(uri: str, data, graph, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
     """A checkpoint of ``data`` (refused if its data key differs), its final embeddings."""
     from gnaq_dist import checkpoint as ckpt
+    from gnaq_dist.dataset import data_key
 
     manifest = ckpt.read_manifest(uri, storage_options)
-    mine, theirs = ckpt.data_key(data), manifest.get("data") or {}
+    mine, theirs = data_key(data), manifest.get("data") or {}
     for key in ("n_users", "n_items", "n_train", "train_sha256"):
         if theirs.get(key) != mine[key]:
             raise GnaqInputError(f"{uri}: trained on another dataset than {dataset} ({key} {theirs.get(key)!r} in "
@@ -126,16 +127,8 @@ def bundle_model(path: str, data, graph, dataset: str, storage_options: dict[str
 
     # serving's own readers: bundle.json and every file verified as Bundle.load verifies them
     info = serving._read_info(path)
-    kind, files = info.get("kind"), info.get("files")
-    needed = {"packed": ("codes", "levels"), "fp": ("embeddings",)}.get(kind)
-    if needed is None or not isinstance(files, dict):
-        raise GnaqInputError(f"{os.path.join(path, serving.BUNDLE_JSON)}: kind must be 'packed' or 'fp' with a "
-                             f"'files' table, got {kind!r}")
-    tables = {}
-    for name in (*needed, "users", "items", "train"):
-        if name not in files:
-            raise GnaqInputError(f"{os.path.join(path, serving.BUNDLE_JSON)}: no {name!r} file listed")
-        tables[name] = serving._read_file(path, name, files[name], True)
+    tables = serving._read_tables(path, info, True)
+    kind, files = info["kind"], info["files"]
     n_users, n_items = serving._int_field(info, "n_users", 1), serving._int_field(info, "n_items", 1)
     if (n_users, n_items) != (data.n_users, data.n_items):
         raise GnaqInputError(f"{path}: a bundle of {n_users} users x {n_items} items, {dataset} has "

@@ -15,131 +15,39 @@ one directory at any fsspec URI:
   the graph to propagate over and the items to exclude per user;
 * ``bundle.json`` — written LAST (the commit mark): format, method, shapes, the
   dataset fingerprint, ``meta``, the size report, and the sha256/size of every file.
+
+The layout's names are :mod:`gnaq_dist.bundle`'s; the directory is committed by
+:class:`gnaq_dist.storage.AtomicOutput`. Tables come in as numpy arrays, so importing
+this module pulls in neither torch nor Ray nor DGL; reading a checkpoint (torch, and DGL
+for BiGeaR) is :func:`gnaq_dist.checkpoint.load_for_export`, imported by
+:func:`export_checkpoint` when called.
 """
 
 from __future__ import annotations
 
 import json
-import os
-import posixpath
-import shutil
-import uuid
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
-import pyarrow.parquet as pq
 
+from gnaq_dist.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_JSON,
+    BUNDLE_VERSION,
+    KINDS,
+    SUPPORTED_BITS,
+    TABLE_FIELDS,
+    body_digest,
+    file_name,
+    packed_row_bytes,
+)
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.interactions import InteractionData, unique_pair_keys
-from gnaq_dist.quant.packing import PackedTable
-from gnaq_dist.serving import BUNDLE_FORMAT, BUNDLE_JSON, BUNDLE_VERSION, body_digest
-from gnaq_dist.storage import is_local, join, output_exists, resolve, sha256_of
+from gnaq_dist.storage import AtomicOutput
 
-KINDS = ("packed", "fp")
-
-
-class _BundleOutput:
-    """Write a bundle directory so that it appears complete or not at all.
-
-    Local: files go to a hidden sibling staging directory that is renamed into place.
-    Elsewhere: files are written under names the existing bundle does not use,
-    ``bundle.json`` last, then the old bundle's files are removed. Leaving the block
-    without :meth:`commit` removes everything this attempt wrote.
-    """
-
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None, overwrite: bool) -> None:
-        self.uri = uri
-        self.fs, self.path = resolve(uri, storage_options)
-        self.local = is_local(self.fs)
-        self.overwrite = overwrite
-        self.written: list[str] = []
-        self.taken: set[str] = set()
-        self.committed = False
-
-    def __enter__(self) -> _BundleOutput:
-        exists = output_exists(self.fs, self.path)
-        if exists and not self.overwrite:
-            raise GnaqInputError(f"{self.uri}: already exists; pass --overwrite (overwrite=True) to replace it")
-        if exists and not self.fs.isdir(self.path):
-            raise GnaqInputError(f"{self.uri}: exists and is a file, not a bundle directory")
-        if self.local:
-            parent, name = os.path.split(os.path.abspath(self.path))
-            os.makedirs(parent, exist_ok=True)
-            self.stage = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
-            os.makedirs(self.stage)
-        else:
-            self.stage = self.path
-            if exists:
-                self.taken = {posixpath.basename(p) for p in self.fs.ls(self.path, detail=False)}
-        return self
-
-    def __exit__(self, exc_type, exc, tb) -> None:
-        if self.committed:
-            return
-        if self.local:
-            shutil.rmtree(self.stage, ignore_errors=True)
-        else:
-            for path in self.written:
-                try:
-                    self.fs.rm(path)
-                except (FileNotFoundError, OSError):
-                    pass
-
-    def _target(self, name: str) -> str:
-        return os.path.join(self.stage, name) if self.local else join(self.stage, name)
-
-    def write_parquet(self, name: str, table: pa.Table, plain_columns: tuple[str, ...] = ()) -> dict[str, Any]:
-        """Write ``table`` as ``name`` (a fresh name if the old bundle uses it); its bundle.json entry."""
-        if name in self.taken:
-            stem, ext = name.split(".", 1)
-            name = f"{stem}.{uuid.uuid4().hex[:8]}.{ext}"
-        path = self._target(name)
-        self.written.append(path)
-        # Codes and levels are near-random bytes: dictionaries and statistics only add size.
-        dictionary = [c for c in table.column_names if c not in plain_columns]
-        with self.fs.open(path, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd", use_dictionary=dictionary,
-                           write_statistics=dictionary)
-        return {"path": name, "rows": table.num_rows, "bytes": int(self.fs.size(path)),
-                "sha256": sha256_of(self.fs, path)}
-
-    def commit(self, info: dict[str, Any]) -> None:
-        """Write bundle.json (the commit mark) and make the new bundle the visible one."""
-        data = json.dumps(info, indent=2).encode("utf-8")
-        if not self.local:
-            with self.fs.open(join(self.path, BUNDLE_JSON), "wb") as handle:
-                handle.write(data)
-            self.committed = True
-            keep = {entry["path"] for entry in info["files"].values()} | {BUNDLE_JSON}
-            for name in sorted(self.taken - keep):
-                try:
-                    self.fs.rm(join(self.path, name), recursive=True)
-                except (FileNotFoundError, OSError):
-                    pass
-            return
-        with open(os.path.join(self.stage, BUNDLE_JSON), "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        target = os.path.abspath(self.path)
-        aside = None
-        if os.path.lexists(target):
-            if os.path.isdir(target) and not os.listdir(target):
-                os.rmdir(target)
-            else:
-                parent, name = os.path.split(target)
-                aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
-                os.rename(target, aside)
-        try:
-            os.rename(self.stage, target)
-        except BaseException:
-            if aside is not None:
-                os.rename(aside, target)
-            raise
-        self.committed = True
-        if aside is not None:
-            shutil.rmtree(aside, ignore_errors=True)
+#: Columns of near-random bytes (codes, levels, floats): dictionaries and statistics only add size.
+PLAIN_COLUMNS = ("codes", "levels", "embedding")
 
 
 # -- columns ---------------------------------------------------------------------------------
@@ -184,7 +92,7 @@ def _train_pairs(data: InteractionData) -> pa.Table:
 
 
 def _as_float32_table(table: Any, n: int) -> np.ndarray:
-    """An fp table (torch tensor or numpy array) as a float32 (N, d) numpy array."""
+    """An fp table as a float32 (N, d) numpy array (a torch tensor is detached and converted)."""
     if hasattr(table, "detach"):
         table = table.detach().cpu().numpy()
     x = np.asarray(table)
@@ -195,29 +103,51 @@ def _as_float32_table(table: Any, n: int) -> np.ndarray:
     return x.astype(np.float32, copy=False)
 
 
+def _packed_arrays(table: Any, n: int) -> tuple[np.ndarray, np.ndarray]:
+    """(codes, levels) of a packed table: a :class:`~gnaq_dist.quant.packing.PackedTable` or any
+    object with its fields (numpy ``codes``/``levels``, ``bits``, ``dim``, ``groups``, ...)."""
+    missing = [f for f in ("codes", "levels", "method", "bits", "dim", "groups", "needs_propagation",
+                           "group_weights") if not hasattr(table, f)]
+    if missing:
+        raise GnaqInputError(f"kind 'packed' needs a PackedTable, got {type(table).__name__} "
+                             f"(no {', '.join(missing)})")
+    codes, levels = np.asarray(table.codes), np.asarray(table.levels)
+    if table.bits not in SUPPORTED_BITS:
+        raise GnaqInputError(f"packed table: bits must be one of {SUPPORTED_BITS}, got {table.bits!r}")
+    if codes.shape[0] != n:
+        raise GnaqInputError(f"packed table has {codes.shape[0]} rows, the data {n} nodes")
+    width = packed_row_bytes(table.groups * table.dim, table.bits)
+    if codes.dtype != np.uint8 or codes.shape != (n, width):
+        raise GnaqInputError(f"packed codes must be uint8 ({n}, {width}), got {codes.dtype} {codes.shape}")
+    if levels.ndim != 3 or levels.shape[0] not in (1, n) or levels.shape[1:] != (table.groups, 1 << table.bits):
+        raise GnaqInputError(f"packed levels must be ({n} or 1, {table.groups}, {1 << table.bits}), "
+                             f"got {levels.shape}")
+    if levels.dtype not in (np.float16, np.float32):
+        raise GnaqInputError(f"packed levels must be float16 or float32, got {levels.dtype}")
+    if not np.all(np.isfinite(levels)):
+        raise GnaqInputError("packed table has non-finite levels")
+    return codes, levels
+
+
 # -- the bundle ------------------------------------------------------------------------------
 def _embedding_tables(kind: str, table: Any, n: int) -> tuple[dict[str, pa.Table], dict[str, Any]]:
-    """The embedding files and the bundle.json fields that describe them."""
+    """The embedding files and the bundle.json fields that describe them (plus byte counts)."""
     if kind == "fp":
         x = _as_float32_table(table, n)
         return ({"embeddings": pa.table({"embedding": _fixed_list(x)})},
                 {"method": "fp", "bits": None, "dim": int(x.shape[1]), "groups": 1, "needs_propagation": True,
                  "group_weights": None, "level_dtype": None, "levels_shared": False,
                  "embedding_bytes": int(x.shape[0] * x.shape[1] * 4), "code_bytes": 0, "level_bytes": 0})
-    if not isinstance(table, PackedTable):
-        raise GnaqInputError(f"kind 'packed' needs a PackedTable, got {type(table).__name__}")
-    if table.num_rows != n:
-        raise GnaqInputError(f"packed table has {table.num_rows} rows, the data {n} nodes")
-    if not np.all(np.isfinite(table.levels)):
-        raise GnaqInputError("packed table has non-finite levels")
-    levels = table.levels.reshape(table.levels.shape[0], -1)
-    return ({"codes": pa.table({"codes": _fixed_binary(table.codes)}),
-             "levels": pa.table({"levels": _fixed_list(levels)})},
-            {"method": table.method, "bits": table.bits, "dim": table.dim, "groups": table.groups,
-             "needs_propagation": table.needs_propagation, "group_weights": table.group_weights,
-             "level_dtype": np.dtype(table.levels.dtype).name, "levels_shared": table.levels.shape[0] == 1,
-             "embedding_bytes": table.bytes_total(), "code_bytes": table.code_bytes(),
-             "level_bytes": table.level_bytes()})
+    codes, levels = _packed_arrays(table, n)
+    weights = table.group_weights
+    return ({"codes": pa.table({"codes": _fixed_binary(codes)}),
+             "levels": pa.table({"levels": _fixed_list(levels.reshape(levels.shape[0], -1))})},
+            {"method": table.method, "bits": int(table.bits), "dim": int(table.dim), "groups": int(table.groups),
+             "needs_propagation": bool(table.needs_propagation),
+             "group_weights": None if weights is None else [float(w) for w in weights],
+             "level_dtype": np.dtype(levels.dtype).name, "levels_shared": levels.shape[0] == 1,
+             "embedding_bytes": int(codes.nbytes + levels.nbytes), "code_bytes": int(codes.nbytes),
+             "level_bytes": int(levels.nbytes)})
 
 
 def size_report(fields: dict[str, Any], files: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
@@ -259,8 +189,8 @@ def export_bundle(
 ) -> dict[str, Any]:
     """Write the bundle of ``table`` to ``out_uri``; returns the size report.
 
-    ``kind`` is "packed" (``table`` a PackedTable) or "fp" (a float32 (N, d) tensor or
-    array). ``id_maps`` = (user raw ids, item raw ids) as :func:`gnaq_dist.dataset.load_id_maps`
+    ``kind`` is "packed" (``table`` a PackedTable: numpy codes and levels) or "fp" (a
+    float32 (N, d) array). ``id_maps`` = (user raw ids, item raw ids) as :func:`gnaq_dist.dataset.load_id_maps`
     returns them; without it the raw ids are the internal indices. Refuses an existing
     ``out_uri`` unless ``overwrite``; on any error nothing is left behind.
     """
@@ -284,14 +214,18 @@ def export_bundle(
         "items": pa.table({"raw_id": _raw_ids(items_raw, data.n_items, "item")}),
         "train": _train_pairs(data),
     }
-    with _BundleOutput(out_uri, storage_options, overwrite) as out:
-        files = {name: out.write_parquet(f"{name}.parquet", t, plain_columns=("codes", "levels", "embedding"))
-                 for name, t in tables.items()}
+    with AtomicOutput(out_uri, storage_options, "overwrite" if overwrite else "create", mark=BUNDLE_JSON,
+                      exists_error="{uri}: already exists; pass --overwrite (overwrite=True) to replace it",
+                      file_error="{uri}: exists and is a file, not a bundle directory") as out:
+        files = {}
+        for name, t in tables.items():
+            dictionary = [c for c in t.column_names if c not in PLAIN_COLUMNS]
+            files[name] = out.write_parquet(file_name(name), t, use_dictionary=dictionary,
+                                            write_statistics=dictionary)
         report = size_report(fields, files, n)
         info: dict[str, Any] = {
             "format": BUNDLE_FORMAT, "format_version": BUNDLE_VERSION, "kind": kind,
-            **{k: fields[k] for k in ("method", "bits", "dim", "groups", "needs_propagation", "group_weights",
-                                     "level_dtype", "levels_shared")},
+            **{k: fields[k] for k in TABLE_FIELDS},
             "num_layers": num_layers, "n_users": data.n_users, "n_items": data.n_items,
             "n_train_pairs": tables["train"].num_rows,
             "raw_ids": "dataset" if id_maps is not None else "internal",

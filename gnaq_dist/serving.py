@@ -2,7 +2,9 @@
 
 Why a separate, light module: an edge device serves from the compact table without
 torch, DGL, Ray or fsspec. This module imports only the standard library, numpy,
-pyarrow and :mod:`gnaq_dist.errors`; it reads a bundle directory written by
+pyarrow and light gnaq_dist modules (:mod:`gnaq_dist.bundle` for the layout and the
+code decoder, :mod:`gnaq_dist.storage` for its atomic writer, which imports fsspec only
+to resolve URIs); it reads a bundle directory written by
 :func:`gnaq_dist.export.export_bundle` (a local path), verifies every file's sha256,
 and rebuilds the final embeddings with the same maths as
 :func:`gnaq_dist.propagation.final_from_packed`: dequantize, propagate over the
@@ -29,46 +31,24 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 
+from gnaq_dist.bundle import (
+    BUNDLE_FORMAT,
+    BUNDLE_JSON,
+    BUNDLE_VERSION,
+    FILE_COLUMNS,
+    KIND_FILES,
+    LEVEL_DTYPES,
+    SHARED_FILES,
+    SUPPORTED_BITS,
+    body_digest,
+    dequantize_codes,
+    packed_row_bytes,
+)
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.interactions import unique_pair_keys
+from gnaq_dist.storage import atomic_path
 
-BUNDLE_JSON = "bundle.json"
-BUNDLE_FORMAT = "gnaq-bundle"
-BUNDLE_VERSION = 1
-#: bundle.json keys of the Parquet files, and the columns each one must have.
-FILE_COLUMNS: dict[str, tuple[str, ...]] = {
-    "codes": ("codes",), "levels": ("levels",), "embeddings": ("embedding",),
-    "users": ("raw_id",), "items": ("raw_id",), "train": ("user", "item"),
-}
-LEVEL_DTYPES = {"float16": np.float16, "float32": np.float32}
 _SPMM_ELEMENTS = 1 << 24  # temporary (edges x d) floats per block of rows: 64 MiB
-
-
-# -- storage layout (shared with gnaq_dist.quant.packing) ------------------------------------
-def unpack_bits(packed: np.ndarray, bits: int, width: int) -> np.ndarray:
-    """(R, nbytes) uint8 -> (R, width) uint8 codes.
-
-    The one definition of the packed layout's decoding (``packing.unpack_codes``
-    validates and calls this): code ``j`` sits in byte ``j*bits // 8`` at bit offset
-    ``j*bits % 8``, little-endian within the byte.
-    """
-    per = 8 // bits
-    shifts = (np.arange(per, dtype=np.uint8) * bits).astype(np.uint8)
-    mask = np.uint8((1 << bits) - 1)
-    out = (packed[:, :, None] >> shifts) & mask
-    return out.reshape(packed.shape[0], per * packed.shape[1])[:, :width]  # explicit width: 0 rows ok
-
-
-def dequantize_codes(codes: np.ndarray, levels: np.ndarray, bits: int, groups: int, dim: int) -> np.ndarray:
-    """(R, groups*dim) float32 values: ``x[r, g*dim + j] = levels[r or 0, g, code[r, g*dim + j]]``.
-
-    ``codes`` are packed (R, nbytes) uint8, ``levels`` (R or 1, groups, 2**bits) in the
-    stored dtype; one vectorised gather, shared with ``PackedTable.dequantize``.
-    """
-    n = codes.shape[0]
-    q = unpack_bits(codes, bits, groups * dim).reshape(n, groups, dim)
-    lv = np.broadcast_to(levels.astype(np.float32), (n, groups, 1 << bits))
-    return np.take_along_axis(lv, q.astype(np.intp), axis=2).reshape(n, groups * dim)
 
 
 # -- the train graph -------------------------------------------------------------------------
@@ -180,13 +160,6 @@ def top_k(
 
 
 # -- reading a bundle ------------------------------------------------------------------------
-def body_digest(info: dict[str, Any]) -> str:
-    """sha256 of bundle.json's content without its own ``bundle_sha256`` (a flipped byte
-    in bundle.json itself is caught too)."""
-    body = {k: v for k, v in info.items() if k != "bundle_sha256"}
-    return hashlib.sha256(json.dumps(body, sort_keys=True, separators=(",", ":")).encode("utf-8")).hexdigest()
-
-
 def _read_info(path: str) -> dict[str, Any]:
     info_path = os.path.join(path, BUNDLE_JSON)
     if not os.path.isdir(path):
@@ -237,6 +210,22 @@ def _read_file(path: str, name: str, entry: dict[str, Any], verify: bool) -> pa.
     if table.num_rows != entry.get("rows"):
         raise GnaqInputError(f"{fpath}: {table.num_rows} rows, {BUNDLE_JSON} says {entry.get('rows')}")
     return table
+
+
+def _read_tables(path: str, info: dict[str, Any], verify: bool) -> dict[str, pa.Table]:
+    """Every file the bundle's kind needs, by bundle.json key, each checked by :func:`_read_file`."""
+    files, kind = info.get("files"), info.get("kind")
+    needed = KIND_FILES.get(kind) if isinstance(kind, str) else None
+    if needed is None:
+        raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: kind must be 'packed' or 'fp', got {kind!r}")
+    if not isinstance(files, dict):
+        raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: no 'files' table")
+    tables = {}
+    for name in (*needed, *SHARED_FILES):
+        if name not in files:
+            raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: no {name!r} file listed")
+        tables[name] = _read_file(path, name, files[name], verify)
+    return tables
 
 
 def _fixed_width_bytes(column: pa.ChunkedArray, width: int, fpath: str) -> np.ndarray:
@@ -292,18 +281,8 @@ class Bundle:
         """Read and verify a bundle directory, then rebuild the final embeddings."""
         path = os.fspath(path)
         info = _read_info(path)
-        files = info.get("files")
-        kind = info.get("kind")
-        needed = ("codes", "levels") if kind == "packed" else ("embeddings",) if kind == "fp" else None
-        if needed is None:
-            raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: kind must be 'packed' or 'fp', got {kind!r}")
-        if not isinstance(files, dict):
-            raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: no 'files' table")
-        tables = {}
-        for name in (*needed, "users", "items", "train"):
-            if name not in files:
-                raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: no {name!r} file listed")
-            tables[name] = _read_file(path, name, files[name], verify)
+        files, kind = info["files"], info["kind"]
+        tables = _read_tables(path, info, verify)
         n_users, n_items = _int_field(info, "n_users", 1), _int_field(info, "n_items", 1)
         num_layers, dim = _int_field(info, "num_layers"), _int_field(info, "dim", 1)
         train = tables["train"]
@@ -373,13 +352,13 @@ def _layer0(path: str, info: dict[str, Any], files: dict, tables: dict[str, pa.T
             raise GnaqInputError(f"{fpath}: {x.shape[0]} rows, expected {n} nodes")
         return x
     bits, groups = _int_field(info, "bits", 1), _int_field(info, "groups", 1)
-    if bits not in (1, 2, 4, 8):
+    if bits not in SUPPORTED_BITS:
         raise GnaqInputError(f"{BUNDLE_JSON}: bits must be 1, 2, 4 or 8, got {bits}")
     dtype = LEVEL_DTYPES.get(str(info.get("level_dtype")))
     if dtype is None:
         raise GnaqInputError(f"{BUNDLE_JSON}: level_dtype must be float16 or float32, got {info.get('level_dtype')!r}")
     cpath = os.path.join(path, files["codes"]["path"])
-    codes = _fixed_width_bytes(tables["codes"].column("codes"), (groups * dim * bits + 7) // 8, cpath)
+    codes = _fixed_width_bytes(tables["codes"].column("codes"), packed_row_bytes(groups * dim, bits), cpath)
     lpath = os.path.join(path, files["levels"]["path"])
     levels = _fixed_list(tables["levels"].column("levels"), groups << bits, dtype, lpath)
     if codes.shape[0] != n or levels.shape[0] not in (1, n):
@@ -431,8 +410,8 @@ def recommendations_table(bundle: Bundle, raw_user_ids: Sequence[Any], k: int) -
 
 
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
-    """Parquet if ``path`` ends in .parquet, CSV otherwise; via a temporary file, so a
-    failed write leaves no partial output."""
+    """Parquet if ``path`` ends in .parquet, CSV otherwise; all or nothing
+    (:func:`gnaq_dist.storage.atomic_path`), so a failed write leaves no partial output."""
     import pyarrow.csv as pacsv
 
     path = os.path.abspath(os.fspath(path))
@@ -441,16 +420,11 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     parent = os.path.dirname(path)
     if not os.path.isdir(parent):
         raise GnaqInputError(f"{parent}: output directory does not exist")
-    tmp = os.path.join(parent, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         if path.endswith(".parquet"):
             pq.write_table(table, tmp)
         else:
             pacsv.write_csv(table, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
 
 
 def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
@@ -459,7 +433,6 @@ def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
 
 
 __all__ = [
-    "BUNDLE_FORMAT", "BUNDLE_JSON", "BUNDLE_VERSION", "Bundle", "TrainGraph", "body_digest", "dequantize_codes",
-    "load_bundle", "propagate_mean", "read_user_ids", "recommendations_table", "spmm", "top_k", "train_graph",
-    "unpack_bits", "weight_groups", "write_table_atomic",
+    "Bundle", "TrainGraph", "load_bundle", "propagate_mean", "read_user_ids", "recommendations_table", "spmm", "top_k",
+    "train_graph", "weight_groups", "write_table_atomic",
 ]

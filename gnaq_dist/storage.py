@@ -1,40 +1,53 @@
-"""Where datasets live: fsspec URI resolution, checksums and atomic output.
+"""Where data lives, and the one atomic writer: fsspec URI resolution, checksums, all-or-nothing output.
 
 Every reader and writer goes through here so that local paths, ``memory://`` and
-``s3://`` behave the same, and so that a failed or crashed ingest never leaves a
-directory that looks like a complete dataset:
+``s3://`` behave the same, and so that a failed or crashed write never leaves something
+that looks complete. Datasets, partitions, bundles, generated logs, checkpoints and
+``gnaq recommend --output`` all write through the two forms below.
 
-* local filesystem: everything is written into a hidden sibling staging directory that
-  is ``os.rename``-d into place (an existing dataset is moved aside first, then deleted);
-* other filesystems: data files first, ``manifest.json`` LAST (the manifest is the commit
-  mark; readers refuse a directory without one); files of a new version never reuse a
-  name the current manifest references, so the old version stays readable until its
-  manifest is replaced. On failure, whatever this attempt wrote is removed.
+* :class:`AtomicOutput` (a directory, one writer): on the local filesystem everything
+  is written into a hidden sibling staging directory that is ``os.rename``-d into place
+  (an existing output is moved aside first, then deleted); on other filesystems the
+  data files come first and the commit mark (``manifest.json``, ``bundle.json``, ...)
+  LAST: readers refuse a directory without one, and files of a new version never reuse
+  a name the current one references, so the old version stays readable until its mark
+  is replaced. On failure, whatever this attempt wrote is removed.
+* :func:`atomic_path` / :func:`write_file` (one file; several writers may fill one
+  directory, as a checkpoint's ranks do): written beside the target and renamed over it
+  locally; an object store publishes a PUT whole.
+
+fsspec is imported only to resolve a URI, so the numpy-only edge reader
+(:mod:`gnaq_dist.serving`) can use :func:`atomic_path`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
 import posixpath
 import shutil
 import uuid
-from typing import Any
+from collections.abc import Iterator
+from typing import TYPE_CHECKING, Any
 
-import fsspec
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
-from fsspec.implementations.local import LocalFileSystem
 
 from gnaq_dist.errors import GnaqInputError
+
+if TYPE_CHECKING:
+    import fsspec
+    import pyarrow.fs as pafs
 
 MANIFEST = "manifest.json"
 
 
 def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fsspec.AbstractFileSystem, str]:
     """URI or local path -> (fsspec filesystem, path inside it)."""
+    import fsspec
+
     try:
         fs, path = fsspec.core.url_to_fs(str(uri), **(storage_options or {}))
     except (ValueError, ImportError, TypeError) as exc:
@@ -44,10 +57,14 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
 
 def arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """pyarrow view of an fsspec filesystem (memory:// paths need a leading '/')."""
+    import pyarrow.fs as pafs
+
     return pafs.PyFileSystem(pafs.FSSpecHandler(fs))
 
 
 def is_local(fs: fsspec.AbstractFileSystem) -> bool:
+    from fsspec.implementations.local import LocalFileSystem
+
     return isinstance(fs, LocalFileSystem)
 
 
@@ -85,31 +102,119 @@ def read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
         return json.loads(handle.read().decode("utf-8"))
 
 
+# -- local commits ---------------------------------------------------------------------------
+def _fsync(path: str) -> None:
+    """Flush a written file to disk before it is renamed into place."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _put_in_place(src: str, target: str) -> None:
+    """Rename ``src`` onto ``target``. A file replaces a file in one ``os.replace``; a
+    directory, or anything over a directory, moves the old one aside first (put back if
+    the rename fails) and deletes it after."""
+    aside = None
+    if os.path.lexists(target) and (os.path.isdir(src) or os.path.isdir(target)):
+        if os.path.isdir(target) and not os.path.islink(target) and not os.listdir(target):
+            os.rmdir(target)
+        else:
+            parent, name = os.path.split(target)
+            aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
+            os.rename(target, aside)
+    try:
+        os.replace(src, target)
+    except BaseException:
+        if aside is not None:
+            os.rename(aside, target)
+        raise
+    if aside is not None:
+        if os.path.isdir(aside) and not os.path.islink(aside):
+            shutil.rmtree(aside, ignore_errors=True)
+        else:
+            os.remove(aside)
+
+
+@contextlib.contextmanager
+def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str]:
+    """A temporary local path beside ``path`` to write one file to; when the block ends
+    without an error it is synced and renamed onto ``path``, otherwise removed.
+
+    ``overwrite=False`` refuses to replace an output that appeared meanwhile.
+    """
+    path = os.path.abspath(os.fspath(path))
+    parent, name = os.path.split(path)
+    tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield tmp
+        if not overwrite and os.path.lexists(path):
+            raise GnaqInputError(f"{path}: output appeared while writing (use --overwrite)")
+        _fsync(tmp)
+        _put_in_place(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.remove(tmp)
+
+
+def write_file(fs: fsspec.AbstractFileSystem, path: str, data: bytes) -> dict[str, Any]:
+    """Write ``data`` so that ``path`` holds all of it or nothing; returns its manifest
+    entry (``bytes``, ``sha256`` of the bytes meant to be written, which readers check)."""
+    parent = posixpath.dirname(path)
+    if is_local(fs):
+        os.makedirs(parent, exist_ok=True)
+        with atomic_path(path) as tmp, open(tmp, "wb") as handle:
+            handle.write(data)
+    else:
+        fs.makedirs(parent, exist_ok=True)
+        with fs.open(path, "wb") as handle:
+            handle.write(data)
+    return {"bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
+
+
+def _listed(manifest: Any) -> set[str]:
+    """File names a commit mark references (its ``files``: a dict or a list of entries with a ``path``)."""
+    files = manifest.get("files", {}) if isinstance(manifest, dict) else {}
+    entries = files.values() if isinstance(files, dict) else files
+    return {entry["path"] for entry in entries}
+
+
 class AtomicOutput:
-    """Write a dataset directory so that it appears complete or not at all.
+    """Write an output directory so that it appears complete or not at all.
 
     ``mode``: "create" (error if ``uri`` exists), "overwrite" (replace whatever is there)
-    or "replace" (a new version of the dataset at ``uri``, which must exist).
-    Use as a context manager; call :meth:`write_parquet` / :meth:`write_bytes`, then
-    :meth:`commit` with the manifest. Leaving the block without commit (or by an
-    exception) removes everything this attempt wrote.
+    or "replace" (a new version of the output at ``uri``, which must exist). ``mark`` is
+    the commit mark's file name; ``exists_error`` the message (``{uri}`` filled in) for an
+    existing output in "create" mode; ``file_error``, if given, refuses a file at ``uri``.
+    Use as a context manager; write with :meth:`write_parquet`, :meth:`write_bytes` or
+    :meth:`new_file`, then :meth:`commit` with the mark's content. Leaving the block
+    without commit (or by an exception) removes everything this attempt wrote.
     """
 
-    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, mode: str = "create") -> None:
+    def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, mode: str = "create", *,
+                 mark: str = MANIFEST,
+                 exists_error: str = "{uri}: output already exists (use --overwrite, or --append to add to it)",
+                 file_error: str | None = None) -> None:
         self.uri = uri
         self.fs, self.path = resolve(uri, storage_options)
         self.mode = mode
+        self.mark = mark
+        self.exists_error = exists_error
+        self.file_error = file_error
         self.local = is_local(self.fs)
         self.written: list[str] = []
         self.committed = False
-        self.old_files: set[str] = set()  # names referenced by the current manifest (remote)
+        self.old_files: set[str] = set()  # names of the current output, removed after the commit (remote)
         self.taken: set[str] = set()  # names a new file must not use (remote)
 
     # -- lifecycle -------------------------------------------------------------------
-    def __enter__(self) -> "AtomicOutput":
+    def __enter__(self) -> AtomicOutput:
         exists = output_exists(self.fs, self.path)
         if exists and self.mode == "create":
-            raise GnaqInputError(f"{self.uri}: output already exists (use --overwrite, or --append to add to it)")
+            raise GnaqInputError(self.exists_error.format(uri=self.uri))
+        if exists and self.file_error is not None and not self.fs.isdir(self.path):
+            raise GnaqInputError(self.file_error.format(uri=self.uri))
         if self.local:
             parent, name = os.path.split(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
@@ -119,16 +224,15 @@ class AtomicOutput:
             self.stage = self.path
             if exists:
                 self.taken = {posixpath.basename(p) for p in self.fs.ls(self.path, detail=False)}
-                manifest_path = join(self.path, MANIFEST)
-                if self.fs.exists(manifest_path):
+                mark_path = join(self.path, self.mark)
+                if self.fs.exists(mark_path):
                     try:
-                        files = read_json(self.fs, manifest_path).get("files", {})
-                        self.old_files = {entry["path"] for entry in files.values()}
-                    except (ValueError, KeyError, TypeError):
+                        self.old_files = _listed(read_json(self.fs, mark_path))
+                    except (ValueError, KeyError, TypeError, AttributeError):
                         self.old_files = set()
                 if self.mode == "overwrite":
-                    # files of the old dataset that are not ours: removed after the commit
-                    self.old_files |= {n for n in self.taken if n != MANIFEST}
+                    # files of the old output that are not ours: removed after the commit
+                    self.old_files |= {n for n in self.taken if n != self.mark}
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
@@ -136,7 +240,7 @@ class AtomicOutput:
             self.abort()
 
     def abort(self) -> None:
-        """Remove what this attempt wrote; the previous dataset (if any) is untouched."""
+        """Remove what this attempt wrote; the previous output (if any) is untouched."""
         if self.local:
             shutil.rmtree(self.stage, ignore_errors=True)
         else:
@@ -149,62 +253,53 @@ class AtomicOutput:
 
     # -- writing ---------------------------------------------------------------------
     def unique_name(self, name: str) -> str:
-        """``name`` unless the current dataset uses it; then ``stem.<token>.ext``."""
+        """``name`` unless the current output uses it; then ``stem.<token>.ext``."""
         if name not in self.taken and name not in {posixpath.basename(p) for p in self.written}:
             return name
         stem, ext = name.split(".", 1) if "." in name else (name, "")
         return f"{stem}.{uuid.uuid4().hex[:8]}" + (f".{ext}" if ext else "")
 
-    def _target(self, name: str) -> str:
-        return os.path.join(self.stage, name) if self.local else join(self.stage, name)
-
-    def write_parquet(self, name: str, table: pa.Table) -> dict[str, Any]:
-        """Write ``table`` as Parquet file ``name``; returns its manifest entry."""
-        name = self.unique_name(name)
-        path = self._target(name)
+    def new_file(self, name: str) -> str:
+        """Where to write file ``name`` (in ``self.fs``; a local path when :attr:`local`),
+        registered so that an abort removes it."""
+        path = os.path.join(self.stage, name) if self.local else join(self.stage, name)
         self.written.append(path)
+        return path
+
+    def write_parquet(self, name: str, table: pa.Table, **options: Any) -> dict[str, Any]:
+        """Write ``table`` as Parquet file ``name`` (zstd; ``options`` go to
+        ``pq.write_table``), under a fresh name if the current output uses it; returns its
+        manifest entry."""
+        name = self.unique_name(name)
+        path = self.new_file(name)
         with self.fs.open(path, "wb") as handle:
-            pq.write_table(table, handle, compression="zstd")
+            pq.write_table(table, handle, **{"compression": "zstd", **options})
         return {"path": name, "rows": table.num_rows, "bytes": int(self.fs.size(path)), "sha256": sha256_of(self.fs, path)}
 
     def write_bytes(self, name: str, data: bytes) -> str:
-        path = self._target(name)
-        self.written.append(path)
+        path = self.new_file(name)
         with self.fs.open(path, "wb") as handle:
             handle.write(data)
         return path
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Write the manifest (the commit mark) and make the new dataset the visible one."""
+        """Write the commit mark (``manifest`` as JSON) and make the new output the visible one."""
         data = json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8")
         if self.local:
-            with open(os.path.join(self.stage, MANIFEST), "wb") as handle:
-                handle.write(data)
-                handle.flush()
-                os.fsync(handle.fileno())
             target = os.path.abspath(self.path)
-            aside = None
-            if os.path.lexists(target):
-                if os.path.isdir(target) and not os.listdir(target):
-                    os.rmdir(target)
-                else:
-                    parent, name = os.path.split(target)
-                    aside = os.path.join(parent, f".{name}.old-{uuid.uuid4().hex[:12]}")
-                    os.rename(target, aside)
-            try:
-                os.rename(self.stage, target)
-            except BaseException:
-                if aside is not None:
-                    os.rename(aside, target)
-                raise
+            if self.mode == "create" and output_exists(self.fs, target):
+                raise GnaqInputError(self.exists_error.format(uri=self.uri) + " (it appeared while writing)")
+            mark_path = os.path.join(self.stage, self.mark)
+            with open(mark_path, "wb") as handle:
+                handle.write(data)
+            _fsync(mark_path)
+            _put_in_place(self.stage, target)
             self.committed = True
-            if aside is not None:
-                shutil.rmtree(aside, ignore_errors=True) if os.path.isdir(aside) else os.remove(aside)
         else:
-            with self.fs.open(join(self.path, MANIFEST), "wb") as handle:
+            with self.fs.open(join(self.path, self.mark), "wb") as handle:
                 handle.write(data)
             self.committed = True
-            keep = {entry["path"] for entry in manifest.get("files", {}).values()} | {MANIFEST}
+            keep = _listed(manifest) | {self.mark}
             for name in sorted(self.old_files - keep):
                 try:
                     self.fs.rm(join(self.path, name), recursive=True)

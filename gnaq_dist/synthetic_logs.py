@@ -39,9 +39,7 @@ import argparse
 import json
 import math
 import os
-import shutil
 import sys
-import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -252,11 +250,13 @@ def generate_log(
     ``out`` ending in ``.parquet``: one file (``files`` must be 1). Otherwise a directory
     of ``part-NNNNN.parquet`` files plus ``_generate.json`` (the spec and the summary).
     Everything is written under a hidden temporary sibling name and renamed into place at
-    the end; on any failure the temporary output is removed and ``out`` is untouched.
-    Local paths only.
+    the end (:mod:`gnaq_dist.storage`'s atomic writer); on any failure the temporary
+    output is removed and ``out`` is untouched. Local paths only.
     """
     import pyarrow.parquet as pq
     from tqdm.auto import tqdm
+
+    from gnaq_dist.storage import AtomicOutput, atomic_path
 
     spec.validate()
     if isinstance(files, bool) or not isinstance(files, int) or files < 1:
@@ -281,64 +281,49 @@ def generate_log(
     model = LatentModel(spec)
     schema = _arrow_schema(spec)
     rows = _Rows(model)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.tmp-", dir=target.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it 0700; the output gets the usual mode
     written: list[dict[str, Any]] = []
     bar = tqdm(total=spec.rows, unit="rows", unit_scale=True, desc="generate", disable=not progress,
                file=sys.stderr, dynamic_ncols=True)
-    try:
-        for f, n_file in enumerate(_file_sizes(spec.rows, files)):
-            name = target.name if single else f"part-{f:05d}.parquet"
-            path = tmp / name
-            groups = 0
-            with pq.ParquetWriter(path, schema, compression=compression) as writer:
-                done = 0
-                while done < n_file:
-                    k = min(row_group_rows, n_file - done)
-                    writer.write_table(_table(rows.take(k), schema), row_group_size=k)
-                    done += k
-                    groups += 1
-                    bar.update(k)
-            written.append({"path": name, "rows": n_file, "row_groups": groups, "bytes": path.stat().st_size})
+
+    def write_part(path: str, name: str, n_file: int) -> None:
+        groups = 0
+        with pq.ParquetWriter(path, schema, compression=compression) as writer:
+            done = 0
+            while done < n_file:
+                k = min(row_group_rows, n_file - done)
+                writer.write_table(_table(rows.take(k), schema), row_group_size=k)
+                done += k
+                groups += 1
+                bar.update(k)
+        written.append({"path": name, "rows": n_file, "row_groups": groups, "bytes": os.path.getsize(path)})
+
+    def summary() -> dict[str, Any]:
         seconds = time.perf_counter() - t0
-        summary = {
+        return {
             "schema_version": SCHEMA_VERSION, "spec": asdict(spec), "clusters": model.n_clusters,
             "files": written, "rows": spec.rows, "bytes": sum(w["bytes"] for w in written),
             "row_group_rows": row_group_rows, "seconds": round(seconds, 3),
             "rows_per_second": round(spec.rows / max(seconds, 1e-9), 1), "model_bytes": model.nbytes(),
             "columns": schema.names,
         }
-        if not single:
-            (tmp / META_FILE).write_text(json.dumps(summary, indent=2))
-        _commit(tmp, target, single, overwrite)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+
+    try:
+        if single:  # one file, renamed into place
+            with atomic_path(target, overwrite=overwrite) as tmp:
+                write_part(tmp, target.name, spec.rows)
+                info = summary()
+        else:  # a directory, committed by its _generate.json
+            with AtomicOutput(str(target), mode="overwrite" if overwrite else "create", mark=META_FILE,
+                              exists_error="{uri}: output already exists (use --overwrite)") as out:
+                for f, n_file in enumerate(_file_sizes(spec.rows, files)):
+                    name = f"part-{f:05d}.parquet"
+                    write_part(out.new_file(name), name, n_file)
+                info = summary()
+                out.commit(info)
     finally:
         bar.close()
-    summary["out"] = str(target)
-    return summary
-
-
-def _commit(tmp: Path, target: Path, single: bool, overwrite: bool) -> None:
-    """Rename the finished temporary output into place (an existing one moved aside first)."""
-    src = tmp / target.name if single else tmp
-    old = None
-    if target.exists() or target.is_symlink():
-        if not overwrite:
-            raise GnaqInputError(f"{target}: output appeared while generating (use --overwrite)")
-        old = target.parent / f".{target.name}.old-{os.getpid()}"
-        os.rename(target, old)
-    os.rename(src, target)
-    if single:
-        shutil.rmtree(tmp, ignore_errors=True)
-    if old is not None:
-        if old.is_dir() and not old.is_symlink():
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            old.unlink(missing_ok=True)
+    info["out"] = str(target)
+    return info
 
 
 # -- command line ------------------------------------------------------------------------------

@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import types
 
 import fsspec
 import numpy as np
@@ -29,7 +30,8 @@ from gnaq_dist.export import export_bundle
 from gnaq_dist.graph import build_graph
 from gnaq_dist.propagation import final_from_packed, propagate_full
 from gnaq_dist.quant import build_method
-from gnaq_dist.serving import BUNDLE_JSON, Bundle
+from gnaq_dist.bundle import BUNDLE_JSON
+from gnaq_dist.serving import Bundle
 from gnaq_dist.synthetic import clustered_interactions
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import LocalTrainer
@@ -191,6 +193,41 @@ def test_serving_imports_no_torch_and_recommend_cli_stays_light(bundle_dir):
     lines = out.stdout.strip().splitlines()
     assert lines[0] == "[]" and lines[-1] == "0 []"
     assert lines[1] == "user\trank\titem\tscore" and lines[2].startswith("u0001\t1\t")
+
+
+@pytest.mark.parametrize("module, banned", [
+    ("gnaq_dist.bundle", ("torch", "ray", "dgl", "fsspec", "pyarrow")),  # numpy only
+    ("gnaq_dist.serving", ("torch", "ray", "dgl", "fsspec")),
+    ("gnaq_dist.export", ("torch", "ray", "dgl")),  # tables come in as numpy arrays
+])
+def test_import_walls(module, banned):
+    code = f"import sys\nimport {module}\nprint([m for m in {banned!r} if m in sys.modules])\n"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "[]", f"importing {module} imported {out.stdout.strip()}"
+
+
+def test_export_takes_numpy_arrays(tmp_path, synth):
+    """A packed table given as plain numpy fields (no PackedTable, no torch) and an fp numpy
+    table make the same bundles as the PackedTable and the tensor."""
+    data, graph, id_maps = synth
+    _, table = packed("gnaq", 2, data, graph)
+    fields = {k: v for k, v in table.to_state().items() if k != "num_rows"}
+    export_bundle(str(tmp_path / "p"), "packed", table, data, LAYERS, {}, id_maps=id_maps)
+    export_bundle(str(tmp_path / "n"), "packed", types.SimpleNamespace(**fields), data, LAYERS, {}, id_maps=id_maps)
+    a, b = Bundle.load(tmp_path / "p"), Bundle.load(tmp_path / "n")
+    assert a.info["bundle_sha256"] == b.info["bundle_sha256"]
+    np.testing.assert_array_equal(a.embeddings, b.embeddings)
+    x = np.random.default_rng(0).standard_normal((data.n_nodes, 8)).astype(np.float32)
+    export_bundle(str(tmp_path / "f"), "fp", x, data, LAYERS, {}, id_maps=id_maps)
+    export_bundle(str(tmp_path / "t"), "fp", torch.from_numpy(x), data, LAYERS, {}, id_maps=id_maps)
+    assert Bundle.load(tmp_path / "f").info["bundle_sha256"] == Bundle.load(tmp_path / "t").info["bundle_sha256"]
+    with pytest.raises(GnaqInputError, match="needs a PackedTable"):
+        export_bundle(str(tmp_path / "x"), "packed", x, data, LAYERS, {})
+    bad = types.SimpleNamespace(**{**fields, "codes": fields["codes"][:, :-1]})
+    with pytest.raises(GnaqInputError, match="packed codes must be uint8"):
+        export_bundle(str(tmp_path / "x"), "packed", bad, data, LAYERS, {})
+    assert not (tmp_path / "x").exists()
 
 
 def test_recommend_cli_batch_files(tmp_path, bundle_dir):

@@ -40,8 +40,7 @@ def compute_partition(dataset: str, world_size: int, method: str = "metis", seed
     Returns the partition and what its manifest records (the dataset's key, the edge cut,
     the seconds taken).
     """
-    from gnaq_dist.checkpoint import data_key
-    from gnaq_dist.dataset import load_dataset
+    from gnaq_dist.dataset import data_key, load_dataset
     from gnaq_dist.graph import TrainCSR, build_graph_from_arrays
 
     if method not in METHODS:
@@ -78,7 +77,7 @@ def write_partition(partition: Partition, uri: str, info: dict[str, Any],
 def read_partition(uri: str, storage_options: dict[str, Any] | None = None, *, world_size: int,
                    data: dict[str, Any] | None = None) -> Partition:
     """The partition at ``uri``, checked against the run: its worker count and (``data``,
-    a :func:`~gnaq_dist.checkpoint.data_key`) the dataset it was computed from."""
+    a :func:`~gnaq_dist.dataset.data_key`) the dataset it was computed from."""
     import pyarrow.parquet as pq
 
     fs, path = resolve(uri, storage_options)

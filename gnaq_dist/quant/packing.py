@@ -1,7 +1,9 @@
 """Storage form of a quantized embedding table: bit-packed codes plus level tables.
 
 Why a separate module: checkpoints, inference bundles and the distributed row exchange
-all ship the same bytes, so the layout is defined once here. Codes are packed
+all ship the same bytes, so the layout is defined once: decoding is
+:mod:`gnaq_dist.bundle.codes` (numpy only, shared with the edge reader), encoding here,
+with torch versions for the exchange. Codes are packed
 little-endian within a byte (code ``j`` of a row sits in byte ``j*b // 8`` at bit offset
 ``j*b % 8``): 8 one-bit, 4 two-bit, 2 four-bit or 1 eight-bit code per byte. A row's
 codes are padded with zero bits to a whole byte, so rows can be sliced independently.
@@ -17,10 +19,9 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from gnaq_dist.bundle.codes import SUPPORTED_BITS, dequantize_codes, unpack_bits
+from gnaq_dist.bundle.codes import packed_row_bytes as _row_bytes
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.serving import dequantize_codes, unpack_bits  # numpy-only: the edge reader shares them
-
-SUPPORTED_BITS = (1, 2, 4, 8)
 
 
 def _check_bits(bits: int) -> None:
@@ -31,7 +32,7 @@ def _check_bits(bits: int) -> None:
 def packed_row_bytes(dim: int, bits: int) -> int:
     """Bytes one row of ``dim`` b-bit codes takes (padded to a whole byte)."""
     _check_bits(bits)
-    return (dim * bits + 7) // 8
+    return _row_bytes(dim, bits)
 
 
 def pack_codes(codes: np.ndarray, bits: int) -> np.ndarray:

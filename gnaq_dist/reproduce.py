@@ -131,7 +131,8 @@ def write_results(rows: list[Row], base: TrainConfig, out_dir: Path) -> None:
     lines += ["| " + " | ".join(_fmt(v[c]) for c in COLUMNS) + " |" for v in values]
     s = base.schedule
     lines += ["", f"Budget: {s.epochs} epochs ({s.warmup_epochs} fp warm-up + {s.epochs - s.warmup_epochs} "
-              f"quantized for the quantized methods), batch {s.batch_size}, {s.num_negatives} negatives, "
+              f"quantized for the quantized methods), "
+              f"{f'batch {s.batch_size}' if s.batch_size else f'{s.steps_per_epoch} steps an epoch'}, {s.num_negatives} negatives, "
               f"d = {base.model.dim}, L = {base.model.num_layers}, lr {base.optim.lr}, seed {base.seed}."]
     (out_dir / "results.md").write_text("\n".join(lines) + "\n")
     plot_results(rows, out_dir / "results.png")

@@ -84,10 +84,13 @@ def _global(results: list[dict], key: str) -> np.ndarray:
 def exact_runs():
     """GNAQ 2-bit, one warm-up epoch and one quantized epoch, uncompressed, on 1 and 2 ranks:
     on blocks sampled at full fan-out, and split full-graph propagation."""
-    runs = [{}, {"schedule.propagation": "full"}]
+    runs = [{}, {"schedule.propagation": "full"},
+            # one propagation a step for half the epoch's positives (the default kind of schedule)
+            {"schedule.propagation": "full", "schedule.batch_size": "null", "schedule.steps_per_epoch": 2}]
     one = run_ranks(scenario_train, 1, [dict(r) for r in runs], timeout=180)
     two = run_ranks(scenario_train, 2, [dict(r) for r in runs], timeout=180)
-    return [r[0] for r in one], [r[0] for r in two], [r[1] for r in one], [r[1] for r in two]
+    return ([r[0] for r in one], [r[0] for r in two], [r[1] for r in one], [r[1] for r in two],
+            [r[2] for r in one], [r[2] for r in two])
 
 
 def test_two_ranks_train_exactly_like_one(exact_runs):
@@ -105,9 +108,18 @@ def test_two_ranks_train_exactly_like_one(exact_runs):
     assert all(r["retaining"] for r in one + two)
 
 
+def test_two_ranks_train_like_one_with_a_few_large_steps_an_epoch(exact_runs):
+    one, two = exact_runs[4:]
+    assert one[0]["phase_steps"] == two[0]["phase_steps"] == {"fp": 2, "quantized": 2}
+    np.testing.assert_array_equal(_global(one, "codes"), _global(two, "codes"))
+    np.testing.assert_allclose(_global(one, "levels"), _global(two, "levels"), atol=1e-5, rtol=0)
+    for k, v in one[0]["metrics"].items():
+        assert two[0]["metrics"][k] == pytest.approx(v, abs=1e-9)
+
+
 def test_split_full_graph_propagation_trains_like_blocks_on_one_and_two_ranks(exact_runs):
     """Both are exact propagation: the same parameters, whatever the number of ranks."""
-    blocks_one, blocks_two, full_one, full_two = exact_runs
+    blocks_one, blocks_two, full_one, full_two = exact_runs[:4]
     for full in (full_one, full_two):
         np.testing.assert_array_equal(_global(blocks_one, "codes"), _global(full, "codes"))
         np.testing.assert_allclose(_global(blocks_one, "levels"), _global(full, "levels"), atol=1e-5, rtol=0)
@@ -145,7 +157,7 @@ def test_split_ranks_keep_only_their_own_users_edges(exact_runs):
     data = small_data()
     n_train = TrainCSR.from_pairs(data.n_users, data.n_items, data.train_user, data.train_item).indices.shape[0]
     n_test = np.unique(data.test_user * data.n_items + data.test_item).shape[0]
-    _, blocks_two, full_one, full_two = exact_runs
+    _, blocks_two, full_one, full_two = exact_runs[:4]
     assert full_one[0]["edges_held"] == (n_train, n_test)
     assert [sum(r["edges_held"][i] for r in full_two) for i in (0, 1)] == [n_train, n_test]
     for r in full_two:

@@ -14,11 +14,12 @@ from test_chunked_loss import small_config, small_data
 
 
 def test_steps_per_epoch_sets_the_batch_and_the_schedule():
-    cfg = small_config("gnaq", 2, **{"schedule.steps_per_epoch": 4, "schedule.epochs": 3,
-                                     "schedule.warmup_epochs": 1})
+    cfg = small_config("gnaq", 2, **{"schedule.steps_per_epoch": 4, "schedule.batch_size": "null",
+                                     "schedule.epochs": 3, "schedule.warmup_epochs": 1})
     plan = Schedule.of(cfg, 1001)
     assert (plan.batch_size, plan.steps_per_epoch, plan.total_steps) == (251, 4, 12)
     assert plan.quantize_at(2) and not plan.quantize_at(1)
+    assert Schedule.of(small_config("fp", None), 1001).batch_size == 400  # a batch size, when set, wins
     trainer = LocalTrainer(cfg, small_data())
     n_train = small_data().n_train
     assert trainer.steps_per_epoch == 4 and trainer.schedule.batch_size == -(-n_train // 4)

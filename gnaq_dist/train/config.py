@@ -45,8 +45,8 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-3  # Adam learning rate of the full-precision warm-up
-    quant_lr: float | None = None  # Adam learning rate of the quantized phase (null: lr)
+    lr: float = 0.05  # Adam learning rate of the full-precision warm-up (large batches take a large rate)
+    quant_lr: float | None = 0.01  # Adam learning rate of the quantized phase (null: lr)
     l2: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN's decay)
     grad_clip: float | None = 3.0  # gradient value clip (the reference code's 3); null = off
 
@@ -61,9 +61,9 @@ class OptimConfig:
 class ScheduleConfig:
     epochs: int = 40  # total epochs (warm-up included)
     warmup_epochs: int = 20  # full-precision epochs before the quantized phase (ignored for fp)
-    batch_size: int = 8192  # positive (user, item) pairs per step (ignored when steps_per_epoch is set)
-    steps_per_epoch: int | None = None  # optimizer steps per epoch, each one propagation: the batch is then ceil(train edges / steps_per_epoch), so an epoch's cost follows the graph, not its square (null: batch_size decides)
-    loss_chunk: int = 65536  # positives scored at once in the BPR loss: bounds the loss's memory, not the batch (the gradient does not depend on it)
+    steps_per_epoch: int = 4  # optimizer steps per epoch, one propagation each: a step's batch is ceil(train edges / steps_per_epoch) positives, so an epoch costs a few propagations whatever the graph's size
+    batch_size: int | None = None  # positive (user, item) pairs per step instead (null: from steps_per_epoch); small batches make an epoch cost train edges / batch_size propagations
+    loss_chunk: int = 65536  # positives the torch fallback of the loss scores at once (numba's kernel holds one at a time): bounds the loss's memory, never the gradient
     num_negatives: int = 4  # sampled negatives per positive (BPR)
     propagation: Literal["full", "sampled"] = "full"  # full graph per step (split by owner over workers), or DGL neighbour sampling
     fanouts: list[int] = field(default_factory=lambda: [10, 10, 10])  # per layer (-1 = all)
@@ -81,10 +81,10 @@ class ScheduleConfig:
                 f"schedule.warmup_epochs ({self.warmup_epochs}) is longer than the run "
                 f"(schedule.epochs = {self.epochs})"
             )
-        if self.batch_size < 1 or self.num_negatives < 1:
-            raise ConfigError("schedule.batch_size and schedule.num_negatives must be >= 1")
-        if self.steps_per_epoch is not None and self.steps_per_epoch < 1:
-            raise ConfigError(f"schedule.steps_per_epoch must be >= 1 or null, got {self.steps_per_epoch}")
+        if (self.batch_size is not None and self.batch_size < 1) or self.num_negatives < 1:
+            raise ConfigError("schedule.batch_size (or null) and schedule.num_negatives must be >= 1")
+        if self.steps_per_epoch < 1:
+            raise ConfigError(f"schedule.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.loss_chunk < 1:
             raise ConfigError(f"schedule.loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.max_minutes is not None and not self.max_minutes > 0:

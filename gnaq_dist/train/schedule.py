@@ -15,12 +15,12 @@ from gnaq_dist.train.config import TrainConfig
 
 
 def batch_size_for(config: TrainConfig, n_train: int) -> int:
-    """Positives a step takes: ``ceil(n_train / steps_per_epoch)`` when that is set, else
-    ``schedule.batch_size``."""
+    """Positives a step takes: ``schedule.batch_size`` when set, else
+    ``ceil(n_train / steps_per_epoch)``."""
     sched = config.schedule
-    if sched.steps_per_epoch:
-        return max(1, -(-int(n_train) // sched.steps_per_epoch))
-    return sched.batch_size
+    if sched.batch_size is not None:
+        return sched.batch_size
+    return max(1, -(-int(n_train) // sched.steps_per_epoch))
 
 
 @dataclass(frozen=True)

@@ -123,7 +123,9 @@ def test_bundle_scores_like_its_checkpoint(run, tiny, capsys):
     from_bundle = evaluate_json(capsys, bundle, *settings)
     from_checkpoint = evaluate_json(capsys, uri, *settings)
     assert from_bundle["source"] == "bundle" and "gnaq 2-bit" in from_bundle["model"]
-    assert {k: from_bundle[k] for k in METRICS + ["users"]} == {k: from_checkpoint[k] for k in METRICS + ["users"]}
+    assert from_bundle["users"] == from_checkpoint["users"]
+    # the same ranking; the sums may differ in the last bit with the order torch's threads add them
+    assert {k: from_bundle[k] for k in METRICS} == pytest.approx({k: from_checkpoint[k] for k in METRICS}, rel=1e-12)
     # without the run's settings: every user with a test item, ks 10,20,50, test split
     full = evaluate_json(capsys, bundle, "--dataset", tiny["dataset"])
     test = load_dataset(tiny["dataset"]).test_user

@@ -9,6 +9,7 @@ sampled LightGCN aggregation unbiased (see :mod:`gnaq_dist.propagation`).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
 
@@ -44,8 +45,9 @@ class NegativeSampler:
         deg = np.diff(self.indptr)
         rows = np.repeat(np.arange(deg.shape[0], dtype=np.int64), deg)
         rank_in_row = np.arange(indices.shape[0], dtype=np.int64) - self.indptr[rows]
-        self._adjusted = rows * self.n_items + np.asarray(indices, dtype=np.int64) - rank_in_row
+        self._gaps = np.asarray(indices, dtype=np.int64) - rank_in_row  # a_k, ascending within each row
         self._room = self.n_items - deg  # number of non-train items per user
+        self._adjusted: np.ndarray | None = None  # the torch-free fallback's one sorted array
 
     def sample(self, users: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
         """``(len(users), num)`` negative item ids."""
@@ -71,9 +73,47 @@ class NegativeSampler:
         return neg
 
     def _item_of_rank(self, users: np.ndarray, t: np.ndarray) -> np.ndarray:
-        """The ``t``-th non-train item of each user (rows of ``t`` per user)."""
+        """The ``t``-th non-train item of each user (rows of ``t`` per user).
+
+        numba searches each user's own row (a few entries, close in memory); without it,
+        one ``searchsorted`` over all rows offset by ``u * n_items`` (a cache miss a query)."""
+        kernel = _rank_kernel()
+        t = np.ascontiguousarray(t, dtype=np.int64)
+        if kernel is not None:
+            out = np.empty_like(t)
+            kernel(self.indptr, self._gaps, np.ascontiguousarray(users, dtype=np.int64), t, out)
+            return out
+        if self._adjusted is None:
+            rows = np.repeat(np.arange(self._room.shape[0], dtype=np.int64), np.diff(self.indptr))
+            self._adjusted = rows * self.n_items + self._gaps
         below = np.searchsorted(self._adjusted, users[:, None] * self.n_items + t, side="right")
         return t + below - self.indptr[users][:, None]
+
+
+@functools.lru_cache(maxsize=None)
+def _rank_kernel():
+    """numba's per-row search for :meth:`NegativeSampler._item_of_rank`, or None."""
+    def build(numba, cache):
+        @numba.njit(nogil=True, boundscheck=False, cache=cache)
+        def item_of_rank(indptr, gaps, users, t, out):  # pragma: no cover - compiled
+            n, k = t.shape
+            for i in range(n):
+                start, end = indptr[users[i]], indptr[users[i] + 1]
+                for c in range(k):
+                    v = t[i, c]
+                    lo, hi = start, end
+                    while lo < hi:  # how many of the row's a_k are <= v
+                        mid = (lo + hi) >> 1
+                        if gaps[mid] <= v:
+                            lo = mid + 1
+                        else:
+                            hi = mid
+                    out[i, c] = v + lo - start
+        return item_of_rank
+
+    from gnaq_dist.quant.dequant_kernels import compile_with_numba
+
+    return compile_with_numba(build, "the negative sampler's search")
 
 
 class BPRBatches:

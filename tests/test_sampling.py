@@ -218,3 +218,23 @@ def test_csr_rows_of_keeps_the_pointers_and_only_the_kept_rows_items() -> None:
     with pytest.raises(GnaqInputError, match="an owned user's items differ"):
         OwnedBPRBatches(indptr, whole.rows_of(np.array([True, False, False, False])),
                         np.array([True, True, False, False]), 4)
+
+
+def test_numba_row_search_draws_the_same_negatives_as_one_searchsorted(monkeypatch) -> None:
+    """The kernel searches each user's row; the fallback one sorted array of all rows."""
+    import gnaq_dist.sampling as sampling
+
+    rng = np.random.default_rng(4)
+    n_users, n_items = 60, 40
+    pairs = np.unique(rng.integers(0, n_users, 700) * n_items + rng.integers(0, n_items, 700))
+    users, items = pairs // n_items, pairs % n_items
+    csr = TrainCSR.from_pairs(n_users, n_items, users, items)
+    sampler = NegativeSampler(*csr.train_csr(), n_items)
+    queries = rng.integers(0, n_users, 500)
+    fused = sampler.sample(queries, 6, np.random.default_rng(9))
+    monkeypatch.setattr(sampling, "_rank_kernel", lambda: None)
+    plain = NegativeSampler(*csr.train_csr(), n_items).sample(queries, 6, np.random.default_rng(9))
+    np.testing.assert_array_equal(fused, plain)
+    indptr, indices = csr.train_csr()
+    for u, row in zip(queries, fused):
+        assert not set(row) & set(indices[indptr[u]:indptr[u + 1]])

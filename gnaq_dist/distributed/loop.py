@@ -63,7 +63,7 @@ from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figur
 from gnaq_dist.quant.dequant_kernels import warm_up
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
-from gnaq_dist.train.bpr import bpr_row_gradient
+from gnaq_dist.train.bpr import BatchRows, batch_rows, bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.schedule import Schedule, TimeBudget
 from gnaq_dist.train.local import seed_everything
@@ -455,15 +455,11 @@ class DistributedTrainer:
             return self._step_full(users, pos, neg, global_size)
         return self._step_sampled(users, pos, neg, global_size)
 
-    def _backward(self, final_rows: torch.Tensor, nodes: torch.Tensor, users: torch.Tensor,
-                  pos_nodes: torch.Tensor, neg_nodes: torch.Tensor, global_batch: int, reg: torch.Tensor) -> float:
-        """BPR of this rank's positives, normalised by the *global* batch (rows of ``nodes``, sorted),
-        scored in ``schedule.loss_chunk`` chunks, then one backward with the L2 term ``reg``."""
-        def rows(ids: torch.Tensor) -> torch.Tensor:
-            return torch.searchsorted(nodes, ids)
-
-        bpr, grad = bpr_row_gradient(final_rows, rows(users), rows(pos_nodes), rows(neg_nodes),
-                                     global_batch * neg_nodes.shape[1], self.config.schedule.loss_chunk)
+    def _backward(self, final_rows: torch.Tensor, rows: BatchRows, global_batch: int, reg: torch.Tensor) -> float:
+        """BPR of this rank's positives (``rows`` index ``final_rows``), normalised by the *global*
+        batch, in one pass (:mod:`gnaq_dist.train.bpr`), then one backward with the L2 term ``reg``."""
+        bpr, grad = bpr_row_gradient(final_rows, rows.users, rows.pos, rows.neg, global_batch * rows.neg.shape[1],
+                                     self.config.schedule.loss_chunk)
         torch.autograd.backward([final_rows, reg], [grad, torch.ones_like(reg)])
         return float(bpr)
 
@@ -473,7 +469,8 @@ class DistributedTrainer:
         shard = self.shard
         n_users = self.data.n_users
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
-        batch_nodes, counts = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]), return_counts=True)
+        rows = batch_rows(users, pos_nodes, neg_nodes)
+        batch_nodes = rows.nodes
         if batch_nodes.numel() and self.sampler is not None:
             input_nodes, blocks = self.sampler.sample(batch_nodes)
         else:
@@ -490,8 +487,8 @@ class DistributedTrainer:
                 [shard.method.layer_fn(view.embeddings, 0)]
             final = shard.method.combine(layers)
             x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
-            reg = cfg.optim.l2 * 0.5 * (counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
-            bpr_value = self._backward(final, batch_nodes, users, pos_nodes, neg_nodes, global_batch, reg)
+            reg = cfg.optim.l2 * 0.5 * (rows.counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
+            bpr_value = self._backward(final, rows, global_batch, reg)
         self._apply_gradients(view, input_nodes=input_nodes)
         if self._refine_now():
             self._refine(batch_nodes, final)
@@ -508,8 +505,8 @@ class DistributedTrainer:
         shard, plan, part = self.shard, self.halo, self.partition
         n_users = self.data.n_users
         pos_nodes, neg_nodes = pos + n_users, neg + n_users
-        batch_nodes, batch_counts = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]),
-                                                 return_counts=True)  # this rank's share of the batch
+        rows = batch_rows(users, pos_nodes, neg_nodes)  # this rank's share of the batch
+        batch_nodes, batch_counts = rows.nodes, rows.counts
         # L2 on layer-0 rows: each row weighted by its occurrences in the global batch, which
         # the ranks holding those positives send to the row's owner.
         occurrences = count_at_owners(batch_nodes, part, plan.n_own, counts=batch_counts, counter=self.counter)
@@ -538,7 +535,7 @@ class DistributedTrainer:
             own_batch = self.owned_t[own_local]
             refine_rows = final_own.detach()[own_local]
         del final_own
-        bpr = self._backward(final_rows, batch_nodes, users, pos_nodes, neg_nodes, global_batch, reg)
+        bpr = self._backward(final_rows, rows, global_batch, reg)
         self._apply_gradients(view, plan=plan)
         if refine:
             self._refine(own_batch, refine_rows)

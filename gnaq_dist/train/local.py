@@ -29,7 +29,7 @@ from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.packing import storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
-from gnaq_dist.train.bpr import bpr_row_gradient
+from gnaq_dist.train.bpr import batch_rows, bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.schedule import Schedule, TimeBudget
 
@@ -138,20 +138,19 @@ class LocalTrainer:
         n_users = self.data.n_users
         pos_nodes = pos + n_users
         neg_nodes = neg + n_users
-        batch_nodes, counts = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]), return_counts=True)
+        rows = batch_rows(users, pos_nodes, neg_nodes)
+        batch_nodes = rows.nodes
         final, row_ids = self._final_embeddings_for(method, batch_nodes)
-
-        def rows(ids: torch.Tensor) -> torch.Tensor:
-            return ids if row_ids is None else torch.searchsorted(row_ids, ids)
-
+        # Full propagation: rows of final are node ids; sampled: the batch's nodes, in order.
+        index = (users, pos_nodes, neg_nodes, batch_nodes) if row_ids is None else \
+            (rows.users, rows.pos, rows.neg, torch.arange(batch_nodes.shape[0]))
         denom = users.shape[0] * neg.shape[1]
-        bpr, grad = bpr_row_gradient(final, rows(users), rows(pos_nodes), rows(neg_nodes), denom,
-                                     cfg.schedule.loss_chunk)
+        bpr, grad = bpr_row_gradient(final, *index[:3], denom, cfg.schedule.loss_chunk)
         # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
         reg_rows = method.reg_embeddings(batch_nodes)
-        reg = cfg.optim.l2 * 0.5 * (counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]
+        reg = cfg.optim.l2 * 0.5 * (rows.counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]
         torch.autograd.backward([final, reg], [grad, torch.ones_like(reg)])
-        return float(bpr), batch_nodes, final.detach(), rows(batch_nodes)
+        return float(bpr), batch_nodes, final.detach(), index[3]
 
     # -- evaluation from the packed table --------------------------------------------
     @torch.no_grad()

@@ -732,6 +732,9 @@ class DistributedTrainer:
         self.history.append(record)
         if self.report is not None:
             self.report(record)
+        if event == "eval" and self.rank == 0 and self.config.progress:  # a run's progress, as local.py shows it
+            tqdm.write(f"epoch {fields.get('epoch')} [{fields.get('phase')}] step {fields.get('step')} " + "  ".join(
+                f"{k}={v:.4f}" for k, v in fields.items() if k.startswith(("recall@", "ndcg@"))))
         return record
 
     def _fold(self, counter: WireCounter, name: str) -> None:

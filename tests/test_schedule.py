@@ -77,8 +77,7 @@ def scenario_time_limit(rank: int, world: int, tmp: str) -> dict:
 def test_two_ranks_agree_on_the_time_limit_and_write_the_final_checkpoint(tmp_path):
     r0, r1 = run_ranks(scenario_time_limit, 2, str(tmp_path), timeout=180)
     assert r0["steps"] == r1["steps"] > 0 and r0["metrics"] == r1["metrics"]
-    assert r0["phase_epochs"]["quantized"] >= 1
     assert r0["checkpoint"] and r0["checkpoint"] == r1["checkpoint"]
     assert r0["history"][-1]["event"] in ("checkpoint", "end")
     evals = [h for h in r0["history"] if h.get("event") == "eval"]
-    assert evals[-1]["step"] == r0["steps"]
+    assert evals[-1]["step"] == r0["steps"] and evals[-1]["phase"] == "quantized"  # even if the budget ended in the warm-up

@@ -498,10 +498,12 @@ class FixedExchange:
 
     def push_gradients(self, grad: torch.Tensor, n_own: int, compressor: RowCompressor | None = None,
                        error_feedback: ErrorFeedback | None = None, counter: WireCounter | None = None,
-                       kind: str = "gradients_sent", out: torch.Tensor | None = None) -> torch.Tensor:
+                       kind: str = "gradients_sent", out: torch.Tensor | None = None,
+                       accumulate: bool = False) -> torch.Tensor:
         """Gradients of the needed rows to their owners, compressed as :func:`push_row_gradients`
         compresses them (None: fp32; error feedback on the needed ids); returns each owner's
-        (n_own, k) float32 sum of what came back (collective), in ``out`` if given."""
+        (n_own, k) float32 sum of what came back (collective), in ``out`` if given (added to
+        what ``out`` holds with ``accumulate``)."""
         k = int(grad.shape[1])
         comp = compressor if compressor is not None else RowCompressor(bits=None)
         if error_feedback is not None and error_feedback.dim != k:
@@ -515,7 +517,10 @@ class FixedExchange:
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
         values = comp.decode(back.contiguous(), k)
         if out is not None and out.dtype == torch.float32 and tuple(out.shape) == (n_own, k):
-            return out.detach().zero_().index_add_(0, self.send_rows.to(out.device), values.to(out.device))
+            target = out.detach() if accumulate else out.detach().zero_()
+            return target.index_add_(0, self.send_rows.to(out.device), values.to(out.device))
+        if accumulate:
+            raise GnaqInputError(f"push_gradients: accumulate needs an fp32 ({n_own}, {k}) out tensor")
         return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)
 
     # -- float rows into and out of caller-held buffers (the fused propagation's hot path) --

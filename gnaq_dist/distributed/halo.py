@@ -298,8 +298,8 @@ class HaloPlan:
     def step_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The training step's kept tables, reused every step (no page faults for fresh ones):
         ``"input"`` (n_input, d) holds the layer-0 rows, then their gradient; ``"output"``
-        (n_own, d) the final rows, then their gradient."""
-        rows = {"input": self.n_input, "output": self.n_own}[name]
+        (n_own, d) the final rows; ``"output_grad"`` (n_own, d) their gradient."""
+        rows = {"input": self.n_input, "output": self.n_own, "output_grad": self.n_own}[name]
         return self._buffer(f"step_{name}", rows, like)
 
     def reserve(self, dim: int, dtype: torch.dtype = torch.float32) -> None:

@@ -44,11 +44,10 @@ from gnaq_dist.distributed.exchange import (
     WireCounter,
     allreduce_dense,
     comm_device,
-    count_at_owners,
     fetch_rows,
     push_row_gradients,
 )
-from gnaq_dist.distributed.halo import HaloPlan, remote_rows
+from gnaq_dist.distributed.halo import HaloPlan
 from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
 from gnaq_dist.distributed.partition_store import read_partition
 from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
@@ -63,7 +62,7 @@ from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figur
 from gnaq_dist.quant.dequant_kernels import warm_up
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
-from gnaq_dist.train.bpr import BatchRows, batch_rows, bpr_row_gradient
+from gnaq_dist.train.bpr import BatchRows, batch_rows, bpr_into, bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.schedule import Schedule, TimeBudget
 from gnaq_dist.train.local import seed_everything
@@ -177,6 +176,7 @@ class DistributedTrainer:
         self.steps_per_epoch = len(self.batches)
         self.global_step = 0
         self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
+        self._items: FixedExchange | None = None  # every item's final row (full-graph steps)
         self.counter = WireCounter()  # per-step exchanges (fetch, gradients, all-reduce)
         self.refine_counter = WireCounter()  # propagated rows sent to owners for refinement
         self.gather_counter = WireCounter()  # whole-table gathers (evaluation, quantized start)
@@ -498,24 +498,24 @@ class DistributedTrainer:
     def _step_full(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_batch: int) -> float:
         """Full-graph propagation split by owner (:class:`.halo.HaloPlan`).
 
-        Every rank runs the whole forward and backward, even without a positive of its own:
-        the halo exchanges inside them are collectives.
+        A rank's positives are its own users', so their rows are its own final rows; every
+        item's final row comes through one fixed exchange (:meth:`_item_exchange`). The loss
+        adds its gradient into a table of the own rows and one of the items, the items' go
+        back to their owners, and one backward runs through the propagation: memory follows
+        the shard and the item count, not the batch. Every rank runs the whole forward and
+        backward, even without a positive of its own: the exchanges inside them are collectives.
         """
         cfg = self.config
         shard, plan, part = self.shard, self.halo, self.partition
-        n_users = self.data.n_users
-        pos_nodes, neg_nodes = pos + n_users, neg + n_users
-        rows = batch_rows(users, pos_nodes, neg_nodes)  # this rank's share of the batch
-        batch_nodes, batch_counts = rows.nodes, rows.counts
-        # L2 on layer-0 rows: each row weighted by its occurrences in the global batch, which
-        # the ranks holding those positives send to the row's owner.
-        occurrences = count_at_owners(batch_nodes, part, plan.n_own, counts=batch_counts, counter=self.counter)
+        n_items = self.data.n_items
+        local_users = part.local_of(users)
+        occurrences = self._occurrences(local_users, pos, neg)
         server = shard.server()
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
-        # With plain layers, two tables kept from step to step (fresh ones cost their page faults
-        # every step): the layer-0 rows, then their gradient; the final rows, then theirs.
+        # With plain layers, tables kept from step to step (fresh ones cost their page faults
+        # every step): the layer-0 rows, then their gradient; the final rows; their gradient.
         x_buf = out_buf = None
         if shard.method.linear_layers:
             like = torch.empty((0, shard.method.dim))
@@ -528,19 +528,52 @@ class DistributedTrainer:
             x_buf = out_buf = None
         final_own = self._propagate_own(x_input, self.counter, out=out_buf, grad_input=x_buf)
         del x_input
-        final_rows = remote_rows(final_own, batch_nodes, part, self.counter, grad_out=out_buf)
+        own = final_own.detach()
+        items = self._item_exchange().pull(own, self.counter)  # (n_items, d): item i's final row
+        grad_own = plan.step_buffer("output_grad", own) if out_buf is not None else torch.empty_like(own)
+        grad_own.zero_()
+        grad_items = torch.zeros((n_items, own.shape[1]), dtype=own.dtype)
+        bpr = bpr_into(own, items, local_users, pos, neg, global_batch * neg.shape[1], grad_own, grad_items,
+                       cfg.schedule.loss_chunk)
+        del items
+        self._item_exchange().push_gradients(grad_items, plan.n_own, counter=self.counter, kind="activations",
+                                             out=grad_own, accumulate=True)
+        del grad_items
         refine = self._refine_now()
-        if refine:  # the rows refinement reads, taken before the backward overwrites out_buf
+        if refine:  # the rows refinement reads, taken before the backward overwrites the buffers
             own_local = occurrences.nonzero().reshape(-1)  # own rows in the global batch (local rows, ascending)
             own_batch = self.owned_t[own_local]
-            refine_rows = final_own.detach()[own_local]
+            refine_rows = own[own_local].clone()
+        del own
+        torch.autograd.backward([final_own, reg], [grad_own, torch.ones_like(reg)])
         del final_own
-        bpr = self._backward(final_rows, rows, global_batch, reg)
         self._apply_gradients(view, plan=plan)
         if refine:
             self._refine(own_batch, refine_rows)
         self.global_step += 1
-        return bpr
+        return float(bpr)
+
+    def _item_exchange(self) -> FixedExchange:
+        """Every item's final row from its owner, and its gradient back: one plan for the run
+        (collective when first made). A step of many positives touches nearly every item."""
+        if self._items is None:
+            n_users, n = self.data.n_users, self.partition.num_nodes
+            self._items = FixedExchange(torch.arange(n_users, n, dtype=torch.int64), self.partition,
+                                        counter=self.counter, what="the items' final rows")
+        return self._items
+
+    def _occurrences(self, local_users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
+        """How often each own row occurs in the global batch (its L2 weight): the own users'
+        counts here, the items' summed over ranks (one all_reduce of n_items counts)."""
+        plan, n_users = self.halo, self.data.n_users
+        items = torch.bincount(torch.cat([pos, neg.reshape(-1)]), minlength=self.data.n_items)
+        if self.world > 1:
+            self.counter.add("control", (self.world - 1) * items.numel() * 8)
+            items = _allreduce_sum(items)
+        out = torch.bincount(local_users, minlength=plan.n_own)
+        own_items = self.owned_t >= n_users
+        out[own_items] += items[self.owned_t[own_items] - n_users]
+        return out
 
     def _propagate_own(self, x_input: torch.Tensor, counter: WireCounter, *, out: torch.Tensor | None = None,
                        grad_input: torch.Tensor | None = None) -> torch.Tensor:

@@ -27,28 +27,28 @@ def _kernel() -> Any | None:
 
 def _compile(numba: Any, cache: bool) -> Any:
     @numba.njit(nogil=True, boundscheck=False, fastmath=True, cache=cache)
-    def bpr(final, users, pos, neg, inv_denom, grad):  # pragma: no cover - compiled
+    def bpr(uf, itf, users, pos, neg, inv_denom, gu_out, gi_out):  # pragma: no cover - compiled
         n, k = neg.shape
-        d = final.shape[1]
+        d = uf.shape[1]
         total = 0.0
         gu = np.empty(d, dtype=np.float32)
         for i in range(n):
             u, p = users[i], pos[i]
             sp = np.float32(0.0)
             for j in range(d):
-                sp += final[u, j] * final[p, j]
+                sp += uf[u, j] * itf[p, j]
                 gu[j] = 0.0
             g_sum = np.float32(0.0)
             for c in range(k):
                 q = neg[i, c]
                 sq = np.float32(0.0)
                 for j in range(d):
-                    sq += final[q, j] * final[u, j]
+                    sq += itf[q, j] * uf[u, j]
                 diff = sq - sp
                 # softplus and sigmoid, stable for either sign of diff
                 if diff > 0:
-                    total += diff + math.log1p(math.exp(-diff))
                     e = math.exp(-diff)
+                    total += diff + math.log1p(e)
                     g = np.float32(inv_denom / (1.0 + e))
                 else:
                     e = math.exp(diff)
@@ -56,11 +56,11 @@ def _compile(numba: Any, cache: bool) -> Any:
                     g = np.float32(inv_denom * e / (1.0 + e))
                 g_sum += g
                 for j in range(d):
-                    gu[j] += g * final[q, j]
-                    grad[q, j] += g * final[u, j]
+                    gu[j] += g * itf[q, j]
+                    gi_out[q, j] += g * uf[u, j]
             for j in range(d):
-                grad[u, j] += gu[j] - g_sum * final[p, j]
-                grad[p, j] -= g_sum * final[u, j]
+                gi_out[p, j] -= g_sum * uf[u, j]
+                gu_out[u, j] += gu[j] - g_sum * itf[p, j]
         return total
 
     return bpr
@@ -93,32 +93,46 @@ def bpr_row_gradient(final: torch.Tensor, users: torch.Tensor, pos: torch.Tensor
     holds one positive's rows at a time; in torch, ``chunk`` positives are scored at a time
     (None: all at once). The result depends on neither beyond float rounding.
     """
+    final = final.detach().contiguous()
+    grad = torch.zeros_like(final)
+    loss = bpr_into(final, final, users, pos, neg, denom, grad, grad, chunk, fused)
+    return loss, grad
+
+
+def bpr_into(user_rows: torch.Tensor, item_rows: torch.Tensor, users: torch.Tensor, pos: torch.Tensor,
+             neg: torch.Tensor, denom: float, user_grad: torch.Tensor, item_grad: torch.Tensor,
+             chunk: int | None = None, fused: bool = True) -> torch.Tensor:
+    """The loss of :func:`bpr_row_gradient` with users' rows and items' rows in two tables
+    (``users`` index ``user_rows``, ``pos`` and ``neg`` index ``item_rows``); the gradients are
+    added into ``user_grad`` and ``item_grad`` (shaped like the tables; they may be one tensor
+    when the tables are one)."""
     if neg.dim() != 2 or neg.shape[0] != users.shape[0] or pos.shape != users.shape:
         raise GnaqInputError("users, pos must be (B,) and neg (B, k) with the same B")
     if chunk is not None and chunk < 1:
         raise GnaqInputError(f"chunk must be >= 1 or None, got {chunk}")
-    final = final.detach()
-    grad = torch.zeros_like(final)
-    kernel = _kernel() if fused and final.dtype == torch.float32 and final.device.type == "cpu" else None
+    user_rows, item_rows = user_rows.detach(), item_rows.detach()
+    cpu32 = all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                for t in (user_rows, item_rows, user_grad, item_grad))
+    kernel = _kernel() if fused and cpu32 else None
     if kernel is not None:
-        total = kernel(final.contiguous().numpy(), users.numpy(), pos.numpy(), np.ascontiguousarray(neg.numpy()),
-                       1.0 / denom, grad.numpy())
-        return torch.tensor(total / denom, dtype=final.dtype), grad
+        total = kernel(user_rows.numpy(), item_rows.numpy(), users.numpy(), pos.numpy(),
+                       np.ascontiguousarray(neg.numpy()), 1.0 / denom, user_grad.numpy(), item_grad.numpy())
+        return torch.tensor(total / denom, dtype=user_rows.dtype)
     total = torch.zeros((), dtype=torch.float64)
     n = int(users.shape[0])
     step = n if chunk is None else int(chunk)
-    d = final.shape[1]
+    d = user_rows.shape[1]
     for start in range(0, n, max(step, 1)):
         u_ids, p_ids, n_ids = users[start:start + step], pos[start:start + step], neg[start:start + step]
-        u, p, q = final[u_ids], final[p_ids], final[n_ids]  # (c, d), (c, d), (c, k, d)
+        u, p, q = user_rows[u_ids], item_rows[p_ids], item_rows[n_ids]  # (c, d), (c, d), (c, k, d)
         diff = torch.bmm(q, u.unsqueeze(2)).squeeze(2) - (u * p).sum(1, keepdim=True)  # (c, k)
         total += F.softplus(diff).sum(dtype=torch.float64)
         g = torch.sigmoid(diff).div_(denom)  # d loss / d <u, n_k>
         g_sum = g.sum(1, keepdim=True)
-        grad.index_add_(0, u_ids, torch.bmm(g.unsqueeze(1), q).squeeze(1) - g_sum * p)
-        grad.index_add_(0, p_ids, -g_sum * u)
-        grad.index_add_(0, n_ids.reshape(-1), (g.unsqueeze(2) * u.unsqueeze(1)).reshape(-1, d))
-    return (total / denom).to(final.dtype), grad
+        user_grad.index_add_(0, u_ids, torch.bmm(g.unsqueeze(1), q).squeeze(1) - g_sum * p)
+        item_grad.index_add_(0, p_ids, -g_sum * u)
+        item_grad.index_add_(0, n_ids.reshape(-1), (g.unsqueeze(2) * u.unsqueeze(1)).reshape(-1, d))
+    return (total / denom).to(user_rows.dtype)
 
 
-__all__ = ["BatchRows", "batch_rows", "bpr_row_gradient"]
+__all__ = ["BatchRows", "batch_rows", "bpr_into", "bpr_row_gradient"]

@@ -114,7 +114,7 @@ class LocalTrainer:
         if cfg.retain_freed_memory:  # from the first step on: setup's transients are gone
             retain_freed_memory()
         optimizer.zero_grad(set_to_none=True)
-        bpr, batch_nodes, final, batch_rows = self.backward(method, users, pos, neg)
+        bpr, batch_nodes, final, batch_index = self.backward(method, users, pos, neg)
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(method.parameters(), cfg.optim.grad_clip)
         optimizer.step()
@@ -124,13 +124,13 @@ class LocalTrainer:
             # embeddings (computed before the optimizer step). Both propagation paths
             # refine the same rows, and so will a worker that owns only some of them.
             with torch.no_grad():
-                method.refine(batch_nodes, final[batch_rows])
+                method.refine(batch_nodes, final[batch_index])
         self.global_step += 1
         return bpr
 
     def backward(self, method: EmbeddingMethod, users, pos, neg):
-        """One propagation, the BPR + L2 loss of every positive (in ``schedule.loss_chunk``
-        chunks), one backward: gradients accumulate in ``method``'s parameters.
+        """One propagation, the BPR + L2 loss of every positive (:mod:`gnaq_dist.train.bpr`),
+        one backward: gradients accumulate in ``method``'s parameters.
 
         Returns the BPR loss, the batch's nodes (sorted, unique), the final rows (detached) and
         the batch nodes' indices into them."""

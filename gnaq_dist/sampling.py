@@ -220,20 +220,28 @@ class OwnedBPRBatches:
     def __len__(self) -> int:
         return -(-self.n_edges // self.batch_size)
 
+    #: Global positions drawn at a time: a batch of millions is made in slices, so its transients
+    #: (the permutation's, the keyed negatives') follow the slice and only the kept positives stay.
+    SLICE = 1 << 20
+
     def __iter__(self) -> Iterator[OwnedBatch]:
         order = KeyedPermutation(self.n_edges, derive_key(self.seed, self.epoch, 1))
         neg_key = derive_key(self.seed, self.epoch, 2)
         for b in range(len(self)):
-            positions = np.arange(b * self.batch_size, min((b + 1) * self.batch_size, self.n_edges), dtype=np.int64)
-            size = int(positions.shape[0])
-            edges = order(positions)
-            users = np.searchsorted(self.all_indptr, edges, side="right") - 1
-            mine = self.own_users[users]
-            users, edges, positions = users[mine], edges[mine], positions[mine]
-            items = self.own_indices[self.own_indptr[users] + edges - self.all_indptr[users]]
-            neg = self.negatives.sample_keyed(users, self.num_negatives, neg_key, positions)
-            yield OwnedBatch(torch.from_numpy(users), torch.from_numpy(items.astype(np.int64)),
-                             torch.from_numpy(neg), size)
+            start, end = b * self.batch_size, min((b + 1) * self.batch_size, self.n_edges)
+            parts = [self._slice(order, neg_key, lo, min(lo + self.SLICE, end)) for lo in range(start, end, self.SLICE)]
+            users, items, neg = (np.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
+            yield OwnedBatch(torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(neg), end - start)
+
+    def _slice(self, order: KeyedPermutation, neg_key, start: int, end: int):
+        """This rank's positives among global positions ``[start, end)``: users, items, negatives."""
+        positions = np.arange(start, end, dtype=np.int64)
+        edges = order(positions)
+        users = np.searchsorted(self.all_indptr, edges, side="right") - 1
+        mine = self.own_users[users]
+        users, edges, positions = users[mine], edges[mine], positions[mine]
+        items = self.own_indices[self.own_indptr[users] + edges - self.all_indptr[users]].astype(np.int64)
+        return users, items, self.negatives.sample_keyed(users, self.num_negatives, neg_key, positions)
 
 
 class NeighborBlockSampler:

@@ -173,7 +173,7 @@ def test_split_ranks_keep_only_their_own_users_edges(exact_runs):
 @pytest.fixture(scope="module")
 def compressed_runs():
     """d = 64, 36 warm-up + 24 quantized steps on 2 ranks: fp32 gradients, then 2-bit with error feedback."""
-    base = {"model.dim": 64, "schedule.epochs": 10, "schedule.warmup_epochs": 6}
+    base = {"model.dim": 64, "schedule.epochs": 10, "schedule.warmup_epochs": 6, "optim.quant_lr": "null"}
     plain, two_bit = run_ranks(scenario_train, 2, [dict(base), dict(base, **{"distributed.grad_bits": 2})],
                                timeout=180)[0]
     return plain, two_bit

@@ -238,3 +238,17 @@ def test_numba_row_search_draws_the_same_negatives_as_one_searchsorted(monkeypat
     indptr, indices = csr.train_csr()
     for u, row in zip(queries, fused):
         assert not set(row) & set(indices[indptr[u]:indptr[u + 1]])
+
+
+def test_owned_batches_made_in_slices_are_the_same_batches(monkeypatch) -> None:
+    """A batch is drawn a slice of positions at a time: the slice size changes nothing."""
+    g = random_graph()
+    owner = np.random.default_rng(3).integers(0, 2, g.n_users)
+    whole = _owned_epoch(g, owner, 1, restrict=True)
+    monkeypatch.setattr(OwnedBPRBatches, "SLICE", 5)
+    sliced = _owned_epoch(g, owner, 1, restrict=True)
+    assert len(sliced) == len(whole)
+    for a, b in zip(whole, sliced):
+        assert a.global_size == b.global_size
+        for x, y in zip(a[:3], b[:3]):
+            assert torch.equal(x, y)

@@ -298,9 +298,14 @@ class HaloPlan:
     def step_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The training step's kept tables, reused every step (no page faults for fresh ones):
         ``"input"`` (n_input, d) holds the layer-0 rows, then their gradient; ``"output"``
-        (n_own, d) the final rows; ``"output_grad"`` (n_own, d) their gradient."""
-        rows = {"input": self.n_input, "output": self.n_own, "output_grad": self.n_own}[name]
+        (n_own, d) the final rows, then their gradient."""
+        rows = {"input": self.n_input, "output": self.n_own}[name]
         return self._buffer(f"step_{name}", rows, like)
+
+    def idle_own_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """An (n_own, d) table of :meth:`propagate_mean`'s that is free between its forward and
+        its backward (both overwrite it): a step's scratch there costs no memory of its own."""
+        return self._buffer("own2", self.n_own, like)
 
     def reserve(self, dim: int, dtype: torch.dtype = torch.float32) -> None:
         """Make and touch now every table that a training step keeps (the propagation's, the

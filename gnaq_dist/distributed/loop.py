@@ -528,10 +528,12 @@ class DistributedTrainer:
             x_buf = out_buf = None
         final_own = self._propagate_own(x_input, self.counter, out=out_buf, grad_input=x_buf)
         del x_input
-        own = final_own.detach()
-        items = self._item_exchange().pull(own, self.counter)  # (n_items, d): item i's final row
-        grad_own = plan.step_buffer("output_grad", own) if out_buf is not None else torch.empty_like(own)
-        grad_own.zero_()
+        items = self._item_exchange().pull(final_own.detach(), self.counter)  # (n_items, d): item i's row
+        if out_buf is not None:  # the final rows move to a table idle until the backward; theirs
+            own = plan.idle_own_buffer(out_buf).copy_(out_buf)  # becomes their gradient's
+            grad_own = out_buf.zero_()
+        else:
+            own, grad_own = final_own.detach(), torch.zeros_like(final_own)
         grad_items = torch.zeros((n_items, own.shape[1]), dtype=own.dtype)
         bpr = bpr_into(own, items, local_users, pos, neg, global_batch * neg.shape[1], grad_own, grad_items,
                        cfg.schedule.loss_chunk)

@@ -514,6 +514,7 @@ class DistributedTrainer:
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
         payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
+        del own_rows  # (n_own, row bytes) no longer needed: at full size 0.8 GB of an fp step
         # With plain layers, tables kept from step to step (fresh ones cost their page faults
         # every step): the layer-0 rows, then their gradient; the final rows; their gradient.
         x_buf = out_buf = None
@@ -521,6 +522,7 @@ class DistributedTrainer:
             like = torch.empty((0, shard.method.dim))
             x_buf, out_buf = plan.step_buffer("input", like), plan.step_buffer("output", like)
         view = shard.view(server, payload, out=x_buf)
+        del payload  # what the view needs of it, it holds (latent rows: their own copies)
         shard.zero_dense_grads()
         reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, occurrences.to(torch.float32)) / global_batch
         x_input = view.pop_embeddings()

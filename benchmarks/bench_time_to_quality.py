@@ -1,8 +1,8 @@
 """Time to quality: Recall@20 against training seconds for several schedules, two runs at a time.
 
 Each run is ``gnaq train`` in its own process at one thread with a wall-clock budget
-(``--time-limit``); runs go two at a time, one a core, so that the two sides of a pair
-see the same machine. The report gives, per run, the training seconds to each Recall@20
+(``--time-limit``); runs go two at a time, one a core (the next starts when one ends), so
+that runs compared are measured beside each other on the same machine. The report gives, per run, the training seconds to each Recall@20
 threshold (``--targets``), Recall@20 at fixed training times (``--at``), the best
 Recall@20, and a plot of the curves (``<out>/time-to-quality.png``).
 
@@ -91,21 +91,23 @@ def main(argv: list[str] | None = None) -> int:
     runs = [parse_run(r) for r in args.run]
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
     pending = [(n, v) for n, v in runs if not (out / n / "summary.json").exists()]
-    for i in range(0, len(pending), args.parallel):
-        group = pending[i:i + args.parallel]
-        t0 = time.monotonic()
-        procs = []
-        for name, values in group:
+    running: list = []
+    t0 = time.monotonic()
+    while pending or running:  # a pool of --parallel runs: the next starts when one ends
+        while pending and len(running) < args.parallel:
+            name, values = pending.pop(0)
             log = open(out / f"{name}.log", "w")
-            procs.append((name, subprocess.Popen(command(args, name, values), stdout=log, stderr=subprocess.STDOUT,
-                                                 env=env), log))
-        print(f"running {', '.join(n for n, _ in group)} ...", flush=True)
-        for name, proc, log in procs:
-            rc = proc.wait()
-            log.close()
-            if rc:
-                print(f"{name}: exit {rc}, see {out / (name + '.log')}", file=sys.stderr)
-        print(f"  done in {time.monotonic() - t0:.0f} s", flush=True)
+            proc = subprocess.Popen(command(args, name, values), stdout=log, stderr=subprocess.STDOUT, env=env)
+            running.append((name, proc, log))
+            print(f"[{time.monotonic() - t0:5.0f} s] started {name}", flush=True)
+        for item in list(running):
+            name, proc, log = item
+            if proc.poll() is not None:
+                log.close()
+                running.remove(item)
+                state = "done" if proc.returncode == 0 else f"exit {proc.returncode}, see {out / (name + '.log')}"
+                print(f"[{time.monotonic() - t0:5.0f} s] {name}: {state}", flush=True)
+        time.sleep(1)
     targets = [float(t) for t in args.targets.split(",")]
     at = [float(m) for m in args.at.split(",")]
     rows = {name: summarise(curve(out, name), targets, at) for name, _ in runs}

@@ -1,8 +1,8 @@
-"""BPR over a step's positives in bounded chunks: the loss and its gradient w.r.t. the final rows.
+"""BPR over a step's positives: the loss and its gradient w.r.t. the final rows, in closed form.
 
 Why: one propagation serves a large batch, so the loss must not hold (positives x negatives x d)
-at once. Each chunk's gradient is written in closed form into one buffer shaped like the final
-rows, which the caller then back-propagates through the propagation once.
+at once. numba scores one positive at a time (torch, without it, a bounded chunk) and adds
+the gradient into tables shaped like the final rows, which the caller back-propagates once.
 """
 
 from __future__ import annotations

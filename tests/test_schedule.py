@@ -57,7 +57,7 @@ def scenario_time_limit(rank: int, world: int, tmp: str) -> dict:
     """Rank 1 sleeps in every step, so the ranks' clocks disagree; both must stop together."""
     import time
 
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     cfg = small_config("gnaq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 2,
                                      "schedule.max_minutes": 0.04, "checkpoint.every_epochs": 1000,

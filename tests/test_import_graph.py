@@ -123,3 +123,17 @@ def test_importing_the_distributed_package_loads_nothing_heavy_until_a_name_is_u
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          cwd=PACKAGE.parent).stdout.split()
     assert out == ["[]", "True"]
+
+
+def test_the_distributed_docstring_lists_every_module_above_the_ones_it_imports():
+    import re
+
+    import gnaq_dist.distributed as package
+
+    listed = re.findall(r"^\* :mod:`\.(\w+)`:", package.__doc__, flags=re.M)
+    present = sorted(p.stem for p in (PACKAGE / "distributed").glob("*.py") if p.stem != "__init__")
+    assert sorted(listed) == present
+    graph = import_graph()
+    position = {f"gnaq_dist.distributed.{m}": i for i, m in enumerate(listed)}
+    upward = [(m, t) for m, i in position.items() for t in graph[m] if position.get(t, len(listed)) <= i]
+    assert upward == [], upward

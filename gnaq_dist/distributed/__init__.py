@@ -4,7 +4,7 @@ Public API: :func:`train_worker` (one rank's run inside a process group),
 :class:`DistributedTrainer`, :func:`train_on_ray` (W workers under Ray Train), and the
 partition record :class:`Partition` with :func:`partition_nodes`. The rest is internal.
 
-Modules, from the run down to the wire:
+Modules, from the run down to the wire (each imports only modules listed below it):
 
 * :mod:`.ray_launch`: launches W workers under Ray Train and writes the run's files;
 * :mod:`.trainer`: a rank's setup, data-parallel step and run loop (the shared schedule);
@@ -14,15 +14,15 @@ Modules, from the run down to the wire:
 * :mod:`.sharded`: a rank's rows of an embedding method: wire format, differentiable view, update;
 * :mod:`.sparse_adam`: lazy, row-sparse Adam over the owned rows;
 * :mod:`.halo`: full-graph propagation split by owner (a rank's rows of ``A_hat`` and its halo);
+* :mod:`.row_exchange`: rows fetched from, gradients pushed to, occurrences counted at their owners;
 * :mod:`.halo_exchange`: the halo's rows from their owners, planned once, over shared memory on one host;
 * :mod:`.shared_rows`: row tables that ranks on one host map from each other's memory;
-* :mod:`.row_exchange`: rows fetched from, gradients pushed to, occurrences counted at their owners;
 * :mod:`.rows`: row servers: a shard's rows as fixed-size wire rows (quantized, dense, latent);
 * :mod:`.compression`: low-bit gradient rows with error feedback;
 * :mod:`.comm`: the process group's collectives, id grouping by owner, every-rank failure agreement;
 * :mod:`.wire`: bytes sent by kind, beside their fp32 equivalents;
-* :mod:`.partition`: who owns which row (METIS via DGL, or hash), a pure record;
-* :mod:`.partition_store`: a partition computed apart (``gnaq partition``) and read back.
+* :mod:`.partition_store`: a partition computed apart (``gnaq partition``) and read back;
+* :mod:`.partition`: who owns which row (METIS via DGL, or hash), a pure record.
 
 Importing this package imports none of them (nor torch or DGL): the names above load on first use.
 """

@@ -122,7 +122,7 @@ def _rank_users(trainer: DistributedTrainer, user_rows: torch.Tensor, item_rows:
     return finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
 
 
-def fp_storage(dim: int) -> dict[str, float]:
+def _fp_storage(dim: int) -> dict[str, float]:
     """The storage report of an fp32 table of ``dim`` columns."""
     return {"bytes_per_node": 4.0 * dim, "fp32_bytes_per_node": 4.0 * dim, "compression_ratio": 1.0}
 
@@ -134,7 +134,7 @@ def evaluate_gathered(trainer: DistributedTrainer) -> tuple[dict[str, float], di
     final = final_embeddings(trainer, kind, table)
     n_users = trainer.data.n_users
     metrics = _rank_users(trainer, final[:n_users], final[n_users:])
-    return metrics, (fp_storage(trainer.config.model.dim) if kind == "fp" else storage_report(table))
+    return metrics, (_fp_storage(trainer.config.model.dim) if kind == "fp" else storage_report(table))
 
 
 @torch.no_grad()
@@ -148,7 +148,7 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
     own_ids = torch.arange(plan.n_own, dtype=torch.int64)
     if method.name == "fp":
         server = LatentShard(list(method.trainable_row_params()), method.dim)
-        storage = fp_storage(trainer.config.model.dim)
+        storage = _fp_storage(trainer.config.model.dim)
     else:  # the stored table's rows, propagated as final_from_packed propagates them
         own, server = _packed_server(trainer.shard, trainer.level_dtype)
         shared = server.shared_levels
@@ -171,5 +171,5 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
     return _rank_users(trainer, users, items), storage
 
 
-__all__ = ["evaluate", "evaluate_gathered", "evaluate_split", "final_embeddings", "fp_storage", "gather_latent",
+__all__ = ["evaluate", "evaluate_gathered", "evaluate_split", "final_embeddings", "gather_latent",
            "gathered_table"]

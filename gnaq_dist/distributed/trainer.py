@@ -153,6 +153,7 @@ class DistributedTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _partition(self) -> Partition:
+        """The owners every rank uses: the checkpoint's, a stored partition, or rank 0's (collective)."""
         part = self.checkpoints.saved_partition(self.resume, self.data.n_users, self.data.n_items)
         if part is not None:
             return part
@@ -397,6 +398,7 @@ class DistributedTrainer:
 
     # -- logging -------------------------------------------------------------------------------
     def _emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Log ``event``, keep it in the history and report it (on every rank: a barrier under Ray)."""
         record = self.log.write(event, **fields)
         self.history.append(record)
         if self.report is not None:
@@ -425,6 +427,7 @@ class DistributedTrainer:
         return evaluate_run(self)
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train the whole schedule (from the resumed checkpoint, if any); the summary :func:`train_worker` returns."""
         cfg = self.config
         sched = cfg.schedule
         plan = self.schedule

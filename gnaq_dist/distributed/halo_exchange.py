@@ -43,8 +43,8 @@ class FixedExchange:
 
     With ``shared_memory_dir`` (a tmpfs such as /dev/shm) and every rank on one host, the
     float rows of :meth:`start_pull_rows` and :meth:`start_push_gradients` do not go through the
-    process group: each rank writes what it sends into a table its peers have mapped and reads its
-    part of theirs (:class:`~gnaq_dist.distributed.shared_rows.SharedTables`). Rows arrive
+    process group: each rank writes what it sends into a table its peers have mapped and reads
+    its part of theirs (:class:`~gnaq_dist.distributed.shared_rows.SharedTables`). Rows arrive
     the same either way; a halo's plan (rows in owner order) also sums pushed gradients in
     the same order, bit for bit; a permuted plan may round them in another order.
     """

@@ -19,7 +19,7 @@ from gnaq_dist.distributed.partition import PARTITION_METHODS, Partition
 from gnaq_dist.distributed.wire import WireCounter, count_bytes
 from gnaq_dist.errors import GnaqInputError
 
-HEADER_FIELDS = 3  # count, row_bytes, width
+_HEADER_FIELDS = 3  # count, row_bytes, width
 
 
 def comm_device() -> torch.device:
@@ -49,12 +49,13 @@ def exchange_header(counts: torch.Tensor, row_bytes: int, width: int, what: str,
     """Send (count, row_bytes, width) to every peer; returns the counts received, after
     checking that every peer uses the same row format (every rank sees a mismatch)."""
     rank, world = rank_and_size()
-    hdr = torch.empty((world, HEADER_FIELDS), dtype=torch.int64)
+    hdr = torch.empty((world, _HEADER_FIELDS), dtype=torch.int64)
     hdr[:, 0] = counts
     hdr[:, 1] = row_bytes
     hdr[:, 2] = width
-    got = all_to_all(hdr.reshape(-1), [HEADER_FIELDS] * world, [HEADER_FIELDS] * world).reshape(world, HEADER_FIELDS)
-    count_bytes(counter, "control", (world - 1) * HEADER_FIELDS * 8)
+    fields = [_HEADER_FIELDS] * world
+    got = all_to_all(hdr.reshape(-1), fields, fields).reshape(world, _HEADER_FIELDS)
+    count_bytes(counter, "control", (world - 1) * _HEADER_FIELDS * 8)
     bad = ((got[:, 1] != row_bytes) | (got[:, 2] != width)).nonzero().reshape(-1).tolist()
     if bad:
         raise GnaqInputError(
@@ -181,7 +182,6 @@ def run_on_rank_then_agree(fn: Callable[[], Any] | None, what: str) -> Any:
 
 
 __all__ = [
-    "HEADER_FIELDS",
     "Pending",
     "all_to_all",
     "allreduce_dense",

@@ -33,7 +33,7 @@ def _gloo_rank(rank: int, world: int, init_file: str, config: TrainConfig, queue
 
     import torch.distributed as dist
 
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -31,7 +31,7 @@ def _cpu() -> float:
 
 
 def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, out_dir: str) -> None:
-    from gnaq_dist.distributed.exchange import FixedExchange
+    from gnaq_dist.distributed.halo_exchange import FixedExchange
     from gnaq_dist.distributed.partition import Partition
 
     torch.set_num_threads(1)
@@ -49,14 +49,14 @@ def _rank(rank: int, world: int, args: argparse.Namespace, init_file: str, out_d
         halo = torch.empty(remote.shape[0], args.dim)
         into = torch.zeros(own, args.dim)
         plan.reserve(x_own)
-        plan.start_pull(x_own, halo).wait()  # first touch of every buffer, untimed
+        plan.start_pull_rows(x_own, halo).wait()  # first touch of every buffer, untimed
         dist.barrier()
         t, c = time.perf_counter(), _cpu()
         for _ in range(args.calls):
-            plan.start_pull(x_own, halo).wait()
+            plan.start_pull_rows(x_own, halo).wait()
             grad = plan.push_buffer(halo)
             grad = halo if grad is None else grad.copy_(halo)
-            plan.start_push(grad).wait(into)
+            plan.start_push_gradients(grad).wait(into)
         dist.barrier()
         wall, cpu = (time.perf_counter() - t) / args.calls, (_cpu() - c) / args.calls
         used = "shared" if plan._served is not None else "process group"

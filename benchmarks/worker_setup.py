@@ -31,7 +31,7 @@ def quantized_worker(config, rank: int, world: int, init_file: str,
     is called after each setup phase. The process group is destroyed on exit."""
     import torch.distributed as dist
 
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

@@ -19,7 +19,7 @@ differs from it, is never loaded: :meth:`CheckpointStore.latest` skips it (with 
 warning naming the file) and falls back to the newest complete checkpoint.
 
 This module knows the format and the methods' parameters; the collective parts (who
-writes what, when) live in :mod:`gnaq_dist.distributed.loop`.
+writes what, when) live in :mod:`gnaq_dist.distributed.checkpointing`.
 """
 
 from __future__ import annotations

@@ -145,7 +145,7 @@ def test_verify_refuses_truncated_shard_other_dataset_and_other_bit_width():
 # -- distributed: resume and reshard on real gloo ranks -----------------------------------------------
 def scenario_write_then_resume(rank: int, world: int, out: str) -> dict:
     """Run A: 3 epochs with a checkpoint each epoch. Run B: resume A's epoch-1 checkpoint, same W."""
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     data = small_data()
     a = train_worker(ck_config(f"{out}/a"), data)
@@ -156,7 +156,7 @@ def scenario_write_then_resume(rank: int, world: int, out: str) -> dict:
 
 def scenario_load(rank: int, world: int, out: str, uri: str, tag: str, partition: str = "metis") -> dict:
     """Load ``uri`` on ``world`` ranks, evaluate at once, train to the end of the budget."""
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     config = ck_config(f"{out}/{tag}", **{"checkpoint.resume": uri, "distributed.partition": partition})
     return train_worker(config, small_data())
@@ -240,7 +240,7 @@ def test_resume_auto_refuses_a_checkpoint_of_another_bit_width(two_rank_runs, tm
 
 
 def scenario_bits(rank: int, world: int, out: str) -> None:
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     train_worker(ck_config(f"{out}/a", **{"model.bits": 4}), small_data())
 

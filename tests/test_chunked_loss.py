@@ -97,7 +97,7 @@ def test_one_process_chunked_step_has_the_whole_batch_gradient(method, bits, pro
 
 def scenario_gradients(rank: int, world: int, runs: list[tuple[str, int | None, str, int]]) -> list[dict]:
     """One quantized step per run; the row and dense gradients each owner applied, by global id."""
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     data = small_data()
     out = []

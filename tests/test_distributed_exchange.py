@@ -15,16 +15,11 @@ import torch
 
 from distributed_utils import RankError, run_ranks
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
-from gnaq_dist.distributed.exchange import (
-    DenseShard,
-    FixedExchange,
-    QuantizedShard,
-    WireCounter,
-    allreduce_dense,
-    count_at_owners,
-    fetch_rows,
-    push_row_gradients,
-)
+from gnaq_dist.distributed.comm import allreduce_dense
+from gnaq_dist.distributed.halo_exchange import FixedExchange
+from gnaq_dist.distributed.row_exchange import count_at_owners, fetch_rows, push_row_gradients
+from gnaq_dist.distributed.rows import DenseShard, QuantizedShard
+from gnaq_dist.distributed.wire import WireCounter
 from gnaq_dist.distributed.partition import Partition, hash_owner
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.packing import PackedTable, pack_codes
@@ -132,7 +127,8 @@ def scenario_two_ranks(rank: int, world: int) -> dict:
     out["allreduce_wire"] = counter.pop()
 
     # METIS is not repeatable: rank 0 partitions, the others receive its partition.
-    from gnaq_dist.distributed.partition import broadcast_partition, partition_nodes
+    from gnaq_dist.distributed.comm import broadcast_partition
+    from gnaq_dist.distributed.partition import partition_nodes
     from gnaq_dist.graph import build_graph
     from gnaq_dist.synthetic import clustered_interactions
 
@@ -162,30 +158,30 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     plan = FixedExchange(needed, part, counter=plan_counter)
     out["plan_setup_wire"] = plan_counter.pop()
     own_weight = weight[torch.from_numpy(part.owned_ids(rank))]
-    out["plan_pull"] = plan.pull(own_weight, plan_counter).numpy()
+    out["plan_pull"] = plan.pull_rows(own_weight, plan_counter).numpy()
     out["plan_pull_wire"] = plan_counter.pop()
-    out["plan_served"] = plan.pull_served(shard).numpy()
+    out["plan_served"] = plan.pull_wire_rows(shard).numpy()
     out["fetch_served"] = fetch_rows(needed, part, shard, decode=False).numpy()
     g = torch.Generator().manual_seed(7 + rank)
     grad = torch.randn(needed.shape[0], 8, generator=g)
     out["plan_grad"] = (needed.numpy(), grad.numpy())
     out["plan_back"] = plan.push_gradients(grad, int(part.counts()[rank])).numpy()
     # In the order the owners serve them (a halo's order), rows move in and out of caller-held
-    # buffers: start_pull / start_push, the fused propagation's path.
+    # buffers: start_pull_rows / start_push_gradients, the fused propagation's path.
     ids = torch.sort(needed).values
     ids = ids[torch.sort(part.owner_of(ids), stable=True).indices]
     ordered = FixedExchange(ids, part)
     assert ordered.in_order
     into = torch.full((ids.shape[0], 8), float("nan"))
-    out["into_pull"] = (ids.numpy(), ordered.start_pull(own_weight, into, plan_counter).wait().numpy())
+    out["into_pull"] = (ids.numpy(), ordered.start_pull_rows(own_weight, into, plan_counter).wait().numpy())
     out["into_pull_wire"] = plan_counter.pop()
     by_id = torch.sort(needed)
     grad_ordered = grad[by_id.indices[torch.searchsorted(by_id.values, ids)]]  # the same rows' gradients
     base = torch.ones(int(part.counts()[rank]), 8)
-    out["into_push"] = (ordered.start_push(grad_ordered.contiguous()).wait(base.clone()) - base).numpy()
+    out["into_push"] = (ordered.start_push_gradients(grad_ordered.contiguous()).wait(base.clone()) - base).numpy()
     # Ids in any order: the same results through the permuting path.
-    out["any_order"] = (plan.in_order, plan.start_pull(own_weight, torch.empty(needed.shape[0], 8)).wait().numpy(),
-                        (plan.start_push(grad).wait(base.clone()) - base).numpy())
+    out["any_order"] = (plan.in_order, plan.start_pull_rows(own_weight, torch.empty(needed.shape[0], 8)).wait().numpy(),
+                        (plan.start_push_gradients(grad).wait(base.clone()) - base).numpy())
 
     # The last rank pushes nothing at all; the others push duplicates.
     ids, grads = _grads(rank, 0, 4)

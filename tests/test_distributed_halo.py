@@ -24,7 +24,7 @@ def scenario_halo(rank: int, world: int, methods: list[str]) -> list[dict]:
 
 
 def _halo_run(rank: int, world: int, method: str) -> dict:
-    from gnaq_dist.distributed.exchange import WireCounter
+    from gnaq_dist.distributed.wire import WireCounter
     from gnaq_dist.distributed.halo import HaloPlan, remote_rows
     from gnaq_dist.distributed.partition import partition_nodes
 
@@ -61,7 +61,7 @@ def scenario_mean(rank: int, world: int, method: str) -> dict[str, list[dict]]:
 def _mean_runs(rank: int, world: int, part, shared_memory_dir: str | None) -> list[dict]:
     """The fused mean-of-layers propagation against layer by layer, for L = 0..3, twice each
     (the second call reuses the plan's buffers), and fused into the step's kept tables."""
-    from gnaq_dist.distributed.exchange import WireCounter
+    from gnaq_dist.distributed.wire import WireCounter
     from gnaq_dist.distributed.halo import HaloPlan, remote_rows
 
     graph = _graph()

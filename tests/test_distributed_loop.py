@@ -50,7 +50,7 @@ def _state(trainer) -> dict:
 def scenario_train(rank: int, world: int, overrides_list: list[dict]) -> list[dict]:
     """Run each configuration in turn; return its result and this rank's rows."""
     from gnaq_dist.allocator import retaining_freed_memory
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     data = small_data()
     out = []
@@ -221,7 +221,8 @@ def test_compressed_gradients_and_fetched_gnaq_rows_are_over_10x_smaller(compres
 
 def scenario_methods(rank: int, world: int) -> list[dict]:
     """Every method, a few steps each on this rank; plus GNAQ with code refinement."""
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.evaluation import evaluate_gathered, evaluate_split
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     data = small_data()
     out = []
@@ -243,7 +244,7 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
         result["method"] = method
         if extra.get("schedule.propagation") == "full" and method != "bigear":
             # Split evaluation (no N x d table on any rank) against the whole table gathered.
-            result["split_eval"], result["gathered_eval"] = trainer._evaluate_split(), trainer._evaluate_gathered()
+            result["split_eval"], result["gathered_eval"] = evaluate_split(trainer), evaluate_gathered(trainer)
         out.append(result)
     return out
 
@@ -283,7 +284,7 @@ def test_every_method_trains_on_two_ranks():
 
 def scenario_setup_failure(rank: int, world: int) -> str:
     """Rank 1 is given no data and a dataset that does not exist; both ranks must raise."""
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     data = small_data() if rank == 0 else None
     cfg = small_config(dataset="/nonexistent/dataset")
@@ -296,7 +297,7 @@ def scenario_setup_failure(rank: int, world: int) -> str:
 
 def scenario_step_failure(rank: int, world: int) -> None:
     """Rank 1 raises inside its third step; rank 0 is then blocked in a collective."""
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     trainer = DistributedTrainer(small_config(), small_data())
     if rank == 1:
@@ -327,7 +328,7 @@ def test_a_rank_that_raises_mid_training_fails_the_run_promptly():
 
 
 def test_steady_throughput_leaves_out_the_first_step():
-    from gnaq_dist.distributed.loop import steady_throughput
+    from gnaq_dist.distributed.metrics import steady_throughput
 
     got = steady_throughput([(3.0, 10), (1.0, 8), (2.0, 8), (1.5, 4)])
     assert got["first_step_seconds"] == 3.0

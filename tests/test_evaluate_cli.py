@@ -44,7 +44,7 @@ def tiny(tmp_path_factory):
 
 def scenario_train(rank: int, world: int, dataset: str, out: str) -> list[dict]:
     """GNAQ 2-bit on one gloo rank, a checkpoint and an evaluation every epoch; the history."""
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     config = load_config(TrainConfig, [], [
         f"dataset={dataset}", f"out={out}", "model.method=gnaq", "model.bits=2", "model.dim=16",

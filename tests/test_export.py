@@ -351,7 +351,7 @@ def test_export_input_errors(tmp_path, synth):
 
 def scenario_checkpoint(rank: int, world: int, dataset: str, out: str) -> str:
     """Train GNAQ 2-bit briefly as a one-rank group, writing a sharded checkpoint."""
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     config = load_config(TrainConfig, [], [
         f"dataset={dataset}", f"out={out}", "model.method=gnaq", "model.bits=2", "model.dim=16",

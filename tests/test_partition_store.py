@@ -76,7 +76,7 @@ def test_a_partition_for_other_workers_other_data_or_altered_owners_is_refused(t
 
 
 def scenario_train_with_file(rank: int, world: int, uri: str) -> dict:
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     data = clustered_interactions(n_users=300, n_items=200, seed=1)
     config = small_config(**{"schedule.propagation": "full", "distributed.partition_file": uri,

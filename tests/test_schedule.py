@@ -1,5 +1,5 @@
-"""The shared schedule: steps per epoch decide the batch, and the wall-clock budget ends a run
-(in one process and on 2 gloo ranks that must agree when to stop)."""
+"""The shared schedule: steps per epoch decide the batch, the end-of-run rules both trainers follow, and
+the wall-clock budget ends a run (in one process and on 2 gloo ranks that must agree when to stop)."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from distributed_utils import run_ranks
 from gnaq_dist.errors import ConfigError
 from gnaq_dist.synthetic import clustered_interactions
 from gnaq_dist.train.local import LocalTrainer
-from gnaq_dist.train.schedule import Schedule
+from gnaq_dist.train.schedule import PhaseTimes, Schedule
 from test_chunked_loss import small_config, small_data
 
 
@@ -25,6 +25,29 @@ def test_steps_per_epoch_sets_the_batch_and_the_schedule():
     assert trainer.steps_per_epoch == 4 and trainer.schedule.batch_size == -(-n_train // 4)
     result = trainer.run()
     assert result.phase_epochs == {"fp": 1, "quantized": 2}
+
+
+def test_the_end_of_run_rules_both_trainers_follow():
+    plan = Schedule.of(small_config("gnaq", 2, **{"schedule.steps_per_epoch": 4, "schedule.batch_size": "null",
+                                                  "schedule.epochs": 3, "schedule.warmup_epochs": 1,
+                                                  "schedule.max_steps": 10}), 1001)
+    assert plan.total_steps == 10 and not plan.steps_done(9) and plan.steps_done(10)
+    assert plan.last_epoch(3, 9, False) and plan.last_epoch(2, 10, False) and plan.last_epoch(1, 4, True)
+    assert not plan.last_epoch(2, 8, False)
+    # a quantized run whose budget ended in the warm-up is quantized, then evaluated; an fp run is not
+    assert plan.quantize_at_end("fp") and not plan.quantize_at_end("quantized")
+    assert not Schedule.of(small_config("fp", None), 1001).quantize_at_end("fp")
+    assert Schedule.evaluate_at_end({}, True) and Schedule.evaluate_at_end({"recall@20": 0.1}, False)
+    assert not Schedule.evaluate_at_end({"recall@20": 0.1}, True)
+
+
+def test_phase_times_add_up_the_training_phases_only():
+    times = PhaseTimes()
+    times.add_epoch("fp", 2.0, 4)
+    times.add_epoch("quantized", 1.0, 2)
+    times.seconds["eval"] += 5.0
+    assert times.train_seconds() == 3.0 and times.seconds_per_epoch() == 1.5 and times.seconds_per_step() == 0.5
+    assert PhaseTimes().seconds_per_epoch() == 0.0
 
 
 @pytest.mark.parametrize("key,value", [("schedule.steps_per_epoch", 0), ("schedule.loss_chunk", 0),
@@ -57,7 +80,7 @@ def scenario_time_limit(rank: int, world: int, tmp: str) -> dict:
     """Rank 1 sleeps in every step, so the ranks' clocks disagree; both must stop together."""
     import time
 
-    from gnaq_dist.distributed.loop import DistributedTrainer
+    from gnaq_dist.distributed.trainer import DistributedTrainer
 
     cfg = small_config("gnaq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 2,
                                      "schedule.max_minutes": 0.04, "checkpoint.every_epochs": 1000,

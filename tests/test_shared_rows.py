@@ -36,7 +36,8 @@ def _needed(rank: int, world: int, grouped: bool) -> torch.Tensor:
 
 def scenario_exchange(rank: int, world: int, directory: str | None, grouped: bool) -> dict:
     """Two pulls and two pushes (the handshake reused) through a plan with ``directory``."""
-    from gnaq_dist.distributed.exchange import FixedExchange, WireCounter
+    from gnaq_dist.distributed.halo_exchange import FixedExchange
+    from gnaq_dist.distributed.wire import WireCounter
 
     part = _partition(world)
     n_own = int(part.counts()[rank])
@@ -49,13 +50,13 @@ def scenario_exchange(rank: int, world: int, directory: str | None, grouped: boo
     plan.reserve(x_own)
     for call in range(2):
         rows = torch.full((ids.shape[0], DIM), float("nan"))
-        out["pulled"].append(plan.start_pull(x_own * (call + 1), rows, counter).wait().numpy().copy())
+        out["pulled"].append(plan.start_pull_rows(x_own * (call + 1), rows, counter).wait().numpy().copy())
         grad = torch.from_numpy(np.random.default_rng(call * 10 + rank).normal(size=(ids.shape[0], DIM))).float()
         box = plan.push_buffer(grad)  # the shared table to write into, where there is one
         if box is not None:
             grad = box.copy_(grad)
         into = torch.ones((n_own, DIM))
-        out["pushed"].append(plan.start_push(grad, counter).wait(into).numpy().copy())
+        out["pushed"].append(plan.start_push_gradients(grad, counter).wait(into).numpy().copy())
     out["shared"] = plan._served is not None
     out["push_buffer"] = box is not None
     out["activations"] = counter.sent["activations"]
@@ -111,7 +112,7 @@ def scenario_cannot_share(rank: int, world: int, root: str) -> dict:
     /dev/shm), on none, and ranks under different kernels (other hosts: ``_boot_id`` stands in
     for each host's). Every rank gets None, and a plan's rows still arrive."""
     from gnaq_dist.distributed import shared_rows
-    from gnaq_dist.distributed.exchange import FixedExchange
+    from gnaq_dist.distributed.halo_exchange import FixedExchange
     from gnaq_dist.distributed.shared_rows import SharedTables
 
     # One file system here: rank 1 is given a path that does not exist in place of rank 0's.
@@ -129,7 +130,7 @@ def scenario_cannot_share(rank: int, world: int, root: str) -> dict:
         plan = FixedExchange(ids, part, shared_memory_dir=root)
         x_all = torch.arange(part.num_nodes * DIM, dtype=torch.float32).reshape(-1, DIM)
         x_own = x_all[torch.from_numpy(part.owned_ids(rank))].contiguous()
-        rows = plan.start_pull(x_own, torch.empty((ids.shape[0], DIM))).wait()
+        rows = plan.start_pull_rows(x_own, torch.empty((ids.shape[0], DIM))).wait()
     finally:
         shared_rows._boot_id = real_boot_id
     got.update(plan_shared=plan._served is not None, rows_right=bool(torch.equal(rows, x_all[ids])))

@@ -1,58 +1,50 @@
-"""Distributed training pieces: who owns which row, how rows and gradients travel.
+"""Distributed training: each worker owns a shard of the embedding rows; rows and gradients travel.
 
-* :mod:`.partition`: METIS (via DGL) or hash partitioning of users and items;
+Public API: :func:`train_worker` (one rank's run inside a process group),
+:class:`DistributedTrainer`, :func:`train_on_ray` (W workers under Ray Train), and the
+partition record :class:`Partition` with :func:`partition_nodes`. The rest is internal.
+
+Modules, from the run down to the wire (each imports only modules listed below it):
+
+* :mod:`.ray_launch`: launches W workers under Ray Train and writes the run's files;
+* :mod:`.trainer`: a rank's setup, data-parallel step and run loop (the shared schedule);
+* :mod:`.checkpointing`: which checkpoint a run resumes from; the ranks' save and restore sequence;
+* :mod:`.evaluation`: metrics from the stored rows, split by owner or gathered on every rank;
+* :mod:`.metrics`: the run's byte counts summed over ranks, steady step throughput;
+* :mod:`.sharded`: a rank's rows of an embedding method: wire format, differentiable view, update;
+* :mod:`.sparse_adam`: lazy, row-sparse Adam over the owned rows;
+* :mod:`.halo`: full-graph propagation split by owner (a rank's rows of ``A_hat`` and its halo);
+* :mod:`.row_exchange`: rows fetched from, gradients pushed to, occurrences counted at their owners;
+* :mod:`.halo_exchange`: the halo's rows from their owners, planned once, over shared memory on one host;
+* :mod:`.shared_rows`: row tables that ranks on one host map from each other's memory;
+* :mod:`.rows`: row servers: a shard's rows as fixed-size wire rows (quantized, dense, latent);
 * :mod:`.compression`: low-bit gradient rows with error feedback;
-* :mod:`.exchange`: fetch quantized rows from, and push gradients to, their owners
-  over torch.distributed (gloo or nccl), with byte accounting;
-* :mod:`.halo`: full-graph propagation split by owner (own nodes' layers, halo rows swapped).
+* :mod:`.comm`: the process group's collectives, id grouping by owner, every-rank failure agreement;
+* :mod:`.wire`: bytes sent by kind, beside their fp32 equivalents;
+* :mod:`.partition_store`: a partition computed apart (``gnaq partition``) and read back;
+* :mod:`.partition`: who owns which row (METIS via DGL, or hash), a pure record.
 
-Importing this package does not import DGL (only METIS partitioning does).
+Importing this package imports none of them (nor torch or DGL): the names above load on first use.
 """
 
-from gnaq_dist.distributed.compression import COMPRESSION_BITS, CompressedRows, ErrorFeedback, RowCompressor
-from gnaq_dist.distributed.exchange import (
-    WIRE_KINDS,
-    DenseShard,
-    QuantizedShard,
-    RowServer,
-    WireCounter,
-    allreduce_dense,
-    comm_device,
-    fetch_rows,
-    push_row_gradients,
-)
-from gnaq_dist.distributed.halo import HaloPlan, remote_rows
-from gnaq_dist.distributed.partition import (
-    METHODS,
-    Partition,
-    broadcast_partition,
-    edge_cut_fraction,
-    edges_for_rank,
-    hash_owner,
-    partition_nodes,
-)
+from __future__ import annotations
 
-__all__ = [
-    "COMPRESSION_BITS",
-    "METHODS",
-    "WIRE_KINDS",
-    "CompressedRows",
-    "DenseShard",
-    "ErrorFeedback",
-    "HaloPlan",
-    "Partition",
-    "QuantizedShard",
-    "RowCompressor",
-    "RowServer",
-    "WireCounter",
-    "allreduce_dense",
-    "broadcast_partition",
-    "comm_device",
-    "edge_cut_fraction",
-    "edges_for_rank",
-    "fetch_rows",
-    "hash_owner",
-    "partition_nodes",
-    "push_row_gradients",
-    "remote_rows",
-]
+import importlib
+from typing import Any
+
+_EXPORTS = {
+    "DistributedTrainer": "gnaq_dist.distributed.trainer",
+    "train_worker": "gnaq_dist.distributed.trainer",
+    "train_on_ray": "gnaq_dist.distributed.ray_launch",
+    "Partition": "gnaq_dist.distributed.partition",
+    "partition_nodes": "gnaq_dist.distributed.partition",
+}
+
+
+def __getattr__(name: str) -> Any:
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(_EXPORTS[name]), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["DistributedTrainer", "Partition", "partition_nodes", "train_on_ray", "train_worker"]

@@ -280,4 +280,15 @@ class ErrorFeedback:
         return int(self.slot.numel() * 4 + self.residual.numel() * 4)
 
 
-__all__ = ["COMPRESSION_BITS", "CompressedRows", "ErrorFeedback", "RowCompressor"]
+def encode_with_feedback(comp: RowCompressor, error_feedback: ErrorFeedback | None, ids: torch.Tensor,
+                         g: torch.Tensor) -> torch.Tensor:
+    """Wire rows of gradient rows ``g`` (global ``ids``), with error feedback when compressing."""
+    if error_feedback is not None and comp.bits is not None:
+        p = error_feedback.compensate(ids, g).cpu()
+        wire, carried = comp.encode(p)
+        error_feedback.update(ids, p, carried)
+        return wire
+    return comp.encode(g)[0]
+
+
+__all__ = ["COMPRESSION_BITS", "CompressedRows", "ErrorFeedback", "RowCompressor", "encode_with_feedback"]

@@ -9,7 +9,7 @@ backward). Together the ranks compute exactly what full-graph propagation comput
 process (``propagation.propagate_full``).
 
 Layer 0's halo rows travel in the method's wire form (packed codes + levels) through the
-same plan (``HaloPlan.exchange.pull_served``, called by the training loop), and their
+same plan (``HaloPlan.exchange.pull_wire_rows``, called by the training loop), and their
 gradients in low-bit form (``push_gradients``).
 """
 
@@ -21,9 +21,10 @@ from typing import Callable
 import numpy as np
 import torch
 
-from gnaq_dist.distributed.exchange import FixedExchange, WireCounter, kept_buffer
+from gnaq_dist.distributed.halo_exchange import FixedExchange, reuse_or_allocate
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.distributed.shared_rows import DEFAULT_DIR
+from gnaq_dist.distributed.wire import WireCounter
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph, csr_tensor, spmm
 
@@ -39,8 +40,7 @@ def _product(a: torch.Tensor, x: torch.Tensor, out: torch.Tensor) -> torch.Tenso
     """``out = a @ x`` for sparse ``a``, written in place.
 
     Why not ``torch.mm(a, x, out=out)``: on the CPU that allocates the product anew and copies
-    it into ``out`` (a fresh (n, d) table per call, faulted in page by page: at 1/10 of the
-    scale benchmark the kernel's page faults were a fifth of a step). ``addmm`` with
+    it into ``out`` (a fresh (n, d) table per call, faulted in page by page). ``addmm`` with
     ``beta=0`` writes into ``out`` and ignores what was there (NaN included)."""
     return torch.addmm(out, a, x, beta=0, out=out)
 
@@ -56,7 +56,7 @@ class _OwnerRows(torch.autograd.Function):
     def forward(ctx, x_own: torch.Tensor, exchange: FixedExchange,  # type: ignore[override]
                 counter: WireCounter | None, grad_out: torch.Tensor | None = None) -> torch.Tensor:
         ctx.exchange, ctx.counter, ctx.n_own, ctx.grad_out = exchange, counter, int(x_own.shape[0]), grad_out
-        return exchange.pull(x_own, counter)
+        return exchange.pull_rows(x_own, counter)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
@@ -95,7 +95,7 @@ class _MeanPropagation(torch.autograd.Function):
         plan._apply(x[:n], x[n:], out=h)
         acc += h
         for _ in range(2, num_layers + 1):
-            pending = plan.exchange.start_pull(h, halo, counter)
+            pending = plan.exchange.start_pull_rows(h, halo, counter)
             _product(plan.inner, h, out=h_next)
             plan._add_outer(h_next, pending.wait())
             acc += h_next
@@ -113,7 +113,7 @@ class _MeanPropagation(torch.autograd.Function):
             if halo is None:
                 halo = plan._buffer("halo", plan.n_halo, g)
             _product(plan.outer_t, t, out=halo)
-            pending = plan.exchange.start_push(halo, ctx.counter)
+            pending = plan.exchange.start_push_gradients(halo, ctx.counter)
             u = _product(plan.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
             u += g
             t = pending.wait(u)
@@ -292,7 +292,7 @@ class HaloPlan:
 
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
         """A (rows, d) buffer kept for the next call (see :class:`_MeanPropagation`)."""
-        buf = self._buffers[name] = kept_buffer(self._buffers.get(name), rows, like)
+        buf = self._buffers[name] = reuse_or_allocate(self._buffers.get(name), rows, like)
         return buf
 
     def step_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
@@ -311,9 +311,9 @@ class HaloPlan:
         """Make and touch now every table that a training step keeps (the propagation's, the
         step's, the exchange's rows served), instead of in the next step.
 
-        Why: their first touch faults in every page, seconds at the scale benchmark's full size,
-        which would otherwise land in the first step (and in the first after each evaluation);
-        and a machine short of memory fails here, before training, not in the middle of a step."""
+        Why: their first touch faults in every page, which would otherwise land in the first step
+        (and in the first after each evaluation); and a machine short of memory fails here,
+        before training, not in the middle of a step."""
         like = torch.empty((0, int(dim)), dtype=dtype)
         for name, rows in (("own", self.n_own), ("own2", self.n_own), ("halo", self.n_halo),
                            ("step_input", self.n_input), ("step_output", self.n_own)):
@@ -341,4 +341,15 @@ def remote_rows(x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,
     return _OwnerRows.apply(x_own, FixedExchange(ids, partition, counter=counter), counter, grad_out)
 
 
-__all__ = ["HaloPlan", "remote_rows"]
+def final_own_rows(plan: HaloPlan, method, x_input: torch.Tensor, num_layers: int, counter: WireCounter | None, *,
+                   out: torch.Tensor | None = None, grad_input: torch.Tensor | None = None) -> torch.Tensor:
+    """The own nodes' final rows of ``method`` (an :class:`~gnaq_dist.quant.base.EmbeddingMethod`)
+    over the plan: one linear function where the method's layers are plain (no activation kept;
+    ``out`` and ``grad_input`` as in :meth:`HaloPlan.propagate_mean`), else layer by layer with
+    the method's ``layer_fn`` (collective)."""
+    if method.linear_layers:
+        return plan.propagate_mean(x_input, num_layers, counter, out=out, grad_input=grad_input)
+    return method.combine(plan.propagate(x_input, num_layers, method.layer_fn, counter=counter))
+
+
+__all__ = ["HaloPlan", "final_own_rows", "remote_rows"]

@@ -1,10 +1,11 @@
 """Which worker owns which embedding row: the node partition of the user-item graph.
 
 Why a module of its own: every rank must agree, bit for bit, on the owner of each row,
-and a checkpoint must record it (``describe()``'s checksum). Nodes are global ids
-(users ``0..n_users-1``, items after them, as in :class:`~gnaq_dist.graph.BipartiteGraph`);
-a rank's shard holds its owned rows sorted by global id, so ``local_index`` is the
-position of a node in ``owned_ids(owner)``.
+and a checkpoint must record it (``describe()``'s checksum). This module is the record
+and the ways to compute it; it sends nothing (:func:`.comm.broadcast_partition` does).
+Nodes are global ids (users ``0..n_users-1``, items after them, as in
+:class:`~gnaq_dist.graph.BipartiteGraph`); a rank's shard holds its owned rows sorted by
+global id, so ``local_index`` is the position of a node in ``owned_ids(owner)``.
 
 Two methods:
 
@@ -12,8 +13,8 @@ Two methods:
   and items balanced separately (``balance_ntypes``), which keeps most user-item
   edges inside a partition, so fewer rows cross the wire. METIS as DGL 2.1.0 calls it
   takes no seed and is **not repeatable** (measured: different assignments for
-  3 parts from one process to the next). So partition on one rank and
-  :func:`broadcast_partition` it, and store it with the checkpoint. METIS balances node
+  3 parts from one process to the next). So partition on one rank, broadcast it
+  (:func:`.comm.broadcast_partition`), and store it with the checkpoint. METIS balances node
   counts; :func:`balance_loads` then moves boundary nodes until the ranks' modelled costs of
   a full-graph step (non-zeros, rows, halo: :class:`RankLoad`) agree, since every halo
   exchange waits for the slowest rank.
@@ -40,7 +41,7 @@ from gnaq_dist.keyed import splitmix64
 
 log = logging.getLogger(__name__)
 
-METHODS = ("metis", "hash")
+PARTITION_METHODS = ("metis", "hash")
 
 
 @dataclass(eq=False)
@@ -221,9 +222,9 @@ def balance_loads(owner: np.ndarray, users: np.ndarray, items: np.ndarray, n_use
     (:class:`RankLoad`) agree within ``tolerance``; returns ``(owner, load before, load after)``.
 
     Why: METIS balances node counts, but a rank's step grows with its non-zeros and its halo,
-    and at every halo exchange the others wait for the slowest (measured: 8.5 % of a step at
-    the full scale benchmark). The nodes moved are those with the most neighbours already on
-    the receiving rank, so the cut shrinks or grows least; the best owner array seen is kept.
+    and at every halo exchange the others wait for the slowest. The nodes moved are those with
+    the most neighbours already on the receiving rank, so the cut shrinks or grows least; the
+    best owner array seen is kept.
     """
     owner = np.array(owner, dtype=np.int32, copy=True)
     n = owner.shape[0]
@@ -273,8 +274,8 @@ def partition_nodes(graph: BipartiteGraph | TrainCSR, world_size: int, method: s
     """
     if not max_imbalance >= 0:
         raise GnaqInputError(f"max_imbalance must be >= 0, got {max_imbalance!r}")
-    if method not in METHODS:
-        raise GnaqInputError(f"partition method must be one of {METHODS}, got {method!r}")
+    if method not in PARTITION_METHODS:
+        raise GnaqInputError(f"partition method must be one of {PARTITION_METHODS}, got {method!r}")
     if not isinstance(world_size, (int, np.integer)) or world_size < 1:
         raise GnaqInputError(f"world_size must be a positive integer, got {world_size!r}")
     world_size = int(world_size)
@@ -333,40 +334,11 @@ def edge_cut_fraction(partition: Partition, graph: BipartiteGraph) -> float:
     return float(cut.mean())
 
 
-def broadcast_partition(partition: Partition | None, src: int = 0) -> Partition:
-    """Every rank gets ``src``'s partition (needed for METIS, which is not repeatable).
-
-    ``partition`` may be None on ranks other than ``src``. Uses the default process group.
-    """
-    import torch.distributed as dist
-
-    from gnaq_dist.distributed.exchange import comm_device
-
-    dev = comm_device()
-    rank = dist.get_rank()
-    header = torch.zeros(4, dtype=torch.int64, device=dev)
-    if rank == src:
-        if partition is None:
-            raise GnaqInputError(f"rank {src} must pass the partition it broadcasts")
-        header = torch.tensor([partition.world_size, partition.n_users, partition.n_items,
-                               METHODS.index(partition.method)], dtype=torch.int64, device=dev)
-    dist.broadcast(header, src)
-    world, n_users, n_items, m = (int(v) for v in header.cpu())
-    owner = torch.empty(n_users + n_items, dtype=torch.int32, device=dev)
-    if rank == src:
-        owner.copy_(torch.from_numpy(partition.owner))
-    dist.broadcast(owner, src)
-    if rank == src:
-        return partition
-    return Partition.from_owner(owner.cpu().numpy(), world, n_users, n_items, method=METHODS[m])
-
-
 __all__ = [
-    "METHODS",
+    "PARTITION_METHODS",
     "Partition",
     "RankLoad",
     "balance_loads",
-    "broadcast_partition",
     "edge_cut_fraction",
     "edges_for_rank",
     "hash_owner",

@@ -23,7 +23,7 @@ from typing import Any
 import numpy as np
 import pyarrow as pa
 
-from gnaq_dist.distributed.partition import METHODS, Partition, partition_nodes, rank_loads
+from gnaq_dist.distributed.partition import PARTITION_METHODS, Partition, partition_nodes, rank_loads
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.storage import MANIFEST, AtomicOutput, join, read_json, resolve
 
@@ -43,8 +43,8 @@ def compute_partition(dataset: str, world_size: int, method: str = "metis", seed
     from gnaq_dist.dataset import data_key, load_dataset
     from gnaq_dist.graph import TrainCSR, build_graph_from_arrays
 
-    if method not in METHODS:
-        raise GnaqInputError(f"--method {method!r}: expected one of {', '.join(METHODS)}")
+    if method not in PARTITION_METHODS:
+        raise GnaqInputError(f"--method {method!r}: expected one of {', '.join(PARTITION_METHODS)}")
     if world_size < 1:
         raise GnaqInputError(f"--workers {world_size}: need at least 1")
     t0 = time.perf_counter()

@@ -178,7 +178,7 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     import ray.train
     import torch.distributed as dist
 
-    from gnaq_dist.distributed.loop import train_worker
+    from gnaq_dist.distributed.trainer import train_worker
 
     from gnaq_dist.checkpoint import POINTER
 

@@ -4,7 +4,7 @@ Why one class per shard and not per method: the training loop must treat every m
 alike, but the methods differ in what a row *is* on the wire. Two row formats:
 
 * ``"packed"`` (GNAQ): the storage form, packed b-bit codes plus ``phi(levels)`` in
-  ``model.level_dtype`` (:class:`~gnaq_dist.distributed.exchange.QuantizedShard`,
+  ``model.level_dtype`` (:class:`~gnaq_dist.distributed.rows.QuantizedShard`,
   24 bytes a row at d = 64, b = 2 with fp16 levels). The requester's differentiable
   view is ``x = gather(levels, codes)`` with the fetched levels as the leaf, so the
   gradient it sends back has ``2^b`` values a row. The owner chains it through
@@ -30,38 +30,13 @@ from typing import Iterator
 
 import torch
 
-from gnaq_dist.distributed.compression import bytes_view
-from gnaq_dist.distributed.exchange import QuantizedShard
 from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.distributed.rows import LatentShard, QuantizedShard
 from gnaq_dist.distributed.sparse_adam import RowSparseAdam
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.dequant_kernels import dequantize_rows, level_gradients
-
-
-class LatentShard:
-    """RowServer of fp32 row parameters, concatenated per row (``4 * width`` bytes)."""
-
-    def __init__(self, params: list[torch.Tensor], dim: int) -> None:
-        self.params = params
-        self.widths = [int(p.reshape(p.shape[0], -1).shape[1]) for p in params]
-        self.width = sum(self.widths)
-        self.row_bytes = 4 * self.width
-        self.fp32_row_bytes = 4 * self.width  # what travels is already fp32
-        self.dim = dim
-
-    def serve(self, local_rows: torch.Tensor) -> torch.Tensor:
-        rows = local_rows.to(torch.int64)
-        parts = [p.detach()[rows].reshape(rows.shape[0], w).to(torch.float32) for p, w in zip(self.params, self.widths)]
-        out = torch.cat(parts, dim=1).contiguous() if parts else torch.empty(rows.shape[0], 0)
-        return out.view(torch.uint8).reshape(rows.shape[0], self.row_bytes)
-
-    def decode(self, payload: torch.Tensor) -> torch.Tensor:
-        return bytes_view(payload, torch.float32).reshape(payload.shape[0], self.width)
-
-    def split(self, values: torch.Tensor) -> list[torch.Tensor]:
-        return list(torch.split(values, self.widths, dim=1))
 
 
 class _EmbedCall(torch.nn.Module):
@@ -92,9 +67,8 @@ class _DequantizePacked(torch.autograd.Function):
     gradient into each row's levels (:func:`~gnaq_dist.quant.dequant_kernels.level_gradients`).
 
     Why not ``torch.gather``: it needs the codes unpacked and an int64 index (8 bytes a value)
-    forward and again backward; at the scale benchmark's full size that was about 2 s of a
-    rank's 17 s step, the one-pass kernels take 0.4 s. Only the packed bytes are kept for the
-    backward (16 bytes a row at 2 bits, d = 64)."""
+    forward and again backward. Only the packed bytes are kept for the backward (16 bytes a
+    row at 2 bits, d = 64)."""
 
     @staticmethod
     def forward(ctx, levels: torch.Tensor, packed: torch.Tensor, bits: int, width: int,  # type: ignore[override]
@@ -314,4 +288,4 @@ def build_shard_method(name: str, owned_rows: torch.Tensor, dim: int, bits: int 
     return method
 
 
-__all__ = ["LatentShard", "MethodShard", "RowView", "build_shard_method"]
+__all__ = ["MethodShard", "RowView", "build_shard_method"]

@@ -1,15 +1,13 @@
 """Row tables that ranks on one host read from each other's memory (a tmpfs such as /dev/shm).
 
 Why: between processes on one machine, gloo moves an ``all_to_all`` through TCP over the
-loopback device. At the scale benchmark's full size a rank sends and receives about
-390 MiB of fp32 halo rows at each of the four exchanges of a step, and each one costs it
-0.27 s of CPU where a memory copy of the same rows takes 0.06 s (docs/scale.md, section
-"2026-12-05 (morning)"; benchmarks/bench_halo_exchange.py); on two cores that CPU is taken
-from the sparse products. So when every rank can map every other rank's files, each rank
-writes the rows it sends into its own table, a one-element ``all_reduce`` says that every
-table is written, and each rank reads its part of its peers' tables in place; a second
-one says they have been read, before a table is written again. Only those two small
-messages go through the process group.
+loopback device, which costs several times the CPU of a memory copy of the same rows
+(docs/notes/distributed-history.md; benchmarks/bench_halo_exchange.py); on two cores that
+CPU is taken from the sparse products. So when every rank can map every other rank's
+files, each rank writes the rows it sends into its own table, a one-element ``all_reduce``
+says that every table is written, and each rank reads its part of its peers' tables in
+place; a second one says they have been read, before a table is written again. Only those
+two small messages go through the process group.
 
 Whether the ranks share memory is agreed once per set of tables (:meth:`SharedTables.create`,
 a collective): each rank creates its file with ``posix_fallocate`` (so a tmpfs too small
@@ -64,7 +62,7 @@ class SharedTables:
 
     Rank ``r`` writes only ``tables[r]`` (:attr:`own`); the others only read it, between
     :meth:`written` and :meth:`read` (the handshake is the caller's; see
-    :class:`~gnaq_dist.distributed.exchange.FixedExchange`)."""
+    :class:`~gnaq_dist.distributed.halo_exchange.FixedExchange`)."""
 
     tables: list[torch.Tensor]
     rank: int

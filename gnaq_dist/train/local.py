@@ -9,7 +9,6 @@ checkpoint or an exported bundle holds), not from the training-time tensors.
 
 from __future__ import annotations
 
-import random
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,9 +28,10 @@ from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.packing import storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
+from gnaq_dist.seeding import seed_everything
 from gnaq_dist.train.bpr import batch_rows, bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
-from gnaq_dist.train.schedule import Schedule, TimeBudget
+from gnaq_dist.train.schedule import PhaseTimes, Schedule, TimeBudget
 
 
 @dataclass
@@ -59,16 +59,6 @@ class TrainResult:
     storage: dict[str, float]  # bytes per node, ratio to fp32, ...
     method: EmbeddingMethod = field(repr=False)
     warm_start: WarmStart | None = field(default=None, repr=False)  # fp state captured at capture_epoch
-
-
-def seed_everything(seed: int) -> None:
-    """Seeds Python, numpy, torch and DGL so that a run is repeatable."""
-    from gnaq_dist._dgl import dgl
-
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    dgl.seed(seed)
 
 
 class LocalTrainer:
@@ -203,8 +193,7 @@ class LocalTrainer:
         optimizer = self._optimizer(method, cfg.optim.lr)
         # "fp": the full-precision phase (the warm-up of a quantized method, or all of fp).
         phase = "fp"
-        phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
-        phase_epochs = {"fp": 0, "quantized": 0}
+        times = PhaseTimes()
         history: list[dict[str, Any]] = []
         metrics: dict[str, float] = {}
         self.log.write("start", method=cfg.model.method, bits=cfg.model.bits, n_users=data.n_users,
@@ -223,14 +212,15 @@ class LocalTrainer:
                 method.init_from_full_precision(warm_start.weight)
             first_epoch = warm_start.epoch + 1
             self.global_step = warm_start.steps
-            phase_seconds["fp"] = warm_start.seconds
-            phase_epochs["fp"] = warm_start.epoch
+            times.seconds["fp"] = warm_start.seconds
+            times.epochs["fp"] = warm_start.epoch
+            times.steps["fp"] = warm_start.steps
             bar.update(min(warm_start.steps, total_steps))
         budget.start()
         out_of_time = False
         try:
             for epoch in range(first_epoch, total_epochs + 1):
-                if self.global_step >= total_steps or out_of_time:
+                if plan.steps_done(self.global_step) or out_of_time:
                     break
                 if plan.quantize_at(epoch):
                     method = self._start_quantized_phase(method)
@@ -241,7 +231,7 @@ class LocalTrainer:
                 losses = []
                 self.batches.set_epoch(epoch)
                 for users, pos, neg in self.batches:
-                    if self.global_step >= total_steps:
+                    if plan.steps_done(self.global_step):
                         break
                     if budget.spent():
                         out_of_time = True
@@ -250,52 +240,48 @@ class LocalTrainer:
                     losses.append(self.step(method, optimizer, users, pos, neg))
                     bar.update(1)
                     bar.set_postfix(epoch=epoch, loss=f"{losses[-1]:.4f}", phase=phase)
-                phase_seconds[phase] += time.perf_counter() - t0
-                phase_epochs[phase] += 1
+                times.seconds[phase] += time.perf_counter() - t0  # also an epoch the budget cut before a step
                 if capture_epoch == epoch and method.name == "fp":
                     captured = WarmStart(method.embed(None).detach().clone(), epoch,
-                                         phase_seconds[phase], self.global_step)
+                                         times.seconds[phase], self.global_step)
                 if not losses:  # the budget ran out before this epoch's first step
-                    phase_epochs[phase] -= 1
                     epoch -= 1
                     break
+                times.epochs[phase] += 1
+                times.steps[phase] += len(losses)
                 self.log.write("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
                                seconds=time.perf_counter() - t0, step=self.global_step, steps=len(losses),
                                elapsed=budget.elapsed())
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
-                last = epoch == total_epochs or self.global_step >= total_steps or out_of_time
+                last = plan.last_epoch(epoch, self.global_step, out_of_time)
                 if last or plan.evaluate_after(epoch):
                     t1 = time.perf_counter()
                     metrics = self.evaluate(method)
-                    phase_seconds["eval"] += time.perf_counter() - t1
+                    times.seconds["eval"] += time.perf_counter() - t1
                     record = self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step,
-                                            train_seconds=phase_seconds["fp"] + phase_seconds["quantized"],
-                                            **metrics)
+                                            train_seconds=times.train_seconds(), **metrics)
                     history.append(record)
                     bar.write(f"epoch {epoch} [{phase}] " + "  ".join(
                         f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("@20") or k.endswith("@10")))
         finally:
             bar.close()
-        if cfg.quantized and method.name == "fp":
+        if plan.quantize_at_end(phase):
             # The budget (max_steps, max_minutes) ended inside the warm-up: quantize what we have.
             method = self._start_quantized_phase(method)
             phase = "quantized"
             metrics = {}
-        if not metrics or history[-1]["step"] != self.global_step:  # the last state, not yet evaluated
+        if plan.evaluate_at_end(metrics, bool(history) and history[-1]["step"] == self.global_step):
             metrics = self.evaluate(method)
             history.append(self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step,
-                                          train_seconds=phase_seconds["fp"] + phase_seconds["quantized"],
-                                          **metrics))
+                                          train_seconds=times.train_seconds(), **metrics))
         storage = self.storage(method)
-        train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
-        epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])
         result = TrainResult(
-            metrics=metrics, history=history, phase_seconds=phase_seconds, phase_epochs=phase_epochs,
-            seconds_per_epoch=train_seconds / epochs_run, storage=storage, method=method,
+            metrics=metrics, history=history, phase_seconds=times.seconds, phase_epochs=times.epochs,
+            seconds_per_epoch=times.seconds_per_epoch(), storage=storage, method=method,
             warm_start=captured,
         )
-        self.log.write("end", metrics=metrics, phase_seconds=phase_seconds, phase_epochs=phase_epochs,
+        self.log.write("end", metrics=metrics, phase_seconds=times.seconds, phase_epochs=times.epochs,
                        seconds_per_epoch=result.seconds_per_epoch, storage=storage)
         return result
 

@@ -2,14 +2,16 @@
 
 One place decides how many positives a step takes (``schedule.steps_per_epoch`` or
 ``schedule.batch_size``), how many steps the run has, when the quantized phase starts,
-when to evaluate, and when the wall-clock budget (``schedule.max_minutes``) ends training,
-so the one-process trainer and every rank of the distributed one walk the same schedule.
+when to evaluate (periodically, and once more at the end), what happens when the budget
+ends inside the warm-up, and when the wall-clock budget (``schedule.max_minutes``) ends
+training, so the one-process trainer and every rank of the distributed one walk the same
+schedule and report their phases alike (:class:`PhaseTimes`).
 """
 
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from gnaq_dist.train.config import TrainConfig
 
@@ -54,6 +56,49 @@ class Schedule:
         """A periodic evaluation after ``epoch`` (the last one is evaluated regardless)."""
         return bool(self.eval_every) and epoch % self.eval_every == 0
 
+    def steps_done(self, global_step: int) -> bool:
+        """True once the run has taken all its steps (``schedule.max_steps`` included)."""
+        return global_step >= self.total_steps
+
+    def last_epoch(self, epoch: int, global_step: int, out_of_time: bool) -> bool:
+        """Whether ``epoch``, just trained, is the run's last: the epochs, the steps or the time ran out."""
+        return epoch == self.epochs or self.steps_done(global_step) or out_of_time
+
+    def quantize_at_end(self, phase: str) -> bool:
+        """The budget (``max_steps``, ``max_minutes``) ended inside a quantized method's warm-up:
+        the run quantizes what it has, then evaluates that (a quantized run never ends in fp)."""
+        return self.quantized and phase == "fp"
+
+    @staticmethod
+    def evaluate_at_end(metrics: dict, evaluated_last_step: bool) -> bool:
+        """Whether the run's last state still needs its evaluation: none was made yet (a warm-up
+        cut short and quantized, no periodic one) or the last one was of an earlier step."""
+        return not metrics or not evaluated_last_step
+
+
+@dataclass
+class PhaseTimes:
+    """Training wall time, epochs and steps of each phase (``fp``: the warm-up, or all of an fp
+    run; ``quantized``), and evaluation's time: what both trainers report."""
+
+    seconds: dict[str, float] = field(default_factory=lambda: {"fp": 0.0, "quantized": 0.0, "eval": 0.0})
+    epochs: dict[str, int] = field(default_factory=lambda: {"fp": 0, "quantized": 0})
+    steps: dict[str, int] = field(default_factory=lambda: {"fp": 0, "quantized": 0})
+
+    def add_epoch(self, phase: str, seconds: float, steps: int) -> None:
+        self.seconds[phase] += seconds
+        self.epochs[phase] += 1
+        self.steps[phase] += steps
+
+    def train_seconds(self) -> float:
+        return self.seconds["fp"] + self.seconds["quantized"]
+
+    def seconds_per_epoch(self) -> float:
+        return self.train_seconds() / max(1, self.epochs["fp"] + self.epochs["quantized"])
+
+    def seconds_per_step(self) -> float:
+        return self.train_seconds() / max(1, self.steps["fp"] + self.steps["quantized"])
+
 
 class TimeBudget:
     """``schedule.max_minutes`` of wall clock from :meth:`start` (None: no budget)."""
@@ -73,4 +118,4 @@ class TimeBudget:
         return self.seconds is not None and self.started is not None and self.elapsed() >= self.seconds
 
 
-__all__ = ["Schedule", "TimeBudget", "batch_size_for"]
+__all__ = ["PhaseTimes", "Schedule", "TimeBudget", "batch_size_for"]

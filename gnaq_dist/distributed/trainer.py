@@ -1,9 +1,10 @@
-"""The per-worker distributed training loop (data parallel, row-sharded embeddings).
+"""The per-worker distributed trainer: setup, the data-parallel step and the run loop.
 
 Called on every rank inside an initialised default process group (Ray Train sets one up;
-tests use plain gloo ranks): :func:`train_worker`. It mirrors ``train/local.py`` (fp
-warm-up, then the quantized phase from ``init_from_full_precision``, BPR + L2, evaluation
-from the packed table), with these differences, documented in docs/distributed.md:
+tests use plain gloo ranks): :func:`train_worker`. It walks the one-process trainer's
+schedule (:mod:`gnaq_dist.train.schedule`: fp warm-up, then the quantized phase from
+``init_from_full_precision``, BPR + L2, evaluation from the packed table), with these
+differences, documented in docs/distributed.md:
 
 * every rank holds only the rows it owns (``partition``) and their optimizer state;
   the rows a step needs travel in the method's wire form (:mod:`.sharded`);
@@ -17,7 +18,9 @@ from the packed table), with these differences, documented in docs/distributed.m
 * row parameters use lazy, row-sparse Adam (:mod:`.sparse_adam`), the same for every W.
 
 Everything a rank does per step is a fixed sequence of collectives, so a rank with no
-positive in a batch still joins every one of them (with empty messages).
+positive in a batch still joins every one of them (with empty messages). Checkpoints
+(:mod:`.checkpointing`), evaluation (:mod:`.evaluation`) and the run's byte counts
+(:mod:`.metrics`) live in their own modules.
 """
 
 from __future__ import annotations
@@ -25,86 +28,50 @@ from __future__ import annotations
 import dataclasses
 import logging
 import time
-from functools import partial
 from typing import Any, Callable
 
 import numpy as np
-import pyarrow as pa
 import torch
 import torch.distributed as dist
 from tqdm.auto import tqdm
 
-from gnaq_dist import checkpoint as ckpt
 from gnaq_dist.allocator import release_free_memory, retain_freed_memory
-from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, bytes_view
-from gnaq_dist.distributed.exchange import (
-    WIRE_KINDS,
-    FixedExchange,
-    QuantizedShard,
-    WireCounter,
-    allreduce_dense,
-    comm_device,
-    fetch_rows,
-    push_row_gradients,
-)
-from gnaq_dist.distributed.halo import HaloPlan
-from gnaq_dist.distributed.partition import Partition, broadcast_partition, partition_nodes
+from gnaq_dist.dataset import data_key
+from gnaq_dist.distributed.checkpointing import RankCheckpoints, ResumeHint
+from gnaq_dist.distributed.comm import allreduce_dense, allreduce_sum, broadcast_partition, run_on_rank_then_agree
+from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
+from gnaq_dist.distributed.evaluation import evaluate as evaluate_run
+from gnaq_dist.distributed.evaluation import gather_latent
+from gnaq_dist.distributed.halo import HaloPlan, final_own_rows
+from gnaq_dist.distributed.halo_exchange import FixedExchange
+from gnaq_dist.distributed.metrics import RunWire, steady_throughput
+from gnaq_dist.distributed.partition import Partition, partition_nodes
 from gnaq_dist.distributed.partition_store import read_partition
-from gnaq_dist.distributed.sharded import LatentShard, MethodShard, build_shard_method
+from gnaq_dist.distributed.row_exchange import fetch_rows, push_row_gradients
+from gnaq_dist.distributed.sharded import MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize, users_to_evaluate
+from gnaq_dist.evaluation import users_to_evaluate
 from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, csr_rows_of, interactions_csr
 from gnaq_dist.interactions import InteractionData
-from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
+from gnaq_dist.propagation import propagate_blocks
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import init_normal_rows
-from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
 from gnaq_dist.quant.dequant_kernels import warm_up
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
+from gnaq_dist.seeding import seed_everything
 from gnaq_dist.train.bpr import BatchRows, batch_rows, bpr_into, bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
-from gnaq_dist.train.schedule import Schedule, TimeBudget
-from gnaq_dist.train.local import seed_everything
+from gnaq_dist.train.schedule import PhaseTimes, Schedule, TimeBudget
 
 log = logging.getLogger(__name__)
 
 Report = Callable[[dict], None]
-ResumeHint = Callable[[], "str | None"]  # the checkpoint URI a restarted Ray Train run was handed
-
-
-def _allreduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks (on the comm device, so nccl works too)."""
-    buf = t.to(comm_device())
-    dist.all_reduce(buf, op=dist.ReduceOp.SUM)
-    return buf.cpu()
-
-
-def _agree(ok: bool, what: str) -> None:
-    """Raise on every rank if some rank failed ``what`` (the failed rank raises its own error first)."""
-    flag = _allreduce_sum(torch.tensor([0 if ok else 1], dtype=torch.int64))
-    if ok and int(flag) > 0:
-        raise RuntimeError(f"{what} failed on {int(flag)} other rank(s); see their error")
-
-
-def _agreed(fn: Callable[[], Any] | None, what: str) -> Any:
-    """``fn()`` on this rank (None: nothing here), then :func:`_agree`: a rank that fails makes
-    every rank raise instead of the others hanging in the next collective."""
-    value, error = None, None
-    try:
-        if fn is not None:
-            value = fn()
-    except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
-        error = exc
-    _agree(error is None, what)
-    if error is not None:
-        raise error
-    return value
 
 
 class DistributedTrainer:
     """One rank's state: the graph (replicated, or its rows when split by owner), the partition, its
-    shard, counters and log."""
+    shard, counters and log; :meth:`step` and :meth:`run` train it."""
 
     #: Keep every user's train edges after setup with the graph split by owner (normally a rank
     #: keeps its own users' only). Only for comparing the split evaluation with the gathered one,
@@ -127,7 +94,7 @@ class DistributedTrainer:
 
             return load_dataset(config.dataset, storage_options=config.storage_options)
 
-        data = _agreed(load, "loading the config and the dataset")
+        data = run_on_rank_then_agree(load, "loading the config and the dataset")
         self.config = config
         self.data = data
         if config.threads:
@@ -143,15 +110,16 @@ class DistributedTrainer:
         self.edges_whole = True  # every user's train edges (False: this rank's own users' only)
         self.graph: BipartiteGraph | None = None
         if not split:
-            self._whole_graph()
+            self.whole_graph()
         self.train_csr = self.edges.train_csr()
         held_user, held_item = data.split(config.eval.split)
         self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
-        self.data_key = ckpt.data_key(data)
+        self.data_key = data_key(data)
         self.n_train = data.n_train
         if split:
             self._release_pairs()
-        self.resume = self._find_resume(resume_hint)
+        self.checkpoints = RankCheckpoints(config, self.rank, self.world, self.data_key)
+        self.resume = self.checkpoints.find_resume(resume_hint)
         self.partition = self._partition()
         all_eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
         self.eval_users = all_eval_users[self.partition.owner[all_eval_users] == self.rank]
@@ -177,10 +145,7 @@ class DistributedTrainer:
         self.global_step = 0
         self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
         self._items: FixedExchange | None = None  # every item's final row (full-graph steps)
-        self.counter = WireCounter()  # per-step exchanges (fetch, gradients, all-reduce)
-        self.refine_counter = WireCounter()  # propagated rows sent to owners for refinement
-        self.gather_counter = WireCounter()  # whole-table gathers (evaluation, quantized start)
-        self.wire_totals = {"train": WireCounter(), "refine": WireCounter(), "gather": WireCounter()}
+        self.wire = RunWire()  # bytes of the steps, refinement and whole-table gathers
         self.positives = 0  # global positives trained on (edges)
         self.level_dtype = getattr(torch, config.model.level_dtype)
         self.shard: MethodShard | None = None
@@ -190,26 +155,20 @@ class DistributedTrainer:
 
     # -- setup ---------------------------------------------------------------------------
     def _partition(self) -> Partition:
-        m = self.resume.manifest if self.resume is not None else None
-        if m is not None and m["world_size"] == self.world and \
-                m["partition"]["method"] == self.config.distributed.partition:
-            # The checkpoint's owners: each rank reloads exactly its own shard.
-            owner = ckpt.read_table(self.resume.uri, "partition.parquet", self.config.storage_options)["owner"]
-            part = Partition.from_owner(owner.to_numpy(), self.world, self.data.n_users, self.data.n_items,
-                                        method=m["partition"]["method"])
-            if part.checksum() != m["partition"]["owner_checksum"]:
-                raise ckpt.CheckpointError(f"{self.resume.uri}/partition.parquet does not match its manifest")
+        """The owners every rank uses: the checkpoint's, a stored partition, or rank 0's (collective)."""
+        part = self.checkpoints.saved_partition(self.resume, self.data.n_users, self.data.n_items)
+        if part is not None:
             return part
         dcfg = self.config.distributed
         if dcfg.partition_file:  # computed apart (gnaq partition): no whole graph on any rank
-            return _agreed(lambda: read_partition(dcfg.partition_file, self.config.storage_options,
-                                                  world_size=self.world, data=self.data_key),
-                           f"reading distributed.partition_file {dcfg.partition_file}")
+            return run_on_rank_then_agree(lambda: read_partition(dcfg.partition_file, self.config.storage_options,
+                                                                 world_size=self.world, data=self.data_key),
+                                          f"reading distributed.partition_file {dcfg.partition_file}")
         part = None
         if self.rank == 0:
             method = dcfg.partition
             # Hash partitioning reads only the node counts; METIS reads the whole graph once.
-            graph = self._whole_graph() if method == "metis" and self.world > 1 else self.edges
+            graph = self.whole_graph() if method == "metis" and self.world > 1 else self.edges
             part = partition_nodes(graph, self.world, method, seed=self.config.seed)
             if self.config.schedule.propagation == "full":
                 self.graph = None  # built for METIS only
@@ -224,7 +183,7 @@ class DistributedTrainer:
                                         meta={k: v for k, v in self.data.meta.items()
                                               if not isinstance(v, np.ndarray)})
 
-    def _whole_graph(self) -> BipartiteGraph:
+    def whole_graph(self) -> BipartiteGraph:
         """The whole symmetric training graph, built from the train CSR when first needed."""
         if self.graph is None:
             if not self.edges_whole:
@@ -235,7 +194,8 @@ class DistributedTrainer:
             self.graph = build_graph_from_arrays(self.data.n_users, self.data.n_items, users, items)
         return self.graph
 
-    def _new_shard(self, method, lr: float) -> None:
+    def _new_shard(self, method, lr: float) -> tuple[MethodShard, list[ErrorFeedback | None]]:
+        """This rank's shard of ``method`` with its optimizer, gradient compressors and error feedback."""
         dcfg = self.config.distributed
         self.shard = MethodShard(method, self.partition, self.rank, lr, self.level_dtype)
         self.compressors, self.feedback = [], []
@@ -245,6 +205,7 @@ class DistributedTrainer:
             self.compressors.append(RowCompressor(dcfg.grad_bits, stochastic=dcfg.stochastic_rounding, seed=seed))
             use_ef = dcfg.grad_bits is not None and dcfg.error_feedback
             self.feedback.append(ErrorFeedback(self.partition.num_nodes, k) if use_ef else None)
+        return self.shard, self.feedback
 
     def _reserve_step_tables(self) -> None:
         """The step's kept tables (HaloPlan.reserve) and Adam's moments made and touched, and
@@ -258,7 +219,7 @@ class DistributedTrainer:
         if self.shard is not None:
             self.shard.optimizer.reserve()  # Adam's moments (8 bytes a value)
             if self.shard.format == "packed":
-                warm_up(self.shard.method.bits)  # numba's first call, 0.6 s, not the first step's
+                warm_up(self.shard.method.bits)  # numba's first call, not the first step's
         if self.world > 1:
             dist.barrier()
 
@@ -270,179 +231,21 @@ class DistributedTrainer:
         self._new_shard(method, cfg.optim.lr)
 
     def _start_quantized(self) -> None:
+        """The quantized method's shard, initialised from the warm-up's own rows (and, for dense
+        parameters, from the whole warm-up table gathered)."""
         cfg = self.config
         fp = self.shard.method
         own = fp.weight.detach()[: self.shard.num_owned].clone()
         with torch.random.fork_rng():
             probe = build_method(cfg.model.method, 1, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
                                  phi=cfg.model.phi)
-        full = self._gather_latent(fp) if probe.dense_params() else None
+        full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
                                     cfg.model.phi, full_table=full)
         self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
-        self._fold(self.gather_counter, "gather")
+        self.wire.allreduce_gather_bytes()
         del fp, own, full
         release_free_memory()
-
-    def _gather_latent(self, method) -> torch.Tensor:
-        """The whole table of a latent row format (fp weights) on every rank (collective)."""
-        server = LatentShard(list(method.trainable_row_params()), method.dim)
-        ids = torch.arange(self.partition.num_nodes, dtype=torch.int64)
-        return fetch_rows(ids, self.partition, server, counter=self.gather_counter)
-
-    # -- checkpoints -----------------------------------------------------------------------------
-    def _model_key(self) -> dict[str, Any]:
-        m = self.config.model
-        return {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
-
-    def _choose_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
-        """Rank 0: the checkpoint to start from (an explicit URI, Ray's hint, or the newest complete)."""
-        ck = self.config.checkpoint
-        so = self.config.storage_options
-        if ck.resume == "never":
-            return None
-        if ck.resume != "auto":
-            return ckpt.Loaded(ck.resume, ckpt.verify(ck.resume, so, self.data_key, self._model_key()))
-        if not ck.every_epochs:
-            return None
-        # Ray Train's hint is the last checkpoint it registered; a worker killed between our commit
-        # and that registration leaves a newer complete one under the root: take the newest.
-        candidates = []
-        uri = hint() if hint is not None else None
-        if uri:
-            try:
-                candidates.append(ckpt.Loaded(uri, ckpt.verify(uri, so)))
-            except ckpt.CheckpointError as exc:
-                log.warning("the checkpoint Ray Train handed back cannot be loaded (%s); looking for the "
-                            "newest complete one under %s", exc, self.config.checkpoint_root)
-        newest = ckpt.CheckpointStore(self.config.checkpoint_root, so).latest()
-        if newest is not None:
-            candidates.append(newest)
-        loaded = max(candidates, key=lambda c: c.manifest["step"], default=None)
-        if loaded is not None:  # a checkpoint of other data or another model is an error, not a skip
-            ckpt.verify(loaded.uri, so, self.data_key, self._model_key())
-        return loaded
-
-    def _find_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
-        """Collective: rank 0 chooses and verifies, every rank gets the same checkpoint (or none)."""
-        choice = _agreed(partial(self._choose_resume, hint) if self.rank == 0 else None,
-                         "choosing the checkpoint to resume from")
-        box = [choice.uri if choice is not None else None]
-        dist.broadcast_object_list(box, 0)
-        if box[0] is None:
-            return None
-        if self.rank == 0:
-            return choice
-        return ckpt.Loaded(box[0], ckpt.read_manifest(box[0], self.config.storage_options))
-
-    def _restore(self, loaded: ckpt.Loaded) -> None:
-        """Load this rank's rows (from any number of writer ranks), optimizer state and residuals."""
-        cfg = self.config
-        m, so = loaded.manifest, cfg.storage_options
-        owned = self.partition.owned_ids(self.rank)
-        same = m["world_size"] == self.world and m["partition"]["owner_checksum"] == self.partition.checksum()
-        rows = ckpt.read_rows(loaded.uri, m, owned, so, shards=[self.rank] if same else None)
-        method = ckpt.build_for_rows(m, len(owned))
-        ckpt.load_rows(method, rows)
-        lr = cfg.optim.lr if m["shard_method"] == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
-        self._new_shard(method, lr)
-        ckpt.load_rows(method, rows, self.shard.optimizer)
-        ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", so), self.shard.dense_optimizer)
-        self._restore_residuals(loaded, same)
-        progress = m["progress"]
-        self.global_step = int(m["step"])
-        self.positives = int(progress.get("positives", 0))
-        self.history = list(m.get("history", []))
-
-    def _restore_residuals(self, loaded: ckpt.Loaded, same: bool) -> None:
-        """Error-feedback residuals: a rank's own on a plain resume; on a reshard, each row's summed
-        residual (gradient not yet delivered) goes to one rank that does not own the row."""
-        if not any(ef is not None for ef in self.feedback):
-            return
-        m, so = loaded.manifest, self.config.storage_options
-        table = ckpt.read_residuals(loaded.uri, m, so, ranks=[self.rank] if same else None)
-        if table.num_rows == 0:
-            return
-        msg = table["message"].to_numpy().astype(np.int64)
-        gid = table["global_id"].to_numpy()
-        values = table["residual"].combine_chunks()
-        for i, ef in enumerate(self.feedback):
-            if ef is None:
-                continue
-            sel = np.flatnonzero(msg == i)
-            if not sel.size:
-                continue
-            res = values.take(pa.array(sel)).flatten().to_numpy(zero_copy_only=False).reshape(sel.size, ef.dim)
-            ids = gid[sel]
-            if not same:
-                uniq, inv = np.unique(ids, return_inverse=True)
-                summed = np.zeros((uniq.size, ef.dim), dtype=np.float32)
-                np.add.at(summed, inv, res)
-                keeper = (self.partition.owner[uniq] + 1) % self.world
-                mine = (keeper == self.rank) & (self.partition.owner[uniq] != self.rank)
-                ids, res = uniq[mine], summed[mine]
-            ef.load_state(torch.from_numpy(ids), torch.from_numpy(np.ascontiguousarray(res)))
-
-    def save_checkpoint(self, epoch: int, phase: str) -> str:
-        """Collective: every rank writes its shard, rank 0 the replicated parts and, last, the manifest."""
-        cfg = self.config
-        if self.halo is not None:
-            self.halo.release_buffers()  # the shard's Parquet bytes take their place
-        so = cfg.storage_options
-        store = ckpt.CheckpointStore(cfg.checkpoint_root, so)
-        name = ckpt.checkpoint_name(self.global_step)
-        shard = self.shard
-        files: dict[str, Any] = {}
-        error: BaseException | None = None
-        try:
-            table = ckpt.shard_table(shard.method, shard.owned, shard.optimizer)
-            files[ckpt.shard_name(self.rank, self.world)] = store.write_file(
-                name, ckpt.shard_name(self.rank, self.world), ckpt.parquet_bytes(table))
-            residuals = []
-            for ef, width in zip(self.feedback, shard.gradient_widths()):
-                if ef is None:
-                    residuals.append((np.zeros(0, np.int64), np.zeros((0, width), np.float32)))
-                else:
-                    ids, res = ef.state()
-                    residuals.append((ids.cpu().numpy(), res.cpu().numpy()))
-            files[ckpt.residual_name(self.rank, self.world)] = store.write_file(
-                name, ckpt.residual_name(self.rank, self.world), ckpt.parquet_bytes(ckpt.residual_table(residuals)))
-        except BaseException as exc:  # noqa: BLE001 - re-raised below
-            error = exc
-        _agree(error is None, "writing checkpoint shards")
-        if error is not None:
-            raise error
-        everyone: list[Any] = [None] * self.world
-        dist.all_gather_object(everyone, files)
-        uri = None
-        if self.rank == 0:
-            try:
-                merged = {k: v for part in everyone for k, v in part.items()}
-                merged["dense.parquet"] = store.write_file(
-                    name, "dense.parquet", ckpt.parquet_bytes(ckpt.dense_table(shard.method, shard.dense_optimizer)))
-                merged["partition.parquet"] = store.write_file(
-                    name, "partition.parquet", ckpt.parquet_bytes(pa.table({"owner": self.partition.owner})))
-                from gnaq_dist.config import to_dict
-
-                manifest = ckpt.new_manifest(
-                    step=self.global_step, epoch=epoch, phase=phase, shard_method=shard.method.name,
-                    world_size=self.world, config=to_dict(cfg), data=self.data_key,
-                    partition=self.partition.describe(), files=merged,
-                    progress={"positives": self.positives}, history=self.history)
-                uri = store.commit(name, manifest)
-                removed = store.prune(cfg.checkpoint.keep_last)
-                if removed:
-                    log.info("removed old checkpoints %s", removed)
-            except BaseException as exc:  # noqa: BLE001 - re-raised below
-                error = exc
-        _agree(error is None, "committing the checkpoint")
-        if error is not None:
-            raise error
-        box = [uri]
-        dist.broadcast_object_list(box, 0)
-        self._last_checkpoint_step = self.global_step
-        self._emit("checkpoint", epoch=epoch, phase=phase, step=self.global_step, uri=box[0])
-        return box[0]
 
     # -- one step --------------------------------------------------------------------------
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_size: int) -> float:
@@ -476,7 +279,7 @@ class DistributedTrainer:
         else:
             input_nodes, blocks = batch_nodes, []
         server = shard.server()
-        payload = fetch_rows(input_nodes, self.partition, server, counter=self.counter, decode=False)
+        payload = fetch_rows(input_nodes, self.partition, server, counter=self.wire.train, decode=False)
         view = shard.view(server, payload)
         shard.zero_dense_grads()
         bpr_value = 0.0
@@ -513,7 +316,7 @@ class DistributedTrainer:
         server = shard.server()
         # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
-        payload = torch.cat([own_rows, plan.exchange.pull_served(server, self.counter)])
+        payload = torch.cat([own_rows, plan.exchange.pull_wire_rows(server, self.wire.train)])
         del own_rows  # (n_own, row bytes) no longer needed: at full size 0.8 GB of an fp step
         # With plain layers, tables kept from step to step (fresh ones cost their page faults
         # every step): the layer-0 rows, then their gradient; the final rows; their gradient.
@@ -528,9 +331,10 @@ class DistributedTrainer:
         x_input = view.pop_embeddings()
         if x_buf is not None and x_input.shape[1] != x_buf.shape[1]:  # rows wider than d: fresh tables
             x_buf = out_buf = None
-        final_own = self._propagate_own(x_input, self.counter, out=out_buf, grad_input=x_buf)
+        final_own = final_own_rows(plan, shard.method, x_input, cfg.model.num_layers, self.wire.train, out=out_buf,
+                                   grad_input=x_buf)
         del x_input
-        items = self._item_exchange().pull(final_own.detach(), self.counter)  # (n_items, d): item i's row
+        items = self._item_exchange().pull_rows(final_own.detach(), self.wire.train)  # (n_items, d): item i's row
         if out_buf is not None:  # the final rows move to a table idle until the backward; theirs
             own = plan.idle_own_buffer(out_buf).copy_(out_buf)  # becomes their gradient's
             grad_own = out_buf.zero_()
@@ -540,7 +344,7 @@ class DistributedTrainer:
         bpr = bpr_into(own, items, local_users, pos, neg, global_batch * neg.shape[1], grad_own, grad_items,
                        cfg.schedule.loss_chunk)
         del items
-        self._item_exchange().push_gradients(grad_items, plan.n_own, counter=self.counter, kind="activations",
+        self._item_exchange().push_gradients(grad_items, plan.n_own, counter=self.wire.train, kind="activations",
                                              out=grad_own, accumulate=True)
         del grad_items
         refine = self._refine_now()
@@ -563,7 +367,7 @@ class DistributedTrainer:
         if self._items is None:
             n_users, n = self.data.n_users, self.partition.num_nodes
             self._items = FixedExchange(torch.arange(n_users, n, dtype=torch.int64), self.partition,
-                                        counter=self.counter, what="the items' final rows")
+                                        counter=self.wire.train, what="the items' final rows")
         return self._items
 
     def _occurrences(self, local_users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor) -> torch.Tensor:
@@ -572,22 +376,12 @@ class DistributedTrainer:
         plan, n_users = self.halo, self.data.n_users
         items = torch.bincount(torch.cat([pos, neg.reshape(-1)]), minlength=self.data.n_items)
         if self.world > 1:
-            self.counter.add("control", (self.world - 1) * items.numel() * 8)
-            items = _allreduce_sum(items)
+            self.wire.train.add("control", (self.world - 1) * items.numel() * 8)
+            items = allreduce_sum(items)
         out = torch.bincount(local_users, minlength=plan.n_own)
         own_items = self.owned_t >= n_users
         out[own_items] += items[self.owned_t[own_items] - n_users]
         return out
-
-    def _propagate_own(self, x_input: torch.Tensor, counter: WireCounter, *, out: torch.Tensor | None = None,
-                       grad_input: torch.Tensor | None = None) -> torch.Tensor:
-        """The own nodes' final rows over the halo plan: one linear function where the method's
-        layers are plain (no activation kept; ``out`` and ``grad_input`` as in
-        :meth:`.HaloPlan.propagate_mean`), else layer by layer with the method's ``layer_fn``."""
-        method, L = self.shard.method, self.config.model.num_layers
-        if method.linear_layers:
-            return self.halo.propagate_mean(x_input, L, counter, out=out, grad_input=grad_input)
-        return method.combine(self.halo.propagate(x_input, L, method.layer_fn, counter=counter))
 
     def _apply_gradients(self, view, *, input_nodes: torch.Tensor | None = None, plan: HaloPlan | None = None) -> None:
         """Push the layer-0 rows' gradients to their owners (low-bit), step the owners' rows and
@@ -600,16 +394,16 @@ class DistributedTrainer:
         for g, comp, ef in zip(shard.leaf_grads(view), self.compressors, self.feedback):
             if plan is not None:
                 n = plan.n_own
-                g_i = g[:n].detach().float() + plan.exchange.push_gradients(g[n:], n, comp, ef, counter=self.counter)
+                g_i = g[:n].detach().float() + plan.exchange.push_gradients(g[n:], n, comp, ef, counter=self.wire.train)
             else:
-                rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.counter)
+                rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.wire.train)
                 if local_rows is not None and not torch.equal(local_rows, rows_i):
                     raise RuntimeError("row gradient messages disagree on the touched rows")
                 local_rows = rows_i
             summed.append(g_i)
         shard.apply_row_gradients(local_rows, summed, clip)
         if shard.dense:
-            allreduce_dense([p.grad for p in shard.dense], counter=self.counter)
+            allreduce_dense([p.grad for p in shard.dense], counter=self.wire.train)
             for p in shard.dense:
                 p.grad.mul_(self.world)  # allreduce_dense averages; the loss is already global
             shard.apply_dense(clip)
@@ -620,7 +414,7 @@ class DistributedTrainer:
             return False
         if self.world == 1:
             return budget.spent()
-        return bool(_allreduce_sum(torch.tensor([1 if budget.spent() else 0], dtype=torch.int64)) > 0)
+        return bool(allreduce_sum(torch.tensor([1 if budget.spent() else 0], dtype=torch.int64)) > 0)
 
     def _refine_now(self) -> bool:
         every = self.config.model.refine_every
@@ -637,134 +431,13 @@ class DistributedTrainer:
         if h.shape[1] != d:
             raise GnaqInputError("refinement needs final embeddings of dimension d")
         msg = torch.cat([h, torch.ones(h.shape[0], 1)], dim=1)
-        rows, summed = push_row_gradients(batch_nodes, msg, self.partition, None, None, counter=self.refine_counter)
+        rows, summed = push_row_gradients(batch_nodes, msg, self.partition, None, None, counter=self.wire.refine)
         if rows.numel():
             self.shard.refine(rows, summed[:, :d] / summed[:, d:])
 
-    # -- evaluation --------------------------------------------------------------------------
-    def _packed_server(self) -> tuple[PackedTable, QuantizedShard]:
-        """This rank's rows in storage form and a server of them (wire rows = stored rows)."""
-        method = self.shard.method
-        own = method.pack(level_dtype=self.level_dtype)
-        if self.shard.num_owned == 0:  # a placeholder row: serve nothing
-            own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
-                              if own.levels.shape[0] != 1 else own.levels)
-        server = QuantizedShard.from_packed(own)
-        if own.num_rows == 1 and own.levels.shape[0] == 1 and method.name not in ("gnaq", "gnaq_ste"):
-            server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
-            server.row_bytes = server.code_bytes
-        return own, server
-
-    @torch.no_grad()
-    def gathered_table(self) -> tuple[str, Any]:
-        """The full layer-0 table on every rank, in storage form (collective).
-
-        ``("fp", weight)`` for fp (no packed form); ``("packed", PackedTable)`` otherwise,
-        built from the shards' wire rows (BiGeaR packs a full instance, since its packed
-        form is the binarized propagated layers).
-        """
-        method = self.shard.method
-        cfg = self.config
-        if method.name in ("fp", "bigear"):
-            weight = self._gather_latent(method)
-            if method.name == "fp":
-                return "fp", weight
-            with torch.random.fork_rng():
-                full = build_method("bigear", self.data.n_nodes, cfg.model.dim, 1, cfg.model.num_layers,
-                                    graph=self._whole_graph())
-            full.init_from_full_precision(weight)
-            return "packed", full.pack(level_dtype=self.level_dtype)
-        own, server = self._packed_server()
-        ids = torch.arange(self.partition.num_nodes, dtype=torch.int64)
-        payload = fetch_rows(ids, self.partition, server, counter=self.gather_counter, decode=False)
-        cb = packed_row_bytes(own.groups * own.dim, own.bits)
-        codes = payload[:, :cb].contiguous().numpy()
-        if server.shared_levels:
-            levels = own.levels
-        else:
-            levels = (bytes_view(payload[:, cb:], server.levels.dtype)
-                      .reshape(-1, own.groups, 1 << own.bits).numpy())
-        return "packed", PackedTable(own.method, own.bits, own.dim, self.partition.num_nodes, codes, levels,
-                                     own.groups, own.needs_propagation, own.group_weights)
-
-    @torch.no_grad()
-    def final_embeddings(self, kind: str, table) -> torch.Tensor:
-        """All nodes' final embeddings from the gathered table, exactly as ``local.py`` scores them."""
-        method = self.shard.method
-        L = self.config.model.num_layers
-        if kind == "fp":
-            return method.combine(propagate_full(self._whole_graph(), table, L, method.layer_fn))
-        return final_from_packed(self._whole_graph(), table, method.combine, L)
-
-    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Metrics (the same on every rank) and the storage report of the whole table (collective).
-
-        With the graph split by owner (``propagation: full``), evaluation is split the same way
-        (:meth:`_evaluate_split`); otherwise every rank gathers the table and propagates the
-        whole graph (:meth:`_evaluate_gathered`). BiGeaR's stored form is its binarized
-        propagated layers, built from the whole graph: it is always gathered.
-        """
-        if self.halo is not None:
-            self.halo.release_buffers()  # evaluation's own tables take their place
-        if self.halo is not None and self.shard.method.name != "bigear":
-            return self._evaluate_split()
-        return self._evaluate_gathered()
-
-    def _rank_users(self, user_rows: torch.Tensor, item_rows: torch.Tensor) -> dict[str, float]:
-        """This rank's evaluation users ranked (rows in ``self.eval_users`` order), summed over ranks."""
-        cfg = self.config
-        sums = evaluate_ranking(user_rows, item_rows, self.eval_users, self.train_csr, self.test_csr,
-                                ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size,
-                                progress=cfg.progress and self.rank == 0)
-        flat = _allreduce_sum(sums.to_tensor())
-        return finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
-
-    def _fp_storage(self) -> dict[str, float]:
-        d = self.config.model.dim
-        return {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
-
-    def _evaluate_gathered(self) -> tuple[dict[str, float], dict[str, float]]:
-        kind, table = self.gathered_table()
-        self._fold(self.gather_counter, "gather")
-        final = self.final_embeddings(kind, table)
-        n_users = self.data.n_users
-        metrics = self._rank_users(final[:n_users], final[n_users:])
-        return metrics, (self._fp_storage() if kind == "fp" else storage_report(table))
-
-    @torch.no_grad()
-    def _evaluate_split(self) -> tuple[dict[str, float], dict[str, float]]:
-        """Each rank propagates its own nodes over its rows of ``A_hat`` (the halo's stored rows
-        and activations from their owners, as in training), then ranks its own evaluation users
-        against all items' final rows. Nothing of size N x d is built: memory and work follow
-        the shard, and the result equals :meth:`_evaluate_gathered`'s."""
-        method, plan, part = self.shard.method, self.halo, self.partition
-        own_ids = torch.arange(plan.n_own, dtype=torch.int64)
-        if method.name == "fp":
-            server = LatentShard(list(method.trainable_row_params()), method.dim)
-            storage = self._fp_storage()
-        else:  # the stored table's rows, propagated as final_from_packed propagates them
-            own, server = self._packed_server()
-            shared = server.shared_levels
-            t = _allreduce_sum(torch.tensor([own.code_bytes(), 0 if shared else own.level_bytes(), own.num_rows],
-                                            dtype=torch.int64)).tolist()
-            level_bytes = t[1] + (own.level_bytes() if shared else 0)  # a shared codebook is stored once
-            storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
-        payload = torch.cat([server.serve(own_ids), plan.exchange.pull_served(server, self.gather_counter)])
-        # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
-        x_input = server.decode(payload)
-        del payload
-        final_own = self._propagate_own(x_input, self.gather_counter)
-        del x_input
-        plan.release_buffers()  # ranking holds the final rows and the scores, nothing else
-        n_users = self.data.n_users
-        items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
-                              counter=self.gather_counter, what="evaluation items").pull(final_own, self.gather_counter)
-        users = final_own[part.local_of(torch.from_numpy(self.eval_users))]
-        self._fold(self.gather_counter, "gather")
-        return self._rank_users(users, items), storage
-
     # -- logging -------------------------------------------------------------------------------
     def _emit(self, event: str, **fields: Any) -> dict[str, Any]:
+        """Log ``event``, keep it in the history and report it (on every rank: a barrier under Ray)."""
         record = self.log.write(event, **fields)
         self.history.append(record)
         if self.report is not None:
@@ -774,68 +447,33 @@ class DistributedTrainer:
                 f"{k}={v:.4f}" for k, v in fields.items() if k.startswith(("recall@", "ndcg@"))))
         return record
 
-    def _fold(self, counter: WireCounter, name: str) -> None:
-        """Add all ranks' bytes in ``counter`` to the run totals and reset it (collective)."""
-        vec = [v for k in WIRE_KINDS for v in (counter.sent[k], counter.fp32[k])]
-        t = _allreduce_sum(torch.tensor(vec, dtype=torch.float64))
-        for j, k in enumerate(WIRE_KINDS):
-            self.wire_totals[name].add(k, int(t[2 * j]), int(t[2 * j + 1]))
-        counter.reset()
+    # -- checkpoints and evaluation (collective) -------------------------------------------------
+    def save_checkpoint(self, epoch: int, phase: str) -> str:
+        """Collective: every rank writes its shard, rank 0 the replicated parts and, last, the
+        manifest (:meth:`.checkpointing.RankCheckpoints.save`); returns the checkpoint's URI."""
+        if self.halo is not None:
+            self.halo.release_buffers()  # the shard's Parquet bytes take their place
+        uri = self.checkpoints.save(step=self.global_step, epoch=epoch, phase=phase, shard=self.shard,
+                                    feedback=self.feedback, partition=self.partition, positives=self.positives,
+                                    history=self.history)
+        self._last_checkpoint_step = self.global_step
+        self._emit("checkpoint", epoch=epoch, phase=phase, step=self.global_step, uri=uri)
+        return uri
 
-    def _epoch_wire(self, loss_sum: float, steps: int) -> tuple[float, dict[str, float]]:
-        """All ranks' loss and bytes for the epoch (one all_reduce): the same on every rank."""
-        counters = (self.counter, self.refine_counter)
-        vec = [loss_sum]
-        for c in counters:
-            for k in WIRE_KINDS:
-                vec += [c.sent[k], c.fp32[k]]
-        t = _allreduce_sum(torch.tensor(vec, dtype=torch.float64))
-        values = t.tolist()
-        loss = values[0] / max(steps, 1)
-        wire: dict[str, float] = {"steps": steps, "world_size": self.world}
-        i = 1
-        for name, c in zip(("train", "refine"), counters):
-            total = self.wire_totals[name]
-            for k in WIRE_KINDS:
-                sent, fp32 = int(values[i]), int(values[i + 1])
-                i += 2
-                total.add(k, sent, fp32)
-                if name == "train":
-                    wire[f"{k}_bytes"] = sent
-                    wire[f"{k}_fp32_bytes"] = fp32
-                elif sent:
-                    wire[f"{name}_{k}_bytes"] = sent
-            c.reset()
-        train = [wire[f"{k}_bytes"] for k in WIRE_KINDS]
-        wire["bytes_per_step"] = sum(train) / max(steps, 1)
-        wire["fp32_bytes_per_step"] = sum(wire[f"{k}_fp32_bytes"] for k in WIRE_KINDS) / max(steps, 1)
-        return loss, wire
-
-    def wire_summary(self) -> dict[str, Any]:
-        """Bytes all ranks sent over the run, by kind, with fp32 equivalents and ratios."""
-        out: dict[str, Any] = {}
-        for name, c in self.wire_totals.items():
-            s: dict[str, Any] = c.summary()
-            for k in WIRE_KINDS:
-                s[f"{k}_ratio"] = c.ratio(k)
-            # A kind that sent nothing has no ratio (None, not inf: the summary must stay valid JSON).
-            out[name] = {k: (None if isinstance(v, float) and not np.isfinite(v) else v) for k, v in s.items()}
-        steps = max(self.global_step, 1)
-        out["train_bytes_per_step"] = out["train"]["total_bytes"] / steps
-        out["train_fp32_bytes_per_step"] = out["train"]["total_fp32_bytes"] / steps
-        return out
-
+    def evaluate(self) -> tuple[dict[str, float], dict[str, float]]:
+        """Metrics (the same on every rank) and the storage report of the whole table, split or
+        gathered (:func:`.evaluation.evaluate`; collective)."""
+        return evaluate_run(self)
     # -- the run -------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """Train the whole schedule (from the resumed checkpoint, if any); the summary :func:`train_worker` returns."""
         cfg = self.config
         sched = cfg.schedule
         plan = self.schedule
         warmup_epochs = plan.warmup_epochs
         total_steps = plan.total_steps
         budget = TimeBudget(sched.max_minutes)
-        phase_seconds = {"fp": 0.0, "quantized": 0.0, "eval": 0.0}
-        phase_epochs = {"fp": 0, "quantized": 0}
-        phase_steps = {"fp": 0, "quantized": 0}
+        times = PhaseTimes()
         step_times: list[tuple[float, int]] = []  # (seconds, positives) of every step of this run
         metrics: dict[str, float] = {}
         storage: dict[str, float] = {}
@@ -848,7 +486,8 @@ class DistributedTrainer:
             batch_size=plan.batch_size, epochs=sched.epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0,
             max_minutes=sched.max_minutes, world_size=self.world))
         if self.resume is not None:
-            self._restore(self.resume)
+            restored = self.checkpoints.restore(self.resume, self.partition, self._new_shard)
+            self.global_step, self.positives, self.history = restored.step, restored.positives, restored.history
             m = self.resume.manifest
             phase, first_epoch = m["phase"], int(m["epoch"]) + 1
             self._last_checkpoint_step = self.global_step
@@ -868,7 +507,7 @@ class DistributedTrainer:
         budget.start()
         out_of_time = False
         for epoch in range(first_epoch, sched.epochs + 1):
-            if self.global_step >= total_steps or out_of_time:
+            if plan.steps_done(self.global_step) or out_of_time:
                 break
             # Each epoch's randomness (neighbour sampling, stochastic rounding) restarts from
             # (seed, epoch): a run resumed at an epoch boundary continues as if never stopped.
@@ -883,7 +522,7 @@ class DistributedTrainer:
             loss_sum, steps = 0.0, 0
             self.batches.set_epoch(epoch)
             for batch in self.batches:
-                if self.global_step >= total_steps:
+                if plan.steps_done(self.global_step):
                     break
                 if self._out_of_time(budget):
                     out_of_time = True
@@ -899,58 +538,54 @@ class DistributedTrainer:
             if not steps:  # the budget ran out before this epoch's first step
                 epoch -= 1
                 break
-            phase_seconds[phase] += seconds
-            phase_epochs[phase] += 1
-            phase_steps[phase] += steps
-            loss, wire = self._epoch_wire(loss_sum, steps)
+            times.add_epoch(phase, seconds, steps)
+            loss, wire = self.wire.allreduce_epoch(loss_sum, steps, self.world)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step,
                        steps=steps, elapsed=budget.elapsed())
             self._emit("wire", epoch=epoch, phase=phase, **wire)
-            last = epoch == sched.epochs or self.global_step >= total_steps or out_of_time
-            if last and cfg.quantized and phase == "fp":
+            last = plan.last_epoch(epoch, self.global_step, out_of_time)
+            if last and plan.quantize_at_end(phase):
                 break  # the budget ended inside the warm-up: quantize first (below)
             if last or plan.evaluate_after(epoch):
                 t1 = time.perf_counter()
                 metrics, storage = self.evaluate()
-                phase_seconds["eval"] += time.perf_counter() - t1
+                times.seconds["eval"] += time.perf_counter() - t1
                 self._emit("eval", epoch=epoch, phase=phase, step=self.global_step,
-                           train_seconds=phase_seconds["fp"] + phase_seconds["quantized"], **metrics)
+                           train_seconds=times.train_seconds(), **metrics)
             if every and (last or epoch % every == 0):
                 self.save_checkpoint(epoch, phase)
         bar.close()
-        if cfg.quantized and phase == "fp":
+        if plan.quantize_at_end(phase):
             self._start_quantized()
             phase = "quantized"
             metrics = {}
         evaluated = any(r.get("event") == "eval" and r.get("step") == self.global_step for r in self.history[-3:])
-        if not metrics or not evaluated:  # the last state, not yet evaluated (a time limit, a warm-up cut short)
+        if plan.evaluate_at_end(metrics, evaluated):  # a time limit, a warm-up cut short
             metrics, storage = self.evaluate()
             self._emit("eval", epoch=epoch, phase=phase, step=self.global_step,
-                       train_seconds=phase_seconds["fp"] + phase_seconds["quantized"], **metrics)
+                       train_seconds=times.train_seconds(), **metrics)
         if every and self._last_checkpoint_step != self.global_step:
             self.save_checkpoint(epoch, phase)
-        train_seconds = phase_seconds["fp"] + phase_seconds["quantized"]
-        epochs_run = max(1, phase_epochs["fp"] + phase_epochs["quantized"])
-        steps_run = max(1, phase_steps["fp"] + phase_steps["quantized"])
+        train_seconds = times.train_seconds()
         checkpoint = (self.history[-1]["uri"] if every and self.history
                       and self.history[-1].get("event") == "checkpoint" else None)
         # The closing record a local run also writes (not reported: it is not a barrier).
-        self.history.append(self.log.write("end", metrics=metrics, phase_seconds=phase_seconds,
-                                           phase_epochs=phase_epochs, seconds_per_epoch=train_seconds / epochs_run,
+        self.history.append(self.log.write("end", metrics=metrics, phase_seconds=times.seconds,
+                                           phase_epochs=times.epochs, seconds_per_epoch=times.seconds_per_epoch(),
                                            storage=storage))
         return {
             "metrics": metrics,
             "history": self.history,
-            "phase_seconds": phase_seconds,
-            "phase_epochs": phase_epochs,
-            "phase_steps": phase_steps,
-            "seconds_per_epoch": train_seconds / epochs_run,
-            "seconds_per_step": train_seconds / steps_run,
+            "phase_seconds": times.seconds,
+            "phase_epochs": times.epochs,
+            "phase_steps": times.steps,
+            "seconds_per_epoch": times.seconds_per_epoch(),
+            "seconds_per_step": times.seconds_per_step(),
             "edges_per_second": self.positives / max(train_seconds, 1e-9),
             "steady": steady_throughput(step_times),
             "storage": storage,
-            "wire": self.wire_summary(),
+            "wire": self.wire.summary(self.global_step),
             "partition": self.partition.describe(),
             # What this rank's memory follows: the rows it propagates (own + halo) and its non-zeros.
             "shard": self.halo.describe() if self.halo is not None else {"own_nodes": int(self.owned_t.shape[0])},
@@ -963,24 +598,6 @@ class DistributedTrainer:
             "checkpoint": checkpoint,
         }
 
-
-def steady_throughput(step_times: list[tuple[float, int]]) -> dict[str, float | None]:
-    """Steps after the run's first, alone: the rate a long run settles at.
-
-    Why apart from ``seconds_per_step``: that one is the phases' wall time over their steps, so it
-    also holds each epoch's shuffle and the first step's one-off costs (buffers, lazy optimizer
-    state), which weigh on a benchmark of a few steps but not on an epoch of thousands."""
-    rest = step_times[1:]
-    seconds = sum(t for t, _ in rest)
-    return {
-        "first_step_seconds": step_times[0][0] if step_times else None,
-        "seconds_per_step": seconds / len(rest) if rest else None,
-        "median_step_seconds": float(np.median([t for t, _ in rest])) if rest else None,
-        "edges_per_second": sum(n for _, n in rest) / seconds if rest and seconds > 0 else None,
-        "steps": len(rest),
-    }
-
-
 def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
                  resume_hint: ResumeHint | None = None) -> dict:
     """Train ``config`` as this rank of the default process group; every rank returns the same
@@ -992,4 +609,4 @@ def train_worker(config: TrainConfig, data: InteractionData | None = None, repor
     return DistributedTrainer(config, data, report, resume_hint).run()
 
 
-__all__ = ["DistributedTrainer", "steady_throughput", "train_worker"]
+__all__ = ["DistributedTrainer", "train_worker"]

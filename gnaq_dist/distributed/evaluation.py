@@ -1,0 +1,175 @@
+"""Evaluation of a distributed run: the same metrics and storage report on every rank.
+
+Two ways, chosen by :func:`evaluate`. Split (``propagation: full``): each rank propagates its
+own nodes from the stored rows, as in training, and ranks its own evaluation users, so no rank
+builds an N x d table. Gathered (sampled propagation, and BiGeaR, whose stored form is built
+from the whole graph): every rank gathers the whole table in storage form and scores it
+exactly as the one-process trainer does. Both score from the packed table, not the training
+tensors, and sum the ranks' ranking sums (collective).
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+import torch
+
+from gnaq_dist.distributed.comm import allreduce_sum
+from gnaq_dist.distributed.compression import bytes_view
+from gnaq_dist.distributed.halo import final_own_rows
+from gnaq_dist.distributed.halo_exchange import FixedExchange
+from gnaq_dist.distributed.partition import Partition
+from gnaq_dist.distributed.row_exchange import fetch_rows
+from gnaq_dist.distributed.rows import LatentShard, QuantizedShard
+from gnaq_dist.distributed.sharded import MethodShard
+from gnaq_dist.distributed.wire import WireCounter
+from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
+from gnaq_dist.propagation import final_from_packed, propagate_full
+from gnaq_dist.quant import build_method
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
+
+if TYPE_CHECKING:
+    from gnaq_dist.distributed.trainer import DistributedTrainer
+
+
+def evaluate(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, float]]:
+    """Metrics (the same on every rank) and the storage report of the whole table (collective).
+
+    With the graph split by owner (``propagation: full``), evaluation is split the same way
+    (:func:`evaluate_split`); otherwise every rank gathers the table and propagates the
+    whole graph (:func:`evaluate_gathered`). BiGeaR's stored form is its binarized
+    propagated layers, built from the whole graph: it is always gathered.
+    """
+    if trainer.halo is not None:
+        trainer.halo.release_buffers()  # evaluation's own tables take their place
+    if trainer.halo is not None and trainer.shard.method.name != "bigear":
+        return evaluate_split(trainer)
+    return evaluate_gathered(trainer)
+
+
+def gather_latent(method, partition: Partition, counter: WireCounter) -> torch.Tensor:
+    """The whole table of a latent row format (fp weights) on every rank (collective)."""
+    server = LatentShard(list(method.trainable_row_params()), method.dim)
+    ids = torch.arange(partition.num_nodes, dtype=torch.int64)
+    return fetch_rows(ids, partition, server, counter=counter)
+
+
+def _packed_server(shard: MethodShard, level_dtype: torch.dtype) -> tuple[PackedTable, QuantizedShard]:
+    """This rank's rows in storage form and a server of them (wire rows = stored rows)."""
+    method = shard.method
+    own = method.pack(level_dtype=level_dtype)
+    if shard.num_owned == 0:  # a placeholder row: serve nothing
+        own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
+                          if own.levels.shape[0] != 1 else own.levels)
+    server = QuantizedShard.from_packed(own)
+    if own.num_rows == 1 and own.levels.shape[0] == 1 and method.name not in ("gnaq", "gnaq_ste"):
+        server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
+        server.row_bytes = server.code_bytes
+    return own, server
+
+
+@torch.no_grad()
+def gathered_table(trainer: DistributedTrainer) -> tuple[str, Any]:
+    """The full layer-0 table on every rank, in storage form (collective).
+
+    ``("fp", weight)`` for fp (no packed form); ``("packed", PackedTable)`` otherwise,
+    built from the shards' wire rows (BiGeaR packs a full instance, since its packed
+    form is the binarized propagated layers).
+    """
+    method = trainer.shard.method
+    cfg = trainer.config
+    partition = trainer.partition
+    if method.name in ("fp", "bigear"):
+        weight = gather_latent(method, partition, trainer.wire.gather)
+        if method.name == "fp":
+            return "fp", weight
+        with torch.random.fork_rng():
+            full = build_method("bigear", trainer.data.n_nodes, cfg.model.dim, 1, cfg.model.num_layers,
+                                graph=trainer.whole_graph())
+        full.init_from_full_precision(weight)
+        return "packed", full.pack(level_dtype=trainer.level_dtype)
+    own, server = _packed_server(trainer.shard, trainer.level_dtype)
+    ids = torch.arange(partition.num_nodes, dtype=torch.int64)
+    payload = fetch_rows(ids, partition, server, counter=trainer.wire.gather, decode=False)
+    cb = packed_row_bytes(own.groups * own.dim, own.bits)
+    codes = payload[:, :cb].contiguous().numpy()
+    if server.shared_levels:
+        levels = own.levels
+    else:
+        levels = (bytes_view(payload[:, cb:], server.levels.dtype)
+                  .reshape(-1, own.groups, 1 << own.bits).numpy())
+    return "packed", PackedTable(own.method, own.bits, own.dim, partition.num_nodes, codes, levels,
+                                 own.groups, own.needs_propagation, own.group_weights)
+
+
+@torch.no_grad()
+def final_embeddings(trainer: DistributedTrainer, kind: str, table) -> torch.Tensor:
+    """All nodes' final embeddings from the gathered table, exactly as ``local.py`` scores them."""
+    method = trainer.shard.method
+    L = trainer.config.model.num_layers
+    if kind == "fp":
+        return method.combine(propagate_full(trainer.whole_graph(), table, L, method.layer_fn))
+    return final_from_packed(trainer.whole_graph(), table, method.combine, L)
+
+
+def _rank_users(trainer: DistributedTrainer, user_rows: torch.Tensor, item_rows: torch.Tensor) -> dict[str, float]:
+    """This rank's evaluation users ranked (rows in ``trainer.eval_users`` order), summed over ranks."""
+    cfg = trainer.config
+    sums = evaluate_ranking(user_rows, item_rows, trainer.eval_users, trainer.train_csr, trainer.test_csr,
+                            ks=tuple(cfg.eval.ks), batch_size=cfg.eval.batch_size,
+                            progress=cfg.progress and trainer.rank == 0)
+    flat = allreduce_sum(sums.to_tensor())
+    return finalize(EvalSums.from_tensor(tuple(cfg.eval.ks), flat))
+
+
+def _fp_storage(dim: int) -> dict[str, float]:
+    """The storage report of an fp32 table of ``dim`` columns."""
+    return {"bytes_per_node": 4.0 * dim, "fp32_bytes_per_node": 4.0 * dim, "compression_ratio": 1.0}
+
+
+def evaluate_gathered(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, float]]:
+    """Every rank gathers the whole stored table and scores the whole graph (collective)."""
+    kind, table = gathered_table(trainer)
+    trainer.wire.allreduce_gather_bytes()
+    final = final_embeddings(trainer, kind, table)
+    n_users = trainer.data.n_users
+    metrics = _rank_users(trainer, final[:n_users], final[n_users:])
+    return metrics, (_fp_storage(trainer.config.model.dim) if kind == "fp" else storage_report(table))
+
+
+@torch.no_grad()
+def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, float]]:
+    """Each rank propagates its own nodes over its rows of ``A_hat`` (the halo's stored rows
+    and activations from their owners, as in training), then ranks its own evaluation users
+    against all items' final rows. Nothing of size N x d is built: memory and work follow
+    the shard, and the result equals :func:`evaluate_gathered`'s."""
+    method, plan, part = trainer.shard.method, trainer.halo, trainer.partition
+    counter = trainer.wire.gather
+    own_ids = torch.arange(plan.n_own, dtype=torch.int64)
+    if method.name == "fp":
+        server = LatentShard(list(method.trainable_row_params()), method.dim)
+        storage = _fp_storage(trainer.config.model.dim)
+    else:  # the stored table's rows, propagated as final_from_packed propagates them
+        own, server = _packed_server(trainer.shard, trainer.level_dtype)
+        shared = server.shared_levels
+        t = allreduce_sum(torch.tensor([own.code_bytes(), 0 if shared else own.level_bytes(), own.num_rows],
+                                       dtype=torch.int64)).tolist()
+        level_bytes = t[1] + (own.level_bytes() if shared else 0)  # a shared codebook is stored once
+        storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
+    payload = torch.cat([server.serve(own_ids), plan.exchange.pull_wire_rows(server, counter)])
+    # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
+    x_input = server.decode(payload)
+    del payload
+    final_own = final_own_rows(plan, method, x_input, trainer.config.model.num_layers, counter)
+    del x_input
+    plan.release_buffers()  # ranking holds the final rows and the scores, nothing else
+    n_users = trainer.data.n_users
+    items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
+                          counter=counter, what="evaluation items").pull_rows(final_own, counter)
+    users = final_own[part.local_of(torch.from_numpy(trainer.eval_users))]
+    trainer.wire.allreduce_gather_bytes()
+    return _rank_users(trainer, users, items), storage
+
+
+__all__ = ["evaluate", "evaluate_gathered", "evaluate_split", "final_embeddings", "gather_latent",
+           "gathered_table"]

@@ -173,7 +173,8 @@ def test_split_ranks_keep_only_their_own_users_edges(exact_runs):
 @pytest.fixture(scope="module")
 def compressed_runs():
     """d = 64, 36 warm-up + 24 quantized steps on 2 ranks: fp32 gradients, then 2-bit with error feedback."""
-    base = {"model.dim": 64, "schedule.epochs": 10, "schedule.warmup_epochs": 6, "optim.quant_lr": "null"}
+    base = {"model.dim": 64, "schedule.epochs": 10, "schedule.warmup_epochs": 6, "optim.quant_lr": "null",
+            "distributed.partition": "hash"}  # METIS may cut this graph differently from run to run
     plain, two_bit = run_ranks(scenario_train, 2, [dict(base), dict(base, **{"distributed.grad_bits": 2})],
                                timeout=180)[0]
     return plain, two_bit
@@ -183,7 +184,7 @@ def test_two_bit_gradients_with_error_feedback_keep_recall(compressed_runs):
     plain, two_bit = compressed_runs
     random_recall = 20 / 190  # 200 items, about 9 masked per user
     assert plain["metrics"]["recall@20"] > 4 * random_recall  # the budget learns something
-    # Measured: 0.5744 both (d=64); at d=16: 0.5644 vs 0.5622, and without error feedback 0.5544.
+    # Measured with a hash partition: 0.5656 fp32 gradients, 0.5700 2-bit with error feedback (the same every run).
     assert two_bit["metrics"]["recall@20"] == pytest.approx(plain["metrics"]["recall@20"], rel=0.02)
 
 

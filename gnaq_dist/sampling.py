@@ -47,7 +47,7 @@ class NegativeSampler:
         rank_in_row = np.arange(indices.shape[0], dtype=np.int64) - self.indptr[rows]
         self._gaps = np.asarray(indices, dtype=np.int64) - rank_in_row  # a_k, ascending within each row
         self._room = self.n_items - deg  # number of non-train items per user
-        self._adjusted: np.ndarray | None = None  # the torch-free fallback's one sorted array
+        self._adjusted: np.ndarray | None = None  # the one sorted array of the search without numba
 
     def sample(self, users: np.ndarray, num: int, rng: np.random.Generator) -> np.ndarray:
         """``(len(users), num)`` negative item ids."""

@@ -118,8 +118,7 @@ def allreduce_dense(tensors: Sequence[torch.Tensor], *, counter: WireCounter | N
     flat = torch.cat([t.detach().reshape(-1).to(torch.float32) for t in tensors]).to(comm_device())
     dist.all_reduce(flat, op=dist.ReduceOp.SUM)
     flat /= world
-    nbytes = int(round(2 * (world - 1) / world * flat.numel() * 4))
-    count_bytes(counter, "allreduce", nbytes, nbytes)
+    _count_allreduce(counter, flat, world)
     offset = 0
     for t in tensors:
         n = t.numel()
@@ -127,11 +126,20 @@ def allreduce_dense(tensors: Sequence[torch.Tensor], *, counter: WireCounter | N
         offset += n
 
 
-def allreduce_sum(t: torch.Tensor) -> torch.Tensor:
-    """Sum a small CPU tensor over ranks (on the comm device, so nccl works too)."""
+def allreduce_sum(t: torch.Tensor, counter: WireCounter | None = None) -> torch.Tensor:
+    """Sum a CPU tensor over ranks (on the comm device, so nccl works too); with ``counter``,
+    its bytes are counted as :func:`allreduce_dense` counts its own."""
     buf = t.to(comm_device())
     dist.all_reduce(buf, op=dist.ReduceOp.SUM)
+    _count_allreduce(counter, buf, rank_and_size()[1])
     return buf.cpu()
+
+
+def _count_allreduce(counter: WireCounter | None, buf: torch.Tensor, world: int) -> None:
+    """A ring all-reduce sends ``2 (W-1)/W`` times the buffer's bytes per rank."""
+    if counter is not None:
+        nbytes = int(round(2 * (world - 1) / world * buf.numel() * buf.element_size()))
+        count_bytes(counter, "allreduce", nbytes, nbytes)
 
 
 def broadcast_partition(partition: Partition | None, src: int = 0) -> Partition:

@@ -376,8 +376,7 @@ class DistributedTrainer:
         plan, n_users = self.halo, self.data.n_users
         items = torch.bincount(torch.cat([pos, neg.reshape(-1)]), minlength=self.data.n_items)
         if self.world > 1:
-            self.wire.train.add("control", (self.world - 1) * items.numel() * 8)
-            items = allreduce_sum(items)
+            items = allreduce_sum(items, self.wire.train)
         out = torch.bincount(local_users, minlength=plan.n_own)
         own_items = self.owned_t >= n_users
         out[own_items] += items[self.owned_t[own_items] - n_users]

@@ -87,42 +87,16 @@ class _MeanPropagation(torch.autograd.Function):
                 counter: WireCounter | None, out: torch.Tensor | None,
                 grad_input: torch.Tensor | None) -> torch.Tensor:
         ctx.plan, ctx.num_layers, ctx.counter, ctx.grad_input = plan, num_layers, counter, grad_input
-        n = plan.n_own
         x = x_input.detach()
-        acc = out.detach().copy_(x[:n]) if out is not None else x[:n].clone()
-        h, h_next = plan._buffer("own", n, x), plan._buffer("own2", n, x)
-        halo = plan._buffer("halo", plan.n_halo, x)
-        plan._apply(x[:n], x[n:], out=h)
-        acc += h
-        for _ in range(2, num_layers + 1):
-            pending = plan.exchange.start_pull_rows(h, halo, counter)
-            _product(plan.inner, h, out=h_next)
-            plan._add_outer(h_next, pending.wait())
-            acc += h_next
-            h, h_next = h_next, h
-        return acc.div_(num_layers + 1)
+        return plan.mean_forward(x[: plan.n_own], x[plan.n_own:], num_layers, counter, out=out)
 
     @staticmethod
     def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
-        plan, L = ctx.plan, ctx.num_layers
-        n = plan.n_own
-        g = grad.contiguous()  # the 1 / (L + 1) is applied once, to the result
-        t, spare = g, [plan._buffer("own", n, g), plan._buffer("own2", n, g)]
-        for i in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
-            halo = plan.exchange.push_buffer(g)  # shared memory: written where the owners read it
-            if halo is None:
-                halo = plan._buffer("halo", plan.n_halo, g)
-            _product(plan.outer_t, t, out=halo)
-            pending = plan.exchange.start_push_gradients(halo, ctx.counter)
-            u = _product(plan.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
-            u += g
-            t = pending.wait(u)
+        plan, n = ctx.plan, ctx.plan.n_own
         grad_x = ctx.grad_input.detach() if ctx.grad_input is not None else \
-            torch.empty((plan.n_input, g.shape[1]), dtype=g.dtype, device=g.device)
-        _product(plan.inner, t, out=grad_x[:n])
-        grad_x[:n] += g
-        _product(plan.outer_t, t, out=grad_x[n:])
-        return grad_x.div_(L + 1), None, None, None, None, None
+            torch.empty((plan.n_input, grad.shape[1]), dtype=grad.dtype, device=grad.device)
+        plan.mean_backward(grad.contiguous(), ctx.num_layers, ctx.counter, out=(grad_x[:n], grad_x[n:]))
+        return grad_x, None, None, None, None, None
 
 
 @dataclass(eq=False)
@@ -290,6 +264,51 @@ class HaloPlan:
             return x_input[: self.n_own]
         return _MeanPropagation.apply(x_input, self, num_layers, counter, out, grad_input)
 
+    def mean_forward(self, x_own: torch.Tensor, x_halo: torch.Tensor, num_layers: int,
+                     counter: WireCounter | None = None, *, out: torch.Tensor | None = None) -> torch.Tensor:
+        """``mean(H^0 .. H^L)`` of the own nodes from layer 0's own and halo rows, without autograd
+        (collective; ``num_layers >= 1``): the forward of :meth:`propagate_mean`. The result is
+        ``out`` if given (n_own, d), else a new table; the plan's kept buffers hold the layers."""
+        n = self.n_own
+        acc = out.detach().copy_(x_own) if out is not None else x_own.detach().clone()
+        h, h_next = self._buffer("own", n, x_own), self._buffer("own2", n, x_own)
+        halo = self._buffer("halo", self.n_halo, x_own)
+        self._apply(x_own.detach(), x_halo.detach(), out=h)
+        acc += h
+        for _ in range(2, num_layers + 1):
+            pending = self.exchange.start_pull_rows(h, halo, counter)
+            _product(self.inner, h, out=h_next)
+            self._add_outer(h_next, pending.wait())
+            acc += h_next
+            h, h_next = h_next, h
+        return acc.div_(num_layers + 1)
+
+    def mean_backward(self, grad: torch.Tensor, num_layers: int, counter: WireCounter | None = None, *,
+                      out: tuple[torch.Tensor, torch.Tensor] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """The gradient of :meth:`mean_forward`'s input, own rows and halo rows, from ``grad``
+        (n_own, d) of its result (collective; ``grad`` is read, not written). Into ``out``
+        if given, else into kept buffers of the plan (valid until its next propagation)."""
+        n, L = self.n_own, num_layers
+        g = grad.detach()
+        t, spare = g, [self._buffer("own", n, g), self._buffer("own2", n, g)]
+        for i in range(L - 1):  # t <- g + E^T A^T t  (E: own rows, then the halo's from their owners)
+            halo = self.exchange.push_buffer(g)  # shared memory: written where the owners read it
+            if halo is None:
+                halo = self._buffer("halo", self.n_halo, g)
+            _product(self.outer_t, t, out=halo)
+            pending = self.exchange.start_push_gradients(halo, counter)
+            u = _product(self.inner, t, out=spare[i % 2])  # inner is symmetric: its own transpose
+            u += g
+            t = pending.wait(u)
+        if out is None:  # the own buffer that t is not, and the halo's (both free now)
+            free = spare[1] if t.data_ptr() == spare[0].data_ptr() else spare[0]
+            out = (free, self._buffer("halo", self.n_halo, g))
+        g_own, g_halo = out
+        _product(self.inner, t, out=g_own)
+        g_own += g
+        _product(self.outer_t, t, out=g_halo)
+        return g_own.div_(L + 1), g_halo.div_(L + 1)
+
     def _buffer(self, name: str, rows: int, like: torch.Tensor) -> torch.Tensor:
         """A (rows, d) buffer kept for the next call (see :class:`_MeanPropagation`)."""
         buf = self._buffers[name] = reuse_or_allocate(self._buffers.get(name), rows, like)
@@ -307,9 +326,10 @@ class HaloPlan:
         its backward (both overwrite it): a step's scratch there costs no memory of its own."""
         return self._buffer("own2", self.n_own, like)
 
-    def reserve(self, dim: int, dtype: torch.dtype = torch.float32) -> None:
+    def reserve(self, dim: int, dtype: torch.dtype = torch.float32, *, input_table: bool = True) -> None:
         """Make and touch now every table that a training step keeps (the propagation's, the
-        step's, the exchange's rows served), instead of in the next step.
+        step's, the exchange's rows served), instead of in the next step; ``input_table=False``
+        leaves out the layer-0 table, which a step of plain fp rows does not use.
 
         Why: their first touch faults in every page, which would otherwise land in the first step
         (and in the first after each evaluation); and a machine short of memory fails here,
@@ -317,7 +337,9 @@ class HaloPlan:
         like = torch.empty((0, int(dim)), dtype=dtype)
         for name, rows in (("own", self.n_own), ("own2", self.n_own), ("halo", self.n_halo),
                            ("step_input", self.n_input), ("step_output", self.n_own)):
-            if name not in self._buffers:  # kept ones are touched already
+            if name == "step_input" and not input_table:
+                self._buffers.pop(name, None)
+            elif name not in self._buffers:  # kept ones are touched already
                 self._buffer(name, rows, like).zero_()
         self.exchange.reserve(like)
 

@@ -205,10 +205,10 @@ class MethodShard:
     def apply_row_gradients(self, rows: torch.Tensor | None, wire_grads: list[torch.Tensor],
                             clip: float | None) -> None:
         """Owner side: summed wire gradients of local ``rows`` (None: every owned row, in order)
-        -> parameter gradients -> clip -> Adam."""
+        -> parameter gradients -> clip (in place: the caller's sums are spent) -> Adam."""
         grads = self._param_grads(rows, wire_grads)
         if clip is not None:
-            grads = [g.clamp(-clip, clip) for g in grads]
+            grads = [g.clamp_(-clip, clip) for g in grads]
         self.optimizer.step(rows, grads)
 
     def zero_dense_grads(self) -> None:

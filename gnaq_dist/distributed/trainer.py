@@ -215,7 +215,7 @@ class DistributedTrainer:
         the ranks start the epoch together: no rank's first step counts a wait for another's
         setup."""
         if self.halo is not None and self.shard is not None and self.shard.method.linear_layers:
-            self.halo.reserve(self.shard.method.dim)
+            self.halo.reserve(self.shard.method.dim, input_table=not self._plain_rows())
         if self.shard is not None:
             self.shard.optimizer.reserve()  # Adam's moments (8 bytes a value)
             if self.shard.format == "packed":
@@ -308,16 +308,56 @@ class DistributedTrainer:
         the shard and the item count, not the batch. Every rank runs the whole forward and
         backward, even without a positive of its own: the exchanges inside them are collectives.
         """
-        cfg = self.config
-        shard, plan, part = self.shard, self.halo, self.partition
-        n_items = self.data.n_items
-        local_users = part.local_of(users)
+        local_users = self.partition.local_of(users)
         occurrences = self._occurrences(local_users, pos, neg)
+        if self._plain_rows():
+            bpr = self._step_plain_rows(local_users, pos, neg, global_batch, occurrences)
+        else:
+            bpr = self._step_method_rows(local_users, pos, neg, global_batch, occurrences)
+        self.global_step += 1
+        return bpr
+
+    def _plain_rows(self) -> bool:
+        """Whether layer 0 is the shard's fp32 rows themselves (the fp method): its step then
+        needs no autograd and no copy of the table (:meth:`_step_plain_rows`)."""
+        method = self.shard.method
+        return method.name == "fp" and method.linear_layers and self.config.model.num_layers > 0
+
+    def _step_plain_rows(self, local_users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                         global_batch: int, occurrences: torch.Tensor) -> float:
+        """The full step of fp rows, its gradient in closed form: the propagation reads the
+        weight in place, its backward (:meth:`.HaloPlan.mean_backward`) leaves the own rows'
+        gradient in a kept table, the L2 term's ``l2 * count * x / B`` is added there, the halo
+        rows' gradients come back from the other ranks into it, and Adam steps from it. The
+        tables a step holds: the weight, Adam's two moments and the plan's three own-row
+        buffers (the generic path adds the layer-0 copy, autograd's gradients and their sums)."""
+        cfg, shard, plan = self.config, self.shard, self.halo
+        weight = shard.method.weight.detach()
         server = shard.server()
-        # Own rows through the same serve/decode path as the halo's (the same rounding for every W).
+        halo_rows = server.decode(plan.exchange.pull_wire_rows(server, self.wire.train))
+        out_buf = plan.step_buffer("output", weight)
+        final_own = plan.mean_forward(weight, halo_rows, cfg.model.num_layers, self.wire.train, out=out_buf)
+        del halo_rows
+        bpr, _, grad_own = self._final_row_gradient(final_own, out_buf, local_users, pos, neg, global_batch)
+        g_own, g_halo = plan.mean_backward(grad_own, cfg.model.num_layers, self.wire.train)
+        coef = occurrences.to(torch.float32).mul_(cfg.optim.l2 / global_batch)
+        g_own.addcmul_(weight, coef.unsqueeze(1))
+        (comp,), (ef,) = self.compressors, self.feedback
+        g_own = plan.exchange.push_gradients(g_halo, plan.n_own, comp, ef, counter=self.wire.train, out=g_own,
+                                             accumulate=True)
+        shard.apply_row_gradients(None, [g_own], cfg.optim.grad_clip)
+        return bpr
+
+    def _step_method_rows(self, local_users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor,
+                          global_batch: int, occurrences: torch.Tensor) -> float:
+        """The full step of any method: layer 0 from the method's wire rows (own and halo, the
+        same rounding for every W), autograd from the final rows back to the row parameters."""
+        cfg = self.config
+        shard, plan = self.shard, self.halo
+        server = shard.server()
         own_rows = server.serve(torch.arange(plan.n_own, dtype=torch.int64))
         payload = torch.cat([own_rows, plan.exchange.pull_wire_rows(server, self.wire.train)])
-        del own_rows  # (n_own, row bytes) no longer needed: at full size 0.8 GB of an fp step
+        del own_rows  # (n_own, row bytes) no longer needed
         # With plain layers, tables kept from step to step (fresh ones cost their page faults
         # every step): the layer-0 rows, then their gradient; the final rows; their gradient.
         x_buf = out_buf = None
@@ -334,19 +374,7 @@ class DistributedTrainer:
         final_own = final_own_rows(plan, shard.method, x_input, cfg.model.num_layers, self.wire.train, out=out_buf,
                                    grad_input=x_buf)
         del x_input
-        items = self._item_exchange().pull_rows(final_own.detach(), self.wire.train)  # (n_items, d): item i's row
-        if out_buf is not None:  # the final rows move to a table idle until the backward; theirs
-            own = plan.idle_own_buffer(out_buf).copy_(out_buf)  # becomes their gradient's
-            grad_own = out_buf.zero_()
-        else:
-            own, grad_own = final_own.detach(), torch.zeros_like(final_own)
-        grad_items = torch.zeros((n_items, own.shape[1]), dtype=own.dtype)
-        bpr = bpr_into(own, items, local_users, pos, neg, global_batch * neg.shape[1], grad_own, grad_items,
-                       cfg.schedule.loss_chunk)
-        del items
-        self._item_exchange().push_gradients(grad_items, plan.n_own, counter=self.wire.train, kind="activations",
-                                             out=grad_own, accumulate=True)
-        del grad_items
+        bpr, own, grad_own = self._final_row_gradient(final_own, out_buf, local_users, pos, neg, global_batch)
         refine = self._refine_now()
         if refine:  # the rows refinement reads, taken before the backward overwrites the buffers
             own_local = occurrences.nonzero().reshape(-1)  # own rows in the global batch (local rows, ascending)
@@ -358,8 +386,29 @@ class DistributedTrainer:
         self._apply_gradients(view, plan=plan)
         if refine:
             self._refine(own_batch, refine_rows)
-        self.global_step += 1
-        return float(bpr)
+        return bpr
+
+    def _final_row_gradient(self, final_own: torch.Tensor, out_buf: torch.Tensor | None, local_users: torch.Tensor,
+                            pos: torch.Tensor, neg: torch.Tensor,
+                            global_batch: int) -> tuple[float, torch.Tensor, torch.Tensor]:
+        """BPR of this rank's positives on the final rows: ``(loss, own final rows, their
+        gradient)``, the items' gradients already summed in from every rank. With ``out_buf``
+        (the final rows' kept table), the rows move to a plan table idle until the backward and
+        ``out_buf`` becomes their gradient."""
+        plan = self.halo
+        items = self._item_exchange().pull_rows(final_own.detach(), self.wire.train)  # (n_items, d): item i's row
+        if out_buf is not None:
+            own = plan.idle_own_buffer(out_buf).copy_(out_buf)
+            grad_own = out_buf.zero_()
+        else:
+            own, grad_own = final_own.detach(), torch.zeros_like(final_own)
+        grad_items = torch.zeros((self.data.n_items, own.shape[1]), dtype=own.dtype)
+        bpr = bpr_into(own, items, local_users, pos, neg, global_batch * neg.shape[1], grad_own, grad_items,
+                       self.config.schedule.loss_chunk)
+        del items
+        self._item_exchange().push_gradients(grad_items, plan.n_own, counter=self.wire.train, kind="activations",
+                                             out=grad_own, accumulate=True)
+        return float(bpr), own, grad_own
 
     def _item_exchange(self) -> FixedExchange:
         """Every item's final row from its owner, and its gradient back: one plan for the run

@@ -45,7 +45,10 @@ class NegativeSampler:
         deg = np.diff(self.indptr)
         rows = np.repeat(np.arange(deg.shape[0], dtype=np.int64), deg)
         rank_in_row = np.arange(indices.shape[0], dtype=np.int64) - self.indptr[rows]
-        self._gaps = np.asarray(indices, dtype=np.int64) - rank_in_row  # a_k, ascending within each row
+        gaps = np.asarray(indices, dtype=np.int64) - rank_in_row  # a_k, ascending within each row
+        del rows, rank_in_row
+        # a_k <= n_items: 4 bytes an edge where item ids fit (the rank's own edges, kept all run)
+        self._gaps = gaps.astype(np.int32) if self.n_items < 2**31 else gaps
         self._room = self.n_items - deg  # number of non-train items per user
         self._adjusted: np.ndarray | None = None  # the one sorted array of the search without numba
 

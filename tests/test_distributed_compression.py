@@ -186,3 +186,38 @@ def test_bytes_view_reads_any_column_slice_of_a_received_buffer():
         rows = buf[:n]
         assert bytes_view(rows[:, :4], torch.int32).reshape(-1).tolist() == ids[:n].tolist()
         assert bytes_view(rows[:, 5:], torch.float16).reshape(-1).tolist() == scales[:n].tolist()
+
+
+@pytest.mark.parametrize("stochastic", [False, True])
+def test_error_feedback_in_place_pieces_send_and_keep_what_the_whole_message_does(stochastic, monkeypatch):
+    """The in-place path (a halo's fixed rows, a piece at a time) against the plain one on the
+    same gradients: the same wire bytes every step and the same residuals, from the first
+    step (no row tracked yet) on, and with ids that are not in slot order (plain path)."""
+    from gnaq_dist.distributed import compression
+
+    monkeypatch.setattr(compression, "FEEDBACK_CHUNK", 7)  # several pieces and a short last one
+    torch.manual_seed(0)
+    T, n, k = 6, 40, 16
+    ids = torch.randperm(500)[:n]  # unsorted, as a halo grouped by owner may be
+    grads = torch.randn(T, n, k)
+    fast, plain = ErrorFeedback(500, k), ErrorFeedback(500, k)
+    comp_fast, comp_plain = (RowCompressor(bits=2, stochastic=stochastic, seed=3) for _ in range(2))
+    for g in grads:
+        scratch = g.clone()
+        wire = compression.encode_with_feedback(comp_fast, fast, ids, scratch, scratch=True)
+        p = plain.compensate(ids, g)
+        want, carried = comp_plain.encode(p)
+        plain.update(ids, p, carried)
+        assert torch.equal(wire, want)
+        assert torch.allclose(fast.get(ids), plain.get(ids), atol=1e-6)
+    assert fast.rows(ids) is not None and fast.num_tracked == n
+    # Rows out of slot order: the plain path, same result, g untouched without scratch.
+    other = ids.flip(0)
+    g = torch.randn(n, k)
+    kept = g.clone()
+    wire = compression.encode_with_feedback(comp_fast, fast, other, g)
+    p = plain.compensate(other, kept)
+    want, carried = comp_plain.encode(p)
+    plain.update(other, p, carried)
+    assert torch.equal(g, kept) and torch.equal(wire, want)
+    assert torch.allclose(fast.get(other), plain.get(other), atol=1e-6)

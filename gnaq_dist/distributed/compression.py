@@ -243,14 +243,40 @@ class ErrorFeedback:
         new = torch.unique(ids[self.slot[ids] < 0])  # a repeated new id gets one slot
         if new.numel():
             need = self.num_tracked + new.numel()
-            if need > self.residual.shape[0]:
-                cap = max(need, 2 * self.residual.shape[0], 16)
-                grown = torch.zeros((cap, self.dim), dtype=torch.float32, device=self.device)
-                grown[: self.num_tracked] = self.residual[: self.num_tracked]
-                self.residual = grown
+            self._grow(need)
             self.slot[new] = torch.arange(self.num_tracked, need, dtype=torch.int32, device=self.device)
             self.num_tracked = need
         self.residual[self.slot[ids].to(torch.int64)] = values.to(device=self.device, dtype=torch.float32)
+
+    def rows(self, ids: torch.Tensor) -> torch.Tensor | None:
+        """``e[ids]`` as a writable (n, dim) view of the residual table, or None where the rows are
+        not held there in ``ids``' order. Rows never sent get consecutive slots first (zeros),
+        so a message that sends the same rows every step (a halo) gets its view from then on."""
+        ids = self._check(ids)
+        n = int(ids.shape[0])
+        if n == 0:
+            return None
+        slots = self.slot[ids]
+        if bool((slots < 0).all()):
+            if torch.unique(ids).numel() != n:
+                return None
+            self._grow(self.num_tracked + n)
+            self.slot[ids] = torch.arange(self.num_tracked, self.num_tracked + n, dtype=torch.int32,
+                                          device=self.device)
+            self.residual[self.num_tracked: self.num_tracked + n].zero_()
+            self.num_tracked += n
+            slots = self.slot[ids]
+        first = int(slots[0])
+        if first < 0 or not torch.equal(slots, torch.arange(first, first + n, dtype=slots.dtype, device=self.device)):
+            return None
+        return self.residual[first: first + n]
+
+    def _grow(self, need: int) -> None:
+        if need > self.residual.shape[0]:
+            cap = max(need, 2 * self.residual.shape[0], 16)
+            grown = torch.zeros((cap, self.dim), dtype=torch.float32, device=self.device)
+            grown[: self.num_tracked] = self.residual[: self.num_tracked]
+            self.residual = grown
 
     def update(self, ids: torch.Tensor, sent_input: torch.Tensor, received: torch.Tensor) -> None:
         """``e[ids] = p - C(p)``: what the compressed message failed to carry."""
@@ -280,15 +306,35 @@ class ErrorFeedback:
         return int(self.slot.numel() * 4 + self.residual.numel() * 4)
 
 
+#: Rows compressed at a time where error feedback works in place: the compressor's float
+#: transients follow this piece, not the message (a halo of millions of rows).
+FEEDBACK_CHUNK = 1 << 16
+
+
 def encode_with_feedback(comp: RowCompressor, error_feedback: ErrorFeedback | None, ids: torch.Tensor,
-                         g: torch.Tensor) -> torch.Tensor:
-    """Wire rows of gradient rows ``g`` (global ``ids``), with error feedback when compressing."""
-    if error_feedback is not None and comp.bits is not None:
+                         g: torch.Tensor, *, scratch: bool = False) -> torch.Tensor:
+    """Wire rows of gradient rows ``g`` (global ``ids``), with error feedback when compressing.
+
+    Where the residuals of ``ids`` lie in order in the feedback's table (a message that sends
+    the same rows every step), ``p = g + e``, its encoding and ``e = p - C(p)`` run a piece of
+    rows at a time, in place; ``scratch``: ``g`` (float32) is the caller's to overwrite."""
+    if error_feedback is None or comp.bits is None:
+        return comp.encode(g)[0]
+    residual = error_feedback.rows(ids) if g.dtype == torch.float32 and g.device == error_feedback.device else None
+    if residual is None:
         p = error_feedback.compensate(ids, g).cpu()
         wire, carried = comp.encode(p)
         error_feedback.update(ids, p, carried)
         return wire
-    return comp.encode(g)[0]
+    n, k = g.shape
+    wire = torch.empty((n, comp.row_bytes(k)), dtype=torch.uint8)
+    for a in range(0, n, FEEDBACK_CHUNK):
+        b = min(a + FEEDBACK_CHUNK, n)
+        p = g[a:b] if scratch else g[a:b].clone()
+        p += residual[a:b]
+        wire[a:b], carried = comp.encode(p)
+        torch.sub(p, carried, out=residual[a:b])
+    return wire
 
 
 __all__ = ["COMPRESSION_BITS", "CompressedRows", "ErrorFeedback", "RowCompressor", "encode_with_feedback"]

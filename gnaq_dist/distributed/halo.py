@@ -314,6 +314,11 @@ class HaloPlan:
         buf = self._buffers[name] = reuse_or_allocate(self._buffers.get(name), rows, like)
         return buf
 
+    def halo_buffer(self, like: torch.Tensor) -> torch.Tensor:
+        """The (n_halo, d) table of the halo's rows that :meth:`mean_forward` pulls each layer
+        into; free before it starts, so layer 0's halo rows may arrive there."""
+        return self._buffer("halo", self.n_halo, like)
+
     def step_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The training step's kept tables, reused every step (no page faults for fresh ones):
         ``"input"`` (n_input, d) holds the layer-0 rows, then their gradient; ``"output"``

@@ -112,16 +112,18 @@ class FixedExchange:
     def push_gradients(self, grad: torch.Tensor, n_own: int, compressor: RowCompressor | None = None,
                        error_feedback: ErrorFeedback | None = None, counter: WireCounter | None = None,
                        kind: str = "gradients_sent", out: torch.Tensor | None = None,
-                       accumulate: bool = False) -> torch.Tensor:
+                       accumulate: bool = False, scratch: bool = False) -> torch.Tensor:
         """Gradients of the needed rows to their owners, compressed as :func:`.row_exchange.push_row_gradients`
         compresses them (None: fp32; error feedback on the needed ids); returns each owner's
         (n_own, k) float32 sum of what came back (collective), in ``out`` if given (added to
-        what ``out`` holds with ``accumulate``)."""
+        what ``out`` holds with ``accumulate``). ``scratch``: ``grad`` may be overwritten."""
         k = int(grad.shape[1])
         comp = compressor if compressor is not None else RowCompressor(bits=None)
         if error_feedback is not None and error_feedback.dim != k:
             raise GnaqInputError(f"error feedback holds rows of {error_feedback.dim} values, gradients have {k}")
-        wire = encode_with_feedback(comp, error_feedback, self.needed, grad.detach().cpu().to(torch.float32))
+        g = grad.detach().cpu()
+        wire = encode_with_feedback(comp, error_feedback, self.needed, g.to(torch.float32),
+                                    scratch=scratch or g.dtype != torch.float32)
         rb = comp.row_bytes(k)
         remote = self._remote(self.recv_counts)
         count_bytes(counter, kind, remote * rb, remote * 4 * k)

@@ -333,8 +333,10 @@ class DistributedTrainer:
         buffers (the generic path adds the layer-0 copy, autograd's gradients and their sums)."""
         cfg, shard, plan = self.config, self.shard, self.halo
         weight = shard.method.weight.detach()
-        server = shard.server()
-        halo_rows = server.decode(plan.exchange.pull_wire_rows(server, self.wire.train))
+        # The halo's layer-0 rows (fp32: their wire form) straight into the plan's halo table,
+        # which the forward reads once before its layers reuse it.
+        halo_rows = plan.exchange.start_pull_rows(weight, plan.halo_buffer(weight), self.wire.train,
+                                                  kind="rows_fetched").wait()
         out_buf = plan.step_buffer("output", weight)
         final_own = plan.mean_forward(weight, halo_rows, cfg.model.num_layers, self.wire.train, out=out_buf)
         del halo_rows
@@ -344,7 +346,7 @@ class DistributedTrainer:
         g_own.addcmul_(weight, coef.unsqueeze(1))
         (comp,), (ef,) = self.compressors, self.feedback
         g_own = plan.exchange.push_gradients(g_halo, plan.n_own, comp, ef, counter=self.wire.train, out=g_own,
-                                             accumulate=True)
+                                             accumulate=True, scratch=True)
         shard.apply_row_gradients(None, [g_own], cfg.optim.grad_clip)
         return bpr
 
@@ -440,9 +442,11 @@ class DistributedTrainer:
         local_rows = None  # with a plan: every own row, in order
         summed = []
         for g, comp, ef in zip(shard.leaf_grads(view), self.compressors, self.feedback):
-            if plan is not None:
+            if plan is not None:  # the halo's rows go to their owners; the own rows' sums land in g[:n]
                 n = plan.n_own
-                g_i = g[:n].detach().float() + plan.exchange.push_gradients(g[n:], n, comp, ef, counter=self.wire.train)
+                own_g = g[:n].detach().float()
+                g_i = plan.exchange.push_gradients(g[n:], n, comp, ef, counter=self.wire.train, out=own_g,
+                                                   accumulate=True, scratch=True)
             else:
                 rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, comp, ef, counter=self.wire.train)
                 if local_rows is not None and not torch.equal(local_rows, rows_i):

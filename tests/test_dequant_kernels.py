@@ -60,6 +60,19 @@ def test_level_gradients_equal_scatter_add(bits, width, groups):
     torch.testing.assert_close(torch_path, leaf.grad, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("bits,width,groups", CASES)
+def test_code_counts_count_each_rows_codes_and_give_its_squared_norm(bits, width, groups, monkeypatch):
+    monkeypatch.setattr(K, "BLOCK_BYTES", 4 * width * 5)  # blocks of 5 rows: several and a short last one
+    dim = width // groups
+    codes, packed, levels = _rows(37, width, bits, groups, shared=False, seed=2)
+    counts = K.code_counts(packed, bits, width, dim)
+    index = codes.long() + (torch.arange(width) // dim << bits)
+    want = torch.zeros(37, groups << bits).scatter_add_(1, index, torch.ones(37, width))
+    assert torch.equal(counts, want)
+    x = _reference(codes, levels, bits, dim)
+    torch.testing.assert_close((counts * levels.pow(2)).sum(1), x.pow(2).sum(1))
+
+
 def test_torch_path_in_blocks_and_without_numba(monkeypatch):
     """Without numba the torch path serves (an int64 index per block of rows); blocks that end
     unevenly give the same values."""

@@ -36,7 +36,7 @@ from gnaq_dist.distributed.sparse_adam import RowSparseAdam
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
-from gnaq_dist.quant.dequant_kernels import dequantize_rows, level_gradients
+from gnaq_dist.quant.dequant_kernels import code_counts, dequantize_rows, level_gradients
 
 
 class _EmbedCall(torch.nn.Module):
@@ -168,14 +168,15 @@ class MethodShard:
     def row_l2(view: RowView, weights: torch.Tensor) -> torch.Tensor:
         """``sum_i weights_i ||x_i||^2`` over the view's first ``len(weights)`` rows, differentiable.
 
-        Only rows of non-zero weight are read (the batch's nodes: a few percent of a shard's
-        rows). Packed rows are dequantized again from their levels and packed codes, so the
-        view's (n, d) table need not be kept for the backward."""
+        Only rows of non-zero weight are read (the batch's nodes). Packed rows need no (n, d)
+        table: a row's squared norm is ``sum_k count_k * level_k^2`` over its codes' counts
+        (:func:`~gnaq_dist.quant.dequant_kernels.code_counts`), differentiable in the levels."""
         rows = torch.nonzero(weights).squeeze(1)
         w = weights[rows]
         if view.packed is not None:
-            leaf = view.leaves[0]
-            x = _DequantizePacked.apply(leaf[rows], view.packed[rows], view.bits, view.width)
+            leaf = view.leaves[0][rows]
+            counts = code_counts(view.packed[rows], view.bits, view.width)
+            return (w * (counts * leaf.to(torch.float32).pow(2)).sum(1)).sum()
         else:
             x = view.embeddings[rows]
         return (w * x.pow(2).sum(1)).sum()

@@ -191,6 +191,23 @@ def level_gradients(packed: torch.Tensor, grad: torch.Tensor, bits: int, dim: in
     return out
 
 
+def code_counts(packed: torch.Tensor, bits: int, width: int, dim: int | None = None) -> torch.Tensor:
+    """How many of each row's values use each of its levels, float32 (n, width // dim * 2^b):
+    :func:`level_gradients` of a gradient of ones, a block of rows at a time (the ones table
+    follows the block). Why: ``sum_j x_j^2 = sum_k count_k * level_k^2``, so an L2 term on
+    dequantized rows needs the counts and the levels, not the (n, width) table."""
+    dim = width if dim is None else int(dim)
+    _check(packed, bits, width, dim)
+    n, k = int(packed.shape[0]), (width // dim) << bits
+    out = torch.empty((n, k), dtype=torch.float32)
+    step = max(1, BLOCK_BYTES // (4 * max(1, width)))
+    ones = torch.ones((min(step, n), width), dtype=torch.float32)
+    for a in range(0, n, step):
+        b = min(a + step, n)
+        level_gradients(packed[a:b], ones[: b - a], bits, dim, out=out[a:b])
+    return out
+
+
 # -- the torch path (no numba, other devices; the tests' reference) -------------------------
 def _code_blocks(packed: torch.Tensor, bits: int, width: int, dim: int):
     """``(rows, int64 level index of those rows)`` a block of rows at a time (8 MiB indices)."""

@@ -318,6 +318,9 @@ def encode_with_feedback(comp: RowCompressor, error_feedback: ErrorFeedback | No
     Where the residuals of ``ids`` lie in order in the feedback's table (a message that sends
     the same rows every step), ``p = g + e``, its encoding and ``e = p - C(p)`` run a piece of
     rows at a time, in place; ``scratch``: ``g`` (float32) is the caller's to overwrite."""
+    if comp.bits is None and g.dtype == torch.float32:  # fp32 on the wire: the rows' own bytes, no copy
+        g = g.contiguous()
+        return g.view(torch.uint8).reshape(g.shape[0], comp.row_bytes(int(g.shape[1])))
     if error_feedback is None or comp.bits is None:
         return comp.encode(g)[0]
     residual = error_feedback.rows(ids) if g.dtype == torch.float32 and g.device == error_feedback.device else None

@@ -1,19 +1,20 @@
 """Keep freed memory in the process for reuse (glibc malloc), instead of one mmap per tensor.
 
 Why: glibc serves every allocation above its mmap threshold (at most 32 MiB) with a fresh
-``mmap`` and returns it with ``munmap`` when freed. A training step allocates and frees
-dozens of activation-sized tensors (a 600k x 64 fp32 layer is 146 MiB), so each one
-starts as zero pages that the kernel faults in one by one. At 1/10 of the scale benchmark
-that was about a quarter of a step (docs/scale.md). With ``M_MMAP_MAX = 0`` large blocks come
-from the heap and, with a high ``M_TRIM_THRESHOLD``, freed blocks stay there for the next
-step. The cost: resident memory no longer falls after a peak, and the heap fragments (a
-long-lived block above freed ones pins them), so the peak grows: measured at 1/10 when
-steps made fresh tables, +72 % at W = 1 and +50 % at W = 2. It is applied at the first
-training step, so that setup's transients do not fragment the heap. The distributed loop
-keeps its step's tables (``HaloPlan.step_buffer``), so there the peak no longer grows
-(+0-5 % at full) and it is on by default (``retain_freed_memory: null``); the one-process
-loop's autograd tensors still fragment it, so there it is opt-in. A Ray Train worker also
-needs ``THREAD_ALLOCATION_ENV`` (below), or its loop's thread does not use this heap.
+``mmap`` and returns it with ``munmap`` when freed, so each activation-sized tensor starts
+as zero pages that the kernel faults in one by one: costly where a step is short and makes
+many of them. With ``M_MMAP_MAX = 0`` large blocks come from the heap and, with a high
+``M_TRIM_THRESHOLD``, freed blocks stay there for the next step. The cost: resident memory
+no longer falls after a peak, and the heap fragments (a long-lived block above freed ones
+pins them; a block of a new size cannot reuse smaller holes), so the peak can grow step
+after step. It is applied at the first training step, so that setup's transients do not
+fragment the heap. The distributed loop keeps its step's tables (``HaloPlan.step_buffer``),
+so with small batches the heap settles and ``retain_freed_memory: null`` turns it on there;
+steps of millions of positives (the default schedule at scale) make transients of many
+sizes, and there the heap grows by about a GB a step at full scale, so null leaves it off
+(docs/notes/2026-12-07-epoch-cost.md). The one-process loop's autograd tensors fragment
+it, so there it is opt-in. A Ray Train worker also needs ``THREAD_ALLOCATION_ENV``
+(below), or its loop's thread does not use this heap.
 """
 
 from __future__ import annotations

@@ -68,6 +68,9 @@ log = logging.getLogger(__name__)
 
 Report = Callable[[dict], None]
 
+#: The largest global batch for which ``retain_freed_memory: null`` keeps freed memory.
+RETAIN_MAX_BATCH = 1 << 16
+
 
 class DistributedTrainer:
     """One rank's state: the graph (replicated, or its rows when split by owner), the partition, its
@@ -251,12 +254,22 @@ class DistributedTrainer:
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_size: int) -> float:
         """One data-parallel step on this rank's positives (an :class:`~gnaq_dist.sampling.OwnedBatch`)
         of a global batch of ``global_size``; returns this rank's share of the global BPR loss."""
-        if self.config.retain_freed_memory is not False:  # null: on here (config.py); from the first step on
+        if self._retain_freed_memory():  # from the first step on
             retain_freed_memory()
         self.positives += int(global_size)
         if self.halo is not None:
             return self._step_full(users, pos, neg, global_size)
         return self._step_sampled(users, pos, neg, global_size)
+
+    def _retain_freed_memory(self) -> bool:
+        """``retain_freed_memory``, where null means: on for batches of at most
+        :data:`RETAIN_MAX_BATCH` positives, whose many short steps would each fault in fresh
+        tables, off for larger ones, whose few long steps make transients of many sizes
+        (batch shares, item tables) that a heap keeping freed blocks cannot reuse: it grows."""
+        setting = self.config.retain_freed_memory
+        if setting is None:
+            return self.schedule.batch_size <= RETAIN_MAX_BATCH
+        return bool(setting)
 
     def _backward(self, final_rows: torch.Tensor, rows: BatchRows, global_batch: int, reg: torch.Tensor) -> float:
         """BPR of this rank's positives (``rows`` index ``final_rows``), normalised by the *global*

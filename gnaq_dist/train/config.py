@@ -149,7 +149,7 @@ class TrainConfig:
     out: str = "runs/latest"  # run directory: metrics.jsonl, summary.json, plots
     seed: int = 0  # seeds Python, numpy, torch and DGL: same seed and data = same run
     threads: int | None = None  # torch intra-op threads (null: torch's default)
-    retain_freed_memory: bool | None = None  # glibc: from the first step on, large tensors come from the heap and freed ones are reused (no page faults per tensor). null: on in the distributed loop (Ray or gloo workers), whose steps keep their tables (full size on Ray, W=2: 26.0 -> 22.0-24.4 s a step after the first, peak RSS +0-5 %); off in the one-process loop, whose autograd tensors fragment the heap (+50-72 % peak at 1/10). docs/scale.md
+    retain_freed_memory: bool | None = None  # glibc: from the first step on, freed large tensors stay in the heap for reuse (no page faults per tensor, but a peak that never falls). null: on in the distributed loop for batches of at most 65,536 positives, off otherwise and in the one-process loop (gnaq_dist/allocator.py)
     progress: bool = True  # show a progress bar with loss and ETA on stderr
     model: ModelConfig = field(default_factory=ModelConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)

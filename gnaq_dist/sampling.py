@@ -119,6 +119,88 @@ def _rank_kernel():
     return compile_with_numba(build, "the negative sampler's search")
 
 
+@functools.lru_cache(maxsize=None)
+def _owned_slice_kernels():
+    """numba's :meth:`OwnedBPRBatches._slice`: ``permute`` (the keyed permutation of
+    consecutive positions: Feistel rounds of splitmix64, cycle walking) and ``walk`` (over
+    edges in ascending order: the user, the rank's filter, the item and the keyed negatives),
+    bit for bit the numpy path's draws; or None."""
+    def build(numba, cache):
+        u64 = np.uint64
+        golden, m1, m2 = u64(0x9E3779B97F4A7C15), u64(0xBF58476D1CE4E5B9), u64(0x94D049BB133111EB)
+        s30, s27, s31, s11 = u64(30), u64(27), u64(31), u64(11)
+
+        @numba.njit(inline="always")
+        def mix(x):  # pragma: no cover - compiled; keyed.splitmix64 of one value
+            z = x + golden
+            z = (z ^ (z >> s30)) * m1
+            z = (z ^ (z >> s27)) * m2
+            return z ^ (z >> s31)
+
+        @numba.njit(nogil=True, boundscheck=False, cache=cache)
+        def permute(start, n, half, mask, keys, out):  # pragma: no cover - compiled
+            for i in range(out.shape[0]):
+                x = u64(start + i)
+                while True:  # Feistel rounds, walked until the value lands in [0, n)
+                    left, right = x >> half, x & mask
+                    for k in keys:
+                        left, right = right, left ^ (mix(right ^ k) & mask)
+                    x = (left << half) | right
+                    if x < n:
+                        break
+                out[i] = np.int64(x)
+
+        @numba.njit(nogil=True, boundscheck=False, cache=cache)
+        def walk(edges, positions, all_indptr, own_users, own_indptr, own_indices, room, gaps, num, neg_key,
+                 n_items, out_users, out_items, out_neg):  # pragma: no cover - compiled
+            count = 0
+            scale = 1.0 / 9007199254740992.0  # 2^-53
+            m = edges.shape[0]
+            if m == 0:
+                return 0
+            lo, hi = 0, all_indptr.shape[0]
+            while lo < hi:  # the first edge's user: searchsorted(all_indptr, e, side="right") - 1
+                mid = (lo + hi) >> 1
+                if all_indptr[mid] <= edges[0]:
+                    lo = mid + 1
+                else:
+                    hi = mid
+            u = lo - 1
+            for i in range(m):
+                e = edges[i]
+                while all_indptr[u + 1] <= e:  # edges ascend: the user only moves forwards
+                    u += 1
+                if not own_users[u]:
+                    continue
+                out_users[count] = u
+                out_items[count] = own_indices[own_indptr[u] + e - all_indptr[u]]
+                r = room[u]
+                row_start, row_end = own_indptr[u], own_indptr[u + 1]
+                p = positions[i]
+                for c in range(num):
+                    h = mix(u64(p * num + c) ^ neg_key)
+                    f = np.float64(h >> s11) * scale
+                    if r <= 0:  # no non-train item: a uniform one
+                        out_neg[count, c] = min(np.int64(f * n_items), max(n_items - 1, 0))
+                        continue
+                    t = min(np.int64(f * r), r - 1)
+                    a, b = row_start, row_end
+                    while a < b:  # how many of the row's a_k are <= t
+                        mid = (a + b) >> 1
+                        if gaps[mid] <= t:
+                            a = mid + 1
+                        else:
+                            b = mid
+                    out_neg[count, c] = t + a - row_start
+                count += 1
+            return count
+        return permute, walk
+
+    from gnaq_dist.quant.dequant_kernels import compile_with_numba
+
+    return compile_with_numba(build, "the owned batches' draw")
+
+
 class BPRBatches:
     """One epoch of shuffled ``(user, pos, neg)`` batches over the deduplicated train edges.
 
@@ -237,9 +319,32 @@ class OwnedBPRBatches:
             yield OwnedBatch(torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(neg), end - start)
 
     def _slice(self, order: KeyedPermutation, neg_key, start: int, end: int):
-        """This rank's positives among global positions ``[start, end)``: users, items, negatives."""
+        """This rank's positives among global positions ``[start, end)``: users, items, negatives,
+        in train-edge order (user-major) within the slice.
+
+        Why that order: the lookups (the user's row, its items, its negatives' search) and the
+        step's reads of the users' rows then walk memory forwards instead of at random; which
+        positives a batch holds, and each one's negatives, do not depend on it. numba does the
+        walk in one pass (:func:`_owned_slice_kernels`); numpy in whole-slice passes, the same draws."""
         positions = np.arange(start, end, dtype=np.int64)
-        edges = order(positions)
+        kernels = _owned_slice_kernels()
+        if kernels is not None:
+            permute, walk = kernels
+            edges = np.empty_like(positions)
+            permute(start, np.uint64(order.n), order._half, order._mask, order._keys, edges)
+        else:
+            edges = order(positions)
+        by_edge = np.argsort(edges)
+        edges, positions = edges[by_edge], positions[by_edge]
+        del by_edge
+        if kernels is not None:
+            n = positions.shape[0]
+            users, items = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
+            neg = np.empty((n, self.num_negatives), dtype=np.int64)
+            got = walk(edges, positions, self.all_indptr, self.own_users, self.own_indptr, self.own_indices,
+                       self.negatives._room, self.negatives._gaps, self.num_negatives, np.uint64(neg_key),
+                       self.negatives.n_items, users, items, neg)
+            return users[:got].copy(), items[:got].copy(), neg[:got].copy()
         users = np.searchsorted(self.all_indptr, edges, side="right") - 1
         mine = self.own_users[users]
         users, edges, positions = users[mine], edges[mine], positions[mine]

@@ -195,7 +195,7 @@ def test_error_feedback_in_place_pieces_send_and_keep_what_the_whole_message_doe
     step (no row tracked yet) on, and with ids that are not in slot order (plain path)."""
     from gnaq_dist.distributed import compression
 
-    monkeypatch.setattr(compression, "FEEDBACK_CHUNK", 7)  # several pieces and a short last one
+    monkeypatch.setattr(compression, "PIECE_ROWS", 7)  # several pieces and a short last one
     torch.manual_seed(0)
     T, n, k = 6, 40, 16
     ids = torch.randperm(500)[:n]  # unsorted, as a halo grouped by owner may be

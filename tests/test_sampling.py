@@ -241,7 +241,8 @@ def test_numba_row_search_draws_the_same_negatives_as_one_searchsorted(monkeypat
 
 
 def test_owned_batches_made_in_slices_are_the_same_batches(monkeypatch) -> None:
-    """A batch is drawn a slice of positions at a time: the slice size changes nothing."""
+    """A batch is drawn a slice of positions at a time, each slice in train-edge order: the
+    slice size changes that order, not the batch's positives or their negatives."""
     g = random_graph()
     owner = np.random.default_rng(3).integers(0, 2, g.n_users)
     whole = _owned_epoch(g, owner, 1, restrict=True)
@@ -249,6 +250,37 @@ def test_owned_batches_made_in_slices_are_the_same_batches(monkeypatch) -> None:
     sliced = _owned_epoch(g, owner, 1, restrict=True)
     assert len(sliced) == len(whole)
     for a, b in zip(whole, sliced):
+        assert a.global_size == b.global_size
+        assert _triples(a) == _triples(b)
+        # whole: one slice, so the batch ascends by (user, item); sliced: runs of 5 positions
+        assert a.users.tolist() == sorted(a.users.tolist()) and len(_triples(a)) > 5
+
+
+def test_owned_batches_numba_draw_is_the_numpy_draw(monkeypatch) -> None:
+    """The fused kernel against the numpy passes: the same users, items and negatives, with a
+    user who has every item (room 0: uniform negatives) and several slices a batch."""
+    import gnaq_dist.sampling as sampling
+
+    rng = np.random.default_rng(5)
+    n_users, n_items = 50, 30
+    pairs = np.unique(rng.integers(0, n_users, 400) * n_items + rng.integers(0, n_items, 400))
+    pairs = np.union1d(pairs, 7 * n_items + np.arange(n_items))  # user 7 has every item
+    csr = TrainCSR.from_pairs(n_users, n_items, pairs // n_items, pairs % n_items)
+    own = rng.integers(0, 2, n_users) == 0
+    own[7] = True
+    monkeypatch.setattr(OwnedBPRBatches, "SLICE", 37)
+
+    def epoch():
+        b = OwnedBPRBatches(csr.indptr, csr.rows_of(own), own, 64, num_negatives=3, seed=11)
+        b.set_epoch(2)
+        return list(b)
+
+    assert sampling._owned_slice_kernels() is not None
+    fused = epoch()
+    monkeypatch.setattr(sampling, "_owned_slice_kernels", lambda: None)
+    plain = epoch()
+    assert len(fused) == len(plain) and any(7 in b.users.tolist() for b in fused)
+    for a, b in zip(fused, plain):
         assert a.global_size == b.global_size
         for x, y in zip(a[:3], b[:3]):
             assert torch.equal(x, y)

@@ -306,9 +306,9 @@ class ErrorFeedback:
         return int(self.slot.numel() * 4 + self.residual.numel() * 4)
 
 
-#: Rows compressed at a time where error feedback works in place: the compressor's float
-#: transients follow this piece, not the message (a halo of millions of rows).
-FEEDBACK_CHUNK = 1 << 16
+#: Rows compressed (error feedback in place) or decoded at a time: the float transients
+#: follow this piece, not the message (a halo of millions of rows).
+PIECE_ROWS = 1 << 16
 
 
 def encode_with_feedback(comp: RowCompressor, error_feedback: ErrorFeedback | None, ids: torch.Tensor,
@@ -331,8 +331,8 @@ def encode_with_feedback(comp: RowCompressor, error_feedback: ErrorFeedback | No
         return wire
     n, k = g.shape
     wire = torch.empty((n, comp.row_bytes(k)), dtype=torch.uint8)
-    for a in range(0, n, FEEDBACK_CHUNK):
-        b = min(a + FEEDBACK_CHUNK, n)
+    for a in range(0, n, PIECE_ROWS):
+        b = min(a + PIECE_ROWS, n)
         p = g[a:b] if scratch else g[a:b].clone()
         p += residual[a:b]
         wire[a:b], carried = comp.encode(p)

@@ -22,7 +22,7 @@ from gnaq_dist.distributed.comm import (
     id_dtype,
     rank_and_size,
 )
-from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor, encode_with_feedback
+from gnaq_dist.distributed.compression import PIECE_ROWS, ErrorFeedback, RowCompressor, encode_with_feedback
 from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.distributed.rows import DenseShard, RowServer
 from gnaq_dist.distributed.shared_rows import SharedTables
@@ -130,13 +130,18 @@ class FixedExchange:
         rows = wire if self.in_order else wire[self.order]
         back = all_to_all(rows.reshape(-1), [c * rb for c in self.recv_counts],
                            [c * rb for c in self.send_counts]).reshape(sum(self.send_counts), rb)
-        values = comp.decode(back.contiguous(), k)
         if out is not None and out.dtype == torch.float32 and tuple(out.shape) == (n_own, k):
             target = out.detach() if accumulate else out.detach().zero_()
-            return target.index_add_(0, self.send_rows.to(out.device), values.to(out.device))
-        if accumulate:
+        elif accumulate:
             raise GnaqInputError(f"push_gradients: accumulate needs an fp32 ({n_own}, {k}) out tensor")
-        return torch.zeros((n_own, k), dtype=torch.float32).index_add_(0, self.send_rows, values).to(grad.device)
+        else:
+            target = torch.zeros((n_own, k), dtype=torch.float32)
+        # Decoded a piece at a time: the float rows of a halo's worth of gradients never exist at once.
+        rows_to = self.send_rows.to(target.device)
+        for a in range(0, back.shape[0], PIECE_ROWS):
+            b = min(a + PIECE_ROWS, back.shape[0])
+            target.index_add_(0, rows_to[a:b], comp.decode(back[a:b].contiguous(), k).to(target.device))
+        return target if out is not None else target.to(grad.device)
 
     # -- float rows into and out of caller-held buffers (the fused propagation's hot path) --
     def _served_rows(self, like: torch.Tensor) -> torch.Tensor:

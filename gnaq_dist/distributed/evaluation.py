@@ -156,12 +156,19 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
                                        dtype=torch.int64)).tolist()
         level_bytes = t[1] + (own.level_bytes() if shared else 0)  # a shared codebook is stored once
         storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
-    payload = torch.cat([server.serve(own_ids), plan.exchange.pull_wire_rows(server, counter)])
-    # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
-    x_input = server.decode(payload)
-    del payload
-    final_own = final_own_rows(plan, method, x_input, trainer.config.model.num_layers, counter)
-    del x_input
+    L = trainer.config.model.num_layers
+    if method.name == "fp" and L > 0:  # the weight in place and the halo's rows in the plan's table, as a step
+        weight = method.weight.detach()
+        halo = plan.exchange.start_pull_rows(weight, plan.halo_buffer(weight), counter, kind="rows_fetched").wait()
+        final_own = plan.mean_forward(weight, halo, L, counter)
+        del halo
+    else:
+        payload = torch.cat([server.serve(own_ids), plan.exchange.pull_wire_rows(server, counter)])
+        # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
+        x_input = server.decode(payload)
+        del payload
+        final_own = final_own_rows(plan, method, x_input, L, counter)
+        del x_input
     plan.release_buffers()  # ranking holds the final rows and the scores, nothing else
     n_users = trainer.data.n_users
     items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,

@@ -195,6 +195,9 @@ def _cmd_evaluate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
                         help="score train-set popularity instead of a model")
     parser.add_argument("--oracle", metavar="LOG",
                         help="score the generator's ranking of the gnaq generate log DATASET was ingested from")
+    parser.add_argument("--posterior", action="store_true",
+                        help="with --oracle: infer each user's cluster from its train items instead of knowing it "
+                             "(the ceiling of a model trained on this split)")
     parser.add_argument("--ks", help="cut-offs, e.g. 10,20,50 (default: the checkpoint's eval.ks, else 10,20,50)")
     parser.add_argument("--split", choices=("test", "valid"),
                         help="held-out split (default: the checkpoint's eval.split, else test)")
@@ -211,7 +214,7 @@ def _cmd_evaluate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
         from gnaq_dist.evaluate import evaluate, format_report, parse_ks
 
         result = evaluate(
-            args.model, args.dataset, popularity=args.popularity, oracle=args.oracle,
+            args.model, args.dataset, popularity=args.popularity, oracle=args.oracle, posterior=args.posterior,
             ks=parse_ks(args.ks) if args.ks is not None else None, split=args.split, max_users=args.max_users,
             seed=args.seed, batch_size=args.batch_size, progress=not args.no_progress and sys.stderr.isatty(),
         )

@@ -173,13 +173,20 @@ def popularity_model(data) -> Scored:
                   torch.ones(data.n_users, 1, dtype=torch.float64), torch.from_numpy(score)[:, None], cap_batch=True)
 
 
-def oracle_model(log: str, data, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
-    """The generator's p(item | user's hidden cluster) of the log ``data`` was ingested from."""
+def oracle_model(log: str, data, dataset: str, storage_options: dict[str, Any] | None = None, *,
+                 posterior: bool = False) -> Scored:
+    """The generator's p(item | user's hidden cluster) of the log ``data`` was ingested from;
+    with ``posterior``, p(item | user's train items): the cluster inferred, not known."""
     from gnaq_dist.dataset import load_id_maps
+    from gnaq_dist.graph import interactions_csr
     from gnaq_dist.oracle import oracle_for
 
     users_raw, items_raw = load_id_maps(dataset, storage_options)
     oracle = oracle_for(log, dataset, data, users_raw, items_raw)
+    if posterior:
+        train = interactions_csr(data.train_user, data.train_item, data.n_users, data.n_items)
+        return Scored("oracle", f"oracle {os.fspath(log)} (the generator's p(item | user's train items))",
+                      score=lambda users: oracle.posterior_scores(users, train), cap_batch=True)
     return Scored("oracle", f"oracle {os.fspath(log)} (the generator's p(item | user's cluster))",
                   score=oracle.scores, cap_batch=True)
 
@@ -220,6 +227,7 @@ def evaluate(
     *,
     popularity: bool = False,
     oracle: str | None = None,
+    posterior: bool = False,
     ks: Sequence[int] | str | None = None,
     split: str | None = None,
     max_users: int | None = None,
@@ -229,7 +237,7 @@ def evaluate(
     progress: bool = False,
 ) -> dict[str, Any]:
     """Metrics of one of ``model`` (checkpoint or bundle URI), ``popularity``, ``oracle`` (log
-    directory) on ``dataset``: ``{"model", "source", "dataset", "split", "users", "max_users",
+    directory; ``posterior``: the user's cluster inferred from its train items) on ``dataset``: ``{"model", "source", "dataset", "split", "users", "max_users",
     "seed", "ks", "recall@K", "ndcg@K", ...}``. Unset settings come from a checkpoint's
     run config, else from the training defaults."""
     from gnaq_dist.dataset import load_dataset
@@ -241,6 +249,8 @@ def evaluate(
     if len(chosen) != 1:
         raise GnaqInputError("give exactly one of CHECKPOINT_OR_BUNDLE, --popularity, --oracle LOG"
                              + (f" (got {' and '.join(chosen)})" if chosen else ""))
+    if posterior and oracle is None:
+        raise GnaqInputError("--posterior goes with --oracle LOG")
     if not dataset:
         raise GnaqInputError("--dataset: the ingested dataset to evaluate on is required")
     data = load_dataset(dataset, storage_options)
@@ -261,7 +271,7 @@ def evaluate(
     elif popularity:
         scored = popularity_model(data)
     else:
-        scored = oracle_model(oracle, data, dataset, storage_options)
+        scored = oracle_model(oracle, data, dataset, storage_options, posterior=posterior)
 
     settings = _settings(scored, {"ks": ks, "split": split, "max_users": max_users, "seed": seed,
                                   "batch_size": batch_size})

@@ -130,6 +130,27 @@ class Oracle:
         out = torch.index_select(rows, 1, torch.from_numpy(self.item_cluster))
         return out.mul_(torch.from_numpy(self.item_weight))
 
+    def posterior_scores(self, users: np.ndarray, train_csr: tuple[np.ndarray, np.ndarray]) -> torch.Tensor:
+        """(len(users), n_items) float64 p(item | the user's train items): the cluster is not
+        known but inferred, ``p(c | train) ∝ prod_i p(i | c)`` (clusters are dealt uniformly),
+        and items are ranked by ``sum_c p(c | train) p(item | c)``. The ceiling of a model that
+        learns from this split: what the user's own items can tell, with the generator's
+        parameters known."""
+        indptr, indices = train_csr
+        users = np.asarray(users, dtype=np.int64)
+        log_table = np.log(np.maximum(self.table, 1e-300))
+        C = self.table.shape[0]
+        log_post = np.zeros((users.shape[0], C))
+        for j, u in enumerate(users):  # item weights cancel between clusters: only their clusters count
+            ic = self.item_cluster[indices[indptr[u]:indptr[u + 1]]]
+            log_post[j] = log_table[:, ic].sum(1) if ic.size else 0.0
+        log_post -= log_post.max(1, keepdims=True)
+        post = np.exp(log_post)
+        post /= post.sum(1, keepdims=True)
+        by_cluster = torch.from_numpy(post @ self.table)  # (users, C): p(item | train) / w_item per item cluster
+        out = torch.index_select(by_cluster, 1, torch.from_numpy(self.item_cluster))
+        return out.mul_(torch.from_numpy(self.item_weight))
+
     def source_z(self, users: np.ndarray, items: np.ndarray) -> dict[str, float]:
         """How much better the hidden clusters explain (user, item) pairs than shuffled ones.
 

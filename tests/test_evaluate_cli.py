@@ -212,6 +212,29 @@ def test_oracle_beats_popularity_and_is_deterministic(tiny, capsys):
     assert oracle["ndcg@10"] > 2 * popularity["ndcg@10"]
 
 
+def test_posterior_oracle_infers_the_cluster_from_the_train_items(tiny, capsys):
+    """Many own-cluster items pin the cluster (the oracle's row); none leave the prior (the
+    catalogue's marginal p(item)); on the dataset it lies between popularity and the oracle."""
+    spec = SPEC
+    users = pa.array([f"u{k}" for k in range(spec.users)])
+    items = pa.array([f"i{k}" for k in range(spec.items)])
+    oracle = Oracle.build(spec, users, items, "test")
+    own = np.flatnonzero(oracle.item_cluster == oracle.user_cluster[0])[:6]
+    indptr, indices = np.array([0, own.size, own.size]), own  # user 0: six own-cluster items; user 1: none
+    post = oracle.posterior_scores(np.array([0, 1]), (indptr, indices)).numpy()
+    np.testing.assert_allclose(post.sum(1), 1.0, rtol=1e-12)
+    np.testing.assert_allclose(post[0], oracle.scores(np.array([0])).numpy()[0], rtol=0.05)
+    marginal = oracle.table.mean(0)[oracle.item_cluster] * oracle.item_weight  # clusters dealt uniformly
+    np.testing.assert_allclose(post[1], marginal, rtol=1e-12)
+    args = ["--dataset", tiny["dataset"], "--ks", "20"]
+    full = evaluate_json(capsys, "--oracle", tiny["log"], *args)
+    inferred = evaluate_json(capsys, "--oracle", tiny["log"], "--posterior", *args)
+    popularity = evaluate_json(capsys, "--popularity", *args)
+    assert popularity["recall@20"] < inferred["recall@20"] <= full["recall@20"] + 0.02, (popularity, inferred, full)
+    assert "train items" in inferred["model"]
+    assert_one_line_error(capsys, ["--popularity", "--posterior", *args], "--posterior goes with --oracle")
+
+
 def test_oracle_refuses_a_log_that_is_not_the_source(tiny, capsys):
     # same sizes, another seed: the ids parse and lie in range, the hidden clusters do not fit
     assert_one_line_error(capsys, ["--oracle", tiny["other_log"], "--dataset", tiny["dataset"]],

@@ -135,6 +135,14 @@ def test_config_contradictions_fail_before_training():
         load_config(TrainConfig, [], ["schedule.epoch=5"])
 
 
+def test_exponent_floats_read_as_numbers_in_files_and_overrides(tmp_path):
+    """YAML 1.1 reads ``1e-4`` as a string; configs and --set take it as the float it means."""
+    path = tmp_path / "c.yaml"
+    path.write_text("optim:\n  l2: 1e-4\n  lr: 5E-2\n")
+    cfg = load_config(TrainConfig, [path], ["optim.grad_clip=2e0", "dataset=1e5x"])
+    assert (cfg.optim.l2, cfg.optim.lr, cfg.optim.grad_clip, cfg.dataset) == (1e-4, 5e-2, 2.0, "1e5x")
+
+
 @pytest.fixture()
 def lastfm_dataset(tmp_path, shared_data):
     from gnaq_dist.ingest import IngestConfig, ingest

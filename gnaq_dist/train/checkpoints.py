@@ -15,6 +15,7 @@ have their own counts, every row takes the largest).
 
 from __future__ import annotations
 
+import json
 import logging
 from dataclasses import dataclass
 from typing import Any
@@ -112,8 +113,10 @@ class OneProcessCheckpoints:
         """Write checkpoint ``ckpt-<step>`` (the manifest last), prune to ``checkpoint.keep_last``;
         returns its URI."""
         from gnaq_dist.config import to_dict
+        from gnaq_dist.runlog import _jsonable
 
         cfg = self.config
+        history = json.loads(json.dumps(history, default=_jsonable))  # as metrics.jsonl has them
         store = ckpt.CheckpointStore(cfg.checkpoint_root, cfg.storage_options)
         name = ckpt.checkpoint_name(step)
         n_users, n_items = int(self.data_key["n_users"]), int(self.data_key["n_items"])

@@ -66,9 +66,9 @@ def test_local_run_leaves_a_final_checkpoint_that_export_and_evaluate_read(tmp_p
     printed = train(capsys, dataset, str(out))
     summary = json.loads((out / "summary.json").read_text())
     uri = summary["checkpoint"]
-    assert printed["checkpoint"] == uri == str(out / "checkpoints" / "ckpt-000000000009")  # 3 epochs x 3 steps
-    assert checkpoint_names(str(out / "checkpoints")) == ["ckpt-000000000009"]
-    manifest = json.loads((out / "checkpoints" / "ckpt-000000000009" / "manifest.json").read_text())
+    assert printed["checkpoint"] == uri == str(out / "checkpoints" / "ckpt-000000000006")  # 3 epochs x 2 steps
+    assert checkpoint_names(str(out / "checkpoints")) == ["ckpt-000000000006"]
+    manifest = json.loads((out / "checkpoints" / "ckpt-000000000006" / "manifest.json").read_text())
     assert manifest["world_size"] == 1 and manifest["phase"] == "quantized" and manifest["shard_method"] == "gnaq"
     assert sorted(manifest["files"]) == ["dense.parquet", "partition.parquet", "residuals-00000-of-00001.parquet",
                                          "shard-00000-of-00001.parquet"]
@@ -88,10 +88,10 @@ def test_local_run_leaves_a_final_checkpoint_that_export_and_evaluate_read(tmp_p
 def test_every_epochs_and_keep_last(tmp_path, dataset, capsys):
     out = tmp_path / "run"
     train(capsys, dataset, str(out), "--set", "checkpoint.every_epochs=1", "--set", "checkpoint.keep_last=2")
-    assert checkpoint_names(str(out / "checkpoints")) == ["ckpt-000000000006", "ckpt-000000000009"]
+    assert checkpoint_names(str(out / "checkpoints")) == ["ckpt-000000000004", "ckpt-000000000006"]
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["event"] == "checkpoint"] == [3, 6, 9]
-    first = json.loads((out / "checkpoints" / "ckpt-000000000006" / "manifest.json").read_text())
+    assert [r["step"] for r in records if r["event"] == "checkpoint"] == [2, 4, 6]
+    first = json.loads((out / "checkpoints" / "ckpt-000000000004" / "manifest.json").read_text())
     assert (first["epoch"], first["phase"]) == (2, "quantized")
 
 
@@ -117,21 +117,21 @@ def test_resumed_run_continues_exactly(tmp_path, dataset, capsys):
     train(capsys, dataset, str(tmp_path / "split"), *fp, "--epochs", "2")
     resumed = train(capsys, dataset, str(tmp_path / "split"), *fp, "--epochs", "4")
     summary = json.loads((tmp_path / "split" / "summary.json").read_text())
-    assert summary["resumed_from"]["epoch"] == 2 and summary["resumed_from"]["step"] == 6
+    assert summary["resumed_from"]["epoch"] == 2 and summary["resumed_from"]["step"] == 4
     assert summary["phase_epochs"]["fp"] == 2  # this invocation's epochs
-    assert resumed["checkpoint"].endswith("ckpt-000000000012")
+    assert resumed["checkpoint"].endswith("ckpt-000000000008")
     for k in ("recall@20", "ndcg@20"):
         assert resumed["metrics"][k] == pytest.approx(whole["metrics"][k], rel=1e-6), k
     # the checkpoint's history runs through both invocations
-    history = json.loads((tmp_path / "split" / "checkpoints" / "ckpt-000000000012" / "manifest.json")
+    history = json.loads((tmp_path / "split" / "checkpoints" / "ckpt-000000000008" / "manifest.json")
                          .read_text())["history"]
-    assert [r["step"] for r in history if r["event"] == "epoch"] == [3, 6, 9, 12]
+    assert [r["step"] for r in history if r["event"] == "epoch"] == [2, 4, 6, 8]
 
 
 # -- --out as a URI -------------------------------------------------------------------------------
 def test_memory_uri_out(memfs, dataset, capsys):
     printed = train(capsys, dataset, "memory://runs/x")
-    assert printed["checkpoint"] == "memory://runs/x/checkpoints/ckpt-000000000009"
+    assert printed["checkpoint"] == "memory://runs/x/checkpoints/ckpt-000000000006"
     assert read_json("memory://runs/x/summary.json")["checkpoint"] == printed["checkpoint"]
     with fsspec.open("memory://runs/x/metrics.jsonl", "rt") as fh:
         assert [json.loads(line)["event"] for line in fh][-2:] == ["checkpoint", "end"]
@@ -189,14 +189,14 @@ def test_s3_out_gets_metrics_summary_and_a_checkpoint_that_exports(s3_env, datas
     printed = train(capsys, dataset, out)
     fs = s3_env
     fs.invalidate_cache()
-    assert printed["checkpoint"] == f"{out}/checkpoints/ckpt-000000000009"
+    assert printed["checkpoint"] == f"{out}/checkpoints/ckpt-000000000006"
     listed = sorted(p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/run-ok"))
     assert listed == ["checkpoints", "metrics.jsonl", "summary.json"]  # no write probe left behind
     summary = json.loads(fs.cat(f"{BUCKET}/run-ok/summary.json"))
     assert summary["checkpoint"] == printed["checkpoint"] and "recall@20" in summary["metrics"]
     events = [json.loads(line)["event"] for line in fs.cat(f"{BUCKET}/run-ok/metrics.jsonl").decode().splitlines()]
     assert events[0] == "start" and events[-2:] == ["checkpoint", "end"]
-    assert sorted(fs.ls(f"{BUCKET}/run-ok/checkpoints/ckpt-000000000009", detail=False))[-1].endswith("shard-00000-of-00001.parquet")
+    assert sorted(fs.ls(f"{BUCKET}/run-ok/checkpoints/ckpt-000000000006", detail=False))[-1].endswith("shard-00000-of-00001.parquet")
     assert not (tmp_path / "s3:").exists()
     bundle = tmp_path / "bundle"
     assert gnaq_main(["export", printed["checkpoint"], str(bundle)]) == 0, capsys.readouterr().err
@@ -235,10 +235,10 @@ def test_s3_out_with_ray_workers(s3_env, dataset, tmp_path, capsys, monkeypatch)
     printed = train(capsys, dataset, out, "--workers", "2", "--set", "distributed.partition=hash")
     fs = s3_env
     fs.invalidate_cache()
-    assert printed["checkpoint"] == f"{out}/checkpoints/ckpt-000000000009"
+    assert printed["checkpoint"] == f"{out}/checkpoints/ckpt-000000000006"
     assert {p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/run-ray")} == {
         "checkpoints", "metrics.jsonl", "summary.json", "ray"}
-    manifest = json.loads(fs.cat(f"{BUCKET}/run-ray/checkpoints/ckpt-000000000009/manifest.json"))
+    manifest = json.loads(fs.cat(f"{BUCKET}/run-ray/checkpoints/ckpt-000000000006/manifest.json"))
     assert manifest["world_size"] == 2
     assert not (tmp_path / "s3:").exists()
     assert gnaq_main(["export", printed["checkpoint"], str(tmp_path / "bundle")]) == 0

@@ -242,3 +242,17 @@ def test_s3_out_with_ray_workers(s3_env, dataset, tmp_path, capsys, monkeypatch)
     assert manifest["world_size"] == 2
     assert not (tmp_path / "s3:").exists()
     assert gnaq_main(["export", printed["checkpoint"], str(tmp_path / "bundle")]) == 0
+
+
+@pytest.mark.parametrize("method", ["gnaq", "lsq"])
+def test_resume_in_the_quantized_phase(tmp_path, dataset, capsys, method):
+    """Resumed from a quantized checkpoint (row Adam state; LSQ's dense step size and its Adam
+    state too), the run ends where the uninterrupted one ends."""
+    args = ["--method", method, "--bits", "2", "--set", "checkpoint.every_epochs=1"]
+    whole = train(capsys, dataset, str(tmp_path / "whole"), *args, "--epochs", "4")
+    train(capsys, dataset, str(tmp_path / "split"), *args, "--epochs", "2")
+    resumed = train(capsys, dataset, str(tmp_path / "split"), *args, "--epochs", "4")
+    summary = json.loads((tmp_path / "split" / "summary.json").read_text())
+    assert summary["resumed_from"]["epoch"] == 2 and summary["phase_epochs"] == {"fp": 0, "quantized": 2}
+    for k in ("recall@20", "ndcg@20"):
+        assert resumed["metrics"][k] == pytest.approx(whole["metrics"][k], rel=1e-6), k

@@ -283,6 +283,39 @@ class CheckpointStore:
         return doomed
 
 
+def choose_resume(resume: str, every_epochs: int, root: str, storage_options: dict[str, Any] | None,
+                  data: dict[str, Any], model: dict[str, Any], hint: str | None = None) -> Loaded | None:
+    """The checkpoint a run starts from (``checkpoint.resume``), verified against ``data`` and ``model``.
+
+    ``never``: none. A URI: that checkpoint. ``auto``: with ``every_epochs`` > 0, the newest of
+    ``hint`` (the checkpoint Ray Train handed back to a restarted run) and the newest complete
+    one under ``root``; with ``every_epochs`` 0, none. A checkpoint of other data or another
+    model is an error, not a skip.
+    """
+    if resume == "never":
+        return None
+    if resume != "auto":
+        return Loaded(resume, verify(resume, storage_options, data, model))
+    if not every_epochs:
+        return None
+    # Ray Train's hint is the last checkpoint it registered; a worker killed between our commit
+    # and that registration leaves a newer complete one under the root: take the newest.
+    candidates = []
+    if hint:
+        try:
+            candidates.append(Loaded(hint, verify(hint, storage_options)))
+        except CheckpointError as exc:
+            log.warning("the checkpoint Ray Train handed back cannot be loaded (%s); looking for the "
+                        "newest complete one under %s", exc, root)
+    newest = CheckpointStore(root, storage_options).latest()
+    if newest is not None:
+        candidates.append(newest)
+    loaded = max(candidates, key=lambda c: c.manifest["step"], default=None)
+    if loaded is not None:
+        verify(loaded.uri, storage_options, data, model)
+    return loaded
+
+
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     fs, path = resolve(uri, storage_options)
     mpath = join(path, MANIFEST)
@@ -439,7 +472,8 @@ def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
 
 
 __all__ = [
-    "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "build_for_rows", "checkpoint_name", "data_key",
+    "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "build_for_rows", "checkpoint_name", "choose_resume",
+    "data_key",
     "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes",
     "read_manifest", "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name",
     "shard_table", "verify",

@@ -45,7 +45,8 @@ def _train_overrides(args: argparse.Namespace) -> list[str]:
 def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace], int]:
     _add_config_args(parser)
     parser.add_argument("--dataset", help="ingested dataset URI (overrides the config)")
-    parser.add_argument("--out", help="run directory for metrics.jsonl and summary.json")
+    parser.add_argument("--out", help="where the run's metrics.jsonl, summary.json and checkpoints/ go: a local "
+                                      "directory or any fsspec URI (s3://bucket/run, gs://..., file://...)")
     parser.add_argument("--method", help="fp | gnaq | gnaq_ste | lsq | n2uq | bigear")
     parser.add_argument("--bits", type=int)
     parser.add_argument("--epochs", type=int)
@@ -63,35 +64,44 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
 
     def run(args: argparse.Namespace) -> int:
         import json
-        from pathlib import Path
 
         from gnaq_dist.config import load_config, to_dict
+        from gnaq_dist.storage import check_writable, write_text
         from gnaq_dist.train.config import TrainConfig
         from gnaq_dist.train.local import train_local
 
         config = load_config(TrainConfig, args.config, _train_overrides(args))
         if not config.dataset:
             raise GnaqInputError("no dataset: pass --dataset URI or set dataset: in a config file")
-        out = Path(config.out)
-        if args.workers is not None or args.address:
+        distributed = args.workers is not None or bool(args.address)
+        # Where the run writes, checked before any data is read or Ray is started.
+        check_writable(config.out, config.storage_options, "--out")
+        if config.checkpoint.dir:
+            check_writable(config.checkpoint.dir, config.storage_options, "checkpoint.dir")
+        out = config.out.rstrip("/") or config.out
+        if distributed:
             from gnaq_dist.dataset import read_manifest
-            from gnaq_dist.distributed.ray_launch import train_on_ray, write_run_files
+            from gnaq_dist.distributed.ray_launch import ray_storage, train_on_ray, write_run_files
 
+            ray_storage(config.out, config.storage_options)  # a store Ray's workers can reach
+            if config.checkpoint.dir:
+                ray_storage(config.checkpoint.dir, config.storage_options)
             read_manifest(config.dataset, config.storage_options)  # fail here, not in the workers
-            summary = train_on_ray(config, args.workers, address=args.address)
-            write_run_files(summary, out)
+            summary = train_on_ray(config, args.workers, address=args.address, final_checkpoint=True)
+            write_run_files(summary, config.out, config.storage_options)
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes", "checkpoint")},
                              indent=2, default=str))
             return 0
-        result = train_local(config, log_path=out / "metrics.jsonl")
+        result = train_local(config, log_path=f"{out}/metrics.jsonl", checkpoints=True)
         summary = {
             "config": to_dict(config), "metrics": result.metrics, "phase_seconds": result.phase_seconds,
             "phase_epochs": result.phase_epochs, "seconds_per_epoch": result.seconds_per_epoch,
-            "storage": result.storage,
+            "storage": result.storage, "checkpoint": result.checkpoint, "resumed_from": result.resumed_from,
         }
-        (out / "summary.json").write_text(json.dumps(summary, indent=2))
+        write_text(f"{out}/summary.json", json.dumps(summary, indent=2, default=str), config.storage_options)
         print(json.dumps({"metrics": result.metrics, "storage": result.storage,
-                          "seconds_per_epoch": round(result.seconds_per_epoch, 2)}, indent=2))
+                          "seconds_per_epoch": round(result.seconds_per_epoch, 2),
+                          "checkpoint": result.checkpoint}, indent=2))
         return 0
 
     return run

@@ -55,6 +55,68 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     return fs, path.rstrip("/") or path
 
 
+def is_uri(location: str) -> bool:
+    """Whether ``location`` names a scheme (``s3://...``, ``file://...``) rather than a plain local path."""
+    return "://" in str(location)
+
+
+def absolute_if_local(location: str) -> str:
+    """A plain local path made absolute (another process, another working directory reads it);
+    a URI as it is."""
+    return location if not location or is_uri(location) else os.path.abspath(location)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    line = text[0] if text else ""
+    line = line if len(line) <= 200 else line[:197] + "..."
+    return f"{exc.__class__.__name__}: {line}" if line else exc.__class__.__name__
+
+
+def check_writable(uri: str, storage_options: dict[str, Any] | None = None, what: str = "--out") -> None:
+    """Refuse, before anything runs, an output location this process cannot write.
+
+    An unknown scheme (or one whose fsspec package is not installed) fails to resolve. A local
+    path must be, or lie under, a writable directory (nothing is created here). Any other
+    store gets a small probe object under ``uri``, written and deleted: missing credentials,
+    a missing bucket or a refused write fail here, not after the data is read. Every failure
+    is a :class:`GnaqInputError` naming ``uri`` (``what`` says which setting it came from).
+    """
+    try:
+        fs, path = resolve(uri, storage_options)
+    except GnaqInputError as exc:
+        raise GnaqInputError(f"{what} {exc}") from None
+    if is_local(fs):
+        target = os.path.abspath(path)
+        probe = target
+        while not os.path.lexists(probe):
+            parent = os.path.dirname(probe)
+            if parent == probe:
+                break
+            probe = parent
+        if not os.path.isdir(probe):
+            raise GnaqInputError(f"{what} {uri}: {probe} is a file, not a directory")
+        if not os.access(probe, os.W_OK | os.X_OK):
+            raise GnaqInputError(f"{what} {uri}: {probe} is not writable")
+        return
+    probe = join(path, f".gnaq-write-probe-{uuid.uuid4().hex[:12]}")
+    try:
+        fs.pipe_file(probe, b"")
+    except Exception as exc:  # noqa: BLE001 - credentials, bucket, permissions, network: all mean "cannot write"
+        raise GnaqInputError(f"{what} {uri}: cannot write there ({_first_line(exc)})") from None
+    try:
+        fs.rm_file(probe)
+    except Exception as exc:  # noqa: BLE001
+        raise GnaqInputError(f"{what} {uri}: wrote a probe object but cannot delete it ({_first_line(exc)}); "
+                             f"checkpoint retention needs deletes") from None
+
+
+def write_text(uri: str, text: str, storage_options: dict[str, Any] | None = None) -> None:
+    """Write one text file at ``uri`` (any fsspec URI), all or nothing (:func:`write_file`)."""
+    fs, path = resolve(uri, storage_options)
+    write_file(fs, path, text.encode("utf-8"))
+
+
 def arrow_fs(fs: fsspec.AbstractFileSystem) -> pafs.FileSystem:
     """pyarrow view of an fsspec filesystem (memory:// paths need a leading '/')."""
     import pyarrow.fs as pafs

@@ -57,3 +57,25 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="session")
+def moto_endpoint():
+    """A real moto S3 server on 127.0.0.1 for the session; its endpoint URL (skips without moto/s3fs)."""
+    import socket
+
+    try:
+        from moto.server import ThreadedMotoServer
+        import s3fs  # noqa: F401
+    except ImportError as exc:
+        pytest.skip(f"moto[server] / s3fs not installed: {exc}")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
+    try:
+        server.start()
+    except Exception as exc:  # noqa: BLE001 - any start failure means: cannot test here
+        pytest.skip(f"moto server could not start on 127.0.0.1:{port}: {exc}")
+    yield f"http://127.0.0.1:{port}"
+    server.stop()

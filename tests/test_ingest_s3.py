@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 
 from conftest import write_log
@@ -12,31 +10,13 @@ from gnaq_dist.dataset import load_dataset, load_id_maps, read_manifest
 from gnaq_dist.ingest import IngestConfig, ingest
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
-def s3_options():
-    try:
-        from moto.server import ThreadedMotoServer
-        import s3fs  # noqa: F401
-    except ImportError as exc:
-        pytest.skip(f"moto[server] / s3fs not installed: {exc}")
-    port = _free_port()
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
-    try:
-        server.start()
-    except Exception as exc:  # noqa: BLE001 - any start failure means: cannot test here
-        pytest.skip(f"moto server could not start on 127.0.0.1:{port}: {exc}")
-    opts = {"key": "testing", "secret": "testing", "endpoint_url": f"http://127.0.0.1:{port}", "skip_instance_cache": True}
+def s3_options(moto_endpoint):
+    opts = {"key": "testing", "secret": "testing", "endpoint_url": moto_endpoint, "skip_instance_cache": True}
     import s3fs
 
     s3fs.S3FileSystem(**opts).mkdir("bucket")
-    yield opts
-    server.stop()
+    return opts
 
 
 def test_s3_ingest_and_append(s3_options, tmp_path):

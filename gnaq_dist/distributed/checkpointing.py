@@ -61,30 +61,9 @@ class RankCheckpoints:
     def _choose_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
         """Rank 0: the checkpoint to start from (an explicit URI, Ray's hint, or the newest complete)."""
         ck = self.config.checkpoint
-        so = self.config.storage_options
-        if ck.resume == "never":
-            return None
-        if ck.resume != "auto":
-            return ckpt.Loaded(ck.resume, ckpt.verify(ck.resume, so, self.data_key, self._model_key()))
-        if not ck.every_epochs:
-            return None
-        # Ray Train's hint is the last checkpoint it registered; a worker killed between our commit
-        # and that registration leaves a newer complete one under the root: take the newest.
-        candidates = []
-        uri = hint() if hint is not None else None
-        if uri:
-            try:
-                candidates.append(ckpt.Loaded(uri, ckpt.verify(uri, so)))
-            except ckpt.CheckpointError as exc:
-                log.warning("the checkpoint Ray Train handed back cannot be loaded (%s); looking for the "
-                            "newest complete one under %s", exc, self.config.checkpoint_root)
-        newest = ckpt.CheckpointStore(self.config.checkpoint_root, so).latest()
-        if newest is not None:
-            candidates.append(newest)
-        loaded = max(candidates, key=lambda c: c.manifest["step"], default=None)
-        if loaded is not None:  # a checkpoint of other data or another model is an error, not a skip
-            ckpt.verify(loaded.uri, so, self.data_key, self._model_key())
-        return loaded
+        uri = hint() if hint is not None and ck.resume == "auto" and ck.every_epochs else None
+        return ckpt.choose_resume(ck.resume, ck.every_epochs, self.config.checkpoint_root, self.config.storage_options,
+                                  self.data_key, self._model_key(), uri)
 
     def find_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:
         """Collective: rank 0 chooses and verifies, every rank gets the same checkpoint (or none)."""

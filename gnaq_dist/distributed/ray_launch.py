@@ -244,6 +244,40 @@ def _absolute_paths(config: TrainConfig) -> None:
         config.checkpoint.resume = str(Path(config.checkpoint.resume).resolve())
 
 
+def ray_storage(out: str, storage_options: dict[str, Any] | None = None) -> tuple[str, Any]:
+    """Ray Train's run storage under the run's ``out``: ``(storage_path, storage_filesystem)``.
+
+    A local ``out`` (a path or ``file://``): the directory ``<out>/ray``, no filesystem. Any
+    other store: ``<out>/ray`` inside it, through a pyarrow view of the same fsspec filesystem
+    the run writes with (so ``storage_options``, e.g. an S3 endpoint and keys, apply to Ray's
+    files too). ``memory://`` is this process's memory, which Ray's workers cannot reach: refused.
+    """
+    from gnaq_dist.storage import arrow_fs, is_local, join, resolve
+
+    fs, path = resolve(out, storage_options)
+    if is_local(fs):
+        return str(Path(path).resolve() / "ray"), None
+    if "memory" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
+        raise GnaqInputError(f"--out {out}: memory:// is this process's memory, which Ray workers cannot "
+                             f"write to; use a local path or a shared store (s3://, gs://, ...)")
+    return join(path, "ray"), arrow_fs(fs)
+
+
+def final_checkpoint_config(config: TrainConfig) -> None:
+    """Make the workers write a checkpoint at the end of training also with ``checkpoint.every_epochs``
+    0, without periodic ones and without resuming (what ``every_epochs: 0`` means for ``resume: auto``).
+
+    The distributed loop checkpoints at every ``every_epochs``-th epoch and at the run's last
+    step: ``every_epochs`` set to the run's length leaves only the last.
+    """
+    ck = config.checkpoint
+    if ck.every_epochs:
+        return
+    ck.every_epochs = config.schedule.epochs
+    if ck.resume == "auto":
+        ck.resume = "never"
+
+
 def train_on_ray(
     config: TrainConfig,
     workers: int | None = None,
@@ -252,18 +286,25 @@ def train_on_ray(
     worker_fn: WorkerFn | None = None,
     use_gpu: bool = False,
     placement_strategy: str | None = None,
+    final_checkpoint: bool = False,
 ) -> dict[str, Any]:
     """Train ``config`` with Ray Train workers; returns rank 0's summary.
 
     ``workers`` overrides ``config.distributed.workers``. ``placement_strategy`` is the
     strategy of the workers' placement group (``config.distributed.placement`` when None:
     ``SPREAD``; ``STRICT_SPREAD``: every worker on its own node; ``STRICT_PACK``).
+    ``storage_path`` is Ray Train's run storage (default: ``<out>/ray``, in whatever store
+    ``out`` names: :func:`ray_storage`). ``final_checkpoint``: a checkpoint at the end
+    even with ``checkpoint.every_epochs`` 0 (what ``gnaq train`` asks for).
     """
     if workers is not None:
         config.distributed.workers = workers
     config.validate()
     _absolute_paths(config)
+    if final_checkpoint:
+        final_checkpoint_config(config)
     workers = config.distributed.workers
+    storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -271,7 +312,6 @@ def train_on_ray(
     started = connect(address, workers)
     try:
         check_capacity(workers)
-        storage = storage_path or str(Path(config.out).resolve() / "ray")
         trainer_class = one_machine_trainer_class() if started else TorchTrainer
         trainer = trainer_class(
             _worker_entry,
@@ -280,7 +320,7 @@ def train_on_ray(
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1},
                                          placement_strategy=placement_strategy or config.distributed.placement),
-            run_config=RunConfig(storage_path=storage, name="train",
+            run_config=RunConfig(storage_path=storage, storage_filesystem=storage_fs, name="train",
                                  failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
                                  # Ray Train's own INFO logs off (our records come back in the
                                  # summary); its per-report line escapes this: _quiet_report_lines.
@@ -304,11 +344,14 @@ def train_on_ray(
             ray.shutdown()
 
 
-def write_run_files(summary: dict[str, Any], out: str | Path) -> None:
-    """``summary.json`` and the workers' log records as ``metrics.jsonl`` (as a local run writes them)."""
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=str))
-    with (out / "metrics.jsonl").open("w") as fh:
-        fh.writelines(json.dumps(record, default=str) + "\n" for record in summary.get("history", []))
+def write_run_files(summary: dict[str, Any], out: str | Path, storage_options: dict[str, Any] | None = None) -> None:
+    """``summary.json`` and the workers' log records as ``metrics.jsonl`` (as a local run writes
+    them) at ``out``, a local path or any fsspec URI; each file all or nothing."""
+    from gnaq_dist.storage import write_text
+
+    base = str(out).rstrip("/")
+    write_text(f"{base}/metrics.jsonl",
+               "".join(json.dumps(record, default=str) + "\n" for record in summary.get("history", [])),
+               storage_options)
+    write_text(f"{base}/summary.json", json.dumps(summary, indent=2, default=str), storage_options)
 

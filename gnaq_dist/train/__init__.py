@@ -3,5 +3,6 @@
 * :mod:`.config`: ``TrainConfig``, the training settings (model, method, optimisation, schedule) and their checks;
 * :mod:`.schedule`: batch size, steps, phases, evaluations and the time budget, for both trainers;
 * :mod:`.bpr`: the BPR loss over a step's positives and its gradient on the final rows;
-* :mod:`.local`: ``LocalTrainer`` / ``train_local``, the one-process trainer.
+* :mod:`.local`: ``LocalTrainer`` / ``train_local``, the one-process trainer;
+* :mod:`.checkpoints`: its checkpoints, in the distributed format as a world of one rank.
 """

@@ -1,10 +1,16 @@
 """Single-process training of LightGCN with any embedding method (fp, GNAQ, baselines).
 
-The schedule is the paper's, without an external checkpoint: a full-precision warm-up
-(``schedule.warmup_epochs``) trains an fp LightGCN, whose layer-0 table initialises
-the quantized method, which then trains for the rest of the budget. The time of each
-phase is reported, and evaluation always scores from the *packed* table (what a
-checkpoint or an exported bundle holds), not from the training-time tensors.
+The schedule is the paper's: a full-precision warm-up (``schedule.warmup_epochs``)
+trains an fp LightGCN, whose layer-0 table initialises the quantized method, which then
+trains for the rest of the budget. The time of each phase is reported, and evaluation
+always scores from the *packed* table (what a checkpoint or an exported bundle holds),
+not from the training-time tensors.
+
+With ``checkpoints=True`` (what ``gnaq train`` asks for) the run writes the distributed
+trainer's checkpoint format as a world of one rank (:mod:`gnaq_dist.train.checkpoints`)
+under ``config.checkpoint_root``: every ``checkpoint.every_epochs`` epochs and always at
+the end (a ``schedule.max_minutes`` budget included), and resumes as ``checkpoint.resume``
+says. Library callers that only want metrics (the reproduction pipelines) leave it off.
 """
 
 from __future__ import annotations
@@ -59,16 +65,27 @@ class TrainResult:
     storage: dict[str, float]  # bytes per node, ratio to fp32, ...
     method: EmbeddingMethod = field(repr=False)
     warm_start: WarmStart | None = field(default=None, repr=False)  # fp state captured at capture_epoch
+    checkpoint: str | None = None  # URI of the run's final checkpoint (with checkpoints=True)
+    resumed_from: dict[str, Any] | None = None  # the checkpoint this run started from, if any
 
 
 class LocalTrainer:
     """Holds the state of one single-process run: graph, method, optimizer, log."""
 
-    def __init__(self, config: TrainConfig, data: InteractionData, log: RunLog | None = None):
+    def __init__(self, config: TrainConfig, data: InteractionData, log: RunLog | None = None, *,
+                 checkpoints: bool = False):
         config.validate()
         self.config = config
         self.data = data
         self.log = log or RunLog(None)
+        self.records: list[dict[str, Any]] = []  # every log record of the run (a checkpoint's history)
+        self.positives = 0  # positives trained on, over all steps (resumed ones included)
+        self.checkpoints = None
+        if checkpoints:
+            from gnaq_dist.dataset import data_key
+            from gnaq_dist.train.checkpoints import OneProcessCheckpoints
+
+            self.checkpoints = OneProcessCheckpoints(config, data_key(data))
         if config.threads:
             torch.set_num_threads(config.threads)
         seed_everything(config.seed)
@@ -108,6 +125,7 @@ class LocalTrainer:
         if cfg.optim.grad_clip is not None:
             torch.nn.utils.clip_grad_value_(method.parameters(), cfg.optim.grad_clip)
         optimizer.step()
+        self.positives += int(users.shape[0])
         refine_every = cfg.model.refine_every
         if refine_every and (self.global_step + 1) % refine_every == 0:
             # Re-assign the codes of the nodes this step scored, from their propagated
@@ -168,6 +186,19 @@ class LocalTrainer:
         return finalize(sums)
 
     # -- the run ---------------------------------------------------------------------
+    def _log(self, event: str, **fields: Any) -> dict[str, Any]:
+        record = self.log.write(event, **fields)
+        self.records.append(record)
+        return record
+
+    def _save(self, epoch: int, phase: str, method: EmbeddingMethod, optimizer: torch.optim.Optimizer | None) -> str:
+        uri = self.checkpoints.save(step=self.global_step, epoch=epoch, phase=phase, method=method,
+                                    optimizer=optimizer, positives=self.positives, history=self.records)
+        self._saved = (self.global_step, phase)
+        self._last_checkpoint = uri
+        self._log("checkpoint", epoch=epoch, phase=phase, step=self.global_step, uri=uri)
+        return uri
+
     def _optimizer(self, method: EmbeddingMethod, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
 
@@ -189,22 +220,51 @@ class LocalTrainer:
         total_steps = plan.total_steps
         budget = TimeBudget(sched.max_minutes)
 
-        method: EmbeddingMethod = build_method("fp", N, d, None, L)
-        optimizer = self._optimizer(method, cfg.optim.lr)
+        every = cfg.checkpoint.every_epochs if self.checkpoints is not None else 0
+        self._saved: tuple[int, str] | None = None  # (step, phase) of the last checkpoint written or loaded
+        self._last_checkpoint: str | None = None
+        resume = self.checkpoints.find_resume() if self.checkpoints is not None else None
+        if resume is not None and warm_start is not None:
+            raise ValueError("a warm start and a checkpoint to resume from: pass one (checkpoint.resume=never)")
         # "fp": the full-precision phase (the warm-up of a quantized method, or all of fp).
         phase = "fp"
+        resumed = None
+        if resume is None:
+            method: EmbeddingMethod = build_method("fp", N, d, None, L)
+            optimizer = self._optimizer(method, cfg.optim.lr)
+        else:
+            from gnaq_dist.train.checkpoints import restore
+
+            method, optimizer = restore(resume, N, self.graph, cfg.optim.lr, cfg.optim.quant_lr or cfg.optim.lr,
+                                        cfg.storage_options)
+            m = resume.manifest
+            phase = m["phase"]
+            self.global_step = int(m["step"])
+            self.positives = int(m["progress"].get("positives", 0))
+            self.records = list(m.get("history", []))
+            self._saved = (self.global_step, phase)
+            self._last_checkpoint = resume.uri
+            resumed = {"uri": resume.uri, "step": self.global_step, "epoch": int(m["epoch"]),
+                       "world_size_then": int(m["world_size"])}
         times = PhaseTimes()
         history: list[dict[str, Any]] = []
         metrics: dict[str, float] = {}
-        self.log.write("start", method=cfg.model.method, bits=cfg.model.bits, n_users=data.n_users,
-                       n_items=data.n_items, n_train=data.n_train, steps_per_epoch=self.steps_per_epoch,
-                       batch_size=plan.batch_size, epochs=total_epochs,
-                       warmup_epochs=warmup_epochs if cfg.quantized else 0, max_minutes=sched.max_minutes)
+        self._log("start", method=cfg.model.method, bits=cfg.model.bits, n_users=data.n_users,
+                  n_items=data.n_items, n_train=data.n_train, steps_per_epoch=self.steps_per_epoch,
+                  batch_size=plan.batch_size, epochs=total_epochs,
+                  warmup_epochs=warmup_epochs if cfg.quantized else 0, max_minutes=sched.max_minutes)
         bar = tqdm(total=total_steps, desc=f"{cfg.model.method}", unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
         epoch = 0
         first_epoch = 1
         captured: WarmStart | None = None
+        if resume is not None:
+            epoch = int(resume.manifest["epoch"])
+            first_epoch = epoch + 1
+            bar.update(min(self.global_step, total_steps))
+            if cfg.checkpoint.eval_on_resume:
+                metrics = self.evaluate(method)
+                history.append(self._log("eval", epoch=epoch, phase="resume", step=self.global_step, **metrics))
         if warm_start is not None:
             if not cfg.quantized or warm_start.epoch != warmup_epochs:
                 raise ValueError("a warm start needs a quantized method and the same warm-up length")
@@ -222,7 +282,7 @@ class LocalTrainer:
             for epoch in range(first_epoch, total_epochs + 1):
                 if plan.steps_done(self.global_step) or out_of_time:
                     break
-                if plan.quantize_at(epoch):
+                if phase == "fp" and plan.quantize_at(epoch):
                     method = self._start_quantized_phase(method)
                     optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)
                     phase = "quantized"
@@ -249,9 +309,9 @@ class LocalTrainer:
                     break
                 times.epochs[phase] += 1
                 times.steps[phase] += len(losses)
-                self.log.write("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
-                               seconds=time.perf_counter() - t0, step=self.global_step, steps=len(losses),
-                               elapsed=budget.elapsed())
+                self._log("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
+                          seconds=time.perf_counter() - t0, step=self.global_step, steps=len(losses),
+                          elapsed=budget.elapsed())
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
                 last = plan.last_epoch(epoch, self.global_step, out_of_time)
@@ -259,30 +319,40 @@ class LocalTrainer:
                     t1 = time.perf_counter()
                     metrics = self.evaluate(method)
                     times.seconds["eval"] += time.perf_counter() - t1
-                    record = self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step,
-                                            train_seconds=times.train_seconds(), **metrics)
+                    record = self._log("eval", epoch=epoch, phase=phase, step=self.global_step,
+                                       train_seconds=times.train_seconds(), **metrics)
                     history.append(record)
                     bar.write(f"epoch {epoch} [{phase}] " + "  ".join(
                         f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("@20") or k.endswith("@10")))
+                # A run whose budget ends inside the warm-up is checkpointed once quantized (below).
+                if every and (last or epoch % every == 0) and not (last and plan.quantize_at_end(phase)):
+                    self._save(epoch, phase, method, optimizer)
         finally:
             bar.close()
         if plan.quantize_at_end(phase):
             # The budget (max_steps, max_minutes) ended inside the warm-up: quantize what we have.
             method = self._start_quantized_phase(method)
+            optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)  # the phase's own, checkpointed
             phase = "quantized"
             metrics = {}
         if plan.evaluate_at_end(metrics, bool(history) and history[-1]["step"] == self.global_step):
             metrics = self.evaluate(method)
-            history.append(self.log.write("eval", epoch=epoch, phase=phase, step=self.global_step,
-                                          train_seconds=times.train_seconds(), **metrics))
+            history.append(self._log("eval", epoch=epoch, phase=phase, step=self.global_step,
+                                     train_seconds=times.train_seconds(), **metrics))
+        checkpoint = None
+        if self.checkpoints is not None:
+            # The final checkpoint, whatever every_epochs says: every run leaves a model to export.
+            if self._saved != (self.global_step, phase):
+                self._save(epoch, phase, method, optimizer)
+            checkpoint = self._last_checkpoint
         storage = self.storage(method)
         result = TrainResult(
             metrics=metrics, history=history, phase_seconds=times.seconds, phase_epochs=times.epochs,
             seconds_per_epoch=times.seconds_per_epoch(), storage=storage, method=method,
-            warm_start=captured,
+            warm_start=captured, checkpoint=checkpoint, resumed_from=resumed,
         )
-        self.log.write("end", metrics=metrics, phase_seconds=times.seconds, phase_epochs=times.epochs,
-                       seconds_per_epoch=result.seconds_per_epoch, storage=storage)
+        self._log("end", metrics=metrics, phase_seconds=times.seconds, phase_epochs=times.epochs,
+                  seconds_per_epoch=result.seconds_per_epoch, storage=storage)
         return result
 
     def _start_quantized_phase(self, fp_method: EmbeddingMethod) -> EmbeddingMethod:
@@ -307,10 +377,27 @@ class LocalTrainer:
         return report
 
 
-def train_local(config: TrainConfig, data: InteractionData | None = None, log_path: str | Path | None = None) -> TrainResult:
-    """Train one configuration in this process (loads ``config.dataset`` if no data given)."""
+def train_local(config: TrainConfig, data: InteractionData | None = None, log_path: str | Path | None = None,
+                *, checkpoints: bool = False) -> TrainResult:
+    """Train one configuration in this process (loads ``config.dataset`` if no data given).
+
+    ``log_path``: where metrics.jsonl goes (a local path or any fsspec URI, with
+    ``config.storage_options``). ``checkpoints``: write checkpoints under
+    ``config.checkpoint_root`` (every ``checkpoint.every_epochs`` and a final one) and resume
+    as ``checkpoint.resume`` says; local paths in the config are made absolute first, so
+    the manifest names the dataset from anywhere.
+    """
+    if checkpoints:
+        from gnaq_dist.storage import absolute_if_local
+
+        config.dataset = absolute_if_local(config.dataset)
+        config.out = absolute_if_local(config.out)
+        if config.checkpoint.dir:
+            config.checkpoint.dir = absolute_if_local(config.checkpoint.dir)
+        if config.checkpoint.resume not in ("auto", "never"):
+            config.checkpoint.resume = absolute_if_local(config.checkpoint.resume)
     if data is None:
         from gnaq_dist.dataset import load_dataset
 
         data = load_dataset(config.dataset, storage_options=config.storage_options)
-    return LocalTrainer(config, data, RunLog(log_path)).run()
+    return LocalTrainer(config, data, RunLog(log_path, config.storage_options), checkpoints=checkpoints).run()

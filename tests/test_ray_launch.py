@@ -115,8 +115,17 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
     assert records[-1]["event"] == "end" and records[-1]["metrics"] == summary["metrics"]
 
 
+def _train_worker_pids() -> list[int]:
+    """The processes of the live Ray Train worker actors, from Ray's control store (GCS), not
+    from process titles."""
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+            if a["ActorClassName"].rsplit(".", 1)[-1] == "RayTrainWorker" and a["Pid"]]
+
+
 def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", killed: list) -> None:
-    """SIGKILL one Ray Train worker (a child of this test's Ray) once checkpoint ``epoch`` is complete."""
+    """SIGKILL one Ray Train worker (an actor of this test's Ray) once checkpoint ``epoch`` is complete."""
     import json
     import os
     import signal
@@ -126,14 +135,16 @@ def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", k
     while not done.is_set():
         manifests = sorted(root.glob("ckpt-*/manifest.json")) if root.exists() else []
         if any(json.loads(m.read_text())["epoch"] >= epoch for m in manifests):
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if "RayTrainWorker" in proc.name() or "RayTrainWorker" in " ".join(proc.cmdline()):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+            ours = {p.pid for p in psutil.Process().children(recursive=True)}  # never another Ray's
+            for pid in _train_worker_pids():
+                if pid not in ours:
                     continue
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
+                return
         time.sleep(0.1)
 
 

@@ -173,8 +173,8 @@ def _metis_owner(graph: BipartiteGraph, world_size: int, max_imbalance: float) -
 # work of one non-zero of A_hat (read by every sparse product): an own row is also gathered
 # from its codes, added up at every layer and stepped by Adam; a halo row is gathered and
 # scattered (its exchange costs both ranks alike, so it does not unbalance them). Fitted to
-# profile_step at 1/10 of the scale benchmark (docs/scale.md): 0.18 us a non-zero, and the
-# waits of two partitions of the same graph (METIS, and one balanced by non-zeros and rows).
+# benchmarks/profile_step.py's timings of two partitions of one graph (METIS, and one
+# balanced by non-zeros and rows).
 ROW_COST = 9.0
 HALO_COST = 2.0
 

@@ -12,7 +12,7 @@ Two methods:
 * ``"metis"``: DGL's ``metis_partition_assignment`` on the symmetric graph, with users
   and items balanced separately (``balance_ntypes``), which keeps most user-item
   edges inside a partition, so fewer rows cross the wire. METIS as DGL 2.1.0 calls it
-  takes no seed and is **not repeatable** (measured: different assignments for
+  takes no seed and is **not repeatable** (different assignments for
   3 parts from one process to the next). So partition on one rank, broadcast it
   (:func:`.comm.broadcast_partition`), and store it with the checkpoint. METIS balances node
   counts; :func:`balance_loads` then moves boundary nodes until the ranks' modelled costs of

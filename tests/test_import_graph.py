@@ -10,6 +10,7 @@ interpreters for what an import really loads.
 from __future__ import annotations
 
 import ast
+import functools
 import subprocess
 import sys
 from pathlib import Path
@@ -78,17 +79,21 @@ def _imports(path: Path, name: str, modules: dict[str, Path]) -> tuple[set[str],
     return inside, outside
 
 
+@functools.cache
+def _scan() -> dict[str, tuple[set[str], set[str]]]:
+    modules = _modules()
+    return {name: _imports(path, name, modules) for name, path in modules.items()}
+
+
 def import_graph() -> dict[str, set[str]]:
     """Module -> the package's modules it imports."""
-    modules = _modules()
-    return {name: _imports(path, name, modules)[0] for name, path in modules.items()}
+    return {name: set(inside) for name, (inside, _) in _scan().items()}
 
 
 def outside_imports() -> dict[str, set[str]]:
     """Module -> the dotted names from outside the package it imports (``torch.distributed``,
     ``pyarrow.parquet``, ``pipelines.compare_runs`` ...)."""
-    modules = _modules()
-    return {name: _imports(path, name, modules)[1] for name, path in modules.items()}
+    return {name: set(outside) for name, (_, outside) in _scan().items()}
 
 
 def reachable(graph: dict[str, set[str]], starts: list[str]) -> set[str]:

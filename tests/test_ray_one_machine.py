@@ -76,6 +76,7 @@ def no_ray_running():
     assert not set(ONE_MACHINE_RAY_ENV) & set(os.environ)
 
 
+@pytest.mark.slow
 def test_a_ray_started_for_one_job_runs_no_actor_that_the_job_does_not_use(no_ray_running, tmp_path, capfd):
     summary = train_on_ray(TrainConfig(dataset="unused", out=str(tmp_path)), workers=2,
                            worker_fn=ray_processes_beside_me)

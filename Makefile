@@ -1,6 +1,7 @@
-# Two entry points for a fresh machine (Python 3.10+ with venv):
+# Entry points for a fresh machine (Python 3.10+ with venv):
 #   make demo   set up .venv and run the main job on the bundled Last.fm data
-#   make test   set up .venv and run the test suite
+#   make test   set up .venv and run the fast tests (unit and small multi-rank ones, not `slow`)
+#   make test-all  every test, `slow` ones included (what CI runs)
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin

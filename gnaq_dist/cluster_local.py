@@ -26,8 +26,8 @@ Why not ``ray stop``: it kills every Ray process on the machine, other users' an
 tests' included. All processes of a cluster started here carry its temp dir
 (``/tmp/gnaq-ray-PORT`` by default) in their command lines; ``stop`` ends those (raylet
 and GCS binaries and Ray's Python daemons) and everything they started (the workers):
-raylets first, then the head's daemons, SIGTERM with SIGKILL after a grace period (about
-4 s in all), then removes the temp dir. It never signals its own process or its parents.
+raylets first, then the head's daemons, SIGTERM with SIGKILL after a grace period, then
+removes the temp dir. It never signals its own process or its parents.
 
 No Ray Client server is started (``ray://`` addresses do not work: connect with
 ``127.0.0.1:PORT`` from this machine). The dashboard and job server (for
@@ -329,7 +329,7 @@ def stop(port: int | None = DEFAULT_PORT, temp_dir: str | Path | None = None, gr
          remove: bool = True) -> int:
     """End the cluster's processes; returns how many there were.
 
-    Raylets first (SIGTERM: their workers and agents go with them, in about 2 s), then the
+    Raylets first (SIGTERM: their workers and agents go with them), then the
     head's GCS, dashboard and log monitor (SIGTERM); whatever is left after ``grace``
     seconds of each, and the autoscaler monitor (which does not act on SIGTERM), gets
     SIGKILL. ``temp_dir`` defaults to the one ``start`` derives from ``port``. With

@@ -90,8 +90,8 @@ def csr_tensor(rows: torch.Tensor, cols: torch.Tensor, values: torch.Tensor, sha
 
 class _SparseMM(torch.autograd.Function):
     """``A x`` with ``A``'s transpose kept: the backward is ``A^T g`` without transposing on
-    every call (torch's generic CSR backward does, about 5x the cost of the forward on
-    Gowalla). ``A_hat`` is symmetric, so there the forward's matrix serves both."""
+    every call (torch's generic CSR backward does, at several times the cost of the
+    forward). ``A_hat`` is symmetric, so there the forward's matrix serves both."""
 
     @staticmethod
     def forward(ctx, adj: torch.Tensor, adj_t: torch.Tensor, x: torch.Tensor) -> torch.Tensor:  # type: ignore[override]

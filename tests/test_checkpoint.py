@@ -208,6 +208,7 @@ def test_resume_continues_exactly_like_the_uninterrupted_run(two_rank_runs):
     assert b["steps"] == a["steps"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("world_then,world_now,partition", [(2, 1, "metis"), (1, 2, "metis"), (2, 2, "hash")])
 def test_reshard_loads_with_identical_metrics(two_rank_runs, world_then, world_now, partition, tmp_path):
     out, results = two_rank_runs

@@ -142,6 +142,7 @@ def _global_rows(per_rank: list[dict], n: int) -> list[np.ndarray]:
     return tables
 
 
+@pytest.mark.slow
 def test_chunked_gradient_is_the_same_on_one_and_two_ranks_for_every_method():
     runs = [(m, b, prop, chunk) for m, b in METHODS for prop in ("full", "sampled") for chunk in (5, 10**6)]
     one = run_ranks(scenario_gradients, 1, runs, timeout=300)

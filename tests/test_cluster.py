@@ -23,6 +23,8 @@ from gnaq_dist import cluster_local  # noqa: E402
 from gnaq_dist.config import load_config  # noqa: E402
 from gnaq_dist.train.config import TrainConfig  # noqa: E402
 
+pytestmark = pytest.mark.slow  # a real two-node Ray cluster: about 90 s
+
 
 def ray_daemons_of(temp_dir: Path) -> list[str]:
     """raylet / gcs_server processes (not zombies) whose command line names ``temp_dir``:

@@ -250,6 +250,7 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
     return out
 
 
+@pytest.mark.slow
 def test_every_method_trains_on_two_ranks():
     t0 = time.monotonic()
     ranks = run_ranks(scenario_methods, 2, timeout=240)
@@ -321,6 +322,7 @@ def test_a_rank_that_fails_setup_makes_every_rank_raise():
     assert time.monotonic() - t0 < 30
 
 
+@pytest.mark.slow
 def test_a_rank_that_raises_mid_training_fails_the_run_promptly():
     t0 = time.monotonic()
     with pytest.raises(RankError, match="injected failure on rank 1"):

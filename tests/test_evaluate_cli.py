@@ -100,6 +100,7 @@ def test_every_checkpoint_scores_what_its_run_logged(run, tiny, capsys):
     assert {k: last["metrics"][k] for k in METRICS} == {k: evals[checkpoints[-1]["step"]][k] for k in METRICS}
 
 
+@pytest.mark.slow
 def test_two_worker_checkpoints_score_what_their_run_logged(tiny, capsys):
     """Two ranks split the evaluation by owner and add their sums: the same ranking, the
     metrics equal up to the order of float summation."""

@@ -87,6 +87,7 @@ def scenario_train_with_file(rank: int, world: int, uri: str) -> dict:
             "recall": result["metrics"]["recall@20"]}
 
 
+@pytest.mark.slow
 def test_ranks_train_on_the_partition_in_the_file(tmp_path):
     data = clustered_interactions(n_users=300, n_items=200, seed=1)
     owner = np.r_[np.arange(300) % 2, (np.arange(200) + 1) % 2]  # nothing METIS or hash would give

@@ -51,6 +51,7 @@ def fails_on_rank_one(config: TrainConfig, report) -> dict:
     return {}
 
 
+@pytest.mark.slow
 def test_workers_form_a_gloo_group_and_return_a_summary(local_ray, tmp_path):
     config = TrainConfig(dataset="unused", out=str(tmp_path), seed=7)
     summary = train_on_ray(config, workers=2, worker_fn=sum_of_ranks)
@@ -59,6 +60,7 @@ def test_workers_form_a_gloo_group_and_return_a_summary(local_ray, tmp_path):
     assert len(summary["worker_nodes"]) == 2
 
 
+@pytest.mark.slow
 def test_a_failing_worker_fails_the_job_with_its_error(local_ray, tmp_path):
     config = TrainConfig(dataset="unused", out=str(tmp_path))
     t0 = time.time()
@@ -67,6 +69,7 @@ def test_a_failing_worker_fails_the_job_with_its_error(local_ray, tmp_path):
     assert time.time() - t0 < 300  # an error, not a hang (Ray's group timeout is 30 minutes)
 
 
+@pytest.mark.slow
 def test_more_workers_than_cpus_is_refused_before_start(local_ray):
     with pytest.raises(GnaqInputError, match="has 3 CPUs, 4 are needed"):
         check_capacity(3)
@@ -81,6 +84,7 @@ def test_unreachable_address_is_refused_quickly():
         connect("nonsense", workers=1)
 
 
+@pytest.mark.slow
 def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, capsys):
     """`gnaq train --workers 2`: the real sharded loop in Ray Train workers, on the
     bundled Last.fm sample; 2-bit gradients on the wire, metrics and bytes come back."""
@@ -115,8 +119,17 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
     assert records[-1]["event"] == "end" and records[-1]["metrics"] == summary["metrics"]
 
 
+def _train_worker_pids() -> list[int]:
+    """The processes of the live Ray Train worker actors, from Ray's control store (GCS), not
+    from process titles."""
+    from ray._private import state
+
+    return [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
+            if a["ActorClassName"].rsplit(".", 1)[-1] == "RayTrainWorker" and a["Pid"]]
+
+
 def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", killed: list) -> None:
-    """SIGKILL one Ray Train worker (a child of this test's Ray) once checkpoint ``epoch`` is complete."""
+    """SIGKILL one Ray Train worker (an actor of this test's Ray) once checkpoint ``epoch`` is complete."""
     import json
     import os
     import signal
@@ -126,17 +139,20 @@ def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", k
     while not done.is_set():
         manifests = sorted(root.glob("ckpt-*/manifest.json")) if root.exists() else []
         if any(json.loads(m.read_text())["epoch"] >= epoch for m in manifests):
-            for proc in psutil.Process().children(recursive=True):
-                try:
-                    if "RayTrainWorker" in proc.name() or "RayTrainWorker" in " ".join(proc.cmdline()):
-                        os.kill(proc.pid, signal.SIGKILL)
-                        killed.append(proc.pid)
-                        return
-                except (psutil.NoSuchProcess, psutil.AccessDenied):
+            ours = {p.pid for p in psutil.Process().children(recursive=True)}  # never another Ray's
+            for pid in _train_worker_pids():
+                if pid not in ours:
                     continue
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    continue
+                killed.append(pid)
+                return
         time.sleep(0.1)
 
 
+@pytest.mark.slow
 def test_a_killed_worker_process_resumes_from_the_last_checkpoint(local_ray, tmp_path):
     """A real SIGKILL of a worker mid-training: Ray Train restarts the group (FailureConfig),
     the workers resume from the checkpoint that get_checkpoint() points to, and the run ends

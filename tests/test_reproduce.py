@@ -49,6 +49,7 @@ def test_methods_list_is_validated_before_training(tmp_path, capsys):
     assert "bit width" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_main_job_runs_on_the_bundled_data(tmp_path, capsys):
     """`gnaq run`: ingest the bundled Last.fm, fp in process, GNAQ 2-bit on 2 local Ray
     workers with checkpoints, export the last checkpoint, serve a top-K from the bundle."""

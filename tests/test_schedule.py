@@ -97,6 +97,7 @@ def scenario_time_limit(rank: int, world: int, tmp: str) -> dict:
     return trainer.run()
 
 
+@pytest.mark.slow
 def test_two_ranks_agree_on_the_time_limit_and_write_the_final_checkpoint(tmp_path):
     r0, r1 = run_ranks(scenario_time_limit, 2, str(tmp_path), timeout=180)
     assert r0["steps"] == r1["steps"] > 0 and r0["metrics"] == r1["metrics"]

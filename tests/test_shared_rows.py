@@ -86,7 +86,8 @@ def _reference(world: int, grouped: bool) -> list[dict]:
 
 
 @needs_shm
-@pytest.mark.parametrize("world,grouped", [(2, True), (3, False), (3, True)])
+@pytest.mark.parametrize("world,grouped", [(2, True), pytest.param(3, False, marks=pytest.mark.slow),
+                                          pytest.param(3, True, marks=pytest.mark.slow)])
 def test_shared_tables_move_the_rows_the_process_group_moves(world, grouped):
     shared = run_ranks(scenario_exchange, world, "/dev/shm", grouped, timeout=120)
     plain = run_ranks(scenario_exchange, world, None, grouped, timeout=120)

@@ -12,7 +12,7 @@ Two methods:
 * ``"metis"``: DGL's ``metis_partition_assignment`` on the symmetric graph, with users
   and items balanced separately (``balance_ntypes``), which keeps most user-item
   edges inside a partition, so fewer rows cross the wire. METIS as DGL 2.1.0 calls it
-  takes no seed and is **not repeatable** (measured: different assignments for
+  takes no seed and is **not repeatable** (different assignments for
   3 parts from one process to the next). So partition on one rank, broadcast it
   (:func:`.comm.broadcast_partition`), and store it with the checkpoint. METIS balances node
   counts; :func:`balance_loads` then moves boundary nodes until the ranks' modelled costs of
@@ -173,8 +173,8 @@ def _metis_owner(graph: BipartiteGraph, world_size: int, max_imbalance: float) -
 # work of one non-zero of A_hat (read by every sparse product): an own row is also gathered
 # from its codes, added up at every layer and stepped by Adam; a halo row is gathered and
 # scattered (its exchange costs both ranks alike, so it does not unbalance them). Fitted to
-# profile_step at 1/10 of the scale benchmark (docs/scale.md): 0.18 us a non-zero, and the
-# waits of two partitions of the same graph (METIS, and one balanced by non-zeros and rows).
+# benchmarks/profile_step.py's timings of two partitions of one graph (METIS, and one
+# balanced by non-zeros and rows).
 ROW_COST = 9.0
 HALO_COST = 2.0
 

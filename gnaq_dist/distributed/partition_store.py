@@ -1,8 +1,7 @@
 """A node partition computed once, apart from the training workers, and kept in a file.
 
-Why: METIS reads the whole graph (at the scale benchmark's full size, 59.5 M train edges,
-it peaked at 15.2 GB), so a rank that runs it at setup peaks at the whole graph whatever
-its shard. ``gnaq partition`` runs it in its own process (or on a bigger machine, once
+Why: METIS reads the whole graph, so a rank that runs it at setup peaks at the whole
+graph's memory whatever its shard. ``gnaq partition`` runs it in its own process (or on a bigger machine, once
 per dataset and worker count) and writes the owner of every node; workers given
 ``distributed.partition_file`` read that instead, and their memory follows their shard.
 The same split as DGL's ``partition_graph`` before ``DistGraph`` training and

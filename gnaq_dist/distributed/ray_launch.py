@@ -54,9 +54,8 @@ def check_reachable(address: str, timeout: float = 5.0) -> None:
 
 
 # A Ray that this process starts for itself on one machine leaves out what only a cluster
-# needs. Every Ray Python process wakes 100 times a second (its core worker's signal check,
-# not configurable), and where the training workers fill the machine's cores each such
-# process costs their step about 1 % (docs/scale.md, "2026-12-05 (day)").
+# needs: every Ray Python process wakes 100 times a second (its core worker's signal check,
+# not configurable), which slows training workers that fill the machine's cores.
 ONE_MACHINE_RAY_ENV = {
     "RAY_prestart_worker_first_driver": "0",  # no idle pool workers started ahead of the actors
     "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "0",  # no other node whose preemption to watch for
@@ -108,7 +107,7 @@ def one_machine_trainer_class() -> type:
     (this Ray has neither: Train's fixed scaling policy asks it at every poll for nothing).
     Each is a Ray Python process (see ``ONE_MACHINE_RAY_ENV``). This reaches into Ray Train's
     private callbacks and scaling policy (ray is pinned in pyproject.toml;
-    tests/test_ray_one_machine.py checks which processes run): where they have moved, the
+    tests/test_ray_one_machine.py checks which actors run): where they have moved, the
     plain ``TorchTrainer`` is returned.
     """
     from ray.train.torch import TorchTrainer

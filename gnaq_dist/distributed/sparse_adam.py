@@ -15,10 +15,8 @@ The update of a touched row is torch's Adam (no weight decay, no amsgrad):
 
 The update runs in one pass over each touched row (numba, :func:`_fused_kernel`): torch's
 elementwise form makes five temporaries the size of the touched rows and reads and writes
-each of them. With a table of 3 M x 64 (a rank's latent rows at the scale benchmark's full
-size) that was 5.8 s an update on this machine against 1.1 s in one pass
-(``benchmarks/bench_row_adam.py``), and the temporaries were fresh memory in every phase's
-first step (57 s there). Without numba the torch form runs (the tests' reference).
+each of them (``benchmarks/bench_row_adam.py`` compares the two). Without numba the torch
+form runs (the tests' reference).
 """
 
 from __future__ import annotations

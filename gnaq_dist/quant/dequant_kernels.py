@@ -1,11 +1,10 @@
 """Packed rows to float rows and back to level gradients, each in one pass (numba).
 
-Why: a split training step turns every row it propagates (own and halo: 4.6 M rows a rank at
-the scale benchmark's full size) from packed codes + per-row levels into an (n, d) float table,
-and the backward sums the table's gradient into each row's levels. In torch that is an unpack
-(a uint8 code per value), an int64 index per block (8 bytes per value) for ``gather`` and again
-for ``scatter_add_``: about 2 s of a 17 s step at full size (docs/scale.md). Here each row is
-read once, from its packed bytes: 4.6 M rows x 64 take 0.15 s forward and 0.22 s backward.
+Why: a split training step turns every row it propagates (own and halo) from packed codes +
+per-row levels into an (n, d) float table, and the backward sums the table's gradient into each
+row's levels. In torch that is an unpack (a uint8 code per value), an int64 index per block
+(8 bytes per value) for ``gather`` and again for ``scatter_add_``; here each row is read once,
+from its packed bytes.
 
 Without numba the same results come from torch (:func:`dequantize_rows_torch`,
 :func:`level_gradients_torch`), which the tests also use as the reference.
@@ -55,7 +54,7 @@ def _kernels(bits: int) -> tuple[Any, Any] | None:
     """The compiled pair (forward, backward) for ``bits`` a code, or None where numba is missing.
 
     ``bits`` is a constant of the compiled code (a closure variable), so the per-byte loop
-    unrolls; a kernel for any bit width, shifting by a variable, ran 4x slower. Compiled once
+    unrolls; a kernel for any bit width, shifting by a variable, is several times slower. Compiled once
     per bit width into numba's cache (it keys closures by their constants)."""
     return compile_with_numba(lambda numba, cache: _compile(numba, bits, cache), "the packed-row kernels")
 
@@ -122,8 +121,8 @@ def _compile(numba: Any, bits: int, cache: bool) -> tuple[Any, Any]:
 def warm_up(bits: int, dim: int = 8) -> None:
     """Load (or compile) ``bits``' kernels now, for packed rows whole and sliced out of wire rows.
 
-    Why: numba loads a kernel at its first call with each array layout, 0.6 s from its cache
-    (1.6 s compiling), which would otherwise fall in the first training step."""
+    Why: numba loads (or compiles) a kernel at its first call with each array layout, which
+    would otherwise fall in the first training step."""
     width = dim
     code = packed_row_bytes(width, bits)
     wire = torch.zeros((2, code + 4), dtype=torch.uint8)

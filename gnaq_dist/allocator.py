@@ -11,8 +11,8 @@ after step. It is applied at the first training step, so that setup's transients
 fragment the heap. The distributed loop keeps its step's tables (``HaloPlan.step_buffer``),
 so with small batches the heap settles and ``retain_freed_memory: null`` turns it on there;
 steps of millions of positives (the default schedule at scale) make transients of many
-sizes, and there the heap grows by about a GB a step at full scale, so null leaves it off
-(docs/notes/2026-12-07-epoch-cost.md). The one-process loop's autograd tensors fragment
+sizes, and there the heap grows step after step, so null leaves it off (the measurements:
+docs/notes/2026-12-07-epoch-cost.md). The one-process loop's autograd tensors fragment
 it, so there it is opt-in. A Ray Train worker also needs ``THREAD_ALLOCATION_ENV``
 (below), or its loop's thread does not use this heap.
 """
@@ -39,9 +39,8 @@ _applied: bool | None = None
 # empty: the blocks a step frees (up to the 32 MiB mmap threshold) then come back as fresh
 # pages, faulted in one by one, at the next step. In the main arena, with the thresholds
 # fixed, they stay in the process and are reused. Read by glibc when the process starts,
-# so they go into the workers' environment (``ray_launch.train_on_ray``). Measured on Ray,
-# W = 2: minor faults in the steps 9-10k/s -> under 1k/s a worker at 1/10; at full,
-# 27.6 -> 26.0 s a step (docs/scale.md, "2026-12-05 (late)"). Peak RSS unchanged.
+# so they go into the workers' environment (``ray_launch.train_on_ray``); the measurements
+# are in docs/notes/moved-from-docstrings.md.
 THREAD_ALLOCATION_ENV = {
     "MALLOC_ARENA_MAX": "1",  # every thread allocates from the main arena
     "MALLOC_MMAP_THRESHOLD_": str(32 << 20),  # glibc's largest; fixed, so no block below it is mmapped

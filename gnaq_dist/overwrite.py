@@ -187,8 +187,9 @@ def check_disjoint(out_uri: str, in_uri: str, storage_options: dict[str, Any] | 
     out_c = _canonical(out_fs, out_path)
     magic = _magic_at(in_path)
     if magic >= 0:  # a glob: its fixed directory, and the pattern below it
-        base = in_path[:magic].rsplit("/", 1)[0] if "/" in in_path[:magic] else ""
-        base_c = _canonical(in_fs, base or ".")
+        head = in_path[:magic]
+        base = head.rsplit("/", 1)[0] if "/" in head else ""
+        base_c = _canonical(in_fs, base or ("/" if in_path.startswith("/") else "."))
         rest = in_path[len(base):].lstrip("/")
         if _inside(base_c, out_c) or (_inside(out_c, base_c) and out_c != base_c
                                       and _glob_reaches(rest, out_c[len(base_c):])):

@@ -143,7 +143,15 @@ def _cmd_partition(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
         import json
 
         from gnaq_dist.distributed.partition_store import compute_partition, write_partition
+        from gnaq_dist.overwrite import check_disjoint, check_replaceable
+        from gnaq_dist.storage import output_exists, resolve
 
+        # before METIS reads the graph: a refusal costs nothing and changes nothing
+        check_disjoint(args.out, args.dataset, out_name="OUT", in_name="DATASET")
+        if args.overwrite:
+            check_replaceable(args.out, None, "partition")
+        elif output_exists(*resolve(args.out)):
+            raise GnaqInputError(f"{args.out}: output already exists (use --overwrite)")
         part, info = compute_partition(args.dataset, args.workers, args.method, seed=args.seed)
         manifest = write_partition(part, args.out, info, overwrite=args.overwrite)
         print(json.dumps({"out": args.out, **{k: manifest[k] for k in ("partition", "edge_cut", "seconds")}},

@@ -33,12 +33,20 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> di
             manifest = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
         raise GnaqInputError(f"{uri}: not a gnaq dataset (no {MANIFEST}; an unfinished or foreign directory)") from None
+    except (NotADirectoryError, IsADirectoryError):
+        raise GnaqInputError(f"{uri}: not a gnaq dataset (a file, or {MANIFEST} is not a file)") from None
     except (ValueError, UnicodeDecodeError):
         raise GnaqInputError(f"{mpath}: not valid JSON") from None
+    if not isinstance(manifest, dict):
+        raise GnaqInputError(f"{mpath}: a JSON {type(manifest).__name__}, not a dataset manifest (an object)")
     if manifest.get("format") != "gnaq-dataset":
         raise GnaqInputError(f"{mpath}: format {manifest.get('format')!r} is not 'gnaq-dataset'")
     if manifest.get("schema_version") != 1:
         raise GnaqInputError(f"{mpath}: schema_version {manifest.get('schema_version')!r} is not supported (expected 1)")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("path"), str)
+                                              for e in files.values()):
+        raise GnaqInputError(f"{mpath}: 'files' is not a mapping of file entries")
     return manifest
 
 

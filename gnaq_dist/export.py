@@ -44,7 +44,8 @@ from gnaq_dist.bundle import (
 )
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.interactions import InteractionData, unique_pair_keys
-from gnaq_dist.storage import AtomicOutput
+from gnaq_dist.overwrite import check_disjoint, check_replaceable
+from gnaq_dist.storage import AtomicOutput, output_exists, resolve
 
 #: Columns of near-random bytes (codes, levels, floats): dictionaries and statistics only add size.
 PLAIN_COLUMNS = ("codes", "levels", "embedding")
@@ -196,6 +197,8 @@ def export_bundle(
     """
     if kind not in KINDS:
         raise GnaqInputError(f"kind must be one of {KINDS}, got {kind!r}")
+    if overwrite:
+        check_replaceable(out_uri, storage_options, "bundle")
     if not isinstance(num_layers, int) or num_layers < 0:
         raise GnaqInputError(f"num_layers must be an integer >= 0, got {num_layers!r}")
     try:
@@ -248,6 +251,13 @@ def export_checkpoint(
     from gnaq_dist.checkpoint import load_for_export
     from gnaq_dist.dataset import load_id_maps
 
+    # before the checkpoint is read: an OUT that would replace or sit in it, or replace
+    # something that is not a bundle, changes nothing
+    check_disjoint(out_uri, checkpoint_uri, storage_options, out_name="OUT", in_name="CHECKPOINT")
+    if overwrite:
+        check_replaceable(out_uri, storage_options, "bundle")
+    elif output_exists(*resolve(out_uri, storage_options)):
+        raise GnaqInputError(f"{out_uri}: already exists; pass --overwrite (overwrite=True) to replace it")
     manifest, kind, table, data = load_for_export(checkpoint_uri, storage_options=storage_options)
     config = manifest.get("config") or {}
     model = manifest.get("model") or config.get("model") or {}

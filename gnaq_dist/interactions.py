@@ -12,6 +12,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from gnaq_dist.errors import GnaqInputError
+
 
 def unique_pair_keys(users: np.ndarray, items: np.ndarray, n_items: int) -> np.ndarray:
     """The sorted, distinct keys ``user * n_items + item`` of (user, item) pairs.
@@ -59,7 +61,8 @@ class InteractionData:
         if name == "test":
             return self.test_user, self.test_item
         if name == "valid":
-            if self.valid_user is None:
-                raise ValueError("this dataset has no validation split")
+            if self.valid_user is None:  # the CLI's one-line error (exit 2), before any training
+                raise GnaqInputError(f"{self.name or 'this dataset'}: no validation split "
+                                     "(eval.split=valid needs one: ingest with e.g. --valid-fraction 0.1)")
             return self.valid_user, self.valid_item
         raise ValueError(f"unknown split {name!r}")

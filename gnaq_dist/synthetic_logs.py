@@ -274,6 +274,10 @@ def generate_log(
         raise GnaqInputError(f"{target}: a .parquet output is one file; use a directory for --files {files}")
     if target.exists() and not overwrite:
         raise GnaqInputError(f"{target}: output already exists (use --overwrite)")
+    if overwrite:  # only a log gnaq generate wrote: a directory with _generate.json, or its one .parquet file
+        from gnaq_dist.overwrite import check_replaceable
+
+        check_replaceable(str(target), None, "generated log")
     if not target.parent.is_dir():
         raise GnaqInputError(f"{target.parent}: parent directory does not exist")
 

@@ -77,7 +77,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     for attr in ("cutoff", "valid_cutoff"):
         value = getattr(args, attr)
         if value is not None:
-            split[attr] = int(value) if value.lstrip("-").isdigit() else value
+            split[attr] = int(value) if value.lstrip("-").isascii() and value.lstrip("-").isdigit() else value
     if split:
         cfg["split"] = split
     if args.kcore_users is not None:

@@ -15,15 +15,23 @@ from gnaq_dist.errors import ConfigError
 SPLIT_STRATEGIES = ("random", "temporal_global", "temporal_user", "column")
 
 
+def _in_range(seconds: int, where: str) -> int:
+    from gnaq_dist.ingest.edges import TS_MAX, TS_MIN
+
+    if not TS_MIN <= seconds <= TS_MAX:
+        raise ConfigError(f"{where}: {seconds} unix seconds is outside years 1..9999")
+    return seconds
+
+
 def parse_cutoff(value: str | int, where: str) -> int:
     """ISO date/datetime string or int unix seconds -> int unix seconds (naive = UTC)."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected an ISO date/datetime or unix seconds, got {value!r}")
     if isinstance(value, int):
-        return value
+        return _in_range(value, where)
     text = value.strip()
-    if text.lstrip("-").isdigit():
-        return int(text)
+    if text.lstrip("-").isascii() and text.lstrip("-").isdigit():
+        return _in_range(int(text), where)
     try:
         dt = datetime.fromisoformat(text.replace("Z", "+00:00"))
     except ValueError:
@@ -75,6 +83,8 @@ class SplitConfig:
                 raise ConfigError("split.valid_cutoff: must be earlier than split.cutoff")
         if self.strategy == "temporal_global" and self.cutoff is None:
             raise ConfigError("split.cutoff: strategy temporal_global needs a cutoff (ISO date or unix seconds)")
+        if self.seed < 0:
+            raise ConfigError(f"split.seed: {self.seed} must be >= 0")
         if len({self.train_value, self.test_value, self.valid_value}) != 3:
             raise ConfigError("split.train_value/test_value/valid_value: must be three different labels")
 

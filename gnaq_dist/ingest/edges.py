@@ -11,6 +11,9 @@ from dataclasses import dataclass
 import numpy as np
 
 TS_NULL = np.iinfo(np.int64).min  # sentinel for a missing timestamp
+#: The unix seconds a timestamp may hold: 0001-01-01 .. 9999-12-31 23:59:59 UTC (what
+#: datetime and an ISO cutoff can name); ingest refuses others, TS_NULL as a value included.
+TS_MIN, TS_MAX = -62_135_596_800, 253_402_300_799
 TRAIN, TEST, VALID = 0, 1, 2
 SPLIT_NAMES = {TRAIN: "train", TEST: "test", VALID: "valid"}
 

@@ -14,6 +14,21 @@ from gnaq_dist.ingest.edges import TEST, TRAIN, Edges
 from gnaq_dist.ingest.idmap import IdMap
 from gnaq_dist.storage import join, resolve
 
+INT64_MAX = int(np.iinfo(np.int64).max)
+
+
+def _refuse_token(path: str, lineno: int, parts: list[str]) -> None:
+    """The one-line error for the first token of a line that is not an int64 id."""
+    for token in parts:
+        digits = token[1:] if token[:1] in "+-" else token
+        if not (digits.isascii() and digits.isdigit()):
+            raise GnaqInputError(f"{path}: line {lineno}: {token[:40]!r} is not an integer id (ASCII digits)")
+        if int(token) > INT64_MAX:
+            raise GnaqInputError(f"{path}: line {lineno}: id {token[:40]} is above the int64 range")
+        if int(token) < 0:
+            raise GnaqInputError(f"{path}: line {lineno}: negative id {token[:40]}")
+    raise GnaqInputError(f"{path}: line {lineno}: not a line of integer ids")
+
 
 def _parse(fs, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """-> (users listed, edge users, edge items) as int64."""
@@ -30,10 +45,11 @@ def _parse(fs, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         if not parts:
             continue
         try:
+            if not line.isascii():  # int() would take other scripts' digits
+                raise ValueError
             ids = np.array(parts, dtype=np.int64)
-        except ValueError:
-            bad = next(p for p in parts if not p.lstrip("-").isdigit())
-            raise GnaqInputError(f"{path}: line {lineno}: {bad!r} is not an integer id") from None
+        except (ValueError, OverflowError):
+            _refuse_token(path, lineno, parts)
         if (ids < 0).any():
             raise GnaqInputError(f"{path}: line {lineno}: negative id {int(ids[ids < 0][0])}")
         listed.append(ids[0])

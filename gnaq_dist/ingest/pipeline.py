@@ -17,12 +17,13 @@ from gnaq_dist.config import to_dict
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.ingest.clean import dedup, drop_known_pairs, kcore
 from gnaq_dist.ingest.config import IngestConfig, redacted
-from gnaq_dist.ingest.edges import SPLIT_NAMES, TEST, TS_NULL, Edges
+from gnaq_dist.ingest.edges import SPLIT_NAMES, TEST, TRAIN, TS_NULL, Edges
 from gnaq_dist.ingest.idmap import IdMap, compact
 from gnaq_dist.ingest.lightgcn_text import read_lightgcn
 from gnaq_dist.ingest.reader import open_source, read_parquet
 from gnaq_dist.ingest.split import assign_split
 from gnaq_dist.ingest.writer import write_dataset
+from gnaq_dist.overwrite import check_disjoint, check_replaceable
 from gnaq_dist.storage import output_exists, resolve
 
 
@@ -64,6 +65,9 @@ def ingest(source: str, out: str, config: IngestConfig, *, overwrite: bool = Fal
     opts = config.storage_options
     if overwrite and append:
         raise GnaqInputError(f"{out}: choose --append or --overwrite, not both")
+    check_disjoint(out, source, opts, out_name="OUT", in_name="SOURCE")
+    if overwrite:
+        check_replaceable(out, opts, "dataset")
     out_fs, out_path = resolve(out, opts)
     if not append and not overwrite and output_exists(out_fs, out_path):
         raise GnaqInputError(f"{out}: output already exists (use --overwrite, or --append to add to it)")
@@ -126,8 +130,11 @@ def ingest(source: str, out: str, config: IngestConfig, *, overwrite: bool = Fal
         label = edges.label
         if not (label == TEST).any():
             raise GnaqInputError(f"{source}: test.txt leaves no test data")
+        if not (label == TRAIN).any():
+            raise GnaqInputError(f"{source}: train.txt leaves no training data")
     else:
-        label = assign_split(edges, len(user_raw), config.split, source, require_test=old is None)
+        label = assign_split(edges, len(user_raw), config.split, source, require_test=old is None,
+                             require_train=old is None)
 
     rows_kept = len(edges)
     version, mode, history = 1, ("overwrite" if overwrite else "create"), []

@@ -25,7 +25,7 @@ def has_magic(path: str) -> bool:
 
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.ingest.config import IngestConfig
-from gnaq_dist.ingest.edges import TEST, TRAIN, TS_NULL, VALID, Edges
+from gnaq_dist.ingest.edges import TEST, TRAIN, TS_MAX, TS_MIN, TS_NULL, VALID, Edges
 from gnaq_dist.ingest.idmap import IdMap
 from gnaq_dist.storage import arrow_fs, resolve
 
@@ -206,6 +206,99 @@ def _bad_ids(arr: pa.Array, kind: str) -> tuple[int, int]:
     return nulls, empty
 
 
+# -- value checks (rows are counted from 0 in file order) ---------------------------------
+INT64_MAX = np.iinfo(np.int64).max
+
+
+@dataclass
+class Rows:
+    """Where a batch's rows sit in their file: ``start`` + the batch row, or + ``picked``
+    (the rows an event filter kept) when given."""
+
+    start: int = 0
+    picked: np.ndarray | None = None
+
+    def of(self, k: int) -> int:
+        return self.start + int(self.picked[k] if self.picked is not None else k)
+
+
+def _first(mask: pa.Array | np.ndarray) -> tuple[int, int]:
+    """(index of the first True, number of Trues) of a boolean mask (nulls count as False)."""
+    if isinstance(mask, (pa.Array, pa.ChunkedArray)):
+        mask = np.asarray(pc.fill_null(mask, False).to_numpy(zero_copy_only=False), dtype=bool)
+    hits = np.flatnonzero(mask)
+    return (int(hits[0]) if hits.size else -1), int(hits.size)
+
+
+def check_int64_range(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> None:
+    """Unsigned 64-bit values above the int64 range cannot be ids or unix seconds."""
+    if pat.is_uint64(arr.type) and len(arr):
+        k, count = _first(pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64())))
+        if k >= 0:
+            raise GnaqInputError(f"{path}: column {name!r} row {rows.of(k)}: {what} {arr[k].as_py()} is above the "
+                                 f"int64 range ({count} such rows in a batch)")
+
+
+def check_utf8(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> None:
+    """String values must be valid UTF-8 (Parquet does not check it; invalid bytes break
+    the id maps' Python strings, or worse)."""
+    if not _is_str(arr.type):
+        return
+    try:
+        arr.validate(full=True)
+        return
+    except pa.ArrowInvalid:
+        pass
+    try:
+        values = arr.cast(pa.large_binary() if pat.is_large_string(arr.type) else pa.binary()).to_pylist()
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError):
+        raise GnaqInputError(f"{path}: column {name!r}: a {what} is not valid UTF-8 (rows from {rows.of(0)})") from None
+    bad = []
+    for k, value in enumerate(values):
+        if value is None:
+            continue
+        try:
+            value.decode("utf-8")
+        except UnicodeDecodeError:
+            bad.append(k)
+    if bad:
+        raise GnaqInputError(f"{path}: column {name!r} row {rows.of(bad[0])}: {what} {values[bad[0]][:40]!r} is not "
+                             f"valid UTF-8 ({len(bad)} such rows in a batch)")
+
+
+def checked_unix_seconds(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarray:
+    """:func:`to_unix_seconds` of a column whose non-null values must lie in 0001-01-01 ..
+    9999-12-31 (what datetime and an ISO cutoff can name): -2**63, the missing-time
+    sentinel, is not silently read as null, and 2**62 seconds is not a time."""
+    arr = _plain(arr)
+    check_int64_range(arr, path, name, rows, "timestamp")
+    vals = to_unix_seconds(arr)
+    out = (vals < TS_MIN) | (vals > TS_MAX)
+    if arr.null_count:
+        out &= ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
+    k, count = _first(out)
+    if k >= 0:
+        raise GnaqInputError(f"{path}: column {name!r} row {rows.of(k)}: timestamp {int(vals[k])} unix seconds is "
+                             f"outside years 1..9999 (milliseconds or nanoseconds need a timestamp type; "
+                             f"{count} such rows in a batch)")
+    return vals
+
+
+def checked_weights(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarray:
+    """Weights as float32: nulls, NaN, infinities and values float32 cannot hold are refused."""
+    w = _plain(arr)
+    if w.null_count:
+        k, _ = _first(w.is_null())
+        raise GnaqInputError(f"{path}: column {name!r} has {w.null_count} null weights in a batch "
+                             f"(first at row {rows.of(k)})")
+    weight = np.asarray(w.cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+    k, count = _first(~np.isfinite(weight))
+    if k >= 0:
+        raise GnaqInputError(f"{path}: column {name!r} row {rows.of(k)}: weight {w[k].as_py()!r} is not a finite "
+                             f"float32 (NaN and infinities are refused like nulls; {count} such rows in a batch)")
+    return weight
+
+
 def to_unix_seconds(arr: pa.Array) -> np.ndarray:
     """timestamp[*] / date32 / date64 / integer -> int64 unix seconds (TS_NULL for nulls)."""
     arr = _plain(arr)
@@ -292,47 +385,61 @@ def read_parquet(source: Source, config: IngestConfig, users: IdMap, items: IdMa
             dataset = ds.dataset(f.path, filesystem=afs, format="parquet", partitioning="hive", partition_base_dir=source.base)
             fragment = next(iter(dataset.get_fragments()))
             scanner = fragment.scanner(schema=f.schema, columns=names, batch_size=config.batch_rows, use_threads=True)
-            for batch in scanner.to_batches():
-                n = batch.num_rows
-                stats.rows_read += n
-                bar.update(n)
-                if n == 0:
-                    continue
-                if use_event:
-                    mask = pc.fill_null(pc.is_in(_as_str(batch.column(cols.event)), value_set=keep), False)
-                    batch = batch.filter(mask)
-                    stats.filtered_by_event += n - batch.num_rows
-                    if batch.num_rows == 0:
+            offset, rows = 0, Rows(0)
+            try:
+                for batch in scanner.to_batches():
+                    n = batch.num_rows
+                    rows, offset = Rows(offset), offset + n
+                    stats.rows_read += n
+                    bar.update(n)
+                    if n == 0:
                         continue
-                parts.append(_convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set, label_codes))
+                    if use_event:
+                        mask = pc.fill_null(pc.is_in(_as_str(batch.column(cols.event)), value_set=keep), False)
+                        rows.picked = np.flatnonzero(np.asarray(mask.to_numpy(zero_copy_only=False), dtype=bool))
+                        batch = batch.filter(mask)
+                        stats.filtered_by_event += n - batch.num_rows
+                        if batch.num_rows == 0:
+                            continue
+                    parts.append(_convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set,
+                                          label_codes, rows))
+            except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
+                # a corrupt page or an undecodable value: the file, not a traceback
+                first = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
+                raise GnaqInputError(f"{f.path}: cannot read the rows at or after row {rows.start} ({first})") from None
     finally:
         bar.close()
     return Edges.concat(parts), stats
 
 
-def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set, label_codes) -> Edges:
+def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set, label_codes,
+             rows: Rows | None = None) -> Edges:
     cols = config.columns
+    rows = rows or Rows()
     mapped = []
     for role, idmap in (("user", users), ("item", items)):
         name = getattr(cols, role)
-        arr = _ids(batch.column(name), idmap.kind)
+        plain = _plain(batch.column(name))
+        if idmap.kind == "int":
+            check_int64_range(plain, f.path, name, rows, f"{role} id")
+        else:
+            check_utf8(plain, f.path, name, rows, f"{role} id")
+        arr = _ids(plain, idmap.kind)
         nulls, empty = _bad_ids(arr, idmap.kind)
         if nulls or empty:
             whole = _ids(fragment.to_table(schema=f.schema, columns=[name]).column(name).combine_chunks(), idmap.kind)
             nulls, empty = _bad_ids(whole, idmap.kind)
+            bad = whole.is_null() if nulls else pc.equal(whole, "")
             raise GnaqInputError(
-                f"{f.path}: column {name!r} has {nulls} null and {empty} empty-string {role} ids (of {len(whole)} rows)"
+                f"{f.path}: column {name!r} has {nulls} null and {empty} empty-string {role} ids (of {len(whole)} rows; "
+                f"first at row {_first(bad)[0]})"
             )
         mapped.append(idmap.map(arr).astype(np.int32))
-    ts = to_unix_seconds(batch.column(cols.timestamp)) if use_ts else None
-    weight = None
-    if cols.weight:
-        w = _plain(batch.column(cols.weight))
-        if w.null_count:
-            raise GnaqInputError(f"{f.path}: column {cols.weight!r} has {w.null_count} null weights in a batch")
-        weight = np.asarray(w.cast(pa.float32(), safe=False).to_numpy(zero_copy_only=False), dtype=np.float32)
+    ts = checked_unix_seconds(batch.column(cols.timestamp), f.path, cols.timestamp, rows) if use_ts else None
+    weight = checked_weights(batch.column(cols.weight), f.path, cols.weight, rows) if cols.weight else None
     label = None
     if use_split:
+        check_utf8(_plain(batch.column(cols.split)), f.path, cols.split, rows, "split label")
         values = _as_str(batch.column(cols.split))
         pos = pc.index_in(values, value_set=label_set)
         if pos.null_count:

@@ -89,8 +89,10 @@ def temporal_global_split(edges: Edges, cfg: SplitConfig, where: str) -> np.ndar
     return label
 
 
-def assign_split(edges: Edges, n_users: int, cfg: SplitConfig, where: str, require_test: bool = True) -> np.ndarray:
-    """Labels for ``edges`` by ``cfg.strategy``; error if no row ends up in test."""
+def assign_split(edges: Edges, n_users: int, cfg: SplitConfig, where: str, require_test: bool = True,
+                 require_train: bool = True) -> np.ndarray:
+    """Labels for ``edges`` by ``cfg.strategy``; error if no row ends up in test, or none in
+    train (a model trained on nothing would still report metrics)."""
     if cfg.strategy == "column":
         assert edges.label is not None
         label = edges.label
@@ -108,4 +110,11 @@ def assign_split(edges: Edges, n_users: int, cfg: SplitConfig, where: str, requi
             "column": f"no row has the label {cfg.test_value!r}",
         }[cfg.strategy]
         raise GnaqInputError(f"{where}: split {cfg.strategy!r} leaves no test data ({hint})")
+    if require_train and not (label == TRAIN).any():
+        first = cfg.valid_cutoff if cfg.valid_cutoff is not None else cfg.cutoff
+        hint = {
+            "column": f"no row has the label {cfg.train_value!r}",
+            "temporal_global": f"every timestamp is at or after {first!r}",
+        }.get(cfg.strategy, "every row was held out")
+        raise GnaqInputError(f"{where}: split {cfg.strategy!r} leaves no training data ({hint})")
     return label

@@ -7,13 +7,27 @@ itself before any data is read or any training starts.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
-from gnaq_dist.errors import ConfigError
+from gnaq_dist.errors import ConfigError, GnaqInputError
 
 METHODS = ("fp", "gnaq", "gnaq_ste", "lsq", "n2uq", "bigear")
 QUANT_BITS = (1, 2, 4, 8)
+MAX_SEED = 2**32 - 1  # numpy's legacy seed (np.random.seed) takes 0 .. 2**32 - 1
+
+
+def _finite(key: str, value: float | None, *, low: float = 0.0, strict: bool = False, none_ok: bool = False) -> None:
+    """``value`` is a finite number >= ``low`` (> ``low`` when ``strict``); YAML's .nan and
+    .inf parse as floats, and a NaN passes every ``<`` test."""
+    if value is None:
+        if none_ok:
+            return
+        raise ConfigError(f"{key}: null is not allowed")
+    bound = f"> {low:g}" if strict else f">= {low:g}"
+    if not math.isfinite(value) or value < low or (strict and value == low):
+        raise ConfigError(f"{key}: {value!r} must be a finite number {bound}" + (" or null" if none_ok else ""))
 
 
 @dataclass
@@ -51,10 +65,10 @@ class OptimConfig:
     grad_clip: float | None = 3.0  # gradient value clip (the reference code's 3); null = off
 
     def validate(self) -> None:
-        if self.lr <= 0 or (self.quant_lr is not None and self.quant_lr <= 0):
-            raise ConfigError("optim.lr and optim.quant_lr must be > 0")
-        if self.l2 < 0:
-            raise ConfigError("optim.l2 must be >= 0")
+        _finite("optim.lr", self.lr, strict=True)
+        _finite("optim.quant_lr", self.quant_lr, strict=True, none_ok=True)
+        _finite("optim.l2", self.l2)
+        _finite("optim.grad_clip", self.grad_clip, strict=True, none_ok=True)
 
 
 @dataclass
@@ -87,10 +101,15 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
         if self.loss_chunk < 1:
             raise ConfigError(f"schedule.loss_chunk must be >= 1, got {self.loss_chunk}")
-        if self.max_minutes is not None and not self.max_minutes > 0:
-            raise ConfigError(f"schedule.max_minutes must be > 0 or null, got {self.max_minutes}")
+        if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):
+            raise ConfigError(f"schedule.max_minutes must be a finite number > 0 or null, got {self.max_minutes}")
         if self.max_steps is not None and self.max_steps < 1:
             raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {self.max_steps}")
+        if self.eval_every < 0:
+            raise ConfigError(f"schedule.eval_every must be >= 0, got {self.eval_every}")
+        bad = [f for f in self.fanouts if f == 0 or f < -1]
+        if bad:
+            raise ConfigError(f"schedule.fanouts: {bad[0]} is not a fanout (>= 1, or -1 for all neighbours)")
 
 
 @dataclass
@@ -159,6 +178,10 @@ class TrainConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
 
     def validate(self) -> None:
+        if not 0 <= self.seed <= MAX_SEED:
+            raise ConfigError(f"seed: {self.seed} is not in 0 .. {MAX_SEED} (numpy's seed range)")
+        if self.threads is not None and self.threads < 1:
+            raise ConfigError(f"threads: {self.threads} must be >= 1 or null (torch's default)")
         self.model.validate()
         self.optim.validate()
         self.schedule.validate()
@@ -170,6 +193,19 @@ class TrainConfig:
                 f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "
                 f"{self.model.num_layers}"
             )
+
+    def check_dataset(self, manifest: dict[str, Any]) -> None:
+        """Refuse a dataset this config cannot train on, from its manifest alone (cheap:
+        before any table is read or Ray starts): ``eval.split`` must be one the dataset
+        has, and its train split must hold rows."""
+        counts = manifest.get("counts") if isinstance(manifest.get("counts"), dict) else {}
+        where = self.dataset or "the dataset"
+        if not counts.get(self.eval.split):
+            has = ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
+            raise GnaqInputError(f"{where}: eval.split={self.eval.split!r} but the dataset has no "
+                                 f"{self.eval.split} rows (splits: {has})")
+        if not counts.get("train"):
+            raise GnaqInputError(f"{where}: the dataset has no training rows")
 
     @property
     def checkpoint_root(self) -> str:

@@ -498,8 +498,13 @@ def test_eval_split_valid_on_a_dataset_without_one(tmp_path, capsys):
     rc = main(["train", "--dataset", str(ds), "--out", str(run), "--epochs", "1", "--no-progress",
                "--set", "schedule.warmup_epochs=0", "--set", "eval.split=valid"])
     err = capsys.readouterr().err.strip().splitlines()
-    assert rc == 2 and len(err) == 1 and "no validation split" in err[0], err
+    assert rc == 2 and len(err) == 1 and "no valid rows" in err[0], err
     assert not [p for p in run.rglob("*") if p.is_file()]  # no metrics, no summary
+    # with --workers: refused on the driver from the manifest, before Ray starts
+    rc = main(["train", "--dataset", str(ds), "--out", str(tmp_path / "run2"), "--workers", "2", "--no-progress",
+               "--set", "eval.split=valid"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "no valid rows" in err[0], err
     # a dataset with a validation split passes the same check
     withvalid = ingested(capsys, tmp_path, "dsv", "--valid-fraction", "0.25")
     config.check_dataset(read_manifest(str(withvalid)))

@@ -83,7 +83,7 @@ def scenario_time_limit(rank: int, world: int, tmp: str) -> dict:
     from gnaq_dist.distributed.trainer import DistributedTrainer
 
     cfg = small_config("gnaq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 2,
-                                     "schedule.max_minutes": 0.04, "checkpoint.every_epochs": 1000,
+                                     "schedule.max_minutes": 0.1, "checkpoint.every_epochs": 1000,
                                      "checkpoint.dir": tmp, "schedule.propagation": "full"})
     trainer = DistributedTrainer(cfg, small_data())
     if rank == 1:

@@ -5,7 +5,10 @@ most expensive kind of bug in a multi-hour training job, so unknown keys, wrong 
 and values outside a ``Literal`` are errors that name the file and the key.
 
 Layering follows RecBole: defaults (the dataclass) < each YAML file in order < command
-line overrides. Every key is documented in ``docs/config.md``.
+line overrides. A file may name the file it layers on with a top-level ``base: PATH``
+(resolved relative to that file, read first, itself allowed a ``base``), so
+``configs/gowalla.yaml`` holds only what differs from ``configs/base.yaml``. Every key is
+documented in ``docs/config.md``.
 """
 
 from __future__ import annotations
@@ -138,7 +141,11 @@ def _deep_merge(base: dict[str, Any], update: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-def read_yaml(path: str | Path) -> dict[str, Any]:
+BASE_KEY = "base"
+
+
+def read_yaml(path: str | Path, _chain: tuple[Path, ...] = ()) -> dict[str, Any]:
+    """One YAML config file as a mapping, its ``base:`` chain merged in (the base first)."""
     path = Path(path)
     if not path.exists():
         raise ConfigError(f"{path}: config file not found")
@@ -148,7 +155,19 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
         raise ConfigError(f"{path}: not valid YAML ({exc.__class__.__name__})") from exc
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: the top level must be a mapping")
-    return data
+    if BASE_KEY not in data:
+        return data
+    ref = data.pop(BASE_KEY)
+    if not isinstance(ref, str) or not ref.strip():
+        raise ConfigError(f"{path}: {BASE_KEY}: expected the path of a YAML file, got {ref!r}")
+    base = path.parent / Path(ref).expanduser()
+    if not base.is_file():
+        raise ConfigError(f"{path}: {BASE_KEY} {ref!r} not found ({base})")
+    chain = (*_chain, path.resolve())
+    if base.resolve() in chain:
+        cycle = " -> ".join(str(p) for p in (*chain, base.resolve()))
+        raise ConfigError(f"{path}: {BASE_KEY} {ref!r} makes a cycle ({cycle})")
+    return _deep_merge(read_yaml(base, chain), data)
 
 
 def parse_override(text: str) -> dict[str, Any]:

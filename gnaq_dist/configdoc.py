@@ -70,6 +70,14 @@ def render() -> str:
         "value is parsed as YAML). Unknown keys, wrong types and contradictions are errors that name",
         "the file and the key, raised before any data is read.",
         "",
+        "A file may start from another with a top-level `base: PATH` (resolved relative to the",
+        "file, read first, itself allowed a `base`; a missing base or a cycle is an error naming",
+        "the file). `configs/base.yaml` holds the settings the paper's runs share and each",
+        "per-dataset file (`configs/gowalla.yaml`, ...) names it and holds only what differs, so",
+        "`--config configs/gowalla.yaml` is base.yaml, then gowalla.yaml, then any later",
+        "`--config` files, then `--set`. `configs/demo.yaml` is `base:` the packaged",
+        "`gnaq_dist/configs/demo.yaml` (what `gnaq run` trains).",
+        "",
     ]
     for title, cls, source in sections:
         lines += [f"## {title}", "", f"Source: `{source}` (`{cls.__name__}`).", "",

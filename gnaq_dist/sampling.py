@@ -93,25 +93,35 @@ class NegativeSampler:
         return t + below - self.indptr[users][:, None]
 
 
+def _at_most(numba):
+    """``at_most(a, lo, hi, v)``: how many of ascending ``a[lo:hi]`` are ``<= v`` (a binary
+    search, inlined into the kernels that call it)."""
+    @numba.njit(inline="always")
+    def at_most(a, lo, hi, v):  # pragma: no cover - compiled
+        start = lo
+        while lo < hi:
+            mid = (lo + hi) >> 1
+            if a[mid] <= v:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo - start
+    return at_most
+
+
 @functools.lru_cache(maxsize=None)
 def _rank_kernel():
     """numba's per-row search for :meth:`NegativeSampler._item_of_rank`, or None."""
     def build(numba, cache):
+        at_most = _at_most(numba)
+
         @numba.njit(nogil=True, boundscheck=False, cache=cache)
         def item_of_rank(indptr, gaps, users, t, out):  # pragma: no cover - compiled
             n, k = t.shape
             for i in range(n):
                 start, end = indptr[users[i]], indptr[users[i] + 1]
-                for c in range(k):
-                    v = t[i, c]
-                    lo, hi = start, end
-                    while lo < hi:  # how many of the row's a_k are <= v
-                        mid = (lo + hi) >> 1
-                        if gaps[mid] <= v:
-                            lo = mid + 1
-                        else:
-                            hi = mid
-                    out[i, c] = v + lo - start
+                for c in range(k):  # the t-th non-train item: t plus the row's a_k <= t
+                    out[i, c] = t[i, c] + at_most(gaps, start, end, t[i, c])
         return item_of_rank
 
     from gnaq_dist.quant.dequant_kernels import compile_with_numba
@@ -129,6 +139,7 @@ def _owned_slice_kernels():
         u64 = np.uint64
         golden, m1, m2 = u64(0x9E3779B97F4A7C15), u64(0xBF58476D1CE4E5B9), u64(0x94D049BB133111EB)
         s30, s27, s31, s11 = u64(30), u64(27), u64(31), u64(11)
+        at_most = _at_most(numba)
 
         @numba.njit(inline="always")
         def mix(x):  # pragma: no cover - compiled; keyed.splitmix64 of one value
@@ -158,14 +169,7 @@ def _owned_slice_kernels():
             m = edges.shape[0]
             if m == 0:
                 return 0
-            lo, hi = 0, all_indptr.shape[0]
-            while lo < hi:  # the first edge's user: searchsorted(all_indptr, e, side="right") - 1
-                mid = (lo + hi) >> 1
-                if all_indptr[mid] <= edges[0]:
-                    lo = mid + 1
-                else:
-                    hi = mid
-            u = lo - 1
+            u = at_most(all_indptr, 0, all_indptr.shape[0], edges[0]) - 1  # the first edge's user
             for i in range(m):
                 e = edges[i]
                 while all_indptr[u + 1] <= e:  # edges ascend: the user only moves forwards
@@ -184,14 +188,7 @@ def _owned_slice_kernels():
                         out_neg[count, c] = min(np.int64(f * n_items), max(n_items - 1, 0))
                         continue
                     t = min(np.int64(f * r), r - 1)
-                    a, b = row_start, row_end
-                    while a < b:  # how many of the row's a_k are <= t
-                        mid = (a + b) >> 1
-                        if gaps[mid] <= t:
-                            a = mid + 1
-                        else:
-                            b = mid
-                    out_neg[count, c] = t + a - row_start
+                    out_neg[count, c] = t + at_most(gaps, row_start, row_end, t)
                 count += 1
             return count
         return permute, walk

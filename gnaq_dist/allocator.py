@@ -11,10 +11,9 @@ after step. It is applied at the first training step, so that setup's transients
 fragment the heap. The distributed loop keeps its step's tables (``HaloPlan.step_buffer``),
 so with small batches the heap settles and ``retain_freed_memory: null`` turns it on there;
 steps of millions of positives (the default schedule at scale) make transients of many
-sizes, and there the heap grows step after step, so null leaves it off (the measurements:
-docs/notes/2026-12-07-epoch-cost.md). The one-process loop's autograd tensors fragment
-it, so there it is opt-in. A Ray Train worker also needs ``THREAD_ALLOCATION_ENV``
-(below), or its loop's thread does not use this heap.
+sizes, and there the heap grows step after step, so null leaves it off. The one-process
+loop's autograd tensors fragment it, so there it is opt-in. A Ray Train worker also needs
+``THREAD_ALLOCATION_ENV`` (below), or its loop's thread does not use this heap.
 """
 
 from __future__ import annotations

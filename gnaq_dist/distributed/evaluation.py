@@ -158,10 +158,7 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
         storage = storage_figures(own.bits, own.dim, own.groups, t[2], t[0], level_bytes)
     L = trainer.config.model.num_layers
     if method.name == "fp" and L > 0:  # the weight in place and the halo's rows in the plan's table, as a step
-        weight = method.weight.detach()
-        halo = plan.exchange.start_pull_rows(weight, plan.halo_buffer(weight), counter, kind="rows_fetched").wait()
-        final_own = plan.mean_forward(weight, halo, L, counter)
-        del halo
+        final_own = plan.mean_of_own_rows(method.weight.detach(), L, counter)
     else:
         payload = torch.cat([server.serve(own_ids), plan.exchange.pull_wire_rows(server, counter)])
         # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).

@@ -314,10 +314,15 @@ class HaloPlan:
         buf = self._buffers[name] = reuse_or_allocate(self._buffers.get(name), rows, like)
         return buf
 
-    def halo_buffer(self, like: torch.Tensor) -> torch.Tensor:
-        """The (n_halo, d) table of the halo's rows that :meth:`mean_forward` pulls each layer
-        into; free before it starts, so layer 0's halo rows may arrive there."""
-        return self._buffer("halo", self.n_halo, like)
+    def mean_of_own_rows(self, x_own: torch.Tensor, num_layers: int, counter: WireCounter | None = None, *,
+                         out: torch.Tensor | None = None) -> torch.Tensor:
+        """:meth:`mean_forward` from this rank's fp32 rows ``x_own`` read in place: the halo's
+        layer-0 rows (fp32 is their wire form, counted as ``rows_fetched``) arrive straight in
+        the plan's halo table, which the forward reads once before its layers reuse it
+        (collective; ``num_layers >= 1``)."""
+        halo = self.exchange.start_pull_rows(x_own, self._buffer("halo", self.n_halo, x_own), counter,
+                                             kind="rows_fetched").wait()
+        return self.mean_forward(x_own, halo, num_layers, counter, out=out)
 
     def step_buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
         """The training step's kept tables, reused every step (no page faults for fresh ones):

@@ -346,13 +346,8 @@ class DistributedTrainer:
         buffers (the generic path adds the layer-0 copy, autograd's gradients and their sums)."""
         cfg, shard, plan = self.config, self.shard, self.halo
         weight = shard.method.weight.detach()
-        # The halo's layer-0 rows (fp32: their wire form) straight into the plan's halo table,
-        # which the forward reads once before its layers reuse it.
-        halo_rows = plan.exchange.start_pull_rows(weight, plan.halo_buffer(weight), self.wire.train,
-                                                  kind="rows_fetched").wait()
         out_buf = plan.step_buffer("output", weight)
-        final_own = plan.mean_forward(weight, halo_rows, cfg.model.num_layers, self.wire.train, out=out_buf)
-        del halo_rows
+        final_own = plan.mean_of_own_rows(weight, cfg.model.num_layers, self.wire.train, out=out_buf)
         bpr, _, grad_own = self._final_row_gradient(final_own, out_buf, local_users, pos, neg, global_batch)
         g_own, g_halo = plan.mean_backward(grad_own, cfg.model.num_layers, self.wire.train)
         coef = occurrences.to(torch.float32).mul_(cfg.optim.l2 / global_batch)

@@ -213,7 +213,8 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     if custom is not None:
         summary = dict(custom(config, report=report))
     else:
-        summary = dict(train_worker(config, report=report, resume_hint=resume_hint))
+        summary = dict(train_worker(config, report=report, resume_hint=resume_hint,
+                                    final_checkpoint=bool(payload.get("final_checkpoint"))))
     # Where each worker ran and its peak resident memory (MiB), gathered for rank 0's summary.
     # (and its shard: the rows and non-zeros it propagated, which its memory follows).
     mine = (ray.get_runtime_context().get_node_id(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
@@ -262,21 +263,6 @@ def ray_storage(out: str, storage_options: dict[str, Any] | None = None) -> tupl
     return join(path, "ray"), arrow_fs(fs)
 
 
-def final_checkpoint_config(config: TrainConfig) -> None:
-    """Make the workers write a checkpoint at the end of training also with ``checkpoint.every_epochs``
-    0, without periodic ones and without resuming (what ``every_epochs: 0`` means for ``resume: auto``).
-
-    The distributed loop checkpoints at every ``every_epochs``-th epoch and at the run's last
-    step: ``every_epochs`` set to the run's length leaves only the last.
-    """
-    ck = config.checkpoint
-    if ck.every_epochs:
-        return
-    ck.every_epochs = config.schedule.epochs
-    if ck.resume == "auto":
-        ck.resume = "never"
-
-
 def train_on_ray(
     config: TrainConfig,
     workers: int | None = None,
@@ -300,8 +286,6 @@ def train_on_ray(
         config.distributed.workers = workers
     config.validate()
     _absolute_paths(config)
-    if final_checkpoint:
-        final_checkpoint_config(config)
     workers = config.distributed.workers
     storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)
     import ray
@@ -314,7 +298,8 @@ def train_on_ray(
         trainer_class = one_machine_trainer_class() if started else TorchTrainer
         trainer = trainer_class(
             _worker_entry,
-            train_loop_config={"config": to_dict(config), "worker_fn": worker_fn},
+            train_loop_config={"config": to_dict(config), "worker_fn": worker_fn,
+                               "final_checkpoint": final_checkpoint},
             torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
             scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
                                          resources_per_worker={"CPU": 1},

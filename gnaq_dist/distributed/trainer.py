@@ -82,11 +82,12 @@ class DistributedTrainer:
     keep_whole_edges: bool = False
 
     def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
-                 resume_hint: ResumeHint | None = None):
+                 resume_hint: ResumeHint | None = None, final_checkpoint: bool = False):
         if not dist.is_initialized():
             raise RuntimeError("train_worker needs an initialised default process group")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
         self.report = report
+        self.final_checkpoint = final_checkpoint  # a checkpoint at the end also with every_epochs 0
         self.log = RunLog(None)
         self.history: list[dict[str, Any]] = []
         def load() -> InteractionData:
@@ -625,10 +626,11 @@ class DistributedTrainer:
             metrics, storage = self.evaluate()
             self._emit("eval", epoch=epoch, phase=phase, step=self.global_step,
                        train_seconds=times.train_seconds(), **metrics)
-        if every and self._last_checkpoint_step != self.global_step:
+        keep = bool(every) or self.final_checkpoint
+        if keep and self._last_checkpoint_step != self.global_step:
             self.save_checkpoint(epoch, phase)
         train_seconds = times.train_seconds()
-        checkpoint = (self.history[-1]["uri"] if every and self.history
+        checkpoint = (self.history[-1]["uri"] if keep and self.history
                       and self.history[-1].get("event") == "checkpoint" else None)
         # The closing record a local run also writes (not reported: it is not a barrier).
         self.history.append(self.log.write("end", metrics=metrics, phase_seconds=times.seconds,
@@ -659,14 +661,15 @@ class DistributedTrainer:
         }
 
 def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
-                 resume_hint: ResumeHint | None = None) -> dict:
+                 resume_hint: ResumeHint | None = None, final_checkpoint: bool = False) -> dict:
     """Train ``config`` as this rank of the default process group; every rank returns the same
     metrics, phase times, storage report and wire summary (plus its own ``rows`` and ``rank``).
 
     ``report(record)`` gets every log record (``epoch``, ``wire``, ``eval``), on every rank
-    the same number of times (Ray Train's ``report`` is a barrier).
+    the same number of times (Ray Train's ``report`` is a barrier). ``final_checkpoint``: write
+    a checkpoint at the end even with ``checkpoint.every_epochs`` 0 (what ``gnaq train`` asks for).
     """
-    return DistributedTrainer(config, data, report, resume_hint).run()
+    return DistributedTrainer(config, data, report, resume_hint, final_checkpoint).run()
 
 
 __all__ = ["DistributedTrainer", "train_worker"]

@@ -1,5 +1,6 @@
-"""One propagation, many positives: the BPR loss scored in chunks gives the gradient of the
-whole batch's loss, for every method, in one process and on 1 and 2 gloo ranks."""
+"""One propagation, many positives: the ranking loss (BPR, sampled softmax) scored in chunks
+gives the gradient of the whole batch's loss, for every method, in one process and on 1 and 2
+gloo ranks."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from distributed_utils import run_ranks
 from gnaq_dist.config import load_config
 from gnaq_dist.quant import build_method
 from gnaq_dist.synthetic import clustered_interactions
-from gnaq_dist.train.bpr import bpr_row_gradient
+from gnaq_dist.train.ranking_loss import row_loss_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import LocalTrainer
 
@@ -33,23 +34,51 @@ def small_config(method: str, bits: int | None, **extra) -> TrainConfig:
     return load_config(TrainConfig, [], overrides)
 
 
-def test_chunked_bpr_gradient_equals_autograd_of_the_whole_loss():
+def _whole_loss(loss: str, u: torch.Tensor, p: torch.Tensor, q: torch.Tensor, temperature: float) -> torch.Tensor:
+    """The loss as one autograd expression: u, p (B, d), q (B, k, d)."""
+    s_neg, s_pos = (u.unsqueeze(1) * q).sum(-1), (u * p).sum(-1, keepdim=True)
+    if loss == "bpr":
+        return F.softplus(s_neg - s_pos).mean()
+    logits = torch.cat([s_pos, s_neg], 1) / temperature
+    return F.cross_entropy(logits, torch.zeros(logits.shape[0], dtype=torch.long))
+
+
+@pytest.mark.parametrize("loss,temperature", [("bpr", 1.0), ("softmax", 1.0), ("softmax", 0.3)])
+def test_chunked_loss_gradient_equals_autograd_of_the_whole_loss(loss, temperature):
     g = torch.Generator().manual_seed(0)
     final = torch.randn(50, 6, generator=g)
     users = torch.randint(0, 20, (37,), generator=g)
     pos = torch.randint(20, 50, (37,), generator=g)
     neg = torch.randint(20, 50, (37, 4), generator=g)
     x = final.clone().requires_grad_()
-    u = x[users]
-    ref = F.softplus((u.unsqueeze(1) * x[neg]).sum(-1) - (u * x[pos]).sum(-1, keepdim=True)).mean()
+    ref = _whole_loss(loss, x[users], x[pos], x[neg], temperature)
     ref.backward()
     for fused in (True, False):  # numba's one-pass kernel, torch's chunks
         for chunk in (None, 1, 5, 37, 1000):
-            loss, grad = bpr_row_gradient(final, users, pos, neg, 37 * 4, chunk, fused=fused)
-            assert float(loss) == pytest.approx(float(ref.detach()), rel=1e-6)
+            value, grad = row_loss_gradient(final, users, pos, neg, 37, loss, temperature, chunk, fused=fused)
+            assert float(value) == pytest.approx(float(ref.detach()), rel=1e-5)
             torch.testing.assert_close(grad, x.grad, rtol=1e-5, atol=1e-7)
-        loss, grad = bpr_row_gradient(final, users[:0], pos[:0], neg[:0], 1.0, 4, fused=fused)  # no positive here
-        assert float(loss) == 0.0 and not grad.any()
+        value, grad = row_loss_gradient(final, users[:0], pos[:0], neg[:0], 1, loss, temperature, 4, fused=fused)
+        assert float(value) == 0.0 and not grad.any()  # no positive on this rank
+
+
+def test_softmax_weighs_the_hardest_negative_most():
+    """Why softmax: BPR's weights of two negatives differ by their sigmoids, softmax's by their
+    exponentials, so a hard negative dominates as the temperature falls."""
+    final = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.9, 0.1], [-1.0, 0.0]])  # user, positive, hard, easy
+    users, pos, neg = torch.tensor([0]), torch.tensor([1]), torch.tensor([[2, 3]])
+    _, hot = row_loss_gradient(final, users, pos, neg, 1, "softmax", 0.1)
+    _, warm = row_loss_gradient(final, users, pos, neg, 1, "softmax", 1.0)
+    ratio = lambda grad: float(grad[2].norm() / grad[3].norm())  # noqa: E731
+    assert ratio(hot) > 100 > ratio(warm) > 1
+
+
+def test_bad_loss_arguments_are_refused():
+    final, idx = torch.zeros(3, 2), torch.tensor([0])
+    with pytest.raises(Exception, match="loss must be one of"):
+        row_loss_gradient(final, idx, idx, idx[:, None], 1, "hinge")
+    with pytest.raises(Exception, match="temperature"):
+        row_loss_gradient(final, idx, idx, idx[:, None], 1, "softmax", 0.0)
 
 
 def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list[torch.Tensor]:
@@ -62,20 +91,22 @@ def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list
     def rows(ids):
         return final[ids] if row_ids is None else final[torch.searchsorted(row_ids, ids)]
 
-    u = rows(users)
-    bpr = F.softplus((u.unsqueeze(1) * rows(neg_nodes)).sum(-1) - (u * rows(pos_nodes)).sum(-1, keepdim=True)).mean()
+    sched = cfg.schedule
+    ranking = _whole_loss(sched.loss, rows(users), rows(pos_nodes), rows(neg_nodes), sched.temperature)
     reg_rows = method.reg_embeddings(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
-    loss = bpr + cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0]
+    loss = ranking + cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0]
     params = [p for p in method.parameters() if p.requires_grad]
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
 
+@pytest.mark.parametrize("loss", ["bpr", "softmax"])
 @pytest.mark.parametrize("propagation", ["full", "sampled"])
 @pytest.mark.parametrize("method,bits", METHODS)
-def test_one_process_chunked_step_has_the_whole_batch_gradient(method, bits, propagation):
+def test_one_process_chunked_step_has_the_whole_batch_gradient(method, bits, propagation, loss):
     data = small_data()
     trainer = LocalTrainer(small_config(method, bits, **{"schedule.propagation": propagation,
-                                                         "schedule.loss_chunk": 7}), data)
+                                                         "schedule.loss_chunk": 7, "schedule.loss": loss,
+                                                         "schedule.temperature": 0.5}), data)
     fp = build_method("fp", data.n_nodes, 8, None, 2)
     model = trainer._start_quantized_phase(fp) if method != "fp" else fp
     trainer.batches.set_epoch(1)
@@ -95,14 +126,15 @@ def test_one_process_chunked_step_has_the_whole_batch_gradient(method, bits, pro
         assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
 
 
-def scenario_gradients(rank: int, world: int, runs: list[tuple[str, int | None, str, int]]) -> list[dict]:
+def scenario_gradients(rank: int, world: int, runs: list[tuple[str, int | None, str, int, str]]) -> list[dict]:
     """One quantized step per run; the row and dense gradients each owner applied, by global id."""
     from gnaq_dist.distributed.trainer import DistributedTrainer
 
     data = small_data()
     out = []
-    for method, bits, propagation, chunk in runs:
-        cfg = small_config(method, bits, **{"schedule.propagation": propagation, "schedule.loss_chunk": chunk})
+    for method, bits, propagation, chunk, loss in runs:
+        cfg = small_config(method, bits, **{"schedule.propagation": propagation, "schedule.loss_chunk": chunk,
+                                            "schedule.loss": loss, "schedule.temperature": 0.5})
         trainer = DistributedTrainer(cfg, data)
         trainer._start_fp()
         if method != "fp":
@@ -144,7 +176,8 @@ def _global_rows(per_rank: list[dict], n: int) -> list[np.ndarray]:
 
 @pytest.mark.slow
 def test_chunked_gradient_is_the_same_on_one_and_two_ranks_for_every_method():
-    runs = [(m, b, prop, chunk) for m, b in METHODS for prop in ("full", "sampled") for chunk in (5, 10**6)]
+    runs = [(m, b, prop, chunk, loss) for m, b in METHODS for prop in ("full", "sampled") for chunk in (5, 10**6)
+            for loss in ("bpr", "softmax")]
     one = run_ranks(scenario_gradients, 1, runs, timeout=300)
     two = run_ranks(scenario_gradients, 2, runs, timeout=300)
     n = small_data().n_nodes
@@ -154,16 +187,15 @@ def test_chunked_gradient_is_the_same_on_one_and_two_ranks_for_every_method():
             parts = [ranks[r][i] for r in range(world)]
             loss = sum(p["loss"] for p in parts)
             by_run[(run, world)] = (_global_rows(parts, n), parts[0]["dense"], loss)
-    for method, bits in METHODS:
-        for prop in ("full", "sampled"):
-            ref_rows, ref_dense, ref_loss = by_run[((method, bits, prop, 10**6), 1)]
-            assert any(np.abs(t).sum() > 0 for t in ref_rows), (method, prop)
-            for chunk in (5, 10**6):
-                for world in (1, 2):
-                    rows, dense, loss = by_run[((method, bits, prop, chunk), world)]
-                    what = (method, prop, chunk, world)
-                    assert loss == pytest.approx(ref_loss, rel=1e-5), what
-                    for got, want in zip(rows, ref_rows):
-                        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(what))
-                    for got, want in zip(dense, ref_dense):
-                        np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(what))
+    for method, bits, prop, _, kind in runs:
+        ref_rows, ref_dense, ref_loss = by_run[((method, bits, prop, 10**6, kind), 1)]
+        assert any(np.abs(t).sum() > 0 for t in ref_rows), (method, prop, kind)
+        for chunk in (5, 10**6):
+            for world in (1, 2):
+                rows, dense, loss = by_run[((method, bits, prop, chunk, kind), world)]
+                what = (method, prop, chunk, world, kind)
+                assert loss == pytest.approx(ref_loss, rel=1e-5), what
+                for got, want in zip(rows, ref_rows):
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(what))
+                for got, want in zip(dense, ref_dense):
+                    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-6, err_msg=str(what))

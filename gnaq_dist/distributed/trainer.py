@@ -60,7 +60,7 @@ from gnaq_dist.quant.dequant_kernels import warm_up
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
 from gnaq_dist.seeding import seed_everything
-from gnaq_dist.train.bpr import BatchRows, batch_rows, bpr_into, bpr_row_gradient
+from gnaq_dist.train.ranking_loss import BatchRows, batch_rows, row_loss_gradient, row_loss_into
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.schedule import PhaseTimes, Schedule, TimeBudget
 
@@ -273,10 +273,11 @@ class DistributedTrainer:
         return bool(setting)
 
     def _backward(self, final_rows: torch.Tensor, rows: BatchRows, global_batch: int, reg: torch.Tensor) -> float:
-        """BPR of this rank's positives (``rows`` index ``final_rows``), normalised by the *global*
-        batch, in one pass (:mod:`gnaq_dist.train.bpr`), then one backward with the L2 term ``reg``."""
-        bpr, grad = bpr_row_gradient(final_rows, rows.users, rows.pos, rows.neg, global_batch * rows.neg.shape[1],
-                                     self.config.schedule.loss_chunk)
+        """The ranking loss (BPR or softmax) of this rank's positives (``rows`` index ``final_rows``), normalised by the *global*
+        batch, in one pass (:mod:`gnaq_dist.train.ranking_loss`), then one backward with the L2 term ``reg``."""
+        sched = self.config.schedule
+        bpr, grad = row_loss_gradient(final_rows, rows.users, rows.pos, rows.neg, global_batch, sched.loss,
+                                      sched.temperature, sched.loss_chunk)
         torch.autograd.backward([final_rows, reg], [grad, torch.ones_like(reg)])
         return float(bpr)
 
@@ -402,7 +403,7 @@ class DistributedTrainer:
     def _final_row_gradient(self, final_own: torch.Tensor, out_buf: torch.Tensor | None, local_users: torch.Tensor,
                             pos: torch.Tensor, neg: torch.Tensor,
                             global_batch: int) -> tuple[float, torch.Tensor, torch.Tensor]:
-        """BPR of this rank's positives on the final rows: ``(loss, own final rows, their
+        """The ranking loss (BPR or softmax) of this rank's positives on the final rows: ``(loss, own final rows, their
         gradient)``, the items' gradients already summed in from every rank. With ``out_buf``
         (the final rows' kept table), the rows move to a plan table idle until the backward and
         ``out_buf`` becomes their gradient."""
@@ -414,8 +415,9 @@ class DistributedTrainer:
         else:
             own, grad_own = final_own.detach(), torch.zeros_like(final_own)
         grad_items = torch.zeros((self.data.n_items, own.shape[1]), dtype=own.dtype)
-        bpr = bpr_into(own, items, local_users, pos, neg, global_batch * neg.shape[1], grad_own, grad_items,
-                       self.config.schedule.loss_chunk)
+        sched = self.config.schedule
+        bpr = row_loss_into(own, items, local_users, pos, neg, global_batch, grad_own, grad_items, sched.loss,
+                            sched.temperature, sched.loss_chunk)
         del items
         self._item_exchange().push_gradients(grad_items, plan.n_own, counter=self.wire.train, kind="activations",
                                              out=grad_own, accumulate=True)

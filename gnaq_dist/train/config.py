@@ -78,7 +78,9 @@ class ScheduleConfig:
     steps_per_epoch: int = 4  # optimizer steps per epoch, one propagation each: a step's batch is ceil(train edges / steps_per_epoch) positives, so an epoch costs a few propagations whatever the graph's size
     batch_size: int | None = None  # positive (user, item) pairs per step instead (null: from steps_per_epoch); small batches make an epoch cost train edges / batch_size propagations
     loss_chunk: int = 65536  # positives the torch fallback of the loss scores at once (numba's kernel holds one at a time): bounds the loss's memory, never the gradient
-    num_negatives: int = 4  # sampled negatives per positive (BPR)
+    num_negatives: int = 4  # sampled negatives per positive
+    loss: Literal["bpr", "softmax"] = "bpr"  # bpr: mean softplus(negative - positive score) over pairs; softmax: sampled softmax, the positive's cross-entropy among itself and its negatives (hard negatives weigh more)
+    temperature: float = 1.0  # softmax only: scores are divided by it (lower: sharper focus on the hardest negatives)
     propagation: Literal["full", "sampled"] = "full"  # full graph per step (split by owner over workers), or DGL neighbour sampling
     fanouts: list[int] = field(default_factory=lambda: [10, 10, 10])  # per layer (-1 = all)
     eval_every: int = 5  # epochs between evaluations (0 = only at the end)
@@ -99,6 +101,7 @@ class ScheduleConfig:
             raise ConfigError("schedule.batch_size (or null) and schedule.num_negatives must be >= 1")
         if self.steps_per_epoch < 1:
             raise ConfigError(f"schedule.steps_per_epoch must be >= 1, got {self.steps_per_epoch}")
+        _finite("schedule.temperature", self.temperature, strict=True)
         if self.loss_chunk < 1:
             raise ConfigError(f"schedule.loss_chunk must be >= 1, got {self.loss_chunk}")
         if self.max_minutes is not None and not (math.isfinite(self.max_minutes) and self.max_minutes > 0):

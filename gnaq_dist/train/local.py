@@ -35,7 +35,7 @@ from gnaq_dist.quant.packing import storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
 from gnaq_dist.seeding import seed_everything
-from gnaq_dist.train.bpr import batch_rows, bpr_row_gradient
+from gnaq_dist.train.ranking_loss import batch_rows, row_loss_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.schedule import PhaseTimes, Schedule, TimeBudget
 
@@ -137,7 +137,7 @@ class LocalTrainer:
         return bpr
 
     def backward(self, method: EmbeddingMethod, users, pos, neg):
-        """One propagation, the BPR + L2 loss of every positive (:mod:`gnaq_dist.train.bpr`),
+        """One propagation, the BPR + L2 loss of every positive (:mod:`gnaq_dist.train.ranking_loss`),
         one backward: gradients accumulate in ``method``'s parameters.
 
         Returns the BPR loss, the batch's nodes (sorted, unique), the final rows (detached) and
@@ -152,8 +152,8 @@ class LocalTrainer:
         # Full propagation: rows of final are node ids; sampled: the batch's nodes, in order.
         index = (users, pos_nodes, neg_nodes, batch_nodes) if row_ids is None else \
             (rows.users, rows.pos, rows.neg, torch.arange(batch_nodes.shape[0]))
-        denom = users.shape[0] * neg.shape[1]
-        bpr, grad = bpr_row_gradient(final, *index[:3], denom, cfg.schedule.loss_chunk)
+        sched = cfg.schedule
+        bpr, grad = row_loss_gradient(final, *index[:3], users.shape[0], sched.loss, sched.temperature, sched.loss_chunk)
         # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
         reg_rows = method.reg_embeddings(batch_nodes)
         reg = cfg.optim.l2 * 0.5 * (rows.counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]

@@ -258,7 +258,7 @@ class BPRBatches:
 class OwnedBatch(NamedTuple):
     users: torch.Tensor  # int64 (b,), this rank's share of the batch's positives
     pos: torch.Tensor  # int64 (b,), item ids
-    neg: torch.Tensor  # int64 (b, num_negatives), item ids
+    neg: torch.Tensor  # int32 (b, num_negatives), item ids: the batch's largest array, at half the bytes
     global_size: int  # positives in the whole batch, every rank's (the loss is normalised by it)
 
 
@@ -311,13 +311,21 @@ class OwnedBPRBatches:
         neg_key = derive_key(self.seed, self.epoch, 2)
         for b in range(len(self)):
             start, end = b * self.batch_size, min((b + 1) * self.batch_size, self.n_edges)
-            parts = [self._slice(order, neg_key, lo, min(lo + self.SLICE, end)) for lo in range(start, end, self.SLICE)]
-            users, items, neg = (np.concatenate(x) if len(parts) > 1 else x[0] for x in zip(*parts))
-            yield OwnedBatch(torch.from_numpy(users), torch.from_numpy(items), torch.from_numpy(neg), end - start)
+            # Room for every position; only the rows this rank keeps are ever written, so only
+            # they become resident: no concatenation of slices, no second copy of the batch.
+            users, items = np.empty(end - start, dtype=np.int64), np.empty(end - start, dtype=np.int64)
+            neg = np.empty((end - start, self.num_negatives), dtype=np.int32)
+            got = 0
+            for lo in range(start, end, self.SLICE):
+                got += self._slice(order, neg_key, lo, min(lo + self.SLICE, end), users[got:], items[got:], neg[got:])
+            yield OwnedBatch(torch.from_numpy(users[:got]), torch.from_numpy(items[:got]),
+                             torch.from_numpy(neg[:got]), end - start)
 
-    def _slice(self, order: KeyedPermutation, neg_key, start: int, end: int):
-        """This rank's positives among global positions ``[start, end)``: users, items, negatives,
-        in train-edge order (user-major) within the slice.
+    def _slice(self, order: KeyedPermutation, neg_key, start: int, end: int, users: np.ndarray,
+               items: np.ndarray, neg: np.ndarray) -> int:
+        """This rank's positives among global positions ``[start, end)``, written to the heads of
+        ``users``, ``items``, ``neg`` in train-edge order (user-major) within the slice; returns
+        how many.
 
         Why that order: the lookups (the user's row, its items, its negatives' search) and the
         step's reads of the users' rows then walk memory forwards instead of at random; which
@@ -335,18 +343,17 @@ class OwnedBPRBatches:
         edges, positions = edges[by_edge], positions[by_edge]
         del by_edge
         if kernels is not None:
-            n = positions.shape[0]
-            users, items = np.empty(n, dtype=np.int64), np.empty(n, dtype=np.int64)
-            neg = np.empty((n, self.num_negatives), dtype=np.int64)
-            got = walk(edges, positions, self.all_indptr, self.own_users, self.own_indptr, self.own_indices,
-                       self.negatives._room, self.negatives._gaps, self.num_negatives, np.uint64(neg_key),
-                       self.negatives.n_items, users, items, neg)
-            return users[:got].copy(), items[:got].copy(), neg[:got].copy()
-        users = np.searchsorted(self.all_indptr, edges, side="right") - 1
-        mine = self.own_users[users]
-        users, edges, positions = users[mine], edges[mine], positions[mine]
-        items = self.own_indices[self.own_indptr[users] + edges - self.all_indptr[users]].astype(np.int64)
-        return users, items, self.negatives.sample_keyed(users, self.num_negatives, neg_key, positions)
+            return int(walk(edges, positions, self.all_indptr, self.own_users, self.own_indptr, self.own_indices,
+                            self.negatives._room, self.negatives._gaps, self.num_negatives, np.uint64(neg_key),
+                            self.negatives.n_items, users, items, neg))
+        mine_users = np.searchsorted(self.all_indptr, edges, side="right") - 1
+        mine = self.own_users[mine_users]
+        mine_users, edges, positions = mine_users[mine], edges[mine], positions[mine]
+        got = mine_users.shape[0]
+        users[:got] = mine_users
+        items[:got] = self.own_indices[self.own_indptr[mine_users] + edges - self.all_indptr[mine_users]]
+        neg[:got] = self.negatives.sample_keyed(mine_users, self.num_negatives, neg_key, positions)
+        return got
 
 
 class NeighborBlockSampler:

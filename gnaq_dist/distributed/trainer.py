@@ -436,7 +436,8 @@ class DistributedTrainer:
         """How often each own row occurs in the global batch (its L2 weight): the own users'
         counts here, the items' summed over ranks (one all_reduce of n_items counts)."""
         plan, n_users = self.halo, self.data.n_users
-        items = torch.bincount(torch.cat([pos, neg.reshape(-1)]), minlength=self.data.n_items)
+        items = torch.bincount(pos, minlength=self.data.n_items)
+        items += torch.bincount(neg.reshape(-1), minlength=self.data.n_items)
         if self.world > 1:
             items = allreduce_sum(items, self.wire.train)
         out = torch.bincount(local_users, minlength=plan.n_own)

@@ -12,6 +12,7 @@ Recall@20, and a plot of the curves (``<out>/time-to-quality.png``).
 
 A run is ``NAME:key=value,...`` with keys ``method``, ``steps`` (steps per epoch),
 ``batch`` (a batch size instead), ``lr``, ``quant_lr``, ``epochs``, ``warmup``,
+``loss`` (bpr or softmax), ``neg`` (negatives per positive), ``temp`` (softmax temperature),
 ``eval`` (epochs between evaluations) and ``minutes`` (its own budget, evaluations
 included). Training seconds exclude evaluation (each eval record's ``train_seconds``); a
 finished run is not run again (delete its folder).
@@ -29,7 +30,8 @@ from pathlib import Path
 
 KEYS = {"method": "model.method", "steps": "schedule.steps_per_epoch", "batch": "schedule.batch_size",
         "lr": "optim.lr", "quant_lr": "optim.quant_lr", "epochs": "schedule.epochs",
-        "warmup": "schedule.warmup_epochs", "eval": "schedule.eval_every", "minutes": "schedule.max_minutes"}
+        "warmup": "schedule.warmup_epochs", "eval": "schedule.eval_every", "minutes": "schedule.max_minutes",
+        "loss": "schedule.loss", "neg": "schedule.num_negatives", "temp": "schedule.temperature"}
 
 
 def parse_run(text: str) -> tuple[str, dict[str, str]]:

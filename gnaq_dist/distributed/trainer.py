@@ -92,6 +92,7 @@ class DistributedTrainer:
         self.history: list[dict[str, Any]] = []
         def load() -> InteractionData:
             config.validate()
+            config.check_distributed()
             if data is not None:
                 return data
             from gnaq_dist.dataset import load_dataset

@@ -15,6 +15,10 @@ from gnaq_dist.errors import ConfigError, GnaqInputError
 
 METHODS = ("fp", "gnaq", "gnaq_ste", "lsq", "n2uq", "bigear")
 QUANT_BITS = (1, 2, 4, 8)
+#: Methods the distributed loop refuses, and why.
+DISTRIBUTED_UNSUPPORTED = {
+    "bigear": "its distillation ranks every item for each user against the whole fp teacher",
+}
 MAX_SEED = 2**32 - 1  # numpy's legacy seed (np.random.seed) takes 0 .. 2**32 - 1
 
 
@@ -188,11 +192,20 @@ class TrainConfig:
         self.eval.validate()
         self.distributed.validate()
         self.checkpoint.validate()
+        if self.model.method == "bigear" and self.schedule.propagation != "full":
+            raise ConfigError("model.method=bigear needs schedule.propagation=full: its distillation scores "
+                              "each user's teacher items, which sampled blocks do not hold")
         if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:
             raise ConfigError(
                 f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "
                 f"{self.model.num_layers}"
             )
+
+    def check_distributed(self) -> None:
+        """Refuse, before any worker starts, a method the distributed loop does not train."""
+        if self.model.method in DISTRIBUTED_UNSUPPORTED:
+            raise ConfigError(f"model.method={self.model.method} cannot train distributed (--workers): "
+                              f"{DISTRIBUTED_UNSUPPORTED[self.model.method]}; train it in one process")
 
     def check_dataset(self, manifest: dict[str, Any]) -> None:
         """Refuse a dataset this config cannot train on, from its manifest alone (cheap:

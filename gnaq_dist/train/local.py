@@ -154,6 +154,7 @@ class LocalTrainer:
             (rows.users, rows.pos, rows.neg, torch.arange(batch_nodes.shape[0]))
         denom = users.shape[0] * neg.shape[1]
         bpr, grad = bpr_row_gradient(final, *index[:3], denom, cfg.schedule.loss_chunk)
+        method.extra_loss(final, users, grad)  # BiGeaR's distillation (full propagation: rows are node ids)
         # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
         reg_rows = method.reg_embeddings(batch_nodes)
         reg = cfg.optim.l2 * 0.5 * (rows.counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]

@@ -93,10 +93,11 @@ def test_teacher_ranks_every_layer_over_all_items():
     assert teacher_ranks(layers, 2, 5).shape == (2, 2, 2)  # R is cut to the item count
 
 
-def test_distillation_value_and_gradient_by_hand():
+@pytest.mark.parametrize("fused", [True, False], ids=["numba", "torch"])
+def test_distillation_value_and_gradient_by_hand(fused):
     users = torch.tensor([0, 0, 1])  # B = 3: u0 weighs 2/(B R (L+1)) = 1/6, u1 1/12
     grad = torch.zeros(4, 4)
-    loss = distillation_into(FINAL, users, torch.tensor(RANKS, dtype=torch.int32), 2, grad)
+    loss = distillation_into(FINAL, users, torch.tensor(RANKS, dtype=torch.int32), 2, grad, fused=fused)
     w0, w1 = math.exp(-0.1), math.exp(-0.2)
     # Student scores (layer, user, rank): layer 0: u0 i0 0.375, u0 i1 0, u1 i1 0, u1 i0 -0.75;
     # layer 1: u0 i0 1.5, u0 i1 -3, u1 i1 0, u1 i0 0.
@@ -121,8 +122,8 @@ def test_distillation_value_and_gradient_by_hand():
     torch.testing.assert_close(grad, f.grad)
     # Chunks of users change nothing.
     again = torch.zeros(4, 4)
-    assert distillation_into(FINAL, users, torch.tensor(RANKS, dtype=torch.int32), 2, again, chunk=1) == \
-        pytest.approx(loss)
+    assert distillation_into(FINAL, users, torch.tensor(RANKS, dtype=torch.int32), 2, again, chunk=1,
+                             fused=fused) == pytest.approx(loss)
     torch.testing.assert_close(again, grad)
 
 

@@ -25,13 +25,16 @@ give the graph with ``graph=`` at construction or ``attach_graph``.
 
 from __future__ import annotations
 
+import functools
 import math
+from typing import Any
 
 import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.base import EmbeddingMethod, init_normal_table
+from gnaq_dist.quant.dequant_kernels import compile_with_numba
 from gnaq_dist.quant.packing import PackedTable, make_table
 
 #: Teacher items distilled per user and layer (their ``--R``).
@@ -91,15 +94,61 @@ def teacher_ranks(layers: list[torch.Tensor], n_users: int, top_r: int, chunk: i
     return out
 
 
+@functools.lru_cache(maxsize=None)
+def _kernel() -> Any | None:
+    """The fused distillation kernel (one pass over (user, layer, rank), no (C, R, d)
+    temporaries), or None without numba."""
+    return compile_with_numba(_compile, "the BiGeaR distillation kernel")
+
+
+def _compile(numba: Any, cache: bool) -> Any:
+    @numba.njit(nogil=True, boundscheck=False, fastmath=True, cache=cache)
+    def distill(final, users, coef, ranks, w, n_users, dim, grad):  # pragma: no cover - compiled
+        n_layers, top_r = ranks.shape[1], ranks.shape[2]
+        total = 0.0
+        gu = np.empty(dim, dtype=np.float32)
+        for c in range(users.shape[0]):
+            u = users[c]
+            for l in range(n_layers):
+                off = l * dim
+                for j in range(dim):
+                    gu[j] = 0.0
+                for r in range(top_r):
+                    t = n_users + ranks[c, l, r]
+                    s = np.float32(0.0)
+                    for j in range(dim):
+                        s += final[u, off + j] * final[t, off + j]
+                    k = coef[c] * w[r]
+                    # softplus(-s) and sigmoid(-s), stable for either sign of s
+                    if s > 0:
+                        e = math.exp(-s)
+                        total += k * math.log1p(e)
+                        ds = np.float32(-k * e / (1.0 + e))
+                    else:
+                        e = math.exp(s)
+                        total += k * (-s + math.log1p(e))
+                        ds = np.float32(-k / (1.0 + e))
+                    for j in range(dim):
+                        gu[j] += ds * final[t, off + j]
+                        grad[t, off + j] += ds * final[u, off + j]
+                for j in range(dim):
+                    grad[u, off + j] += gu[j]
+        return total
+
+    return distill
+
+
 def distillation_into(final: torch.Tensor, users: torch.Tensor, ranks: torch.Tensor, n_users: int,
-                      grad: torch.Tensor, decay: float = DISTILL_DECAY, chunk: int = 1024) -> float:
+                      grad: torch.Tensor, decay: float = DISTILL_DECAY, chunk: int = 1024,
+                      fused: bool = True) -> float:
     """BiGeaR's inference-distillation loss of the batch's ``users`` (B,), one per positive;
     its gradient w.r.t. ``final`` (N, (L+1) d: the weighted binarized layers) is added into ``grad``.
 
     ``loss = 1/(L+1) sum_l 1/B sum_b 1/R sum_r w_r softplus(-<f^l_u, f^l_t>)`` with ``u`` the
     b-th user, ``t`` the teacher's r-th item of ``u`` at layer l (``ranks``, from
     :func:`teacher_ranks`) and ``f^l`` the layer-l slice of the final rows. Computed per
-    distinct user (weighted by its count), ``chunk`` users at a time."""
+    distinct user (weighted by its count): with numba (``fused``) one pass that holds one
+    user's rows at a time, in torch ``chunk`` users at a time."""
     final = final.detach()
     n_layers, top_r = int(ranks.shape[1]), int(ranks.shape[2])
     dim = final.shape[1] // n_layers
@@ -110,22 +159,31 @@ def distillation_into(final: torch.Tensor, users: torch.Tensor, ranks: torch.Ten
         return 0.0
     distinct, counts = torch.unique(users.to(torch.int64), return_counts=True)
     w = distillation_weights(top_r, decay).to(final.dtype)
+    kernel = _kernel() if fused else None
+    if kernel is not None and all(t.dtype == torch.float32 and t.device.type == "cpu" and t.is_contiguous()
+                                  for t in (final, grad)):
+        coef = (counts.to(torch.float64) / (b * top_r * n_layers)).numpy()
+        rows = np.ascontiguousarray(ranks[distinct].numpy())
+        return float(kernel(final.numpy(), distinct.numpy(), coef, rows, w.to(torch.float64).numpy(), n_users,
+                            dim, grad.numpy()))
     total = 0.0
     for l in range(n_layers):
         cols = slice(l * dim, (l + 1) * dim)
-        f = final[:, cols]
-        g = grad[:, cols]
+        f = final[:, cols].contiguous()  # row gathers and index_add on strided slices are several times slower
+        g = torch.zeros_like(f)
         for start in range(0, distinct.shape[0], chunk):
             u = distinct[start:start + chunk]
             c = counts[start:start + chunk].to(final.dtype)
             t = ranks[u, l].to(torch.int64) + n_users  # (C, R) node ids
-            fu, ft = f[u], f[t]  # (C, d), (C, R, d)
+            fu = f.index_select(0, u)  # (C, d)
+            ft = f.index_select(0, t.reshape(-1)).view(t.shape[0], top_r, dim)  # (C, R, d); faster than f[t]
             s = torch.einsum("cd,crd->cr", fu, ft)
             coef = (c / (b * top_r * n_layers)).unsqueeze(1) * w  # (C, R)
             total += float((coef * torch.nn.functional.softplus(-s)).sum())
             ds = -coef * torch.sigmoid(-s)  # d loss / d s
             g.index_add_(0, u, torch.einsum("cr,crd->cd", ds, ft))
             g.index_add_(0, t.reshape(-1), (ds.unsqueeze(2) * fu.unsqueeze(1)).reshape(-1, dim))
+        grad[:, cols] += g
     return total
 
 

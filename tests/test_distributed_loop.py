@@ -235,7 +235,8 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
                                 # split full-graph propagation (halo exchange) for every kind of row
                                 ("n2uq", 2, {**full, "distributed.grad_bits": 2}),
                                 ("gnaq", 2, {**full, "model.refine_every": 2}),
-                                ("fp", None, full), ("lsq", 2, {**full, "distributed.partition": "hash"})]:
+                                ("fp", None, full), ("lsq", 2, {**full, "distributed.partition": "hash"}),
+                                ("lsq", 2, {**full, "model.lsq_step": "node"})]:
         cfg = small_config(method, bits, **{"schedule.max_steps": 9, **extra})
         # Split runs keep every edge here, for the gathered evaluation they are compared with
         # (the split runs of exact_runs hold their own users' edges only).
@@ -272,6 +273,9 @@ def test_every_method_trains_on_two_ranks():
         assert full["wire"]["train"]["activations_bytes"] > 0, full["method"]
     # With the whole graph split by owner, each owner refines its own rows: nothing to send.
     assert ranks[0][8]["wire"]["refine"]["gradients_sent_bytes"] == 0  # headers only
+    # LSQ with a step per node: the step is a row parameter (nothing all-reduced), each row has its own grid.
+    assert ranks[0][11]["wire"]["train"]["allreduce_bytes"] < ranks[0][10]["wire"]["train"]["allreduce_bytes"]
+    assert ranks[0][11]["storage"]["bytes_per_node"] > ranks[0][10]["storage"]["bytes_per_node"]
     split_evaluated = [r for r in ranks[0] + ranks[1] if "split_eval" in r]
     assert sorted({r["method"] for r in split_evaluated}) == ["fp", "gnaq", "lsq", "n2uq"]
     for r in split_evaluated:

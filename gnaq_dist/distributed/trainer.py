@@ -243,10 +243,10 @@ class DistributedTrainer:
         own = fp.weight.detach()[: self.shard.num_owned].clone()
         with torch.random.fork_rng():
             probe = build_method(cfg.model.method, 1, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                 phi=cfg.model.phi)
+                                 **cfg.model.method_options())
         full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                    cfg.model.phi, full_table=full)
+                                    full_table=full, **cfg.model.method_options())
         self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
         self.wire.allreduce_gather_bytes()
         del fp, own, full

@@ -43,6 +43,7 @@ class ModelConfig:
     phi: Literal["tanh", "identity"] = "identity"  # GNAQ level activation (the reference code: tanh)
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
     refine_every: int = 0  # GNAQ: steps between code re-assignments from propagated embeddings (0 = never)
+    lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -59,6 +60,12 @@ class ModelConfig:
             raise ConfigError("model.dim must be >= 1 and model.num_layers >= 0")
         if self.refine_every < 0:
             raise ConfigError("model.refine_every must be >= 0")
+        if self.lsq_step not in ("tensor", "node"):
+            raise ConfigError(f"model.lsq_step: {self.lsq_step!r} is not one of tensor, node")
+
+    def method_options(self) -> dict[str, Any]:
+        """What ``build_method`` takes from this config (each method uses its own)."""
+        return {"phi": self.phi, "per_row": self.lsq_step == "node"}
 
 
 @dataclass

@@ -9,8 +9,8 @@ alike, but the methods differ in what a row *is* on the wire. Two row formats:
   view is ``x = gather(levels, codes)`` with the fetched levels as the leaf, so the
   gradient it sends back has ``2^b`` values a row. The owner chains it through
   ``phi`` with its own fp32 levels (``dL/dc = phi'(c) dL/dphi(c)``).
-* ``"latent"`` (fp, gnaq_ste, lsq, n2uq, bigear): the trainable row parameters as fp32,
-  concatenated (``4 * sum(widths)`` bytes a row: ``4d`` for fp/lsq/n2uq/bigear,
+* ``"latent"`` (fp, gnaq_ste, lsq, n2uq): the trainable row parameters as fp32,
+  concatenated (``4 * sum(widths)`` bytes a row: ``4d`` for fp/lsq/n2uq,
   ``4(d + 2^b)`` for gnaq_ste). Straight-through methods train a d-dim latent, so
   they must ship d-dim rows and get d-dim gradients back, whatever their storage
   form; the view runs the method's own ``embed`` on the fetched rows (via

@@ -78,7 +78,7 @@ class DistributedTrainer:
 
     #: Keep every user's train edges after setup with the graph split by owner (normally a rank
     #: keeps its own users' only). Only for comparing the split evaluation with the gathered one,
-    #: which rebuilds the whole graph; BiGeaR, which is always evaluated gathered, keeps them anyway.
+    #: which rebuilds the whole graph.
     keep_whole_edges: bool = False
 
     def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
@@ -135,7 +135,7 @@ class DistributedTrainer:
         if split:
             self.halo = HaloPlan.from_train_csr(*self.train_csr, self.partition, self.rank,
                                                 shared_memory_dir=config.distributed.shared_memory_dir)
-            if config.model.method != "bigear" and not self.keep_whole_edges:
+            if not self.keep_whole_edges:
                 # From here on a rank reads its own users' rows only (their positives, negatives,
                 # ranking masks): the per-edge arrays follow the shard.
                 self.edges, self.edges_whole = self.edges.rows_of(own_users), False

@@ -361,9 +361,10 @@ def verify(uri: str, storage_options: dict[str, Any] | None = None, data: dict[s
                     f"{data.get(key)!r})")
     if model is not None:
         want = manifest["model"]
-        for key in ("method", "bits", "dim", "num_layers"):
-            if key in model and want.get(key) != model[key]:
-                raise CheckpointError(f"{uri}: model.{key} is {want.get(key)!r} in the checkpoint, "
+        have = {"lsq_step": "tensor", **want}  # manifests older than lsq_step were written with one step
+        for key in ("method", "bits", "dim", "num_layers", "lsq_step"):
+            if key in model and have.get(key) != model[key]:
+                raise CheckpointError(f"{uri}: model.{key} is {have.get(key)!r} in the checkpoint, "
                                       f"{model[key]!r} in this config")
     return manifest
 
@@ -413,7 +414,8 @@ def new_manifest(*, step: int, epoch: int, phase: str, shard_method: str, world_
         "step": int(step), "epoch": int(epoch), "phase": phase, "shard_method": shard_method,
         "world_size": int(world_size),
         "model": {"method": model["method"], "bits": model["bits"], "dim": model["dim"],
-                  "num_layers": model["num_layers"], "phi": model["phi"], "level_dtype": model["level_dtype"]},
+                  "num_layers": model["num_layers"], "phi": model["phi"], "level_dtype": model["level_dtype"],
+                  "lsq_step": model.get("lsq_step", "tensor")},
         "config": config, "data": data, "partition": partition, "files": files,
         "progress": progress, "history": history,
     }
@@ -424,7 +426,7 @@ def build_for_rows(manifest: dict[str, Any], n: int, graph=None) -> EmbeddingMet
     model = manifest["model"]
     name = manifest["shard_method"]
     bits = None if name == "fp" else model["bits"]
-    options = {"phi": model["phi"]}
+    options = {"phi": model["phi"], "per_row": model.get("lsq_step", "tensor") == "node"}
     if graph is not None and name == "bigear":
         options["graph"] = graph
     with torch.random.fork_rng():

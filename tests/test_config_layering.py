@@ -20,6 +20,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs"
 BEFORE = Path(__file__).resolve().parent / "data" / "configs_before_base"
 DATASETS = ["amazon-book", "gowalla", "synthetic", "yelp2018"]
+NEWER = ["lastfm"]  # written after the move to base.yaml: no earlier file to equal
 
 
 def _load(*paths, overrides=()):
@@ -36,7 +37,7 @@ def _leaves(data, prefix=""):
 
 def test_every_dataset_has_its_earlier_config():
     assert sorted(p.stem for p in BEFORE.glob("*.yaml")) == DATASETS
-    assert {f"{name}.yaml" for name in DATASETS} | {"base.yaml", "demo.yaml"} == {
+    assert {f"{name}.yaml" for name in DATASETS + NEWER} | {"base.yaml", "demo.yaml"} == {
         p.name for p in CONFIGS.glob("*.yaml")}
 
 
@@ -50,7 +51,7 @@ def test_layered_config_equals_the_earlier_file(name):
     assert _load(CONFIGS / f"{name}.yaml", overrides=["model.dim=32"])["model"]["dim"] == 32
 
 
-@pytest.mark.parametrize("name", DATASETS)
+@pytest.mark.parametrize("name", DATASETS + NEWER)
 def test_dataset_file_holds_only_what_differs_from_base(name):
     raw = yaml.safe_load((CONFIGS / f"{name}.yaml").read_text())
     assert raw.pop("base") == "base.yaml"

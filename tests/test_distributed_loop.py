@@ -221,7 +221,8 @@ def test_compressed_gradients_and_fetched_gnaq_rows_are_over_10x_smaller(compres
 
 
 def scenario_methods(rank: int, world: int) -> list[dict]:
-    """Every method, a few steps each on this rank; plus GNAQ with code refinement."""
+    """Every method the distributed loop trains (not BiGeaR: test_bigear.py), a few steps each on
+    this rank; plus GNAQ with code refinement."""
     from gnaq_dist.distributed.evaluation import evaluate_gathered, evaluate_split
     from gnaq_dist.distributed.trainer import DistributedTrainer
 
@@ -229,13 +230,13 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
     out = []
     full = {"schedule.propagation": "full"}
     for method, bits, extra in [("fp", None, {}), ("gnaq", 2, {}), ("gnaq_ste", 2, {}), ("lsq", 2, {}),
-                                ("n2uq", 2, {}), ("bigear", 1, {}), ("gnaq", 2, {"model.refine_every": 2}),
+                                ("n2uq", 2, {}), ("gnaq", 2, {"model.refine_every": 2}),
                                 ("lsq", 4, {"distributed.grad_bits": 2, "distributed.partition": "hash"}),
                                 # split full-graph propagation (halo exchange) for every kind of row
-                                ("bigear", 1, full),
                                 ("n2uq", 2, {**full, "distributed.grad_bits": 2}),
                                 ("gnaq", 2, {**full, "model.refine_every": 2}),
-                                ("fp", None, full), ("lsq", 2, {**full, "distributed.partition": "hash"})]:
+                                ("fp", None, full), ("lsq", 2, {**full, "distributed.partition": "hash"}),
+                                ("lsq", 2, {**full, "model.lsq_step": "node"})]:
         cfg = small_config(method, bits, **{"schedule.max_steps": 9, **extra})
         # Split runs keep every edge here, for the gathered evaluation they are compared with
         # (the split runs of exact_runs hold their own users' edges only).
@@ -243,7 +244,7 @@ def scenario_methods(rank: int, world: int) -> list[dict]:
         trainer = DistributedTrainer(cfg, data)
         result = trainer.run()
         result["method"] = method
-        if extra.get("schedule.propagation") == "full" and method != "bigear":
+        if extra.get("schedule.propagation") == "full":
             # Split evaluation (no N x d table on any rank) against the whole table gathered.
             result["split_eval"], result["gathered_eval"] = evaluate_split(trainer), evaluate_gathered(trainer)
         out.append(result)
@@ -264,14 +265,17 @@ def test_every_method_trains_on_two_ranks():
         assert r0["storage"]["compression_ratio"] >= 1.0
         if r0["method"] != "fp":
             assert r0["storage"]["compression_ratio"] > 1.0
-    refined = ranks[0][6]
+    refined = ranks[0][5]
     assert refined["wire"]["refine"]["gradients_sent_bytes"] > 0  # propagated rows went to their owners
-    assert ranks[0][7]["partition"]["method"] == "hash"
-    assert ranks[0][7]["wire"]["train"]["allreduce_bytes"] > 0  # LSQ's shared step is all-reduced
-    for full in ranks[0][8:]:
+    assert ranks[0][6]["partition"]["method"] == "hash"
+    assert ranks[0][6]["wire"]["train"]["allreduce_bytes"] > 0  # LSQ's shared step is all-reduced
+    for full in ranks[0][7:]:
         assert full["wire"]["train"]["activations_bytes"] > 0, full["method"]
     # With the whole graph split by owner, each owner refines its own rows: nothing to send.
-    assert ranks[0][10]["wire"]["refine"]["gradients_sent_bytes"] == 0  # headers only
+    assert ranks[0][8]["wire"]["refine"]["gradients_sent_bytes"] == 0  # headers only
+    # LSQ with a step per node: the step is a row parameter (nothing all-reduced), each row has its own grid.
+    assert ranks[0][11]["wire"]["train"]["allreduce_bytes"] < ranks[0][10]["wire"]["train"]["allreduce_bytes"]
+    assert ranks[0][11]["storage"]["bytes_per_node"] > ranks[0][10]["storage"]["bytes_per_node"]
     split_evaluated = [r for r in ranks[0] + ranks[1] if "split_eval" in r]
     assert sorted({r["method"] for r in split_evaluated}) == ["fp", "gnaq", "lsq", "n2uq"]
     for r in split_evaluated:

@@ -105,11 +105,12 @@ def test_bigear_packs_binarized_layers_of_the_propagation():
     m = build_method("bigear", graph.n_nodes, 6, 1, 2, graph=graph)
     with pytest.raises(GnaqInputError):
         build_method("bigear", graph.n_nodes, 6, 1, 2).pack()  # no graph, nothing loaded
-    layers = propagate_full(graph, m.embed(None), 2, m.layer_fn)
+    layers = propagate_full(graph, m.embed(None), 2, m.layer_fn)  # fp layers
     table = m.pack(torch.float32)
     assert table.groups == 3 and not table.needs_propagation and table.group_weights == [1 / 3, 2 / 3, 1.0]
     deq = table.dequantize()
-    assert np.array_equal(deq, torch.cat(layers, 1).detach().numpy())
+    binarized = [torch.where(h >= 0, 1.0, -1.0) * h.abs().mean(1, keepdim=True) for h in layers]
+    assert np.array_equal(deq, torch.cat(binarized, 1).detach().numpy())
     weighted = (deq.reshape(-1, 3, 6) * np.array(table.group_weights, dtype=np.float32)[None, :, None]).reshape(-1, 18)
     np.testing.assert_allclose(weighted, m.combine(layers).detach().numpy(), rtol=1e-6)
     assert table.levels.shape == (graph.n_nodes, 3, 2)

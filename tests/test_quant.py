@@ -54,16 +54,17 @@ def test_at_most_2b_distinct_values_per_row(name, bits):
     assert max(distinct) >= 2  # actually quantized to several levels, not collapsed
 
 
-def test_bigear_layers_are_binary_per_row_and_combined_with_weights():
+def test_bigear_keeps_fp_layers_and_binarizes_them_per_row_when_combined():
     m = make("bigear", 1, d=50)
     layers = [m.layer_fn(m.embed(None) * (l + 1), l) for l in range(L + 1)]
-    for q in layers:
-        assert all(len(torch.unique(row)) <= 2 for row in q.detach())
-        torch.testing.assert_close(q.detach().abs().amax(1), q.detach().abs().amin(1))
-    out = m.combine(layers)
+    torch.testing.assert_close(layers[1], m.embed(None) * 2, rtol=0, atol=0)  # layer_fn is the identity: fp layers
+    out = m.combine(layers).detach()
     assert out.shape == (N, (L + 1) * 50)
-    for l, q in enumerate(layers):
-        torch.testing.assert_close(out[:, l * 50:(l + 1) * 50], q * (l + 1) / (L + 1))
+    for l, h in enumerate(layers):
+        q = out[:, l * 50:(l + 1) * 50] / ((l + 1) / (L + 1))
+        assert all(len(torch.unique(row)) <= 2 for row in q)
+        torch.testing.assert_close(q.abs().amax(1), h.detach().abs().mean(1))
+        torch.testing.assert_close(torch.sign(q), torch.where(h.detach() >= 0, 1.0, -1.0))
 
 
 def test_mean_combine_for_non_bigear():
@@ -200,21 +201,18 @@ def test_n2uq_gradients_reach_all_dense_params():
         assert p.grad is not None and torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
 
 
-def test_bigear_backward_is_gaussian_approximation():
+def test_bigear_backward_is_the_clamped_gaussian():
     a = 2.0
-    m = BiGeaR(2, 3, num_layers=1, gaussian_a=a)
+    m = BiGeaR(2, 3, num_layers=0, gaussian_a=a)
     h = torch.tensor([[0.3, -0.1, 0.6], [-0.2, 0.0, 0.5]], requires_grad=True)
     g = torch.tensor([[1.0, 2.0, -1.0], [0.5, -0.5, 3.0]])
-    q = m.layer_fn(h, 0)
+    q = m.combine([h])  # one layer, weight 1
     hd = h.detach()
-    sign = torch.where(hd >= 0, 1.0, -1.0)
-    alpha = hd.abs().mean(1, keepdim=True)
-    torch.testing.assert_close(q.detach(), sign * alpha)
+    torch.testing.assert_close(q.detach(), torch.where(hd >= 0, 1.0, -1.0) * hd.abs().mean(1, keepdim=True))
     (q * g).sum().backward()
-    expected = g * alpha * (2 * a / math.sqrt(math.pi)) * torch.exp(-((a * hd) ** 2))
-    expected += (g * sign).sum(1, keepdim=True) * sign / 3
+    expected = g * ((a / math.sqrt(math.pi)) * torch.exp(-((a * hd) ** 2))).clamp(1e-8, 1.0)
     torch.testing.assert_close(h.grad, expected)
-    assert m.trainable_row_params() == [m.weight]
+    assert m.trainable_row_params() == [m.weight] and m.row_buffers() == [m.teacher]
 
 
 # -- training ---------------------------------------------------------------------------

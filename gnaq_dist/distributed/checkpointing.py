@@ -55,7 +55,8 @@ class RankCheckpoints:
 
     def _model_key(self) -> dict[str, Any]:
         m = self.config.model
-        return {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
+        key = {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
+        return {**key, "lsq_step": m.lsq_step} if m.method == "lsq" else key
 
     # -- choosing the checkpoint to resume from ------------------------------------------------
     def _choose_resume(self, hint: ResumeHint | None) -> ckpt.Loaded | None:

@@ -25,7 +25,6 @@ from gnaq_dist.distributed.sharded import MethodShard
 from gnaq_dist.distributed.wire import WireCounter
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
 from gnaq_dist.propagation import final_from_packed, propagate_full
-from gnaq_dist.quant import build_method
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
 
 if TYPE_CHECKING:
@@ -37,12 +36,11 @@ def evaluate(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, f
 
     With the graph split by owner (``propagation: full``), evaluation is split the same way
     (:func:`evaluate_split`); otherwise every rank gathers the table and propagates the
-    whole graph (:func:`evaluate_gathered`). BiGeaR's stored form is its binarized
-    propagated layers, built from the whole graph: it is always gathered.
+    whole graph (:func:`evaluate_gathered`).
     """
     if trainer.halo is not None:
         trainer.halo.release_buffers()  # evaluation's own tables take their place
-    if trainer.halo is not None and trainer.shard.method.name != "bigear":
+    if trainer.halo is not None:
         return evaluate_split(trainer)
     return evaluate_gathered(trainer)
 
@@ -73,21 +71,12 @@ def gathered_table(trainer: DistributedTrainer) -> tuple[str, Any]:
     """The full layer-0 table on every rank, in storage form (collective).
 
     ``("fp", weight)`` for fp (no packed form); ``("packed", PackedTable)`` otherwise,
-    built from the shards' wire rows (BiGeaR packs a full instance, since its packed
-    form is the binarized propagated layers).
+    built from the shards' wire rows.
     """
     method = trainer.shard.method
-    cfg = trainer.config
     partition = trainer.partition
-    if method.name in ("fp", "bigear"):
-        weight = gather_latent(method, partition, trainer.wire.gather)
-        if method.name == "fp":
-            return "fp", weight
-        with torch.random.fork_rng():
-            full = build_method("bigear", trainer.data.n_nodes, cfg.model.dim, 1, cfg.model.num_layers,
-                                graph=trainer.whole_graph())
-        full.init_from_full_precision(weight)
-        return "packed", full.pack(level_dtype=trainer.level_dtype)
+    if method.name == "fp":
+        return "fp", gather_latent(method, partition, trainer.wire.gather)
     own, server = _packed_server(trainer.shard, trainer.level_dtype)
     ids = torch.arange(partition.num_nodes, dtype=torch.int64)
     payload = fetch_rows(ids, partition, server, counter=trainer.wire.gather, decode=False)
@@ -161,7 +150,7 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
         final_own = plan.mean_of_own_rows(method.weight.detach(), L, counter)
     else:
         payload = torch.cat([server.serve(own_ids), plan.exchange.pull_wire_rows(server, counter)])
-        # Every method evaluated here has plain layers (BiGeaR, the one with a layer_fn, is gathered).
+        # Every method the distributed loop trains has plain layers (BiGeaR, which has not, trains in one process).
         x_input = server.decode(payload)
         del payload
         final_own = final_own_rows(plan, method, x_input, L, counter)

@@ -285,6 +285,7 @@ def train_on_ray(
     if workers is not None:
         config.distributed.workers = workers
     config.validate()
+    config.check_distributed()
     _absolute_paths(config)
     workers = config.distributed.workers
     storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)

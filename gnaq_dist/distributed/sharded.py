@@ -9,8 +9,8 @@ alike, but the methods differ in what a row *is* on the wire. Two row formats:
   view is ``x = gather(levels, codes)`` with the fetched levels as the leaf, so the
   gradient it sends back has ``2^b`` values a row. The owner chains it through
   ``phi`` with its own fp32 levels (``dL/dc = phi'(c) dL/dphi(c)``).
-* ``"latent"`` (fp, gnaq_ste, lsq, n2uq, bigear): the trainable row parameters as fp32,
-  concatenated (``4 * sum(widths)`` bytes a row: ``4d`` for fp/lsq/n2uq/bigear,
+* ``"latent"`` (fp, gnaq_ste, lsq, n2uq): the trainable row parameters as fp32,
+  concatenated (``4 * sum(widths)`` bytes a row: ``4d`` for fp/lsq/n2uq,
   ``4(d + 2^b)`` for gnaq_ste). Straight-through methods train a d-dim latent, so
   they must ship d-dim rows and get d-dim gradients back, whatever their storage
   form; the view runs the method's own ``embed`` on the fetched rows (via
@@ -262,8 +262,8 @@ class MethodShard:
 
 
 def build_shard_method(name: str, owned_rows: torch.Tensor, dim: int, bits: int | None, num_layers: int,
-                       phi: str, full_table: torch.Tensor | None = None,
-                       graph=None) -> EmbeddingMethod:
+                       phi: str = "identity", full_table: torch.Tensor | None = None,
+                       graph=None, **options) -> EmbeddingMethod:
     """A method over the owned rows, initialised from their fp rows (``owned_rows``, (n, d)).
 
     Per-row initialisations (GNAQ's levels and codes, the latent tables) need only the
@@ -275,13 +275,13 @@ def build_shard_method(name: str, owned_rows: torch.Tensor, dim: int, bits: int 
     """
     n = max(int(owned_rows.shape[0]), 1)
     with torch.random.fork_rng():
-        method = build_method(name, n, dim, bits, num_layers, phi=phi)
+        method = build_method(name, n, dim, bits, num_layers, phi=phi, **options)
         if owned_rows.shape[0]:
             method.init_from_full_precision(owned_rows)
         if method.dense_params():
             if full_table is None:
                 raise GnaqInputError(f"{name}: dense parameters need the full warm-up table to initialise")
-            full = build_method(name, int(full_table.shape[0]), dim, bits, num_layers, phi=phi)
+            full = build_method(name, int(full_table.shape[0]), dim, bits, num_layers, phi=phi, **options)
             full.init_from_full_precision(full_table)
             with torch.no_grad():
                 for mine, ref in zip(method.dense_params(), full.dense_params()):

@@ -78,7 +78,7 @@ class DistributedTrainer:
 
     #: Keep every user's train edges after setup with the graph split by owner (normally a rank
     #: keeps its own users' only). Only for comparing the split evaluation with the gathered one,
-    #: which rebuilds the whole graph; BiGeaR, which is always evaluated gathered, keeps them anyway.
+    #: which rebuilds the whole graph.
     keep_whole_edges: bool = False
 
     def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
@@ -92,6 +92,7 @@ class DistributedTrainer:
         self.history: list[dict[str, Any]] = []
         def load() -> InteractionData:
             config.validate()
+            config.check_distributed()
             if data is not None:
                 return data
             from gnaq_dist.dataset import load_dataset
@@ -134,7 +135,7 @@ class DistributedTrainer:
         if split:
             self.halo = HaloPlan.from_train_csr(*self.train_csr, self.partition, self.rank,
                                                 shared_memory_dir=config.distributed.shared_memory_dir)
-            if config.model.method != "bigear" and not self.keep_whole_edges:
+            if not self.keep_whole_edges:
                 # From here on a rank reads its own users' rows only (their positives, negatives,
                 # ranking masks): the per-edge arrays follow the shard.
                 self.edges, self.edges_whole = self.edges.rows_of(own_users), False
@@ -242,10 +243,10 @@ class DistributedTrainer:
         own = fp.weight.detach()[: self.shard.num_owned].clone()
         with torch.random.fork_rng():
             probe = build_method(cfg.model.method, 1, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                 phi=cfg.model.phi)
+                                 **cfg.model.method_options())
         full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                    cfg.model.phi, full_table=full)
+                                    full_table=full, **cfg.model.method_options())
         self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
         self.wire.allreduce_gather_bytes()
         del fp, own, full

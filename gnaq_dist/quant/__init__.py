@@ -29,7 +29,7 @@ _OPTIONS: dict[str, tuple[str, ...]] = {
     "gnaq_ste": ("phi",),
     "lsq": ("per_row",),
     "n2uq": (),
-    "bigear": ("gaussian_a", "graph"),
+    "bigear": ("gaussian_a", "graph", "top_r"),
 }
 _KNOWN_OPTIONS = frozenset(o for opts in _OPTIONS.values() for o in opts)
 

@@ -1,10 +1,10 @@
 """The interface every embedding method (fp, GNAQ, baselines) offers the training loop.
 
 The model code owns propagation; a method owns the layer-0 table and how it is
-quantized, plus two hooks on the propagated layers (``layer_fn``, ``combine``) that only
-BiGeaR overrides. Keeping the methods behind one small interface lets the single-process
-and distributed trainers treat them alike: ``trainable_row_params`` are sharded by row,
-``dense_params`` are all-reduced.
+quantized, plus hooks on the propagated layers (``layer_fn``, ``combine``) and a loss
+term of its own (``extra_loss``) that only BiGeaR overrides. Keeping the methods behind
+one small interface lets the single-process and distributed trainers treat them alike:
+``trainable_row_params`` are sharded by row, ``dense_params`` are all-reduced.
 """
 
 from __future__ import annotations
@@ -102,6 +102,12 @@ class EmbeddingMethod(torch.nn.Module):
     def refine(self, ids: torch.Tensor, propagated: torch.Tensor) -> None:
         """GNAQ's dynamic code re-assignment; a no-op for every other method."""
         return None
+
+    def extra_loss(self, final: torch.Tensor, users: torch.Tensor, grad: torch.Tensor) -> float:
+        """A loss of the method's own beside BPR, on the final rows of all nodes (``final``, N
+        rows) and the batch's ``users`` (one per positive): its gradient w.r.t. ``final`` is
+        added into ``grad``, its value returned. None but BiGeaR's distillation has one."""
+        return 0.0
 
     def reg_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """What L2 applies to: the layer-0 embedding the model propagates."""

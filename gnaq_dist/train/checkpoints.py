@@ -100,7 +100,8 @@ class OneProcessCheckpoints:
 
     def _model_key(self) -> dict[str, Any]:
         m = self.config.model
-        return {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
+        key = {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
+        return {**key, "lsq_step": m.lsq_step} if m.method == "lsq" else key
 
     def find_resume(self) -> ckpt.Loaded | None:
         """The checkpoint to start from (``checkpoint.resume``), verified against this data and model."""

@@ -15,6 +15,10 @@ from gnaq_dist.errors import ConfigError, GnaqInputError
 
 METHODS = ("fp", "gnaq", "gnaq_ste", "lsq", "n2uq", "bigear")
 QUANT_BITS = (1, 2, 4, 8)
+#: Methods the distributed loop refuses, and why.
+DISTRIBUTED_UNSUPPORTED = {
+    "bigear": "its distillation ranks every item for each user against the whole fp teacher",
+}
 MAX_SEED = 2**32 - 1  # numpy's legacy seed (np.random.seed) takes 0 .. 2**32 - 1
 
 
@@ -39,6 +43,7 @@ class ModelConfig:
     phi: Literal["tanh", "identity"] = "identity"  # GNAQ level activation (the reference code: tanh)
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
     refine_every: int = 0  # GNAQ: steps between code re-assignments from propagated embeddings (0 = never)
+    lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -55,6 +60,12 @@ class ModelConfig:
             raise ConfigError("model.dim must be >= 1 and model.num_layers >= 0")
         if self.refine_every < 0:
             raise ConfigError("model.refine_every must be >= 0")
+        if self.lsq_step not in ("tensor", "node"):
+            raise ConfigError(f"model.lsq_step: {self.lsq_step!r} is not one of tensor, node")
+
+    def method_options(self) -> dict[str, Any]:
+        """What ``build_method`` takes from this config (each method uses its own)."""
+        return {"phi": self.phi, "per_row": self.lsq_step == "node"}
 
 
 @dataclass
@@ -191,11 +202,20 @@ class TrainConfig:
         self.eval.validate()
         self.distributed.validate()
         self.checkpoint.validate()
+        if self.model.method == "bigear" and self.schedule.propagation != "full":
+            raise ConfigError("model.method=bigear needs schedule.propagation=full: its distillation scores "
+                              "each user's teacher items, which sampled blocks do not hold")
         if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:
             raise ConfigError(
                 f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "
                 f"{self.model.num_layers}"
             )
+
+    def check_distributed(self) -> None:
+        """Refuse, before any worker starts, a method the distributed loop does not train."""
+        if self.model.method in DISTRIBUTED_UNSUPPORTED:
+            raise ConfigError(f"model.method={self.model.method} cannot train distributed (--workers): "
+                              f"{DISTRIBUTED_UNSUPPORTED[self.model.method]}; train it in one process")
 
     def check_dataset(self, manifest: dict[str, Any]) -> None:
         """Refuse a dataset this config cannot train on, from its manifest alone (cheap:

@@ -154,6 +154,7 @@ class LocalTrainer:
             (rows.users, rows.pos, rows.neg, torch.arange(batch_nodes.shape[0]))
         sched = cfg.schedule
         bpr, grad = row_loss_gradient(final, *index[:3], users.shape[0], sched.loss, sched.temperature, sched.loss_chunk)
+        method.extra_loss(final, users, grad)  # BiGeaR's distillation (full propagation: rows are node ids)
         # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
         reg_rows = method.reg_embeddings(batch_nodes)
         reg = cfg.optim.l2 * 0.5 * (rows.counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]
@@ -359,7 +360,7 @@ class LocalTrainer:
         cfg = self.config
         method = build_method(
             cfg.model.method, self.data.n_nodes, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-            phi=cfg.model.phi, graph=self.graph,
+            **cfg.model.method_options(), graph=self.graph,
         )
         with torch.no_grad():
             method.init_from_full_precision(fp_method.embed(None).detach().clone())

@@ -38,19 +38,10 @@ def ray_environment() -> None:
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an address nobody listens on (ray.init would wait a minute or more)."""
-    import socket
+    """Fail fast (one line, exit 2) on an address where no Ray answers: ray.init would wait minutes."""
+    from gnaq_dist.distributed.address_probe import probe_ray
 
-    if address in ("auto", "local"):
-        return
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise GnaqInputError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise GnaqInputError(f"--address {address}: no Ray cluster reachable there ({exc.strerror or exc})") from exc
+    probe_ray(address, timeout)
 
 
 # A Ray that this process starts for itself on one machine leaves out what only a cluster

@@ -94,6 +94,9 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes", "checkpoint")},
                              indent=2, default=str))
             return 0
+        from gnaq_dist.train.resume_check import check_resume
+
+        check_resume(config)  # a refused resume: one line before the dataset is loaded (train_on_ray checks too)
         result = train_local(config, log_path=f"{out}/metrics.jsonl", checkpoints=True)
         summary = {
             "config": to_dict(config), "metrics": result.metrics, "phase_seconds": result.phase_seconds,

@@ -279,6 +279,9 @@ def train_on_ray(
     _absolute_paths(config)
     workers = config.distributed.workers
     storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)
+    from gnaq_dist.train.resume_check import check_resume
+
+    check_resume(config)  # what the workers would refuse to resume from, refused before Ray starts
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer

@@ -308,6 +308,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    from gnaq_dist import interrupts
+
+    interrupts.install()  # SIGTERM too unwinds: staged output is removed on the way out
     try:
         return int(handlers[args.command](args) or 0)
     except GnaqInputError as exc:
@@ -316,9 +319,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     except DistributedTrainingError as exc:
         print(f"gnaq {args.command}: training failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"gnaq {args.command}: interrupted by {interrupts.signal_name(exc)}; unfinished output was "
+              f"removed", file=sys.stderr)
+        return interrupts.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -206,9 +206,14 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str
 
     ``overwrite=False`` refuses to replace an output that appeared meanwhile.
     """
+    from gnaq_dist.staging import hold, release, remove_stale
+
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
+    remove_stale(parent, name, ("tmp",))  # a dead writer's temporary files of this target
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    held = hold(tmp)  # while this process lives, a later writer leaves the file alone
     try:
         yield tmp
         if not overwrite and os.path.lexists(path):
@@ -216,6 +221,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str
         _fsync(tmp)
         _put_in_place(tmp, path)
     finally:
+        release(held)
         if os.path.lexists(tmp):
             os.remove(tmp)
 
@@ -277,6 +283,7 @@ class AtomicOutput:
         self.token = uuid.uuid4().hex[:12]  # this attempt's: its staging folder, its file names (remote)
         self.seen: bytes | None = None  # the commit mark at entry: the commit swaps it only if still there
         self.etag: str | None = None
+        self._held: int | None = None  # the lock on the local staging folder
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> AtomicOutput:
@@ -294,10 +301,14 @@ class AtomicOutput:
             self.seen, self.etag = remote_mark(self.fs, join(self.path, self.mark))
         self._check_expected()
         if self.local:
+            from gnaq_dist.staging import hold, remove_stale
+
             parent, name = os.path.split(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
+            remove_stale(parent, name)  # staging of writers to this OUT that died (SIGKILL, power cut)
             self.stage = os.path.join(parent, f".{name}.staging-{self.token}")
             os.makedirs(self.stage)
+            self._held = hold(self.stage)  # proves this writer alive to the others
         else:
             self.stage = self.path
             if exists:
@@ -347,7 +358,11 @@ class AtomicOutput:
     def abort(self) -> None:
         """Remove what this attempt wrote; the previous output (if any) is untouched."""
         if self.local:
+            from gnaq_dist.staging import release
+
             shutil.rmtree(self.stage, ignore_errors=True)
+            release(self._held)
+            self._held = None
         else:
             for path in self.written:
                 try:
@@ -413,8 +428,13 @@ class AtomicOutput:
                     raise GnaqInputError(self.exists_error.format(uri=self.uri) + " (it appeared while writing)")
                 if now != self.seen:
                     raise self._lost(now)
+                from gnaq_dist.staging import release, remove_moved_aside
+
+                remove_moved_aside(*os.path.split(target))  # a committer that died mid-commit left it
                 _put_in_place(self.stage, target)
             self.committed = True
+            release(self._held)
+            self._held = None
         else:
             try:
                 put_mark(self.fs, join(self.path, self.mark), data, self.seen, self.etag)

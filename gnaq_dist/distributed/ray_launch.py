@@ -286,7 +286,18 @@ def train_on_ray(
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = connect(address, workers)
+    from gnaq_dist import interrupts
+    from gnaq_dist.distributed.ray_reaper import start_reaper
+
+    # a Ray started here goes with this process, even a SIGKILLed one (ray_reaper.py)
+    reaper = start_reaper() if not address and not ray.is_initialized() else None
+    try:
+        started = connect(address, workers)
+    except BaseException:
+        if reaper is not None:
+            reaper.close()
+        raise
+    interrupts.reinstall()  # ray.init replaced our SIGTERM handler
     try:
         check_capacity(workers)
         trainer_class = one_machine_trainer_class() if started else TorchTrainer
@@ -308,7 +319,7 @@ def train_on_ray(
                                  worker_runtime_env={"env_vars": worker_allocator_env()}),
         )
         try:
-            result = trainer.fit()
+            result = interrupts.call(trainer.fit)  # SIGINT / SIGTERM: Interrupted here, Ray shut down below
         except Exception as exc:  # ray.train.WorkerGroupError / TrainingFailedError
             raise DistributedTrainingError(str(exc)) from exc
         if result.error is not None:
@@ -320,6 +331,8 @@ def train_on_ray(
     finally:
         if started:
             ray.shutdown()
+        if reaper is not None:
+            reaper.close()  # and whatever ray.shutdown left (its agents)
 
 
 def write_run_files(summary: dict[str, Any], out: str | Path, storage_options: dict[str, Any] | None = None) -> None:

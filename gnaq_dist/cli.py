@@ -310,9 +310,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_BAD_INPUT
     from gnaq_dist import interrupts
 
-    interrupts.install()  # SIGTERM too unwinds: staged output is removed on the way out
     try:
-        return int(handlers[args.command](args) or 0)
+        with interrupts.handled():  # SIGTERM too unwinds: staged output is removed on the way out
+            return int(handlers[args.command](args) or 0)
     except GnaqInputError as exc:
         print(f"gnaq {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT

@@ -14,8 +14,10 @@ and Ray Train's ``fit`` its own SIGINT handler (:func:`call` runs it where it do
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 HANDLED = (signal.SIGINT, signal.SIGTERM)
@@ -52,6 +54,23 @@ def install() -> bool:
     _state["installed"] = True
     _state["received"] = None
     return True
+
+
+@contextlib.contextmanager
+def handled() -> Iterator[None]:
+    """:func:`install` for the block, then the handlers that were there before (a ``gnaq``
+    command run inside another program, as the tests run it, leaves that program's own)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {signum: signal.getsignal(signum) for signum in HANDLED}
+    install()
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler if handler is not None else signal.SIG_DFL)
+        _state["installed"] = False
 
 
 def reinstall() -> None:
@@ -98,4 +117,4 @@ def signal_name(exc: KeyboardInterrupt) -> str:
     return signal.Signals(exc.signum).name if isinstance(exc, Interrupted) else "SIGINT"
 
 
-__all__ = ["HANDLED", "Interrupted", "call", "exit_code", "install", "reinstall", "signal_name"]
+__all__ = ["HANDLED", "Interrupted", "call", "exit_code", "handled", "install", "reinstall", "signal_name"]

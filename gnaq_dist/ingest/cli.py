@@ -147,9 +147,9 @@ def main(argv: list[str] | None = None) -> int:
     add_ingest_arguments(parser)
     from gnaq_dist import interrupts
 
-    interrupts.install()
     try:
-        return run_ingest_from_args(parser.parse_args(argv))
+        with interrupts.handled():
+            return run_ingest_from_args(parser.parse_args(argv))
     except KeyboardInterrupt as exc:
         print(f"gnaq ingest: interrupted by {interrupts.signal_name(exc)}; unfinished output was removed",
               file=sys.stderr)

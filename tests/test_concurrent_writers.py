@@ -107,6 +107,7 @@ def test_local_loser_fails_in_one_line_and_changes_nothing(tmp_path, first):
     assert load_dataset(str(out)).n_users == (200 if first == "append" else 0) + 300
 
 
+@pytest.mark.slow
 def test_simultaneous_appends_never_lose_rows(tmp_path):
     """Both start together, five times over: a writer that exits 0 has its rows in the dataset."""
     out = tmp_path / "ds"
@@ -165,6 +166,7 @@ def test_s3_marks_are_written_with_conditional_puts(s3):
     assert fs.cat_file(path) == b'{"version": 2}'
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("first", ["append", "new OUT"])
 def test_s3_loser_fails_in_one_line_and_changes_nothing(s3, tmp_path, first):
     fs, bucket, opts = s3

@@ -49,8 +49,12 @@ def wait_for(predicate, proc: subprocess.Popen, timeout: float = 240, what: str 
 
 
 # -- ingest -----------------------------------------------------------------------------------------
-@pytest.mark.parametrize("sig", SIGNALS)
-@pytest.mark.parametrize("append", [False, True], ids=["new", "append"])
+@pytest.mark.parametrize("sig, append", [
+    pytest.param(signal.SIGTERM, False, id="SIGTERM-new"),
+    pytest.param(signal.SIGINT, True, id="SIGINT-append"),
+    pytest.param(signal.SIGINT, False, id="SIGINT-new", marks=pytest.mark.slow),
+    pytest.param(signal.SIGTERM, True, id="SIGTERM-append", marks=pytest.mark.slow),
+])
 def test_ingest_interrupted_mid_write_removes_its_staging(tmp_path, sig, append):
     """Frozen with its staging folder half full, signalled, resumed: the folder goes, OUT is as it was."""
     out = tmp_path / "ds"
@@ -70,6 +74,7 @@ def test_ingest_interrupted_mid_write_removes_its_staging(tmp_path, sig, append)
     assert tree(tmp_path) == before  # no staging folder, the dataset (or its absence) as it was
 
 
+@pytest.mark.slow
 def test_python_m_ingest_cli_handles_sigterm_too(tmp_path):
     out = tmp_path / "ds"
     src = big_log(tmp_path / "big.parquet", "b", 60_000)

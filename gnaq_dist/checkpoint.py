@@ -316,7 +316,78 @@ def choose_resume(resume: str, every_epochs: int, root: str, storage_options: di
     return loaded
 
 
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
+_RANK_FILE = re.compile(r"^(shard|residuals)-(\d{5})-of-(\d{5})\.parquet$")
+#: The files a checkpoint holds besides its ranks' shards and residuals.
+REPLICATED_FILES = ("dense.parquet", "partition.parquet")
+
+
+def plain_name(name: Any) -> bool:
+    """A file name that stays inside its directory: no separator, no ``..``, not absolute."""
+    return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith("~")
+            and not any(c in name for c in "/\\\0:"))
+
+
+def _int(value: Any, minimum: int) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= minimum
+
+
+def check_manifest(uri: str, manifest: Any) -> dict[str, Any]:
+    """``manifest`` if it has a checkpoint manifest's shape, else a one-line :class:`CheckpointError`.
+
+    Every listed name is a plain file name inside the checkpoint directory; a rank's file
+    (``shard-R-of-W``, ``residuals-R-of-W``) belongs to this ``world_size`` and every rank's
+    shard is listed; the only other files are :data:`REPLICATED_FILES`; each entry has its
+    size and sha256. Readers then open only listed names (:func:`read_table`).
+    """
+    where = f"{uri}/{MANIFEST}"
+    if not isinstance(manifest, dict):
+        raise CheckpointError(f"{where}: a JSON {type(manifest).__name__}, not a checkpoint manifest (an object)")
+    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
+        raise CheckpointError(f"{where}: not a {FORMAT} v{VERSION} manifest (format {manifest.get('format')!r}, "
+                              f"version {manifest.get('version')!r})")
+    world = manifest.get("world_size")
+    if not _int(world, 1):
+        raise CheckpointError(f"{where}: world_size must be an integer >= 1, got {world!r}")
+    for key in ("step", "epoch"):
+        if not _int(manifest.get(key), 0):
+            raise CheckpointError(f"{where}: {key} must be an integer >= 0, got {manifest.get(key)!r}")
+    if not isinstance(manifest.get("shard_method"), str):
+        raise CheckpointError(f"{where}: shard_method must be a string, got {manifest.get('shard_method')!r}")
+    for key in ("model", "data", "partition", "config", "progress"):
+        if not isinstance(manifest.get(key), dict):
+            raise CheckpointError(f"{where}: {key} must be an object, got {type(manifest.get(key)).__name__}")
+    model = manifest["model"]
+    if not _int(model.get("dim"), 1) or not _int(model.get("num_layers"), 0):
+        raise CheckpointError(f"{where}: model.dim and model.num_layers must be integers "
+                              f"(got {model.get('dim')!r}, {model.get('num_layers')!r})")
+    files = manifest.get("files")
+    if not isinstance(files, dict) or not files:
+        raise CheckpointError(f"{where}: files must be an object naming the checkpoint's files, "
+                              f"got {type(files).__name__ if files is not None else 'nothing'}")
+    for name, entry in files.items():
+        if not plain_name(name):
+            raise CheckpointError(f"{where}: file name {name!r} is not a plain file name inside the checkpoint "
+                                  f"directory")
+        if not isinstance(entry, dict) or not _int(entry.get("bytes"), 0) \
+                or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            raise CheckpointError(f"{where}: the entry of {name} needs bytes (an integer) and sha256 (64 hex digits)")
+        ranked = _RANK_FILE.match(name)
+        if ranked is not None:
+            if int(ranked[3]) != world or int(ranked[2]) >= world:
+                raise CheckpointError(f"{where}: lists {name}, a file of another world size than its "
+                                      f"world_size {world}")
+        elif name not in REPLICATED_FILES:
+            raise CheckpointError(f"{where}: lists {name!r}, which is no file of a checkpoint")
+    missing = [shard_name(r, world) for r in range(world) if shard_name(r, world) not in files]
+    if missing:
+        raise CheckpointError(f"{where}: world_size {world} but {missing[0]} is not listed "
+                              f"({len(missing)} of {world} shards missing)")
+    return manifest
+
+
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The manifest of checkpoint ``uri``, its shape checked (:func:`check_manifest`); files not read."""
     fs, path = resolve(uri, storage_options)
     mpath = join(path, MANIFEST)
     try:
@@ -324,11 +395,11 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> di
             manifest = json.loads(handle.read().decode("utf-8"))
     except FileNotFoundError:
         raise CheckpointError(f"{uri}: no {MANIFEST} (an unfinished checkpoint, or not a checkpoint)") from None
+    except (NotADirectoryError, IsADirectoryError):
+        raise CheckpointError(f"{uri}: not a checkpoint directory (a file, or {MANIFEST} is not a file)") from None
     except (ValueError, UnicodeDecodeError):
         raise CheckpointError(f"{uri}/{MANIFEST}: not valid JSON") from None
-    if manifest.get("format") != FORMAT or manifest.get("version") != VERSION:
-        raise CheckpointError(f"{uri}/{MANIFEST}: not a {FORMAT} v{VERSION} manifest")
-    return manifest
+    return check_manifest(uri, manifest)
 
 
 def verify(uri: str, storage_options: dict[str, Any] | None = None, data: dict[str, Any] | None = None,
@@ -353,28 +424,48 @@ def verify(uri: str, storage_options: dict[str, Any] | None = None, data: dict[s
         if digest != entry["sha256"]:
             raise CheckpointError(f"{uri}/{name}: sha256 does not match the manifest (corrupted)")
     if data is not None:
-        mine = manifest["data"]
-        for key in ("n_users", "n_items", "n_train", "train_sha256"):
-            if mine.get(key) != data.get(key):
-                raise CheckpointError(
-                    f"{uri}: written for another dataset ({key} {mine.get(key)!r}, this run's data has "
-                    f"{data.get(key)!r})")
+        check_data(uri, manifest, data)
     if model is not None:
-        want = manifest["model"]
-        have = {"lsq_step": "tensor", **want}  # manifests older than lsq_step were written with one step
-        for key in ("method", "bits", "dim", "num_layers", "lsq_step"):
-            if key in model and have.get(key) != model[key]:
-                raise CheckpointError(f"{uri}: model.{key} is {have.get(key)!r} in the checkpoint, "
-                                      f"{model[key]!r} in this config")
+        check_model(uri, manifest, model)
     return manifest
 
 
+def check_data(uri: str, manifest: dict[str, Any], data: dict[str, Any]) -> None:
+    """Refuse a checkpoint written for other training data than ``data`` (a :func:`data_key`)."""
+    mine = manifest["data"]
+    for key in ("n_users", "n_items", "n_train", "train_sha256"):
+        if mine.get(key) != data.get(key):
+            raise CheckpointError(
+                f"{uri}: written for another dataset ({key} {mine.get(key)!r}, this run's data has "
+                f"{data.get(key)!r})")
+
+
+def check_model(uri: str, manifest: dict[str, Any], model: dict[str, Any]) -> None:
+    """Refuse a checkpoint of another table format (``method``, ``bits``, ``dim``, ``num_layers``,
+    ``lsq_step``)."""
+    have = {"lsq_step": "tensor", **manifest["model"]}  # manifests older than lsq_step were written with one step
+    for key in ("method", "bits", "dim", "num_layers", "lsq_step"):
+        if key in model and have.get(key) != model[key]:
+            raise CheckpointError(f"{uri}: model.{key} is {have.get(key)!r} in the checkpoint, "
+                                  f"{model[key]!r} in this config")
+
+
 def read_table(uri: str, name: str, storage_options: dict[str, Any] | None = None,
-               filter_ids: np.ndarray | None = None) -> pa.Table:
-    """One Parquet file of a verified checkpoint (optionally only rows whose global_id is listed)."""
+               filter_ids: np.ndarray | None = None, *, manifest: dict[str, Any]) -> pa.Table:
+    """One Parquet file of a checkpoint, opened only if ``manifest`` lists it and checked against
+    its entry (size and sha256) as it is read; optionally only rows whose global_id is listed."""
+    entry = manifest["files"].get(name) if isinstance(manifest.get("files"), dict) else None
+    if entry is None or not plain_name(name):
+        raise CheckpointError(f"{uri}: {name} is not listed in its {MANIFEST}; only listed files are read")
     fs, path = resolve(uri, storage_options)
-    with fs.open(join(path, name), "rb") as handle:
-        table = pq.read_table(io.BytesIO(handle.read()))
+    try:
+        with fs.open(join(path, name), "rb") as handle:
+            data = handle.read()
+    except FileNotFoundError:
+        raise CheckpointError(f"{uri}/{name}: listed in the manifest but missing") from None
+    if len(data) != entry.get("bytes") or hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+        raise CheckpointError(f"{uri}/{name}: its size or sha256 does not match the manifest (changed since written)")
+    table = pq.read_table(io.BytesIO(data))
     if filter_ids is not None:
         import pyarrow.compute as pc
 
@@ -388,7 +479,7 @@ def read_rows(uri: str, manifest: dict[str, Any], global_ids: np.ndarray,
     world = int(manifest["world_size"])
     ranks = range(world) if shards is None else shards
     want = np.asarray(global_ids, dtype=np.int64)
-    parts = [read_table(uri, shard_name(r, world), storage_options, want) for r in ranks]
+    parts = [read_table(uri, shard_name(r, world), storage_options, want, manifest=manifest) for r in ranks]
     table = pa.concat_tables(parts).sort_by("global_id")
     got = table["global_id"].to_numpy()
     if got.shape != want.shape or not np.array_equal(got, np.sort(want)):
@@ -402,7 +493,8 @@ def read_residuals(uri: str, manifest: dict[str, Any], storage_options: dict[str
                    ranks: list[int] | None = None) -> pa.Table:
     world = int(manifest["world_size"])
     files = [residual_name(r, world) for r in (range(world) if ranks is None else ranks)]
-    return pa.concat_tables([read_table(uri, f, storage_options) for f in files if f in manifest["files"]])
+    return pa.concat_tables([read_table(uri, f, storage_options, manifest=manifest)
+                            for f in files if f in manifest["files"]])
 
 
 def new_manifest(*, step: int, epoch: int, phase: str, shard_method: str, world_size: int, config: dict,
@@ -464,7 +556,7 @@ def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
     graph = build_graph(data) if manifest["shard_method"] == "bigear" else None
     method = build_for_rows(manifest, n, graph)
     load_rows(method, rows)
-    load_dense(method, read_table(uri, "dense.parquet", storage_options), None)
+    load_dense(method, read_table(uri, "dense.parquet", storage_options, manifest=manifest), None)
     if method.name == "fp":
         return "fp", method.weight.detach().clone()
     if method.name == "bigear":
@@ -474,9 +566,9 @@ def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
 
 
 __all__ = [
-    "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "build_for_rows", "checkpoint_name", "choose_resume",
-    "data_key",
-    "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes",
+    "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "REPLICATED_FILES", "build_for_rows",
+    "check_data", "check_manifest", "check_model", "checkpoint_name", "choose_resume", "data_key",
+    "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes", "plain_name",
     "read_manifest", "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name",
     "shard_table", "verify",
 ]

@@ -94,6 +94,9 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes", "checkpoint")},
                              indent=2, default=str))
             return 0
+        from gnaq_dist.train.resume_check import check_resume
+
+        check_resume(config)  # a refused resume: one line before the dataset is loaded (train_on_ray checks too)
         result = train_local(config, log_path=f"{out}/metrics.jsonl", checkpoints=True)
         summary = {
             "config": to_dict(config), "metrics": result.metrics, "phase_seconds": result.phase_seconds,
@@ -305,17 +308,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return EXIT_BAD_INPUT
+    from gnaq_dist import interrupts
+
     try:
-        return int(handlers[args.command](args) or 0)
+        with interrupts.handled():  # SIGTERM too unwinds: staged output is removed on the way out
+            return int(handlers[args.command](args) or 0)
     except GnaqInputError as exc:
         print(f"gnaq {args.command}: error: {exc}", file=sys.stderr)
         return EXIT_BAD_INPUT
     except DistributedTrainingError as exc:
         print(f"gnaq {args.command}: training failed: {exc}", file=sys.stderr)
         return 1
-    except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"gnaq {args.command}: interrupted by {interrupts.signal_name(exc)}; unfinished output was "
+              f"removed", file=sys.stderr)
+        return interrupts.exit_code(exc)
 
 
 if __name__ == "__main__":

@@ -183,7 +183,11 @@ def _read_info(path: str) -> dict[str, Any]:
 
 def _read_file(path: str, name: str, entry: dict[str, Any], verify: bool) -> pa.Table:
     """One listed Parquet file, its size, sha256, row count and columns checked."""
-    fname = str(entry.get("path", ""))
+    if not isinstance(entry, dict):
+        raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: the entry of {name} is a "
+                             f"{type(entry).__name__}, not an object with path, bytes and sha256")
+    fname = entry.get("path")
+    fname = fname if isinstance(fname, str) else ""
     if not fname or "/" in fname or "\\" in fname or fname in (".", ".."):
         raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: bad file name {fname!r} for {name}")
     fpath = os.path.join(path, fname)

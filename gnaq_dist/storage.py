@@ -206,9 +206,14 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str
 
     ``overwrite=False`` refuses to replace an output that appeared meanwhile.
     """
+    from gnaq_dist.staging import hold, release, remove_stale
+
     path = os.path.abspath(os.fspath(path))
     parent, name = os.path.split(path)
+    remove_stale(parent, name, ("tmp",))  # a dead writer's temporary files of this target
     tmp = os.path.join(parent, f".{name}.tmp-{uuid.uuid4().hex[:8]}")
+    os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644))
+    held = hold(tmp)  # while this process lives, a later writer leaves the file alone
     try:
         yield tmp
         if not overwrite and os.path.lexists(path):
@@ -216,6 +221,7 @@ def atomic_path(path: str | os.PathLike, overwrite: bool = True) -> Iterator[str
         _fsync(tmp)
         _put_in_place(tmp, path)
     finally:
+        release(held)
         if os.path.lexists(tmp):
             os.remove(tmp)
 
@@ -246,7 +252,11 @@ class AtomicOutput:
     """Write an output directory so that it appears complete or not at all.
 
     ``mode``: "create" (error if ``uri`` exists), "overwrite" (replace whatever is there)
-    or "replace" (a new version of the output at ``uri``, which must exist). ``mark`` is
+    or "replace" (a new version of the output at ``uri``, which must exist). Whatever the
+    mode, the commit succeeds only if the mark at ``uri`` is still the one seen on entering
+    (none, for "create"), and ``expect`` (key -> value) must hold in that mark: a writer that
+    lost a race raises :class:`gnaq_dist.concurrency.ConcurrentWriteError` and leaves
+    nothing behind (see :mod:`gnaq_dist.concurrency` for how each store makes it atomic). ``mark`` is
     the commit mark's file name; ``exists_error`` the message (``{uri}`` filled in) for an
     existing output in "create" mode; ``file_error``, if given, refuses a file at ``uri``.
     Use as a context manager; write with :meth:`write_parquet`, :meth:`write_bytes` or
@@ -257,8 +267,9 @@ class AtomicOutput:
     def __init__(self, uri: str, storage_options: dict[str, Any] | None = None, mode: str = "create", *,
                  mark: str = MANIFEST,
                  exists_error: str = "{uri}: output already exists (use --overwrite, or --append to add to it)",
-                 file_error: str | None = None) -> None:
+                 file_error: str | None = None, expect: dict[str, Any] | None = None) -> None:
         self.uri = uri
+        self.expect = expect
         self.fs, self.path = resolve(uri, storage_options)
         self.mode = mode
         self.mark = mark
@@ -269,33 +280,76 @@ class AtomicOutput:
         self.committed = False
         self.old_files: set[str] = set()  # names of the current output, removed after the commit (remote)
         self.taken: set[str] = set()  # names a new file must not use (remote)
+        self.token = uuid.uuid4().hex[:12]  # this attempt's: its staging folder, its file names (remote)
+        self.seen: bytes | None = None  # the commit mark at entry: the commit swaps it only if still there
+        self.etag: str | None = None
+        self._held: int | None = None  # the lock on the local staging folder
 
     # -- lifecycle -------------------------------------------------------------------
     def __enter__(self) -> AtomicOutput:
+        from gnaq_dist.concurrency import local_mark, remote_mark
+
         exists = output_exists(self.fs, self.path)
         if exists and self.mode == "create":
             raise GnaqInputError(self.exists_error.format(uri=self.uri))
         if exists and self.file_error is not None and not self.fs.isdir(self.path):
             raise GnaqInputError(self.file_error.format(uri=self.uri))
         if self.local:
+            if exists:
+                self.seen = local_mark(os.path.join(os.path.abspath(self.path), self.mark))
+        elif exists:
+            self.seen, self.etag = remote_mark(self.fs, join(self.path, self.mark))
+        self._check_expected()
+        if self.local:
+            from gnaq_dist.staging import hold, remove_stale
+
             parent, name = os.path.split(os.path.abspath(self.path))
             os.makedirs(parent, exist_ok=True)
-            self.stage = os.path.join(parent, f".{name}.staging-{uuid.uuid4().hex[:12]}")
+            remove_stale(parent, name)  # staging of writers to this OUT that died (SIGKILL, power cut)
+            self.stage = os.path.join(parent, f".{name}.staging-{self.token}")
             os.makedirs(self.stage)
+            self._held = hold(self.stage)  # proves this writer alive to the others
         else:
             self.stage = self.path
             if exists:
                 self.taken = {posixpath.basename(p) for p in self.fs.ls(self.path, detail=False)}
-                mark_path = join(self.path, self.mark)
-                if self.fs.exists(mark_path):
+                if self.seen is not None:
                     try:
-                        self.old_files = _listed(read_json(self.fs, mark_path))
+                        self.old_files = _listed(json.loads(self.seen.decode("utf-8")))
                     except (ValueError, KeyError, TypeError, AttributeError):
                         self.old_files = set()
                 if self.mode == "overwrite":
                     # files of the old output that are not ours: removed after the commit
                     self.old_files |= {n for n in self.taken if n != self.mark}
         return self
+
+    def _check_expected(self) -> None:
+        """``expect`` holds in the mark seen on entry (what the caller read earlier is still there)."""
+        if not self.expect:
+            return
+        from gnaq_dist.concurrency import ConcurrentWriteError
+
+        try:
+            seen = json.loads(self.seen.decode("utf-8")) if self.seen is not None else None
+        except (ValueError, UnicodeDecodeError):
+            seen = None
+        if not isinstance(seen, dict) or any(seen.get(k) != v for k, v in self.expect.items()):
+            now = seen.get("version") if isinstance(seen, dict) else None
+            raise ConcurrentWriteError(
+                f"{self.uri}: changed since this run read it (version {now!r} now, {self.expect.get('version')!r} "
+                f"read): another writer committed first; nothing was written, run again")
+
+    def _lost(self, now: bytes | None) -> GnaqInputError:
+        from gnaq_dist.concurrency import ConcurrentWriteError
+
+        version = None
+        try:
+            version = json.loads(now.decode("utf-8")).get("version") if now else None
+        except (ValueError, UnicodeDecodeError, AttributeError):
+            pass
+        what = f" (version {version})" if version is not None else ""
+        return ConcurrentWriteError(f"{self.uri}: another writer committed it{what} while this one ran; "
+                                    f"nothing was written, run again")
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if not self.committed:
@@ -304,7 +358,11 @@ class AtomicOutput:
     def abort(self) -> None:
         """Remove what this attempt wrote; the previous output (if any) is untouched."""
         if self.local:
+            from gnaq_dist.staging import release
+
             shutil.rmtree(self.stage, ignore_errors=True)
+            release(self._held)
+            self._held = None
         else:
             for path in self.written:
                 try:
@@ -315,11 +373,17 @@ class AtomicOutput:
 
     # -- writing ---------------------------------------------------------------------
     def unique_name(self, name: str) -> str:
-        """``name`` unless the current output uses it; then ``stem.<token>.ext``."""
-        if name not in self.taken and name not in {posixpath.basename(p) for p in self.written}:
+        """``name`` in a local staging folder (private to this attempt); on an object store
+        ``stem.<token>.ext``, this attempt's own name: a concurrent writer to the same OUT
+        never writes over (or, aborting, deletes) another's files."""
+        if self.local and name not in {posixpath.basename(p) for p in self.written}:
             return name
-        stem, ext = name.split(".", 1) if "." in name else (name, "")
-        return f"{stem}.{uuid.uuid4().hex[:8]}" + (f".{ext}" if ext else "")
+        stem, ext = name.rsplit(".", 1) if "." in name else (name, "")
+        token = self.token if not self.local else uuid.uuid4().hex[:8]
+        unique = f"{stem}.{token}" + (f".{ext}" if ext else "")
+        if unique in self.taken or unique in {posixpath.basename(p) for p in self.written}:
+            unique = f"{stem}.{uuid.uuid4().hex[:12]}" + (f".{ext}" if ext else "")
+        return unique
 
     def new_file(self, name: str) -> str:
         """Where to write file ``name`` (in ``self.fs``; a local path when :attr:`local`),
@@ -345,21 +409,39 @@ class AtomicOutput:
         return path
 
     def commit(self, manifest: dict[str, Any]) -> None:
-        """Write the commit mark (``manifest`` as JSON) and make the new output the visible one."""
+        """Write the commit mark (``manifest`` as JSON) and make the new output the visible one,
+        if no other writer committed since this one started (else :class:`ConcurrentWriteError`)."""
+        from gnaq_dist.concurrency import ConcurrentWriteError, commit_lock, local_mark, put_mark
+
         data = json.dumps(manifest, indent=2, sort_keys=False).encode("utf-8")
         if self.local:
             target = os.path.abspath(self.path)
-            if self.mode == "create" and output_exists(self.fs, target):
-                raise GnaqInputError(self.exists_error.format(uri=self.uri) + " (it appeared while writing)")
             mark_path = os.path.join(self.stage, self.mark)
             with open(mark_path, "wb") as handle:
                 handle.write(data)
             _fsync(mark_path)
-            _put_in_place(self.stage, target)
+            with commit_lock(os.path.dirname(target)):
+                now = local_mark(os.path.join(target, self.mark))
+                if self.mode == "create" and output_exists(self.fs, target):
+                    if now is not None:
+                        raise self._lost(now)
+                    raise GnaqInputError(self.exists_error.format(uri=self.uri) + " (it appeared while writing)")
+                if now != self.seen:
+                    raise self._lost(now)
+                from gnaq_dist.staging import release, remove_moved_aside
+
+                remove_moved_aside(*os.path.split(target))  # a committer that died mid-commit left it
+                _put_in_place(self.stage, target)
             self.committed = True
+            release(self._held)
+            self._held = None
         else:
-            with self.fs.open(join(self.path, self.mark), "wb") as handle:
-                handle.write(data)
+            try:
+                put_mark(self.fs, join(self.path, self.mark), data, self.seen, self.etag)
+            except ConcurrentWriteError:
+                from gnaq_dist.concurrency import remote_mark
+
+                raise self._lost(remote_mark(self.fs, join(self.path, self.mark))[0]) from None
             self.committed = True
             keep = _listed(manifest) | {self.mark}
             for name in sorted(self.old_files - keep):

@@ -320,7 +320,7 @@ def generate_log(
             with AtomicOutput(str(target), mode="overwrite" if overwrite else "create", mark=META_FILE,
                               exists_error="{uri}: output already exists (use --overwrite)") as out:
                 for f, n_file in enumerate(_file_sizes(spec.rows, files)):
-                    name = f"part-{f:05d}.parquet"
+                    name = out.unique_name(f"part-{f:05d}.parquet")  # this attempt's own, on object stores
                     write_part(out.new_file(name), name, n_file)
                 info = summary()
                 out.commit(info)

@@ -508,3 +508,11 @@ def test_eval_split_valid_on_a_dataset_without_one(tmp_path, capsys):
     # a dataset with a validation split passes the same check
     withvalid = ingested(capsys, tmp_path, "dsv", "--valid-fraction", "0.25")
     config.check_dataset(read_manifest(str(withvalid)))
+
+
+def test_train_out_an_existing_file_is_refused_before_training(tmp_path, capsys):
+    ds = ingested(capsys, tmp_path)
+    out = tmp_path / "notes.txt"
+    out.write_text("not a run directory")
+    refused(capsys, tmp_path, ["train", "--dataset", str(ds), "--out", str(out), "--no-progress"],
+            f"--out {out}", "is a file, not a directory")

@@ -7,6 +7,8 @@ partition record :class:`Partition` with :func:`partition_nodes`. The rest is in
 Modules, from the run down to the wire (each imports only modules listed below it):
 
 * :mod:`.ray_launch`: launches W workers under Ray Train and writes the run's files;
+* :mod:`.address_probe`: whether ``--address`` is a Ray cluster, answered within seconds;
+* :mod:`.ray_reaper`: a watchdog process that ends a local Ray whose driver was killed;
 * :mod:`.trainer`: a rank's setup, data-parallel step and run loop (the shared schedule);
 * :mod:`.checkpointing`: which checkpoint a run resumes from; the ranks' save and restore sequence;
 * :mod:`.evaluation`: metrics from the stored rows, split by owner or gathered on every rank;

@@ -85,7 +85,7 @@ class RankCheckpoints:
         if m is None or m["world_size"] != self.world or \
                 m["partition"]["method"] != self.config.distributed.partition:
             return None
-        owner = ckpt.read_table(loaded.uri, "partition.parquet", self.config.storage_options)["owner"]
+        owner = ckpt.read_table(loaded.uri, "partition.parquet", self.config.storage_options, manifest=m)["owner"]
         part = Partition.from_owner(owner.to_numpy(), self.world, n_users, n_items, method=m["partition"]["method"])
         if part.checksum() != m["partition"]["owner_checksum"]:
             raise ckpt.CheckpointError(f"{loaded.uri}/partition.parquet does not match its manifest")
@@ -104,7 +104,7 @@ class RankCheckpoints:
         lr = cfg.optim.lr if m["shard_method"] == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
         shard, feedback = start_shard(method, lr)
         ckpt.load_rows(method, rows, shard.optimizer)
-        ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", so), shard.dense_optimizer)
+        ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", so, manifest=m), shard.dense_optimizer)
         self._restore_residuals(loaded, same, partition, feedback)
         progress = m["progress"]
         return Restored(int(m["step"]), int(progress.get("positives", 0)), list(m.get("history", [])))

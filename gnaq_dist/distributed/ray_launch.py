@@ -38,19 +38,10 @@ def ray_environment() -> None:
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
-    """Fail fast on an address nobody listens on (ray.init would wait a minute or more)."""
-    import socket
+    """Fail fast (one line, exit 2) on an address where no Ray answers: ray.init would wait minutes."""
+    from gnaq_dist.distributed.address_probe import probe_ray
 
-    if address in ("auto", "local"):
-        return
-    target = address.split("://", 1)[-1]
-    host, _, port = target.rpartition(":")
-    if not host or not port.isdigit():
-        raise GnaqInputError(f"--address {address}: expected HOST:PORT, ray://HOST:PORT or auto")
-    try:
-        socket.create_connection((host, int(port)), timeout=timeout).close()
-    except OSError as exc:
-        raise GnaqInputError(f"--address {address}: no Ray cluster reachable there ({exc.strerror or exc})") from exc
+    probe_ray(address, timeout)
 
 
 # A Ray that this process starts for itself on one machine leaves out what only a cluster
@@ -289,11 +280,25 @@ def train_on_ray(
     _absolute_paths(config)
     workers = config.distributed.workers
     storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)
+    from gnaq_dist.train.resume_check import check_resume
+
+    check_resume(config)  # what the workers would refuse to resume from, refused before Ray starts
     import ray
     from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    started = connect(address, workers)
+    from gnaq_dist import interrupts
+    from gnaq_dist.distributed.ray_reaper import start_reaper
+
+    # a Ray started here goes with this process, even a SIGKILLed one (ray_reaper.py)
+    reaper = start_reaper() if not address and not ray.is_initialized() else None
+    try:
+        started = connect(address, workers)
+    except BaseException:
+        if reaper is not None:
+            reaper.close()
+        raise
+    interrupts.reinstall()  # ray.init replaced our SIGTERM handler
     try:
         check_capacity(workers)
         trainer_class = one_machine_trainer_class() if started else TorchTrainer
@@ -315,7 +320,7 @@ def train_on_ray(
                                  worker_runtime_env={"env_vars": worker_allocator_env()}),
         )
         try:
-            result = trainer.fit()
+            result = interrupts.call(trainer.fit)  # SIGINT / SIGTERM: Interrupted here, Ray shut down below
         except Exception as exc:  # ray.train.WorkerGroupError / TrainingFailedError
             raise DistributedTrainingError(str(exc)) from exc
         if result.error is not None:
@@ -327,6 +332,8 @@ def train_on_ray(
     finally:
         if started:
             ray.shutdown()
+        if reaper is not None:
+            reaper.close()  # and whatever ray.shutdown left (its agents)
 
 
 def write_run_files(summary: dict[str, Any], out: str | Path, storage_options: dict[str, Any] | None = None) -> None:

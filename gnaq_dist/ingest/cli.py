@@ -145,7 +145,15 @@ def run_ingest_from_args(args: argparse.Namespace) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="gnaq ingest", description="Ingest interaction logs into a gnaq dataset.")
     add_ingest_arguments(parser)
-    return run_ingest_from_args(parser.parse_args(argv))
+    from gnaq_dist import interrupts
+
+    try:
+        with interrupts.handled():
+            return run_ingest_from_args(parser.parse_args(argv))
+    except KeyboardInterrupt as exc:
+        print(f"gnaq ingest: interrupted by {interrupts.signal_name(exc)}; unfinished output was removed",
+              file=sys.stderr)
+        return interrupts.exit_code(exc)
 
 
 if __name__ == "__main__":

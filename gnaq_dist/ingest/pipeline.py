@@ -175,5 +175,7 @@ def ingest(source: str, out: str, config: IngestConfig, *, overwrite: bool = Fal
     manifest = write_dataset(
         out, opts, edges, label, user_raw, item_raw,
         has_timestamp=has_ts, has_weight=bool(config.columns.weight), info=info, version=version, mode=mode,
+        # an append commits only onto the version it read: a concurrent append makes this one fail
+        expect={"version": old[0]["version"], "fingerprint": old[0]["fingerprint"]} if old is not None else None,
     )
     return manifest

@@ -55,11 +55,14 @@ def write_dataset(
     info: dict[str, Any],
     version: int = 1,
     mode: str = "create",
+    expect: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """Write every file, then the manifest; returns the manifest."""
+    """Write every file, then the manifest; returns the manifest. ``expect``: what the
+    manifest at ``out`` must still hold at the commit (an append's version and fingerprint),
+    else :class:`~gnaq_dist.concurrency.ConcurrentWriteError` and nothing written."""
     from gnaq_dist.ingest.idmap import IdMap
 
-    with AtomicOutput(out, storage_options, mode=mode) as target:
+    with AtomicOutput(out, storage_options, mode=mode, expect=expect) as target:
         files: dict[str, dict[str, Any]] = {}
         counts: dict[str, int] = {}
         for code, name in SPLIT_NAMES.items():

@@ -156,7 +156,7 @@ def restore(loaded: ckpt.Loaded, n_rows: int, graph: BipartiteGraph | None, lr_f
     lr = lr_fp if m["shard_method"] == "fp" else lr_quant
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
     view.install(method, optimizer)
-    ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", storage_options),
+    ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", storage_options, manifest=m),
                     DenseAdamView(method, optimizer))
     return method, optimizer
 

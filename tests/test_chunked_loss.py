@@ -16,7 +16,7 @@ from gnaq_dist.train.bpr import bpr_row_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import LocalTrainer
 
-METHODS = [("fp", None), ("gnaq", 2), ("gnaq_ste", 2), ("lsq", 2), ("n2uq", 2), ("bigear", 1)]
+METHODS = [("fp", None), ("gnaq", 2), ("gnaq_static", 2), ("gnaq_ste", 2), ("lsq", 2), ("n2uq", 2), ("bigear", 1)]
 
 
 def small_data():
@@ -53,7 +53,8 @@ def test_chunked_bpr_gradient_equals_autograd_of_the_whole_loss():
 
 
 def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list[torch.Tensor]:
-    """The loss as one autograd expression (no chunks, L2 on every occurrence), its gradients."""
+    """The loss as one autograd expression (no chunks, score biases added, L2 on every
+    occurrence where the method takes it), its gradients."""
     cfg, n_users = trainer.config, trainer.data.n_users
     pos_nodes, neg_nodes = pos + n_users, neg + n_users
     batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
@@ -62,10 +63,16 @@ def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list
     def rows(ids):
         return final[ids] if row_ids is None else final[torch.searchsorted(row_ids, ids)]
 
+    def bias(ids):
+        b = method.bias_of(ids.reshape(-1))
+        return torch.zeros(ids.shape) if b is None else b.reshape(ids.shape)
+
     u = rows(users)
-    bpr = F.softplus((u.unsqueeze(1) * rows(neg_nodes)).sum(-1) - (u * rows(pos_nodes)).sum(-1, keepdim=True)).mean()
+    s_pos = (u * rows(pos_nodes)).sum(-1, keepdim=True) + bias(pos_nodes).unsqueeze(-1)
+    s_neg = (u.unsqueeze(1) * rows(neg_nodes)).sum(-1) + bias(neg_nodes)
+    bpr = F.softplus(s_neg - s_pos).mean()  # b_u cancels
     reg_rows = method.reg_embeddings(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
-    loss = bpr + cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0]
+    loss = bpr + (cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0] if method.uses_l2 else 0.0)
     params = [p for p in method.parameters() if p.requires_grad]
     return list(torch.autograd.grad(loss, params, allow_unused=True))
 
@@ -113,11 +120,11 @@ def scenario_gradients(rank: int, world: int, runs: list[tuple[str, int | None, 
         seen: dict = {}
         apply_rows, apply_dense = shard.apply_row_gradients, shard.apply_dense
 
-        def rows_hook(rows, grads, clip, _orig=apply_rows, _seen=seen, _shard=shard):
+        def rows_hook(rows, grads, clip, extra=None, _orig=apply_rows, _seen=seen, _shard=shard):
             local = torch.arange(_shard.num_owned) if rows is None else rows
             _seen["ids"] = np.asarray(_shard.owned)[local.numpy()]
-            _seen["rows"] = [g.detach().clone().numpy() for g in grads]
-            return _orig(rows, grads, clip)
+            _seen["rows"] = [g.detach().clone().reshape(g.shape[0], -1).numpy() for g in grads + list(extra or [])]
+            return _orig(rows, grads, clip, extra)
 
         def dense_hook(clip, _orig=apply_dense, _seen=seen, _shard=shard):
             _seen["dense"] = [p.grad.detach().clone().numpy() for p in _shard.dense]

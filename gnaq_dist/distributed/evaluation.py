@@ -28,7 +28,7 @@ from gnaq_dist.methods import is_gnaq
 from gnaq_dist.propagation import final_from_packed, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import score_rows
-from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report, with_bias_bytes
 
 if TYPE_CHECKING:
     from gnaq_dist.distributed.trainer import DistributedTrainer
@@ -62,7 +62,8 @@ def _packed_server(shard: MethodShard, level_dtype: torch.dtype) -> tuple[Packed
     own = method.pack(level_dtype=level_dtype)
     if shard.num_owned == 0:  # a placeholder row: serve nothing
         own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
-                          if own.levels.shape[0] != 1 else own.levels)
+                          if own.levels.shape[0] != 1 else own.levels,
+                          bias=None if own.bias is None else own.bias[:0])
     server = QuantizedShard.from_packed(own)
     if own.num_rows == 1 and own.levels.shape[0] == 1 and not is_gnaq(method.name):
         server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
@@ -139,14 +140,9 @@ def _stored_bias(trainer: DistributedTrainer) -> torch.Tensor | None:
 
 def _with_bias_bytes(storage: dict[str, float], trainer: DistributedTrainer) -> dict[str, float]:
     """The storage report with the score bias counted (one value a node, as the levels are stored)."""
-    if trainer.shard.method.bias_of(None) is None:
+    if trainer.shard.method.bias_of(None) is None or "bias_bytes_per_node" in storage:
         return storage
-    extra = torch.finfo(trainer.level_dtype).bits / 8
-    out = dict(storage, bias_bytes_per_node=extra)
-    for key in ("bytes_per_node", "floor_bytes_per_node"):
-        out[key] = storage[key] + extra
-    out["compression_ratio"] = out["fp32_bytes_per_node"] / out["bytes_per_node"]
-    return out
+    return with_bias_bytes(storage, torch.finfo(trainer.level_dtype).bits / 8)
 
 
 def evaluate_gathered(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, float]]:

@@ -119,9 +119,9 @@ class EmbeddingMethod(torch.nn.Module):
 
     @torch.no_grad()
     def layer0_error(self, level_dtype: torch.dtype = torch.float16) -> tuple[float, float] | None:
-        """``(sum |x - Q(x)|, sum |x|)`` over the layer-0 table: x the fp latent the method
-        trains, Q(x) its quantized layer-0 rows; None where there is no quantizer (fp) or no
-        per-row latent. Methods with a latent table override the latent's name only."""
+        """``(sum |x - Q(x)|, sum |x|)`` over the layer-0 table: x the fp latent table the method
+        trains (its ``latent``), Q(x) its quantized layer-0 rows; None where there is no
+        quantizer or no latent table (fp, BiGeaR). GNAQ overrides it."""
         latent = getattr(self, "latent", None)
         if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or latent.shape[1] != self.dim:
             return None

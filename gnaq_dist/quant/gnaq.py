@@ -207,11 +207,12 @@ class GNAQ(EmbeddingMethod):
     @torch.no_grad()
     def pack(self, level_dtype: torch.dtype = torch.float16) -> PackedTable:
         codes = self._codes_of(None)
-        return make_table(self.name, self.bits, codes, self.phi(self.levels).unsqueeze(1), level_dtype)
+        return make_table(self.name, self.bits, codes, self.phi(self.levels).unsqueeze(1), level_dtype,
+                          bias=self.bias)
 
     @torch.no_grad()
     def load_packed(self, table: PackedTable) -> None:
-        """Restore levels (phi^-1 of the stored values) and codes (the score bias is not stored: it restarts at 0).
+        """Restore levels (phi^-1 of the stored values), codes and score biases.
 
         GNAQ-STE has no latent table in storage; ``w`` is rebuilt as ``-1 + 2q/(k-1)``,
         which re-derives exactly the stored codes whenever each row uses codes 0 and
@@ -226,6 +227,10 @@ class GNAQ(EmbeddingMethod):
         eps = torch.finfo(torch.float32).eps
         self.levels.copy_(self.phi_inv(values, clip=1.0 - eps))
         self.codes = codes
+        if self.bias is not None:
+            if table.bias is None:
+                raise GnaqInputError(f"{self.name}: the packed table has no score biases")
+            self.bias.copy_(torch.from_numpy(table.bias.astype("float32")).to(dev))
         if self.latent is not None:
             u = -1.0 + 2.0 * codes.to(torch.float32) / (self.num_levels - 1)
             self.latent.copy_(u)

@@ -184,7 +184,7 @@ class LocalTrainer:
         n_users = self.data.n_users
         final = self.final_embeddings(method)
         bias = method.bias_of(None)
-        if bias is not None:  # stored as the levels are (model.level_dtype)
+        if bias is not None:  # as the packed table stores it (model.level_dtype)
             bias = bias.detach().to(getattr(torch, self.config.model.level_dtype)).to(torch.float32)
         final = score_rows(final, bias, torch.arange(final.shape[0]) < n_users)
         sums = evaluate_ranking(
@@ -387,12 +387,7 @@ class LocalTrainer:
         if method.name == "fp":
             return {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
         packed = method.pack(level_dtype=getattr(torch, self.config.model.level_dtype))
-        report = storage_report(packed)
-        if method.bias_of(None) is not None:  # one score bias a node, stored as the levels are
-            extra = torch.finfo(getattr(torch, self.config.model.level_dtype)).bits / 8
-            report["bias_bytes_per_node"] = extra
-            report["bytes_per_node"] += extra
-            report["floor_bytes_per_node"] += extra
+        report = storage_report(packed)  # with the score bias counted, where the method has one
         # Compare with the fp32 layer-0 table the model replaces (d floats per node).
         report["fp32_bytes_per_node"] = 4.0 * d
         report["compression_ratio"] = 4.0 * d / report["bytes_per_node"]

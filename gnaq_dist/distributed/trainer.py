@@ -48,6 +48,7 @@ from gnaq_dist.distributed.metrics import RunWire, steady_throughput
 from gnaq_dist.distributed.partition import Partition, partition_nodes
 from gnaq_dist.distributed.partition_store import read_partition
 from gnaq_dist.distributed.row_exchange import fetch_rows, push_row_gradients
+from gnaq_dist.distributed.rows import LatentShard
 from gnaq_dist.distributed.sharded import MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import users_to_evaluate
@@ -55,10 +56,9 @@ from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, c
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import propagate_blocks
 from gnaq_dist.quant import build_method
-from gnaq_dist.distributed.rows import LatentShard
 from gnaq_dist.quant.base import init_normal_rows, score_rows
-from gnaq_dist.quant.drift import epoch_fields, epoch_sums
 from gnaq_dist.quant.dequant_kernels import warm_up
+from gnaq_dist.quant.drift import epoch_fields, epoch_sums
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
 from gnaq_dist.seeding import seed_everything

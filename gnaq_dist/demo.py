@@ -69,7 +69,7 @@ def run_demo(out: str | Path = "runs/demo", configs: list[str] = (), overrides: 
     t1 = time.time()
     summary = train_on_ray(quant, workers, address=address)
     write_run_files(summary, out / "gnaq")
-    label = f"GNAQ {quant.model.bits}-bit ({quant.model.method}, Ray, {summary['world_size']} workers)"
+    label = f"GNAQ {quant.model.bits}-bit (Ray, {summary['world_size']} workers)"
     rows.append({"method": label, "method_key": "gnaq", "workers": summary["world_size"],
                  **_metrics(summary["metrics"]), "bytes_per_node": summary["storage"]["bytes_per_node"],
                  "compression": summary["storage"]["compression_ratio"], "seconds": time.time() - t1,

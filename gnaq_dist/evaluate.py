@@ -80,6 +80,16 @@ def final_embeddings(kind: str, table: Any, graph, method, num_layers: int) -> t
     return final_from_packed(graph, table, method.combine, num_layers)
 
 
+def with_score_bias(final: torch.Tensor, bias: np.ndarray | None, n_users: int) -> torch.Tensor:
+    """Final rows widened with the stored per-node score biases (``gnaq``), as training scores them."""
+    from gnaq_dist.quant.base import score_rows
+
+    if bias is None:
+        return final
+    b = torch.from_numpy(np.asarray(bias, dtype=np.float32))
+    return score_rows(final, b, torch.arange(final.shape[0]) < n_users)
+
+
 def checkpoint_model(uri: str, data, graph, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
     """A checkpoint of ``data`` (refused if its data key differs), its final embeddings."""
     from gnaq_dist import checkpoint as ckpt
@@ -96,6 +106,7 @@ def checkpoint_model(uri: str, data, graph, dataset: str, storage_options: dict[
     model = manifest["model"]
     method = ckpt.build_for_rows(manifest, 1)  # for combine / layer_fn only
     final = final_embeddings(kind, table, graph, method, int(model["num_layers"]))
+    final = with_score_bias(final, getattr(table, "bias", None), data.n_users)
     config = manifest.get("config") or {}
     ev = config.get("eval") or {}
     defaults = {k: ev[k] for k in ("ks", "split", "max_users", "batch_size") if k in ev}
@@ -155,6 +166,7 @@ def bundle_model(path: str, data, graph, dataset: str, storage_options: dict[str
         groups = serving._int_field(info, "groups", 1)
         weights = torch.tensor(info.get("group_weights") or [1.0] * groups, dtype=x0.dtype)
         final = (x0.reshape(x0.shape[0], groups, -1) * weights.view(1, -1, 1)).reshape(x0.shape[0], -1)
+    final = with_score_bias(final, serving._bias(path, files, tables, n_users + n_items), n_users)
     bits = "" if kind == "fp" else f" {info.get('bits')}-bit"
     step = (info.get("meta") or {}).get("step")
     label = f"bundle {path} ({info.get('method')}{bits}" + (f", step {step})" if step is not None else ")")

@@ -48,7 +48,7 @@ from gnaq_dist.overwrite import check_disjoint, check_replaceable
 from gnaq_dist.storage import AtomicOutput, output_exists, resolve
 
 #: Columns of near-random bytes (codes, levels, floats): dictionaries and statistics only add size.
-PLAIN_COLUMNS = ("codes", "levels", "embedding")
+PLAIN_COLUMNS = ("codes", "levels", "embedding", "bias")
 
 
 # -- columns ---------------------------------------------------------------------------------
@@ -138,17 +138,27 @@ def _embedding_tables(kind: str, table: Any, n: int) -> tuple[dict[str, pa.Table
         return ({"embeddings": pa.table({"embedding": _fixed_list(x)})},
                 {"method": "fp", "bits": None, "dim": int(x.shape[1]), "groups": 1, "needs_propagation": True,
                  "group_weights": None, "level_dtype": None, "levels_shared": False,
-                 "embedding_bytes": int(x.shape[0] * x.shape[1] * 4), "code_bytes": 0, "level_bytes": 0})
+                 "embedding_bytes": int(x.shape[0] * x.shape[1] * 4), "code_bytes": 0, "level_bytes": 0,
+                 "bias_bytes": 0})
     codes, levels = _packed_arrays(table, n)
     weights = table.group_weights
-    return ({"codes": pa.table({"codes": _fixed_binary(codes)}),
-             "levels": pa.table({"levels": _fixed_list(levels.reshape(levels.shape[0], -1))})},
+    tables = {"codes": pa.table({"codes": _fixed_binary(codes)}),
+              "levels": pa.table({"levels": _fixed_list(levels.reshape(levels.shape[0], -1))})}
+    bias = getattr(table, "bias", None)
+    bias_bytes = 0
+    if bias is not None:  # gnaq's score biases: one value a node, stored as the levels are
+        bias = np.asarray(bias)
+        if bias.shape != (n,) or bias.dtype != levels.dtype or not np.all(np.isfinite(bias)):
+            raise GnaqInputError(f"packed bias must be finite {levels.dtype} ({n},), got {bias.dtype} {bias.shape}")
+        tables["bias"] = pa.table({"bias": pa.array(bias)})
+        bias_bytes = int(bias.nbytes)
+    return (tables,
             {"method": table.method, "bits": int(table.bits), "dim": int(table.dim), "groups": int(table.groups),
              "needs_propagation": bool(table.needs_propagation),
              "group_weights": None if weights is None else [float(w) for w in weights],
              "level_dtype": np.dtype(levels.dtype).name, "levels_shared": levels.shape[0] == 1,
-             "embedding_bytes": int(codes.nbytes + levels.nbytes), "code_bytes": int(codes.nbytes),
-             "level_bytes": int(levels.nbytes)})
+             "embedding_bytes": int(codes.nbytes + levels.nbytes) + bias_bytes, "code_bytes": int(codes.nbytes),
+             "level_bytes": int(levels.nbytes), "bias_bytes": bias_bytes})
 
 
 def size_report(fields: dict[str, Any], files: dict[str, dict[str, Any]], n: int) -> dict[str, Any]:
@@ -166,10 +176,11 @@ def size_report(fields: dict[str, Any], files: dict[str, dict[str, Any]], n: int
         "embedding_bytes_per_node": emb / n,
         "code_bytes_per_node": fields["code_bytes"] / n,
         "level_bytes_per_node": fields["level_bytes"] / n,
+        "bias_bytes_per_node": fields.get("bias_bytes", 0) / n,
         "fp32_bytes": fp32,
         "fp32_bytes_per_node": 4.0 * fields["dim"],
         "compression_ratio": fp32 / max(emb, 1),
-        "embedding_file_bytes": disk("codes", "levels", "embeddings"),
+        "embedding_file_bytes": disk("codes", "levels", "embeddings", "bias"),
         "id_map_file_bytes": disk("users", "items"),
         "graph_file_bytes": disk("train"),
         "total_file_bytes": disk(*files),
@@ -272,9 +283,11 @@ def export_checkpoint(
 def format_size_report(report: dict[str, Any]) -> str:
     """A few human lines for the CLI."""
     kib = 1024.0
+    bias = report.get("bias_bytes_per_node", 0)
     return "\n".join([
         f"embedding table: {report['embedding_bytes_per_node']:.2f} bytes/node "
-        f"(codes {report['code_bytes_per_node']:.2f} + levels {report['level_bytes_per_node']:.2f}) "
+        f"(codes {report['code_bytes_per_node']:.2f} + levels {report['level_bytes_per_node']:.2f}"
+        + (f" + bias {bias:.2f}" if bias else "") + ") "
         f"vs fp32 {report['fp32_bytes_per_node']:.0f} -> {report['compression_ratio']:.2f}x smaller; "
         f"{report['embedding_bytes'] / kib:.1f} KiB vs {report['fp32_bytes'] / kib:.1f} KiB for "
         f"{report['n_nodes']} nodes",

@@ -38,6 +38,7 @@ from gnaq_dist.bundle import (
     FILE_COLUMNS,
     KIND_FILES,
     LEVEL_DTYPES,
+    OPTIONAL_FILES,
     SHARED_FILES,
     SUPPORTED_BITS,
     body_digest,
@@ -229,6 +230,9 @@ def _read_tables(path: str, info: dict[str, Any], verify: bool) -> dict[str, pa.
         if name not in files:
             raise GnaqInputError(f"{os.path.join(path, BUNDLE_JSON)}: no {name!r} file listed")
         tables[name] = _read_file(path, name, files[name], verify)
+    for name in OPTIONAL_FILES:
+        if name in files:
+            tables[name] = _read_file(path, name, files[name], verify)
     return tables
 
 
@@ -268,7 +272,7 @@ class Bundle:
     info: dict[str, Any]
     user_ids: list  # raw id of user index j
     item_ids: list  # raw id of item index j
-    embeddings: np.ndarray  # float32 (n_users + n_items, D): final embeddings, users first
+    embeddings: np.ndarray  # float32 (n_users + n_items, D): final embeddings, users first (+ 2 bias columns)
     graph: TrainGraph
     _user_index: dict | None = field(default=None, repr=False)
 
@@ -296,6 +300,7 @@ class Bundle:
             final = propagate_mean(graph, x0, num_layers)
         else:
             final = weight_groups(x0, int(info["groups"]), info.get("group_weights"))
+        final = with_score_bias(final, _bias(path, files, tables, n_users + n_items), n_users)
         users, items = tables["users"].column("raw_id"), tables["items"].column("raw_id")
         if len(users) != n_users or len(items) != n_items:
             raise GnaqInputError(f"{path}: id maps have {len(users)} users / {len(items)} items, "
@@ -368,6 +373,28 @@ def _layer0(path: str, info: dict[str, Any], files: dict, tables: dict[str, pa.T
     if codes.shape[0] != n or levels.shape[0] not in (1, n):
         raise GnaqInputError(f"{path}: {codes.shape[0]} code rows and {levels.shape[0]} level rows for {n} nodes")
     return dequantize_codes(codes, levels.reshape(-1, groups, 1 << bits), bits, groups, dim)
+
+
+def _bias(path: str, files: dict, tables: dict[str, pa.Table], n: int) -> np.ndarray | None:
+    """(N,) float32 per-node score biases (``gnaq``), or None when the bundle has none."""
+    if "bias" not in tables:
+        return None
+    bpath = os.path.join(path, files["bias"]["path"])
+    arr = tables["bias"].column("bias").combine_chunks()
+    if not pa.types.is_floating(arr.type) or arr.null_count or len(arr) != n:
+        raise GnaqInputError(f"{bpath}: expected {n} non-null floats, got {len(arr)} of {arr.type}")
+    return arr.to_numpy(zero_copy_only=False).astype(np.float32)
+
+
+def with_score_bias(final: np.ndarray, bias: np.ndarray | None, n_users: int) -> np.ndarray:
+    """Final rows widened so a dot product adds the biases: users ``[h, 1, b_u]``, items
+    ``[h, b_i, 1]`` (as training scores, ``gnaq_dist.quant.base.score_rows``)."""
+    if bias is None:
+        return final
+    is_user = np.arange(final.shape[0]) < n_users
+    item_col = np.where(is_user, 1.0, bias).astype(final.dtype)
+    user_col = np.where(is_user, bias, 1.0).astype(final.dtype)
+    return np.concatenate([final, item_col[:, None], user_col[:, None]], axis=1)
 
 
 # -- batch files -----------------------------------------------------------------------------

@@ -17,7 +17,7 @@ from gnaq_dist.train.ranking_loss import row_loss_gradient
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import LocalTrainer
 
-METHODS = [("fp", None), ("gnaq", 2), ("gnaq_ste", 2), ("lsq", 2), ("n2uq", 2), ("bigear", 1)]
+METHODS = [("fp", None), ("gnaq", 2), ("gnaq_static", 2), ("gnaq_ste", 2), ("lsq", 2), ("n2uq", 2), ("bigear", 1)]
 #: What the distributed loop trains (it refuses BiGeaR), and the one-process runs (BiGeaR needs full propagation).
 DISTRIBUTED = [m for m in METHODS if m[0] != "bigear"]
 ONE_PROCESS = [(m, b, prop) for m, b in METHODS for prop in ("full", "sampled") if (m, prop) != ("bigear", "sampled")]
@@ -37,9 +37,12 @@ def small_config(method: str, bits: int | None, **extra) -> TrainConfig:
     return load_config(TrainConfig, [], overrides)
 
 
-def _whole_loss(loss: str, u: torch.Tensor, p: torch.Tensor, q: torch.Tensor, temperature: float) -> torch.Tensor:
-    """The loss as one autograd expression: u, p (B, d), q (B, k, d)."""
-    s_neg, s_pos = (u.unsqueeze(1) * q).sum(-1), (u * p).sum(-1, keepdim=True)
+def _whole_loss(loss: str, u: torch.Tensor, p: torch.Tensor, q: torch.Tensor, temperature: float,
+                b_pos: torch.Tensor | float = 0.0, b_neg: torch.Tensor | float = 0.0) -> torch.Tensor:
+    """The loss as one autograd expression: u, p (B, d), q (B, k, d), items' score biases
+    b_pos (B,) and b_neg (B, k) (the user's bias cancels in both losses)."""
+    s_neg = (u.unsqueeze(1) * q).sum(-1) + b_neg
+    s_pos = (u * p).sum(-1, keepdim=True) + (b_pos.unsqueeze(-1) if torch.is_tensor(b_pos) else b_pos)
     if loss == "bpr":
         return F.softplus(s_neg - s_pos).mean()
     logits = torch.cat([s_pos, s_neg], 1) / temperature
@@ -85,7 +88,8 @@ def test_bad_loss_arguments_are_refused():
 
 
 def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list[torch.Tensor]:
-    """The loss as one autograd expression (no chunks, L2 on every occurrence), its gradients."""
+    """The loss as one autograd expression (no chunks, score biases added, L2 on every
+    occurrence where the method takes it), its gradients."""
     cfg, n_users = trainer.config, trainer.data.n_users
     pos_nodes, neg_nodes = pos + n_users, neg + n_users
     batch_nodes = torch.unique(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
@@ -94,10 +98,15 @@ def _reference_gradients(trainer: LocalTrainer, method, users, pos, neg) -> list
     def rows(ids):
         return final[ids] if row_ids is None else final[torch.searchsorted(row_ids, ids)]
 
+    def bias(ids):
+        b = method.bias_of(ids.reshape(-1))
+        return torch.zeros(ids.shape) if b is None else b.reshape(ids.shape)
+
     sched = cfg.schedule
-    ranking = _whole_loss(sched.loss, rows(users), rows(pos_nodes), rows(neg_nodes), sched.temperature)
+    ranking = _whole_loss(sched.loss, rows(users), rows(pos_nodes), rows(neg_nodes), sched.temperature,
+                          bias(pos_nodes), bias(neg_nodes))
     reg_rows = method.reg_embeddings(torch.cat([users, pos_nodes, neg_nodes.reshape(-1)]))
-    loss = ranking + cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0]
+    loss = ranking + (cfg.optim.l2 * 0.5 * reg_rows.pow(2).sum() / users.shape[0] if method.uses_l2 else 0.0)
     if method.name == "bigear":  # its distillation: the teacher's top-R items of each positive's user, per layer
         ranks = method.ranks()
         n_layers, top_r = ranks.shape[1], ranks.shape[2]
@@ -156,11 +165,11 @@ def scenario_gradients(rank: int, world: int, runs: list[tuple[str, int | None, 
         seen: dict = {}
         apply_rows, apply_dense = shard.apply_row_gradients, shard.apply_dense
 
-        def rows_hook(rows, grads, clip, _orig=apply_rows, _seen=seen, _shard=shard):
+        def rows_hook(rows, grads, clip, extra=None, _orig=apply_rows, _seen=seen, _shard=shard):
             local = torch.arange(_shard.num_owned) if rows is None else rows
             _seen["ids"] = np.asarray(_shard.owned)[local.numpy()]
-            _seen["rows"] = [g.detach().clone().numpy() for g in grads]
-            return _orig(rows, grads, clip)
+            _seen["rows"] = [g.detach().clone().reshape(g.shape[0], -1).numpy() for g in grads + list(extra or [])]
+            return _orig(rows, grads, clip, extra)
 
         def dense_hook(clip, _orig=apply_dense, _seen=seen, _shard=shard):
             _seen["dense"] = [p.grad.detach().clone().numpy() for p in _shard.dense]

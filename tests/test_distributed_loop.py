@@ -44,6 +44,8 @@ def _state(trainer) -> dict:
     owned = trainer.partition.owned_ids(trainer.rank)
     out = {"ids": owned, "levels": m.levels.detach()[: len(owned)].clone().numpy()}
     out["codes"] = m.codes[: len(owned)].clone().numpy()
+    if m.bias is not None:
+        out["bias"] = m.bias.detach()[: len(owned)].clone().numpy()
     return out
 
 
@@ -56,12 +58,12 @@ def scenario_train(rank: int, world: int, overrides_list: list[dict]) -> list[di
     out = []
     for overrides in overrides_list:
         records: list[dict] = []
-        method = overrides.pop("method", "gnaq")
+        method = overrides.pop("method", "gnaq_static")
         bits = overrides.pop("bits", 2)
         trainer = DistributedTrainer(small_config(method, bits, **overrides), data, records.append)
         result = trainer.run()
         result["reports"] = len(records)
-        if method == "gnaq":
+        if method in ("gnaq", "gnaq_static"):
             result["state"] = _state(trainer)
         result["adam_rows"] = trainer.shard.optimizer.state_rows()
         result["edges_held"] = (int(trainer.edges.indices.shape[0]), int(trainer.test_csr[1].shape[0]))
@@ -81,9 +83,45 @@ def _global(results: list[dict], key: str) -> np.ndarray:
 
 
 @pytest.fixture(scope="module")
+def refined_runs():
+    """GNAQ as its reference runs it (codes re-assigned every step, score biases, tanh levels),
+    two quantized epochs with fp32 levels and exact gradients, on 1 and 2 ranks: split
+    full-graph propagation, and blocks at full fan-out."""
+    runs = [{"method": "gnaq", "schedule.propagation": propagation, "schedule.epochs": 3,
+             "model.level_dtype": "float32"} for propagation in ("full", "sampled")]
+    one = run_ranks(scenario_train, 1, [dict(r) for r in runs], timeout=180)
+    two = run_ranks(scenario_train, 2, [dict(r) for r in runs], timeout=180)
+    return {(p, w): [ranks[i] for ranks in res] for i, p in enumerate(("full", "sampled"))
+            for w, res in ((1, one), (2, two))}
+
+
+@pytest.mark.parametrize("propagation", ["full", "sampled"])
+def test_refinement_on_two_ranks_equals_one(refined_runs, propagation):
+    """Every rank refines its own rows; the halo copies (full) and fetched rows (blocks) on the
+    other rank see the new codes at the next step, or two ranks could not match one."""
+    one, two = refined_runs[(propagation, 1)], refined_runs[(propagation, 2)]
+    for key in ("codes", "levels", "bias"):
+        np.testing.assert_allclose(_global(one, key), _global(two, key), rtol=0, atol=1e-5, err_msg=key)
+    assert np.abs(_global(one, "bias")).sum() > 0
+    for k, v in one[0]["metrics"].items():
+        assert two[0]["metrics"][k] == pytest.approx(v, abs=1e-9)
+    epochs = [[r for r in res["history"] if r["event"] == "epoch"] for res in (one[0], two[0], two[1])]
+    changed = [[r.get("codes_changed") for r in e] for e in epochs]
+    assert changed[0] == changed[1] == changed[2]  # summed over ranks: the same figure on every rank
+    assert changed[0][0] is None and all(0 < c <= 1 for c in changed[0][1:])  # fp warm-up, then refining
+    assert all(r["layer0_error"] == 0.0 for e in epochs for r in e[1:])  # fp32 levels store exactly
+    # Full graph: each owner refines from its own rows' forward, nothing moves for it; blocks:
+    # the requesters send the propagated rows of the batch's nodes to their owners.
+    refine_bytes = two[0]["wire"]["refine"]["gradients_sent_bytes"]
+    assert refine_bytes == 0 if propagation == "full" else refine_bytes > 0
+    assert one[0]["wire"]["refine"]["gradients_sent_bytes"] == 0
+
+
+@pytest.fixture(scope="module")
 def exact_runs():
-    """GNAQ 2-bit, one warm-up epoch and one quantized epoch, uncompressed, on 1 and 2 ranks:
-    on blocks sampled at full fan-out, and split full-graph propagation."""
+    """GNAQ 2-bit (the frozen-code form), one warm-up epoch and one quantized epoch,
+    uncompressed, on 1 and 2 ranks: on blocks sampled at full fan-out, and split full-graph
+    propagation."""
     runs = [{}, {"schedule.propagation": "full"},
             # one propagation a step for half the epoch's positives (the default kind of schedule)
             {"schedule.propagation": "full", "schedule.batch_size": "null", "schedule.steps_per_epoch": 2}]

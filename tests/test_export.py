@@ -30,6 +30,7 @@ from gnaq_dist.export import export_bundle
 from gnaq_dist.graph import build_graph
 from gnaq_dist.propagation import final_from_packed, propagate_full
 from gnaq_dist.quant import build_method
+from gnaq_dist.quant.base import score_rows
 from gnaq_dist.bundle import BUNDLE_JSON
 from gnaq_dist.serving import Bundle
 from gnaq_dist.synthetic import clustered_interactions
@@ -81,6 +82,14 @@ def reference_topk(final: torch.Tensor, data, graph, users: np.ndarray):
     return items.numpy(), scores.numpy()
 
 
+def scored(final: torch.Tensor, table, data) -> torch.Tensor:
+    """Final rows as the evaluator scores them: widened with the table's score biases (gnaq)."""
+    bias = getattr(table, "bias", None)
+    if bias is None:
+        return final
+    return score_rows(final, torch.from_numpy(bias.astype(np.float32)), torch.arange(final.shape[0]) < data.n_users)
+
+
 def assert_same_ranking(bundle: Bundle, final: torch.Tensor, data, graph) -> None:
     users = np.arange(data.n_users)
     np.testing.assert_allclose(bundle.embeddings, final.numpy(), rtol=1e-5, atol=1e-6)
@@ -109,7 +118,9 @@ def test_bundle_ranks_like_the_evaluator(tmp_path, synth, case):
     if kind == "fp":
         final = torch.stack(propagate_full(graph, table, LAYERS)).mean(0)
     else:
-        final = final_from_packed(graph, table, method.combine, LAYERS)
+        final = scored(final_from_packed(graph, table, method.combine, LAYERS), table, data)
+    if case == "gnaq2-trained":  # trained biases: the bundle must carry them to rank like the evaluator
+        assert np.abs(table.bias).sum() > 0 and "bias" in bundle.info["files"]
     assert_same_ranking(bundle, final, data, graph)
     assert bundle.info["meta"] == {"step": 7} and bundle.info["kind"] == kind
     # Raw ids in and out: the same lists as the internal ranking, mapped.
@@ -125,20 +136,20 @@ def test_lastfm_bundle_with_raw_ids(tmp_path, lastfm):
     method, table = packed("gnaq", 2, data, graph)
     report = export_bundle(str(tmp_path / "b"), "packed", table, data, LAYERS, {}, id_maps=id_maps)
     bundle = Bundle.load(tmp_path / "b")
-    final = final_from_packed(graph, table, method.combine, LAYERS)
+    final = scored(final_from_packed(graph, table, method.combine, LAYERS), table, data)
     assert_same_ranking(bundle, final, data, graph)
     assert bundle.info["dataset"]["fingerprint"] == data.fingerprint and bundle.info["raw_ids"] == "dataset"
     raw_users = id_maps[0].to_pylist()
     items, _ = bundle.recommend([raw_users[5]], k=10)[0]
     ref_items, _ = reference_topk(final, data, graph, np.array([5]))
     assert items == [id_maps[1][i].as_py() for i in ref_items[0, :10]]
-    assert report["embedding_bytes_per_node"] == 16 * 2 / 8 + 4 * 2  # 4 codes a byte, 4 fp16 levels
+    assert report["embedding_bytes_per_node"] == 16 * 2 / 8 + 4 * 2 + 2  # 4 codes a byte, 4 fp16 levels, a bias
 
 
 def test_size_report(tmp_path, synth):
     data, graph, id_maps = synth
     n = data.n_nodes
-    _, table = packed("gnaq", 2, data, graph, dim=64)
+    _, table = packed("gnaq_static", 2, data, graph, dim=64)
     report = export_bundle(str(tmp_path / "g"), "packed", table, data, LAYERS, {}, id_maps=id_maps)
     # 64 two-bit codes (16 bytes) + 4 fp16 levels (8 bytes) against 256 bytes of fp32.
     assert report["embedding_bytes_per_node"] == 24.0
@@ -156,6 +167,13 @@ def test_size_report(tmp_path, synth):
     assert schema.field("codes").type == pa.binary(16)
     assert pq.read_schema(tmp_path / "g" / "levels.parquet").field("levels").type == pa.list_(pa.float16(), 4)
     assert pq.read_schema(tmp_path / "g" / "train.parquet").field("user").type == pa.int32()
+    # gnaq's score biases: one fp16 value a node, in a file of their own.
+    _, biased = packed("gnaq", 2, data, graph, dim=64)
+    report = export_bundle(str(tmp_path / "gb"), "packed", biased, data, LAYERS, {}, id_maps=id_maps)
+    info = json.loads((tmp_path / "gb" / BUNDLE_JSON).read_text())
+    assert report["embedding_bytes_per_node"] == 26.0 and report["bias_bytes_per_node"] == 2.0
+    assert report["embedding_file_bytes"] == sum(info["files"][k]["bytes"] for k in ("codes", "levels", "bias"))
+    assert pq.read_schema(tmp_path / "gb" / "bias.parquet").field("bias").type == pa.float16()
 
     # A shared codebook (LSQ) is stored, and counted, once.
     _, lsq = packed("lsq", 4, data, graph, dim=64)
@@ -371,11 +389,12 @@ def test_gnaq_export_from_a_real_checkpoint(tmp_path, lastfm, capsys):
     out = str(tmp_path / "bundle")
     assert gnaq_main(["export", uri, out]) == 0
     printed = capsys.readouterr().out
-    assert "12.00 bytes/node" in printed and "5.33x smaller" in printed  # 4 bytes of codes + 8 of levels vs 64
+    # 4 bytes of codes + 8 of levels + 2 of score bias vs 64
+    assert "14.00 bytes/node" in printed and "4.57x smaller" in printed
     assert gnaq_main(["export", uri, out]) == 2 and "already exists" in capsys.readouterr().err
     assert gnaq_main(["export", uri, out, "--overwrite"]) == 0
     manifest, kind, table, ck_data = ckpt.load_for_export(uri)
-    final = final_from_packed(graph, table, lambda layers: torch.stack(layers).mean(0), LAYERS)
+    final = scored(final_from_packed(graph, table, lambda layers: torch.stack(layers).mean(0), LAYERS), table, data)
     bundle = Bundle.load(out)
     assert kind == "packed" and bundle.info["meta"]["step"] == manifest["step"]
     assert_same_ranking(bundle, final, data, graph)

@@ -160,19 +160,26 @@ def test_state_dict_round_trip():
 
 # -- storage accounting ---------------------------------------------------------------------
 def test_gnaq_2bit_d64_fp16_is_24_bytes_per_node():
-    t = make("gnaq", 2, n=100, d=64).pack(torch.float16)
+    t = make("gnaq_static", 2, n=100, d=64).pack(torch.float16)
     assert t.bytes_per_node() == 24.0  # 64*2/8 code bytes + 4 levels * 2 bytes
     assert t.fp32_bytes() == 100 * 256
     assert t.compression_ratio() == pytest.approx(256 / 24)
     rep = storage_report(t)
     assert rep["code_bytes_per_node"] == 16 and rep["level_bytes_per_node"] == 8
     assert rep["floor_bytes_per_node"] == 24 and rep["fp32_bytes_per_node"] == 256
+    # gnaq stores one score bias a node beside its levels, in the levels' dtype.
+    g = make("gnaq", 2, n=100, d=64).pack(torch.float16)
+    assert g.bias.dtype == np.float16 and g.bias.shape == (100,) and g.bytes_per_node() == 26.0
+    rep = storage_report(g)
+    assert rep["bias_bytes_per_node"] == 2 and rep["bytes_per_node"] == rep["floor_bytes_per_node"] == 26
+    assert rep["compression_ratio"] == pytest.approx(256 / 26)
 
 
 def test_bytes_for_other_widths_and_shared_codebooks():
-    assert make("gnaq", 2, n=10, d=64).pack(torch.float32).bytes_per_node() == 16 + 16
-    assert make("gnaq", 1, n=10, d=64).pack(torch.float16).bytes_per_node() == 8 + 4
-    assert make("gnaq", 8, n=10, d=64).pack(torch.float16).bytes_per_node() == 64 + 512
+    assert make("gnaq_static", 2, n=10, d=64).pack(torch.float32).bytes_per_node() == 16 + 16
+    assert make("gnaq", 2, n=10, d=64).pack(torch.float32).bytes_per_node() == 16 + 16 + 4  # + the bias
+    assert make("gnaq_static", 1, n=10, d=64).pack(torch.float16).bytes_per_node() == 8 + 4
+    assert make("gnaq_static", 8, n=10, d=64).pack(torch.float16).bytes_per_node() == 64 + 512
     assert make("gnaq", 2, n=10, d=13).pack(torch.float16).codes.shape == (10, 4)  # 26 bits -> 4 bytes
     lsq = make("lsq", 2, n=1000, d=64).pack(torch.float16)  # per-tensor codebook, stored once
     assert lsq.levels.shape == (1, 1, 4) and lsq.bytes_total() == 1000 * 16 + 8

@@ -19,7 +19,7 @@ from gnaq_dist.quant.packing import unpack_codes_torch
 N, D, L = 12, 9, 2
 
 QUANTIZED = [
-    ("gnaq", 1), ("gnaq", 2), ("gnaq", 4), ("gnaq", 8), ("gnaq_ste", 1), ("gnaq_ste", 2), ("gnaq_ste", 4),
+    ("gnaq", 1), ("gnaq", 2), ("gnaq", 4), ("gnaq", 8), ("gnaq_static", 2), ("gnaq_ste", 1), ("gnaq_ste", 2), ("gnaq_ste", 4),
     ("lsq", 1), ("lsq", 2), ("lsq", 4), ("lsq", 8), ("n2uq", 1), ("n2uq", 2), ("n2uq", 4), ("n2uq", 8),
 ]
 ALL = [("fp", None), *QUANTIZED, ("bigear", 1)]
@@ -75,16 +75,20 @@ def test_mean_combine_for_non_bigear():
 
 
 # -- GNAQ gradients -----------------------------------------------------------------
-def test_gnaq_gradient_reaches_levels_only_and_rows_without_upstream_stay_zero():
-    m = make("gnaq", 2)
+@pytest.mark.parametrize("name", ["gnaq", "gnaq_static"])
+def test_gnaq_gradient_reaches_levels_only_and_rows_without_upstream_stay_zero(name):
+    m = make(name, 2)
     g = torch.randn(N, D)
     g[5] = 0.0
     (m.embed(None) * g).sum().backward()
     assert m.levels.grad is not None and m.levels.grad.abs().sum() > 0
     assert torch.all(m.levels.grad[5] == 0)
     assert not m.codes.requires_grad and m.codes.dtype == torch.uint8
-    assert [p for p in m.parameters()] == [m.levels]
-    assert m.trainable_row_params() == [m.levels] and m.dense_params() == []
+    # The reference variant adds one score bias a node (a row parameter after the levels).
+    rows = [m.levels, m.bias] if name == "gnaq" else [m.levels]
+    assert m.bias is None if name == "gnaq_static" else m.bias.shape == (N,)
+    assert [id(p) for p in m.parameters()] == [id(p) for p in rows]
+    assert [id(p) for p in m.trainable_row_params()] == [id(p) for p in rows] and m.dense_params() == []
     assert len(m.row_buffers()) == 1 and m.row_buffers()[0] is m.packed_codes
     # Held packed, four 2-bit codes a byte: N x ceil(d / 4) bytes, not N x d.
     assert m.packed_codes.dtype == torch.uint8 and m.packed_codes.shape == (m.num_nodes, (m.dim + 3) // 4)
@@ -120,9 +124,10 @@ def test_gnaq_ste_latent_gets_upstream_gradient_exactly():
     torch.testing.assert_close(m.latent.grad, expected, rtol=0, atol=0)
     assert m.levels.grad is not None and m.levels.grad[ids].abs().sum() > 0
     assert m.levels.grad[0].abs().sum() == 0
-    # forward value is the quantized one, codes re-derived from the latent table
-    codes = equal_width_codes(torch.atanh(m.latent.detach().clamp(-0.999, 0.999)), 4)
-    torch.testing.assert_close(m.embed(None).detach(), torch.tanh(torch.gather(m.levels.detach(), 1, codes.long())))
+    # forward value is the quantized one, codes re-derived from the latent table (identity phi)
+    codes = equal_width_codes(m.latent.detach(), 4)
+    assert m.phi_name == "identity"
+    torch.testing.assert_close(m.embed(None).detach(), torch.gather(m.levels.detach(), 1, codes.long()))
 
 
 def test_gnaq_ste_codes_follow_latent_and_refine_is_noop():
@@ -269,16 +274,17 @@ def test_gnaq_init_follows_paper_formula_identity_phi():
     assert torch.isfinite(m.embed(None)).all()
 
 
-def test_gnaq_init_tanh_works_in_preactivation_domain():
-    m = GNAQ(1, 4, bits=2, phi="tanh")
-    e = torch.tensor([[-0.5, 0.0, 0.25, 2.0]])  # 2.0 is clipped to 0.999
+def test_gnaq_levels_start_in_the_value_domain_and_tanh_applies_to_them():
+    """The reference code: levels m + (k+1)(M-m)/5 of the raw warm-up row, codes its bins, x = tanh(c[q])."""
+    m = GNAQ(1, 4, bits=2)  # variant gnaq: phi = tanh
+    assert m.phi_name == "tanh"
+    e = torch.tensor([[-0.5, 0.0, 0.25, 2.0]])
     m.init_from_full_precision(e)
-    u = torch.atanh(e.clamp(-0.999, 0.999))
-    lo, hi = u.min(), u.max()
-    torch.testing.assert_close(m.levels.detach()[0], lo + torch.arange(1, 5) * (hi - lo) / 5)
-    expected_codes = torch.clamp(torch.floor((u - lo) / (hi - lo) * 4), 0, 3).to(torch.uint8)
-    assert torch.equal(m.codes, expected_codes)
-    assert torch.all(m.embed(None).abs() < 1)
+    torch.testing.assert_close(m.levels.detach()[0], torch.tensor([0.0, 0.5, 1.0, 1.5]))
+    # bins of [-0.5, 2.0], width 0.625: -0.5 -> 0, 0.0 -> 0, 0.25 -> 1, 2.0 -> 3
+    assert m.codes[0].tolist() == [0, 0, 1, 3]
+    torch.testing.assert_close(m.embed(None).detach()[0], torch.tanh(torch.tensor([0.0, 0.0, 0.5, 1.5])))
+    assert torch.equal(m.bias.detach(), torch.zeros(1))
 
 
 def test_quantized_start_is_close_to_the_warm_up_table():

@@ -34,7 +34,7 @@ def test_reproduction_runs_every_method_and_writes_table_and_plot(tmp_path):
     # Every quantized method started from the fp run's state after the warm-up.
     assert all(int(t["fp_epochs"]) == (6 if t["method"].startswith("LightGCN") else 4) for t in table)
     gnaq = next(r for r in rows if r.method == "gnaq")
-    assert gnaq.result.storage["bytes_per_node"] == 16 * 2 / 8 + 4 * 2  # codes + 4 fp16 levels
+    assert gnaq.result.storage["bytes_per_node"] == 16 * 2 / 8 + 4 * 2 + 2  # codes + 4 fp16 levels + fp16 bias
     md = (tmp_path / "results.md").read_text()
     assert "GNAQ 2-bit" in md and "BiGeaR 1-bit" in md and "Budget: 6 epochs" in md
     assert (tmp_path / "results.png").stat().st_size > 10_000

@@ -15,6 +15,7 @@ from gnaq_dist.config import load_config
 from gnaq_dist.errors import ConfigError, GnaqInputError
 from gnaq_dist.evaluation import evaluate_ranking, finalize
 from gnaq_dist.propagation import propagate_full
+from gnaq_dist.quant.base import score_rows
 from gnaq_dist.synthetic import clustered_interactions
 from gnaq_dist.train.config import TrainConfig
 from gnaq_dist.train.local import LocalTrainer
@@ -61,9 +62,12 @@ def test_every_method_learns_end_to_end(data, method, bits):
 def test_gnaq_2bit_table_is_over_10x_smaller_than_fp32(data):
     result = LocalTrainer(small_config("gnaq", 2, **{"model.dim": 64, "schedule.epochs": 2,
                                                      "schedule.warmup_epochs": 1}), data).run()
-    # 64 two-bit codes (16 bytes) + 4 fp16 levels (8 bytes) against 256 bytes of fp32.
-    assert result.storage["bytes_per_node"] == 24.0
-    assert result.storage["compression_ratio"] == pytest.approx(256 / 24)
+    # 64 two-bit codes (16 bytes) + 4 fp16 levels (8 bytes) + an fp16 score bias against 256 bytes of fp32.
+    assert result.storage["bytes_per_node"] == 26.0 and result.storage["bias_bytes_per_node"] == 2.0
+    assert result.storage["compression_ratio"] == pytest.approx(256 / 26)
+    static = LocalTrainer(small_config("gnaq_static", 2, **{"model.dim": 64, "schedule.epochs": 2,
+                                                            "schedule.warmup_epochs": 1}), data).run()
+    assert static.storage["bytes_per_node"] == 24.0 and "bias_bytes_per_node" not in static.storage
 
 
 def test_same_seed_same_result(data):
@@ -76,9 +80,11 @@ def test_same_seed_same_result(data):
     assert not torch.equal(a.method.levels, c.method.levels)
 
 
-def test_sampled_path_with_full_fanout_trains_like_the_full_graph(data):
-    """The block path inside the loop: with fan-out -1 every step equals the full path."""
-    full = small_config("gnaq", 2, **{"schedule.epochs": 2, "schedule.warmup_epochs": 1})
+@pytest.mark.parametrize("method,extra", [("gnaq_static", {}), ("gnaq", {"model.refine_every": 0})])
+def test_sampled_path_with_full_fanout_trains_like_the_full_graph(data, method, extra):
+    """The block path inside the loop: with fan-out -1 every step equals the full path (score
+    biases included). Refinement differs by design: blocks propagate the batch's nodes only."""
+    full = small_config(method, 2, **{"schedule.epochs": 2, "schedule.warmup_epochs": 1, **extra})
     sampled = copy.deepcopy(full)
     sampled.schedule.propagation = "sampled"
     sampled.schedule.fanouts = [-1, -1]
@@ -86,6 +92,9 @@ def test_sampled_path_with_full_fanout_trains_like_the_full_graph(data):
     b = LocalTrainer(sampled, data).run()
     torch.testing.assert_close(a.method.levels, b.method.levels, rtol=1e-4, atol=1e-5)
     assert torch.equal(a.method.codes, b.method.codes)
+    if method == "gnaq":
+        assert a.method.bias.abs().sum() > 0
+        torch.testing.assert_close(a.method.bias, b.method.bias, rtol=1e-4, atol=1e-5)
 
 
 def test_sampled_path_with_small_fanout_learns(data):
@@ -105,6 +114,9 @@ def test_packed_and_training_time_forms_rank_identically(data):
     packed_form = trainer.final_embeddings(method)
     torch.testing.assert_close(packed_form, training_form, rtol=0, atol=0)
     n_users = data.n_users
+    is_user = torch.arange(data.n_nodes) < n_users
+    bias = method.bias_of(None).detach()  # float32 levels: the biases are stored exactly too
+    packed_form, training_form = score_rows(packed_form, bias, is_user), score_rows(training_form, bias, is_user)
 
     def metrics(final):
         return finalize(evaluate_ranking(final[:n_users], final[n_users:], trainer.eval_users,

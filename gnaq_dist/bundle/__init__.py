@@ -20,6 +20,7 @@ from gnaq_dist.bundle.layout import (
     KINDS,
     KIND_FILES,
     LEVEL_DTYPES,
+    OPTIONAL_FILES,
     SHARED_FILES,
     TABLE_FIELDS,
     body_digest,
@@ -28,6 +29,6 @@ from gnaq_dist.bundle.layout import (
 
 __all__ = [
     "BUNDLE_FORMAT", "BUNDLE_JSON", "BUNDLE_VERSION", "FILE_COLUMNS", "KINDS", "KIND_FILES", "LEVEL_DTYPES",
-    "SHARED_FILES", "SUPPORTED_BITS", "TABLE_FIELDS", "body_digest", "dequantize_codes", "file_name",
+    "OPTIONAL_FILES", "SHARED_FILES", "SUPPORTED_BITS", "TABLE_FIELDS", "body_digest", "dequantize_codes", "file_name",
     "packed_row_bytes", "unpack_bits",
 ]

@@ -19,10 +19,12 @@ KINDS = ("packed", "fp")  # packed codes + levels, or a float32 table
 #: The embedding files of each kind, and the files every bundle has.
 KIND_FILES: dict[str, tuple[str, ...]] = {"packed": ("codes", "levels"), "fp": ("embeddings",)}
 SHARED_FILES = ("users", "items", "train")
+#: Files a bundle has only when its table needs them: ``bias``, one score bias a node (``gnaq``).
+OPTIONAL_FILES = ("bias",)
 #: bundle.json keys of the Parquet files, and the columns each one must have.
 FILE_COLUMNS: dict[str, tuple[str, ...]] = {
     "codes": ("codes",), "levels": ("levels",), "embeddings": ("embedding",),
-    "users": ("raw_id",), "items": ("raw_id",), "train": ("user", "item"),
+    "users": ("raw_id",), "items": ("raw_id",), "train": ("user", "item"), "bias": ("bias",),
 }
 #: bundle.json fields that describe the stored table (beside num_layers, n_users, n_items).
 TABLE_FIELDS = ("method", "bits", "dim", "groups", "needs_propagation", "group_weights", "level_dtype",
@@ -43,4 +45,4 @@ def body_digest(info: dict[str, Any]) -> str:
 
 
 __all__ = ["BUNDLE_FORMAT", "BUNDLE_JSON", "BUNDLE_VERSION", "FILE_COLUMNS", "KINDS", "KIND_FILES", "LEVEL_DTYPES",
-           "SHARED_FILES", "TABLE_FIELDS", "body_digest", "file_name"]
+           "OPTIONAL_FILES", "SHARED_FILES", "TABLE_FIELDS", "body_digest", "file_name"]

@@ -24,8 +24,11 @@ from gnaq_dist.distributed.rows import LatentShard, QuantizedShard
 from gnaq_dist.distributed.sharded import MethodShard
 from gnaq_dist.distributed.wire import WireCounter
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
+from gnaq_dist.methods import is_gnaq
 from gnaq_dist.propagation import final_from_packed, propagate_full
-from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report
+from gnaq_dist.quant import build_method
+from gnaq_dist.quant.base import score_rows
+from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report, with_bias_bytes
 
 if TYPE_CHECKING:
     from gnaq_dist.distributed.trainer import DistributedTrainer
@@ -58,9 +61,10 @@ def _packed_server(shard: MethodShard, level_dtype: torch.dtype) -> tuple[Packed
     own = method.pack(level_dtype=level_dtype)
     if shard.num_owned == 0:  # a placeholder row: serve nothing
         own = PackedTable(own.method, own.bits, own.dim, 0, own.codes[:0], own.levels[:0]
-                          if own.levels.shape[0] != 1 else own.levels)
+                          if own.levels.shape[0] != 1 else own.levels,
+                          bias=None if own.bias is None else own.bias[:0])
     server = QuantizedShard.from_packed(own)
-    if own.num_rows == 1 and own.levels.shape[0] == 1 and method.name not in ("gnaq", "gnaq_ste"):
+    if own.num_rows == 1 and own.levels.shape[0] == 1 and not is_gnaq(method.name):
         server.shared_levels, server.level_bytes = True, 0  # one owned row of a shared codebook
         server.row_bytes = server.code_bytes
     return own, server
@@ -116,14 +120,35 @@ def _fp_storage(dim: int) -> dict[str, float]:
     return {"bytes_per_node": 4.0 * dim, "fp32_bytes_per_node": 4.0 * dim, "compression_ratio": 1.0}
 
 
+def _stored_bias(trainer: DistributedTrainer) -> torch.Tensor | None:
+    """This rank's score biases as stored (rounded to ``model.level_dtype``), or None."""
+    bias = trainer.shard.method.bias_of(None)
+    if bias is None:
+        return None
+    return bias.detach()[: trainer.shard.num_owned].to(trainer.level_dtype).to(torch.float32)
+
+
+def _with_bias_bytes(storage: dict[str, float], trainer: DistributedTrainer) -> dict[str, float]:
+    """The storage report with the score bias counted (one value a node, as the levels are stored)."""
+    if trainer.shard.method.bias_of(None) is None or "bias_bytes_per_node" in storage:
+        return storage
+    return with_bias_bytes(storage, torch.finfo(trainer.level_dtype).bits / 8)
+
+
 def evaluate_gathered(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, float]]:
     """Every rank gathers the whole stored table and scores the whole graph (collective)."""
     kind, table = gathered_table(trainer)
+    bias = _stored_bias(trainer)
+    if bias is not None:
+        ids = torch.arange(trainer.partition.num_nodes, dtype=torch.int64)
+        bias = fetch_rows(ids, trainer.partition, LatentShard([bias], 1), counter=trainer.wire.gather).reshape(-1)
     trainer.wire.allreduce_gather_bytes()
     final = final_embeddings(trainer, kind, table)
     n_users = trainer.data.n_users
+    final = score_rows(final, bias, torch.arange(final.shape[0]) < n_users)
     metrics = _rank_users(trainer, final[:n_users], final[n_users:])
-    return metrics, (_fp_storage(trainer.config.model.dim) if kind == "fp" else storage_report(table))
+    storage = _fp_storage(trainer.config.model.dim) if kind == "fp" else storage_report(table)
+    return metrics, _with_bias_bytes(storage, trainer)
 
 
 @torch.no_grad()
@@ -157,6 +182,8 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
         del x_input
     plan.release_buffers()  # ranking holds the final rows and the scores, nothing else
     n_users = trainer.data.n_users
+    final_own = score_rows(final_own, _stored_bias(trainer), trainer.owned_t < n_users)
+    storage = _with_bias_bytes(storage, trainer)
     items = FixedExchange(torch.arange(n_users, part.num_nodes, dtype=torch.int64), part,
                           counter=counter, what="evaluation items").pull_rows(final_own, counter)
     users = final_own[part.local_of(torch.from_numpy(trainer.eval_users))]

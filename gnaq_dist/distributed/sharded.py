@@ -34,6 +34,7 @@ from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.distributed.rows import LatentShard, QuantizedShard
 from gnaq_dist.distributed.sparse_adam import RowSparseAdam
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.methods import is_packed_gnaq
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.dequant_kernels import code_counts, dequantize_rows, level_gradients
@@ -119,8 +120,11 @@ class MethodShard:
         self.rank = rank
         self.owned = owned
         self.level_dtype = level_dtype
-        self.format = "packed" if method.name == "gnaq" else "latent"
+        self.format = "packed" if is_packed_gnaq(method.name) else "latent"
         self.row_params = list(method.trainable_row_params())
+        # Packed rows: the wire carries the levels; the rest (GNAQ's score bias) learns from
+        # gradients the step computes apart (:meth:`apply_row_gradients`' ``extra``).
+        self.extra_params = self.row_params[1:] if self.format == "packed" else []
         self.dense = [p for p in method.dense_params() if p.requires_grad]
         self.optimizer = RowSparseAdam(self.row_params, lr)
         self.dense_optimizer = torch.optim.Adam(self.dense, lr=lr) if self.dense else None
@@ -204,10 +208,15 @@ class MethodShard:
         return [g.reshape((g.shape[0],) + tuple(p.shape[1:])) for g, p in zip(wire_grads, self.row_params)]
 
     def apply_row_gradients(self, rows: torch.Tensor | None, wire_grads: list[torch.Tensor],
-                            clip: float | None) -> None:
+                            clip: float | None, extra: list[torch.Tensor] | None = None) -> None:
         """Owner side: summed wire gradients of local ``rows`` (None: every owned row, in order)
-        -> parameter gradients -> clip (in place: the caller's sums are spent) -> Adam."""
-        grads = self._param_grads(rows, wire_grads)
+        -> parameter gradients -> clip (in place: the caller's sums are spent) -> Adam.
+        ``extra``: the gradients of :attr:`extra_params` for the same rows."""
+        extra = list(extra or [])
+        if len(extra) != len(self.extra_params):
+            raise RuntimeError(f"{len(self.extra_params)} extra row parameters, {len(extra)} gradients")
+        grads = self._param_grads(rows, wire_grads) + [
+            g.reshape((g.shape[0],) + tuple(p.shape[1:])).to(torch.float32) for g, p in zip(extra, self.extra_params)]
         if clip is not None:
             grads = [g.clamp_(-clip, clip) for g in grads]
         self.optimizer.step(rows, grads)
@@ -225,8 +234,9 @@ class MethodShard:
         self.dense_optimizer.step()
 
     @torch.no_grad()
-    def refine(self, rows: torch.Tensor, propagated: torch.Tensor) -> None:
-        """Re-assign codes of owned ``rows`` (the method's packed codes are also the wire codes)."""
+    def refine(self, rows: torch.Tensor | None, propagated: torch.Tensor) -> None:
+        """Re-assign codes of owned ``rows`` (None: every owned row; the method's packed codes are
+        also the wire codes, so the next fetch or halo pull serves the new ones)."""
         self.method.refine(rows, propagated)
 
     # -- sizes -------------------------------------------------------------------------
@@ -251,7 +261,7 @@ class MethodShard:
         n = max(self.num_owned, 1)
         table = sum(t.numel() * t.element_size() for t in self.row_params + self.method.row_buffers())
         if self.format == "packed":
-            floor = self.method.dim * self.method.bits / 8 + 4 * (1 << self.method.bits)
+            floor = self.method.dim * self.method.bits / 8 + 4 * (1 << self.method.bits) + 4 * len(self.extra_params)
         else:
             floor = float(self._latent.row_bytes)
         per_node = table / n
@@ -262,7 +272,7 @@ class MethodShard:
 
 
 def build_shard_method(name: str, owned_rows: torch.Tensor, dim: int, bits: int | None, num_layers: int,
-                       phi: str = "identity", full_table: torch.Tensor | None = None,
+                       phi: str | None, full_table: torch.Tensor | None = None,
                        graph=None, **options) -> EmbeddingMethod:
     """A method over the owned rows, initialised from their fp rows (``owned_rows``, (n, d)).
 

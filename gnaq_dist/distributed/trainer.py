@@ -48,6 +48,7 @@ from gnaq_dist.distributed.metrics import RunWire, steady_throughput
 from gnaq_dist.distributed.partition import Partition, partition_nodes
 from gnaq_dist.distributed.partition_store import read_partition
 from gnaq_dist.distributed.row_exchange import fetch_rows, push_row_gradients
+from gnaq_dist.distributed.rows import LatentShard
 from gnaq_dist.distributed.sharded import MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import users_to_evaluate
@@ -55,8 +56,9 @@ from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, c
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import propagate_blocks
 from gnaq_dist.quant import build_method
-from gnaq_dist.quant.base import init_normal_rows
+from gnaq_dist.quant.base import init_normal_rows, score_rows
 from gnaq_dist.quant.dequant_kernels import warm_up
+from gnaq_dist.quant.drift import epoch_fields, epoch_sums
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import NeighborBlockSampler, OwnedBPRBatches
 from gnaq_dist.seeding import seed_everything
@@ -273,13 +275,18 @@ class DistributedTrainer:
             return self.schedule.batch_size <= RETAIN_MAX_BATCH
         return bool(setting)
 
-    def _backward(self, final_rows: torch.Tensor, rows: BatchRows, global_batch: int, reg: torch.Tensor) -> float:
-        """The ranking loss (BPR or softmax) of this rank's positives (``rows`` index ``final_rows``), normalised by the *global*
-        batch, in one pass (:mod:`gnaq_dist.train.ranking_loss`), then one backward with the L2 term ``reg``."""
+    def _backward(self, final_rows: torch.Tensor, rows: BatchRows, global_batch: int,
+                  reg: torch.Tensor | None) -> float:
+        """The ranking loss (BPR or softmax) of this rank's positives (``rows`` index ``final_rows``),
+        normalised by the *global* batch, in one pass (:mod:`gnaq_dist.train.ranking_loss`), then one
+        backward with the L2 term ``reg``."""
         sched = self.config.schedule
         bpr, grad = row_loss_gradient(final_rows, rows.users, rows.pos, rows.neg, global_batch, sched.loss,
                                       sched.temperature, sched.loss_chunk)
-        torch.autograd.backward([final_rows, reg], [grad, torch.ones_like(reg)])
+        if reg is None:
+            torch.autograd.backward([final_rows], [grad])
+        else:
+            torch.autograd.backward([final_rows, reg], [grad, torch.ones_like(reg)])
         return float(bpr)
 
     def _step_sampled(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_batch: int) -> float:
@@ -298,6 +305,7 @@ class DistributedTrainer:
         payload = fetch_rows(input_nodes, self.partition, server, counter=self.wire.train, decode=False)
         view = shard.view(server, payload)
         shard.zero_dense_grads()
+        bias = self._fetch_bias(input_nodes[: batch_nodes.shape[0]])
         bpr_value = 0.0
         final = None
         if batch_nodes.numel():
@@ -305,14 +313,32 @@ class DistributedTrainer:
             layers = propagate_blocks(blocks, view.embeddings, L, shard.method.layer_fn) if L else \
                 [shard.method.layer_fn(view.embeddings, 0)]
             final = shard.method.combine(layers)
-            x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
-            reg = cfg.optim.l2 * 0.5 * (rows.counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
-            bpr_value = self._backward(final, rows, global_batch, reg)
-        self._apply_gradients(view, input_nodes=input_nodes)
+            scored = score_rows(final, bias, batch_nodes < n_users)
+            reg = None
+            if shard.method.uses_l2:
+                x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
+                reg = cfg.optim.l2 * 0.5 * (rows.counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
+            bpr_value = self._backward(scored, rows, global_batch, reg)
+        extra = []
+        if bias is not None:  # the seeds' bias gradients, as rows of the input nodes (the seeds lead)
+            g = torch.zeros(input_nodes.shape[0], 1)
+            if bias.grad is not None:
+                g[: bias.shape[0], 0] = bias.grad
+            extra.append(g)
+        self._apply_gradients(view, input_nodes=input_nodes, extra=extra)
         if self._refine_now():
             self._refine(batch_nodes, final)
         self.global_step += 1
         return bpr_value
+
+    def _fetch_bias(self, nodes: torch.Tensor) -> torch.Tensor | None:
+        """The score biases of ``nodes`` from their owners, as a differentiable leaf (None: the
+        method has none). Collective when it has."""
+        own_bias = self.shard.method.bias_of(None)
+        if own_bias is None:
+            return None
+        values = fetch_rows(nodes, self.partition, LatentShard([own_bias], 1), counter=self.wire.train)
+        return values.reshape(-1).clone().requires_grad_(True)
 
     def _step_full(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_batch: int) -> float:
         """Full-graph propagation split by owner (:class:`.halo.HaloPlan`).
@@ -380,25 +406,36 @@ class DistributedTrainer:
         view = shard.view(server, payload, out=x_buf)
         del payload  # what the view needs of it, it holds (latent rows: their own copies)
         shard.zero_dense_grads()
-        reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, occurrences.to(torch.float32)) / global_batch
+        reg = None
+        if shard.method.uses_l2:
+            reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, occurrences.to(torch.float32)) / global_batch
         x_input = view.pop_embeddings()
-        if x_buf is not None and x_input.shape[1] != x_buf.shape[1]:  # rows wider than d: fresh tables
-            x_buf = out_buf = None
+        bias = shard.method.bias_of(None)
+        if x_buf is not None and (x_input.shape[1] != x_buf.shape[1] or bias is not None):
+            x_buf = out_buf = None  # rows wider than d (a latent, or the score bias's columns): fresh tables
         final_own = final_own_rows(plan, shard.method, x_input, cfg.model.num_layers, self.wire.train, out=out_buf,
                                    grad_input=x_buf)
         del x_input
+        if bias is not None:
+            bias = bias.detach()[: plan.n_own].clone().requires_grad_(True)
+            final_own = score_rows(final_own, bias, self.owned_t < self.data.n_users)
         bpr, own, grad_own = self._final_row_gradient(final_own, out_buf, local_users, pos, neg, global_batch)
-        refine = self._refine_now()
-        if refine:  # the rows refinement reads, taken before the backward overwrites the buffers
-            own_local = occurrences.nonzero().reshape(-1)  # own rows in the global batch (local rows, ascending)
-            own_batch = self.owned_t[own_local]
-            refine_rows = own[own_local].clone()
+        refine_rows = None
+        if self._refine_now():  # every own row's final embedding, taken before the backward overwrites the buffers
+            refine_rows = own[:, : shard.method.dim].clone()
         del own
-        torch.autograd.backward([final_own, reg], [grad_own, torch.ones_like(reg)])
+        if reg is None:
+            torch.autograd.backward([final_own], [grad_own])
+        else:
+            torch.autograd.backward([final_own, reg], [grad_own, torch.ones_like(reg)])
         del final_own
-        self._apply_gradients(view, plan=plan)
-        if refine:
-            self._refine(own_batch, refine_rows)
+        extra = [] if bias is None else [bias.grad if bias.grad is not None else torch.zeros_like(bias)]
+        self._apply_gradients(view, plan=plan, extra=extra)
+        if refine_rows is not None:
+            # Each rank re-assigns its own rows' codes from the forward it just ran: no bytes move
+            # here; the halo copies on other ranks get the new codes with the next step's pull.
+            self.shard.refine(None if plan.n_own == self.shard.method.num_nodes else
+                              torch.arange(plan.n_own, dtype=torch.int64), refine_rows)
         return bpr
 
     def _final_row_gradient(self, final_own: torch.Tensor, out_buf: torch.Tensor | None, local_users: torch.Tensor,
@@ -446,10 +483,13 @@ class DistributedTrainer:
         out[own_items] += items[self.owned_t[own_items] - n_users]
         return out
 
-    def _apply_gradients(self, view, *, input_nodes: torch.Tensor | None = None, plan: HaloPlan | None = None) -> None:
+    def _apply_gradients(self, view, *, input_nodes: torch.Tensor | None = None, plan: HaloPlan | None = None,
+                         extra: list[torch.Tensor] | None = None) -> None:
         """Push the layer-0 rows' gradients to their owners (low-bit), step the owners' rows and
         the all-reduced dense parameters. The view's rows are ``input_nodes``, or with a halo
-        plan own + halo rows: own rows' gradients stay here, the halo's go through the plan."""
+        plan own + halo rows: own rows' gradients stay here, the halo's go through the plan.
+        ``extra``: gradients of the shard's extra row parameters (the score bias), rows of
+        ``input_nodes`` (pushed to their owners in fp32), or with a plan every own row."""
         shard = self.shard
         clip = self.config.optim.grad_clip
         local_rows = None  # with a plan: every own row, in order
@@ -466,7 +506,16 @@ class DistributedTrainer:
                     raise RuntimeError("row gradient messages disagree on the touched rows")
                 local_rows = rows_i
             summed.append(g_i)
-        shard.apply_row_gradients(local_rows, summed, clip)
+        extra_summed = []
+        for g in extra or []:
+            if plan is not None:
+                extra_summed.append(g)
+                continue
+            rows_i, g_i = push_row_gradients(input_nodes, g, self.partition, None, None, counter=self.wire.train)
+            if local_rows is not None and not torch.equal(local_rows, rows_i):
+                raise RuntimeError("row gradient messages disagree on the touched rows")
+            extra_summed.append(g_i)
+        shard.apply_row_gradients(local_rows, summed, clip, extra_summed)
         if shard.dense:
             allreduce_dense([p.grad for p in shard.dense], counter=self.wire.train)
             for p in shard.dense:
@@ -481,12 +530,24 @@ class DistributedTrainer:
             return budget.spent()
         return bool(allreduce_sum(torch.tensor([1 if budget.spent() else 0], dtype=torch.int64)) > 0)
 
+    def _quant_figures(self, codes_before: torch.Tensor | None) -> dict[str, float]:
+        """The epoch's share of changed codes and layer-0 error over every rank's rows
+        (:mod:`gnaq_dist.quant.drift`; one all_reduce, collective)."""
+        sums = epoch_sums(self.shard.method, codes_before, self.level_dtype)
+        if self.shard.num_owned == 0:  # a placeholder row: no codes, no error, same flags
+            sums[:4] = 0
+        if self.world > 1:
+            sums = allreduce_sum(sums)
+            sums[4:] = (sums[4:] > 0).to(sums.dtype)
+        return epoch_fields(sums)
+
     def _refine_now(self) -> bool:
-        every = self.config.model.refine_every
-        return bool(every) and self.shard.method.name == "gnaq" and (self.global_step + 1) % every == 0
+        every = self.config.model.refine_steps
+        return bool(every) and self.shard.method.refines and (self.global_step + 1) % every == 0
 
     def _refine(self, batch_nodes: torch.Tensor, final: torch.Tensor | None) -> None:
-        """Owners re-assign codes of the step's batch nodes from the requesters' propagated rows.
+        """Sampled blocks: owners re-assign codes of the step's batch nodes (the only rows
+        propagated) from the requesters' propagated rows (counted as ``refine`` bytes).
 
         Each requester sends ``[h, 1]`` for its seeds (fp32, uncompressed); an owner that gets
         a node from several ranks averages them (identical at fan-out -1).
@@ -586,6 +647,7 @@ class DistributedTrainer:
             t0 = time.perf_counter()
             loss_sum, steps = 0.0, 0
             self.batches.set_epoch(epoch)
+            codes_before = self.shard.method.code_state()
             for batch in self.batches:
                 if plan.steps_done(self.global_step):
                     break
@@ -607,7 +669,7 @@ class DistributedTrainer:
             loss, wire = self.wire.allreduce_epoch(loss_sum, steps, self.world)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step,
-                       steps=steps, elapsed=budget.elapsed())
+                       steps=steps, elapsed=budget.elapsed(), **self._quant_figures(codes_before))
             self._emit("wire", epoch=epoch, phase=phase, **wire)
             last = plan.last_epoch(epoch, self.global_step, out_of_time)
             if last and plan.quantize_at_end(phase):

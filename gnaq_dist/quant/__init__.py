@@ -1,4 +1,4 @@
-"""Embedding methods: full precision, GNAQ (and its STE ablation), LSQ, N2UQ, BiGeaR.
+"""Embedding methods: full precision, GNAQ (its variants: see ``gnaq_dist.methods``), LSQ, N2UQ, BiGeaR.
 
 ``build_method`` is the one entry point the trainers use; it validates the method name,
 the bit width and the options, so a bad config fails before any training starts.
@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Any
 
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.methods import GNAQ_VARIANTS, METHODS, QUANT_BITS
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.bigear import BiGeaR
 from gnaq_dist.quant.full import FullPrecision
@@ -17,16 +18,13 @@ from gnaq_dist.quant.lsq import LSQ
 from gnaq_dist.quant.n2uq import N2UQ
 from gnaq_dist.quant.packing import PackedTable, storage_report
 
-METHODS = ("fp", "gnaq", "gnaq_ste", "lsq", "n2uq", "bigear")
-QUANT_BITS = (1, 2, 4, 8)
 
 #: Options each method uses. Any known option is accepted by every method (and ignored
 #: where it does not apply) so that a trainer can pass its whole model config; an
 #: unknown option name is an error.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "fp": (),
-    "gnaq": ("phi",),
-    "gnaq_ste": ("phi",),
+    **{name: ("phi",) for name in GNAQ_VARIANTS},
     "lsq": ("per_row",),
     "n2uq": (),
     "bigear": ("gaussian_a", "graph", "top_r"),
@@ -54,8 +52,8 @@ def build_method(
     opts = {k: v for k, v in options.items() if k in _OPTIONS[name]}
     if name == "fp":
         return FullPrecision(num_nodes, dim, num_layers)
-    if name in ("gnaq", "gnaq_ste"):
-        return GNAQ(num_nodes, dim, bits, num_layers, straight_through=name == "gnaq_ste", **opts)
+    if name in GNAQ_VARIANTS:
+        return GNAQ(num_nodes, dim, bits, num_layers, variant=name, **opts)
     if name == "lsq":
         return LSQ(num_nodes, dim, bits, num_layers, **opts)
     if name == "n2uq":

@@ -22,6 +22,8 @@ class EmbeddingMethod(torch.nn.Module):
 
     name: str = "base"
     bits: int | None = None
+    uses_l2: bool = True  # optim.l2 applies to the layer-0 rows (GNAQ's reference variant: no L2)
+    refines: bool = False  # codes are re-assigned from propagated embeddings (:meth:`refine`)
 
     def __init__(self, num_nodes: int, dim: int, num_layers: int = 3) -> None:
         super().__init__()
@@ -99,8 +101,8 @@ class EmbeddingMethod(torch.nn.Module):
         """Start the quantized phase from warm-up weights (N, dim)."""
         raise NotImplementedError
 
-    def refine(self, ids: torch.Tensor, propagated: torch.Tensor) -> None:
-        """GNAQ's dynamic code re-assignment; a no-op for every other method."""
+    def refine(self, ids: torch.Tensor | None, propagated: torch.Tensor) -> None:
+        """GNAQ's dynamic code re-assignment of rows ``ids`` (None: all); a no-op for every other method."""
         return None
 
     def extra_loss(self, final: torch.Tensor, users: torch.Tensor, grad: torch.Tensor) -> float:
@@ -108,6 +110,30 @@ class EmbeddingMethod(torch.nn.Module):
         rows) and the batch's ``users`` (one per positive): its gradient w.r.t. ``final`` is
         added into ``grad``, its value returned. None but BiGeaR's distillation has one."""
         return 0.0
+
+    def bias_of(self, ids: torch.Tensor | None = None) -> torch.Tensor | None:
+        """Per-node score biases of rows ``ids`` (None: all), or None when the score has none."""
+        return None
+
+    def code_state(self) -> torch.Tensor | None:
+        """A copy of the codes (any form :meth:`codes_changed` reads), or None for a method without codes."""
+        return None
+
+    def codes_changed(self, before: torch.Tensor) -> tuple[int, int]:
+        """(codes that differ from ``before``, codes in all) over this method's rows."""
+        return 0, 0
+
+    @torch.no_grad()
+    def layer0_error(self, level_dtype: torch.dtype = torch.float16) -> tuple[float, float] | None:
+        """``(sum |x - Q(x)|, sum |x|)`` over the layer-0 table: x the fp latent table the method
+        trains (its ``latent``), Q(x) its quantized layer-0 rows; None where there is no
+        quantizer or no latent table (fp, BiGeaR). GNAQ overrides it."""
+        latent = getattr(self, "latent", None)
+        if not isinstance(latent, torch.Tensor) or latent.dim() != 2 or latent.shape[1] != self.dim:
+            return None
+        x = latent.detach()
+        q = self.layer_fn(self.embed(None).detach(), 0)
+        return float((x - q).abs().sum()), float(x.abs().sum())
 
     def reg_embeddings(self, ids: torch.Tensor) -> torch.Tensor:
         """What L2 applies to: the layer-0 embedding the model propagates."""
@@ -133,6 +159,23 @@ class EmbeddingMethod(torch.nn.Module):
 
     def extra_repr(self) -> str:
         return f"name={self.name}, bits={self.bits}, num_nodes={self.num_nodes}, dim={self.dim}"
+
+
+def score_rows(final: torch.Tensor, bias: torch.Tensor | None, is_user: torch.Tensor) -> torch.Tensor:
+    """Final rows widened so that a dot product carries the score biases: a user's row
+    ``[h_u, 1, b_u]``, an item's ``[h_i, b_i, 1]``, so ``<u, i> = <h_u, h_i> + b_i + b_u``.
+
+    Why widen rather than add: the loss, the item exchange and the ranking all take dot
+    products of rows, and stay as they are; the gradient of the two extra columns is the
+    biases' gradient. ``bias`` None: ``final`` as it is. Differentiable in ``final`` and ``bias``.
+    """
+    if bias is None:
+        return final
+    bias = bias.to(final.dtype).reshape(-1)
+    one = torch.ones_like(bias)
+    item_bias_col = torch.where(is_user, one, bias)  # users 1, items b_i
+    user_bias_col = torch.where(is_user, bias, one)  # users b_u, items 1
+    return torch.cat([final, item_bias_col.unsqueeze(1), user_bias_col.unsqueeze(1)], dim=1)
 
 
 def init_normal_table(num_nodes: int, dim: int, std: float = 0.1) -> torch.Tensor:
@@ -168,4 +211,4 @@ def init_normal_rows(num_nodes: int, dim: int, rows: torch.Tensor, std: float = 
     return out
 
 
-__all__ = ["EmbeddingMethod", "init_normal_rows", "init_normal_table"]
+__all__ = ["EmbeddingMethod", "init_normal_rows", "init_normal_table", "score_rows"]

@@ -110,7 +110,8 @@ class PackedTable:
     """A quantized table as stored: codes (packed) and the value each code stands for.
 
     ``levels`` already has the activation applied (GNAQ's tanh), so dequantizing is a
-    pure gather: ``x[r, g*dim + j] = levels[r or 0, g, code[r, g*dim + j]]``.
+    pure gather: ``x[r, g*dim + j] = levels[r or 0, g, code[r, g*dim + j]]``. ``bias``:
+    one score bias a node (``gnaq``; stored as the levels are), or None.
     """
 
     method: str
@@ -122,6 +123,7 @@ class PackedTable:
     groups: int = 1  # BiGeaR: L+1 binarized layers
     needs_propagation: bool = True  # False: rows are already final-layer representations
     group_weights: list[float] | None = field(default=None)
+    bias: np.ndarray | None = field(default=None)  # float16/float32 (num_rows,): per-node score bias
 
     def __post_init__(self) -> None:
         _check_bits(self.bits)
@@ -140,6 +142,10 @@ class PackedTable:
             raise GnaqInputError(f"levels must be float16 or float32, got {self.levels.dtype}")
         if self.group_weights is not None and len(self.group_weights) != self.groups:
             raise GnaqInputError(f"group_weights needs {self.groups} entries, got {len(self.group_weights)}")
+        if self.bias is not None and (self.bias.shape != (self.num_rows,)
+                                      or self.bias.dtype not in (np.float16, np.float32)):
+            raise GnaqInputError(f"bias must be float16 or float32 ({self.num_rows},), got "
+                                 f"{self.bias.dtype} {self.bias.shape}")
 
     def unpacked_codes(self) -> np.ndarray:
         """(num_rows, groups*dim) uint8 codes."""
@@ -157,8 +163,11 @@ class PackedTable:
     def level_bytes(self) -> int:
         return int(self.levels.nbytes)
 
+    def bias_bytes(self) -> int:
+        return 0 if self.bias is None else int(self.bias.nbytes)
+
     def bytes_total(self) -> int:
-        return self.code_bytes() + self.level_bytes()
+        return self.code_bytes() + self.level_bytes() + self.bias_bytes()
 
     def bytes_per_node(self) -> float:
         return self.bytes_total() / max(self.num_rows, 1)
@@ -180,6 +189,7 @@ class PackedTable:
             "method": self.method, "bits": self.bits, "dim": self.dim, "num_rows": self.num_rows,
             "codes": self.codes, "levels": self.levels, "groups": self.groups,
             "needs_propagation": self.needs_propagation, "group_weights": self.group_weights,
+            "bias": self.bias,
         }
 
     @classmethod
@@ -191,6 +201,7 @@ class PackedTable:
             levels=np.asarray(state["levels"]), groups=int(state.get("groups", 1)),
             needs_propagation=bool(state.get("needs_propagation", True)),
             group_weights=None if gw is None else [float(w) for w in gw],
+            bias=None if state.get("bias") is None else np.asarray(state["bias"]),
         )
 
 
@@ -204,8 +215,10 @@ def make_table(
     groups: int = 1,
     needs_propagation: bool = True,
     group_weights: list[float] | None = None,
+    bias: torch.Tensor | None = None,
 ) -> PackedTable:
-    """Build a :class:`PackedTable` from torch codes (R, groups*dim) and levels (R or 1, groups, 2**b)."""
+    """Build a :class:`PackedTable` from torch codes (R, groups*dim), levels (R or 1, groups, 2**b)
+    and optional per-row score biases (R,), both stored in ``level_dtype``."""
     np_dtype = _np_float(level_dtype)
     rows, width = codes.shape
     packed = pack_codes_torch(codes.detach(), bits).cpu().numpy()
@@ -213,13 +226,24 @@ def make_table(
     return PackedTable(
         method=method, bits=bits, dim=width // groups, num_rows=rows, codes=packed, levels=lv,
         groups=groups, needs_propagation=needs_propagation, group_weights=group_weights,
+        bias=None if bias is None else bias.detach().to(torch.float32).cpu().numpy().astype(np_dtype),
     )
 
 
 def storage_report(table: PackedTable) -> dict[str, float]:
-    """Bytes per node as stored, the fp32 baseline, the ratio, and the b*d/8 + levels floor."""
-    return storage_figures(table.bits, table.dim, table.groups, table.num_rows, table.code_bytes(),
-                           table.level_bytes())
+    """Bytes per node as stored, the fp32 baseline, the ratio, and the b*d/8 + levels (+ bias) floor."""
+    report = storage_figures(table.bits, table.dim, table.groups, table.num_rows, table.code_bytes(),
+                             table.level_bytes())
+    return with_bias_bytes(report, table.bias_bytes() / max(table.num_rows, 1)) if table.bias is not None else report
+
+
+def with_bias_bytes(report: dict[str, float], per_node: float) -> dict[str, float]:
+    """A storage report with ``per_node`` bytes of score bias counted in the total and the floor."""
+    out = dict(report, bias_bytes_per_node=per_node)
+    for key in ("bytes_per_node", "floor_bytes_per_node"):
+        out[key] = report[key] + per_node
+    out["compression_ratio"] = out["fp32_bytes_per_node"] / out["bytes_per_node"]
+    return out
 
 
 def storage_figures(bits: int, dim: int, groups: int, num_rows: int, code_bytes: int,
@@ -251,5 +275,6 @@ __all__ = [
     "storage_figures",
     "storage_report",
     "unpack_codes",
+    "with_bias_bytes",
     "unpack_codes_torch",
 ]

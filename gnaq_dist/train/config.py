@@ -12,9 +12,8 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from gnaq_dist.errors import ConfigError, GnaqInputError
+from gnaq_dist.methods import GNAQ_VARIANTS, METHODS, QUANT_BITS
 
-METHODS = ("fp", "gnaq", "gnaq_ste", "lsq", "n2uq", "bigear")
-QUANT_BITS = (1, 2, 4, 8)
 #: Methods the distributed loop refuses, and why.
 DISTRIBUTED_UNSUPPORTED = {
     "bigear": "its distillation ranks every item for each user against the whole fp teacher",
@@ -36,13 +35,13 @@ def _finite(key: str, value: float | None, *, low: float = 0.0, strict: bool = F
 
 @dataclass
 class ModelConfig:
-    method: str = "gnaq"  # fp | gnaq | gnaq_ste | lsq | n2uq | bigear
+    method: str = "gnaq"  # fp | gnaq (the reference code) | gnaq_static (frozen codes) | gnaq_ste | lsq | n2uq | bigear
     bits: int | None = 2  # code width of the quantized table: 1, 2, 4 or 8 (fp: null)
     dim: int = 64  # embedding dimension d
     num_layers: int = 3  # LightGCN propagation layers L
-    phi: Literal["tanh", "identity"] = "identity"  # GNAQ level activation (the reference code: tanh)
+    phi: Literal["tanh", "identity"] | None = None  # GNAQ level activation; null: the variant's own (gnaq: tanh, gnaq_static and gnaq_ste: identity)
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
-    refine_every: int = 0  # GNAQ: steps between code re-assignments from propagated embeddings (0 = never)
+    refine_every: int | None = None  # GNAQ: optimizer steps between re-assignments of every node's codes from its propagated embedding in the step's forward (0 = never); null: the variant's own (gnaq: 1, gnaq_static: 0)
     lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:
@@ -58,10 +57,18 @@ class ModelConfig:
             raise ConfigError(f"model.bits: {self.bits!r} is not a supported bit width (1, 2, 4, 8)")
         if self.dim < 1 or self.num_layers < 0:
             raise ConfigError("model.dim must be >= 1 and model.num_layers >= 0")
-        if self.refine_every < 0:
-            raise ConfigError("model.refine_every must be >= 0")
+        if self.refine_every is not None and self.refine_every < 0:
+            raise ConfigError(f"model.refine_every must be >= 0 or null, got {self.refine_every}")
         if self.lsq_step not in ("tensor", "node"):
             raise ConfigError(f"model.lsq_step: {self.lsq_step!r} is not one of tensor, node")
+
+    @property
+    def refine_steps(self) -> int:
+        """Steps between code refinements: ``refine_every``, or the method's own when null (0: never)."""
+        if self.refine_every is not None:
+            return self.refine_every
+        spec = GNAQ_VARIANTS.get(self.method)
+        return spec.refine_every if spec is not None and not spec.straight_through else 0
 
     def method_options(self) -> dict[str, Any]:
         """What ``build_method`` takes from this config (each method uses its own)."""
@@ -72,7 +79,7 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 0.05  # Adam learning rate of the full-precision warm-up (large batches take a large rate)
     quant_lr: float | None = 0.01  # Adam learning rate of the quantized phase (null: lr)
-    l2: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN's decay)
+    l2: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN's decay); not applied by gnaq, whose reference uses none
     grad_clip: float | None = 3.0  # gradient value clip (the reference code's 3); null = off
 
     def validate(self) -> None:

@@ -30,7 +30,8 @@ from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
-from gnaq_dist.quant.base import EmbeddingMethod
+from gnaq_dist.quant.base import EmbeddingMethod, score_rows
+from gnaq_dist.quant.drift import epoch_fields, epoch_sums
 from gnaq_dist.quant.packing import storage_report
 from gnaq_dist.runlog import RunLog
 from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
@@ -126,13 +127,16 @@ class LocalTrainer:
             torch.nn.utils.clip_grad_value_(method.parameters(), cfg.optim.grad_clip)
         optimizer.step()
         self.positives += int(users.shape[0])
-        refine_every = cfg.model.refine_every
-        if refine_every and (self.global_step + 1) % refine_every == 0:
-            # Re-assign the codes of the nodes this step scored, from their propagated
-            # embeddings (computed before the optimizer step). Both propagation paths
-            # refine the same rows, and so will a worker that owns only some of them.
+        refine_every = cfg.model.refine_steps
+        if refine_every and method.refines and (self.global_step + 1) % refine_every == 0:
+            # Re-assign codes from the propagated embeddings of this step's forward (before the
+            # optimizer step, as the reference): every node's with full propagation (no extra
+            # propagation), the batch's nodes with sampled blocks (the only rows propagated).
             with torch.no_grad():
-                method.refine(batch_nodes, final[batch_index])
+                if batch_index is None:
+                    method.refine(None, final)
+                else:
+                    method.refine(batch_nodes, final[batch_index])
         self.global_step += 1
         return bpr
 
@@ -141,7 +145,7 @@ class LocalTrainer:
         one backward: gradients accumulate in ``method``'s parameters.
 
         Returns the BPR loss, the batch's nodes (sorted, unique), the final rows (detached) and
-        the batch nodes' indices into them."""
+        the batch nodes' indices into them (None with full propagation: the rows are every node)."""
         cfg = self.config
         n_users = self.data.n_users
         pos_nodes = pos + n_users
@@ -150,15 +154,22 @@ class LocalTrainer:
         batch_nodes = rows.nodes
         final, row_ids = self._final_embeddings_for(method, batch_nodes)
         # Full propagation: rows of final are node ids; sampled: the batch's nodes, in order.
-        index = (users, pos_nodes, neg_nodes, batch_nodes) if row_ids is None else \
+        index = (users, pos_nodes, neg_nodes, None) if row_ids is None else \
             (rows.users, rows.pos, rows.neg, torch.arange(batch_nodes.shape[0]))
+        node_ids = torch.arange(final.shape[0]) if row_ids is None else row_ids
+        scored = score_rows(final, method.bias_of(row_ids), node_ids < n_users)
         sched = cfg.schedule
-        bpr, grad = row_loss_gradient(final, *index[:3], users.shape[0], sched.loss, sched.temperature, sched.loss_chunk)
-        method.extra_loss(final, users, grad)  # BiGeaR's distillation (full propagation: rows are node ids)
-        # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
-        reg_rows = method.reg_embeddings(batch_nodes)
-        reg = cfg.optim.l2 * 0.5 * (rows.counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]
-        torch.autograd.backward([final, reg], [grad, torch.ones_like(reg)])
+        bpr, grad = row_loss_gradient(scored, *index[:3], users.shape[0], sched.loss, sched.temperature,
+                                      sched.loss_chunk)
+        method.extra_loss(scored, users, grad)  # BiGeaR's distillation (full propagation: rows are node ids)
+        outputs, grads = [scored], [grad]
+        if method.uses_l2:
+            # L2 on the layer-0 rows of every occurrence in the batch: each unique row weighted by its count.
+            reg_rows = method.reg_embeddings(batch_nodes)
+            reg = cfg.optim.l2 * 0.5 * (rows.counts.to(reg_rows.dtype) * reg_rows.pow(2).sum(1)).sum() / users.shape[0]
+            outputs.append(reg)
+            grads.append(torch.ones_like(reg))
+        torch.autograd.backward(outputs, grads)
         return float(bpr), batch_nodes, final.detach(), index[3]
 
     # -- evaluation from the packed table --------------------------------------------
@@ -172,8 +183,12 @@ class LocalTrainer:
         return final_from_packed(self.graph, packed, method.combine, L)
 
     def evaluate(self, method: EmbeddingMethod) -> dict[str, float]:
-        final = self.final_embeddings(method)
         n_users = self.data.n_users
+        final = self.final_embeddings(method)
+        bias = method.bias_of(None)
+        if bias is not None:  # as the packed table stores it (model.level_dtype)
+            bias = bias.detach().to(getattr(torch, self.config.model.level_dtype)).to(torch.float32)
+        final = score_rows(final, bias, torch.arange(final.shape[0]) < n_users)
         sums = evaluate_ranking(
             final[:n_users],
             final[n_users:],
@@ -291,6 +306,7 @@ class LocalTrainer:
                 t0 = time.perf_counter()
                 losses = []
                 self.batches.set_epoch(epoch)
+                codes_before = method.code_state()
                 for users, pos, neg in self.batches:
                     if plan.steps_done(self.global_step):
                         break
@@ -310,9 +326,11 @@ class LocalTrainer:
                     break
                 times.epochs[phase] += 1
                 times.steps[phase] += len(losses)
+                seconds = time.perf_counter() - t0
+                quant = epoch_fields(epoch_sums(method, codes_before, getattr(torch, cfg.model.level_dtype)))
                 self._log("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
-                          seconds=time.perf_counter() - t0, step=self.global_step, steps=len(losses),
-                          elapsed=budget.elapsed())
+                          seconds=seconds, step=self.global_step, steps=len(losses),
+                          elapsed=budget.elapsed(), **quant)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
                 last = plan.last_epoch(epoch, self.global_step, out_of_time)
@@ -371,7 +389,7 @@ class LocalTrainer:
         if method.name == "fp":
             return {"bytes_per_node": 4.0 * d, "fp32_bytes_per_node": 4.0 * d, "compression_ratio": 1.0}
         packed = method.pack(level_dtype=getattr(torch, self.config.model.level_dtype))
-        report = storage_report(packed)
+        report = storage_report(packed)  # with the score bias counted, where the method has one
         # Compare with the fp32 layer-0 table the model replaces (d floats per node).
         report["fp32_bytes_per_node"] = 4.0 * d
         report["compression_ratio"] = 4.0 * d / report["bytes_per_node"]

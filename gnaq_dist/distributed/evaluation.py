@@ -26,7 +26,6 @@ from gnaq_dist.distributed.wire import WireCounter
 from gnaq_dist.evaluation import EvalSums, evaluate_ranking, finalize
 from gnaq_dist.methods import is_gnaq
 from gnaq_dist.propagation import final_from_packed, propagate_full
-from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import score_rows
 from gnaq_dist.quant.packing import PackedTable, packed_row_bytes, storage_figures, storage_report, with_bias_bytes
 

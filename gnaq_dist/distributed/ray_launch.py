@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from gnaq_dist.allocator import worker_allocator_env
 from gnaq_dist.config import from_dict, to_dict
-from gnaq_dist.errors import DistributedTrainingError, GnaqInputError
+from gnaq_dist.errors import ConfigError, DistributedTrainingError, GnaqInputError
 from gnaq_dist.train.config import TrainConfig
 
 log = logging.getLogger(__name__)
@@ -285,6 +285,8 @@ def train_on_ray(
     if workers is not None:
         config.distributed.workers = workers
     config.validate()
+    if config.schedule.early_stopping.patience:
+        raise ConfigError("schedule.early_stopping: the one-process trainer only (gnaq train without --workers)")
     _absolute_paths(config)
     workers = config.distributed.workers
     storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)

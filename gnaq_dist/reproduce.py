@@ -123,6 +123,12 @@ def check_protocol_data(protocol: str, base: TrainConfig, data: InteractionData)
                                  f"split, which the dataset lacks (ingest with --valid-fraction 0.1)") from None
 
 
+def check_protocol_methods(protocol: str, methods: list[tuple[str, int | None]]) -> None:
+    """The reference protocol starts every quantized method from the converged fp run."""
+    if protocol == "reference" and not any(m == "fp" for m, _ in methods):
+        raise GnaqInputError("--protocol reference: the quantized methods start from fp; add fp to --methods")
+
+
 def _run_dir(out_dir: Path, method: str, bits: int | None, seed: int, n_seeds: int) -> Path:
     name = f"{method}{'' if bits is None else f'-{bits}bit'}"
     return out_dir / name if n_seeds == 1 else out_dir / f"seed{seed}" / name
@@ -151,6 +157,7 @@ def run_reproduction(
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = [base.seed + i for i in range(seeds)]
     check_protocol_data(protocol, base, data)
+    check_protocol_methods(protocol, methods)
     # Validate every configuration before any training starts.
     for m, b in methods:
         method_config(base, m, b, out_dir, protocol)
@@ -158,7 +165,7 @@ def run_reproduction(
     rows: list[Row] = []
     timing: list[dict] = []
     t0 = time.time()
-    start_weights: dict[int, object] = {}
+    timing_start = None  # the fp table the timed methods start from: the first seed's
     for si, seed in enumerate(seed_list):
         warm_start: WarmStart | None = None
         for mi, (method, bits) in enumerate(ordered):
@@ -170,8 +177,6 @@ def run_reproduction(
                     and warm_start.epoch == config.schedule.warmup_epochs:
                 start = warm_start
             elif config.quantized and protocol == "reference":
-                if warm_start is None:
-                    raise GnaqInputError("--protocol reference: the quantized methods start from fp; add fp to --methods")
                 config = after_fp(config, warm_start, base.schedule.epochs)
                 start = warm_start
             log_path = Path(config.out) / "metrics.jsonl"
@@ -182,14 +187,14 @@ def run_reproduction(
                 result = trainer.run()
                 stop = result.early_stopping or {}
                 warm_start = WarmStart(result.method.embed(None).detach().clone(), int(stop["best_epoch"]),
-                                       result.phase_seconds["fp"], int(stop["best_step"]))
+                                       float(stop["best_train_seconds"]), int(stop["best_step"]))
             elif method == "fp":
                 result = trainer.run(capture_epoch=base.schedule.warmup_epochs or None)
                 warm_start = result.warm_start
             else:
                 result = trainer.run(warm_start=start)
             if si == 0 and method == "fp" and protocol != "scratch" and warm_start is not None:
-                start_weights[0] = warm_start.weight
+                timing_start = warm_start.weight
             rows.append(Row(method, bits, result, Path(config.out), seed))
             write_results(rows, base, out_dir, protocol, seed_list, timing)
     if timing_rounds:
@@ -201,7 +206,7 @@ def run_reproduction(
                    for m, b in methods]
         for _, c in configs:
             c.schedule.early_stopping.patience = 0
-        timed = time_steps_round_robin(configs, data, start_weights.get(0), timing_rounds, timing_batches,
+        timed = time_steps_round_robin(configs, data, timing_start, timing_rounds, timing_batches,
                                        progress=base.progress)
         timing = [t.as_dict() for t in timed]
         write_results(rows, base, out_dir, protocol, seed_list, timing)
@@ -399,8 +404,7 @@ def run_reproduce_from_args(args: argparse.Namespace) -> int:
     for m, b in methods or DEFAULT_METHODS:
         config = method_config(base, m, b, Path(args.out), args.protocol)  # fail before loading data or training
     if args.protocol == "reference":
-        if not any(m == "fp" for m, _ in methods or DEFAULT_METHODS):
-            raise GnaqInputError("--protocol reference: the quantized methods start from fp; add fp to --methods")
+        check_protocol_methods(args.protocol, methods or DEFAULT_METHODS)
         config.check_dataset(read_manifest(base.dataset, base.storage_options))
     data = load_dataset(base.dataset, storage_options=base.storage_options)
     t0 = time.time()

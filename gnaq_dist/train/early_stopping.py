@@ -86,6 +86,7 @@ class EarlyStopping:
         s = self.settings
         return {"metric": s.metric, "split": s.split, "patience": s.patience, "evaluations": self.evaluations,
                 "best_epoch": self.best_epoch, "best_step": self.best_step, "best_value": self.best_value,
+                "best_train_seconds": self.best_seconds,
                 "stopped_early": self.stopped_epoch is not None, "last_epoch": last_epoch}
 
     def message(self, last_epoch: int) -> str:

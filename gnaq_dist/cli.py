@@ -102,11 +102,13 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
             "config": to_dict(config), "metrics": result.metrics, "phase_seconds": result.phase_seconds,
             "phase_epochs": result.phase_epochs, "seconds_per_epoch": result.seconds_per_epoch,
             "storage": result.storage, "checkpoint": result.checkpoint, "resumed_from": result.resumed_from,
+            "early_stopping": result.early_stopping,
         }
         write_text(f"{out}/summary.json", json.dumps(summary, indent=2, default=str), config.storage_options)
         print(json.dumps({"metrics": result.metrics, "storage": result.storage,
                           "seconds_per_epoch": round(result.seconds_per_epoch, 2),
-                          "checkpoint": result.checkpoint}, indent=2))
+                          "checkpoint": result.checkpoint,
+                          **({"early_stopping": result.early_stopping} if result.early_stopping else {})}, indent=2))
         return 0
 
     return run

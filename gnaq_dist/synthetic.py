@@ -20,8 +20,10 @@ def clustered_interactions(
     test_per_user: int = 3,
     noise: float = 0.1,
     seed: int = 0,
+    valid_per_user: int = 0,
 ) -> InteractionData:
-    """``per_user`` distinct items per user, ``test_per_user`` of them held out."""
+    """``per_user`` distinct items per user, ``test_per_user`` of them held out for test
+    and the next ``valid_per_user`` for validation (each user keeps >= 1 train item)."""
     rng = np.random.default_rng(seed)
     user_cluster = rng.integers(0, n_clusters, n_users)
     item_cluster = np.arange(n_items) % n_clusters
@@ -37,14 +39,17 @@ def clustered_interactions(
         chosen = np.unique(chosen)
         users.append(np.full(chosen.size, u))
         items.append(rng.permutation(chosen))
-    train_u, train_i, test_u, test_i = [], [], [], []
+    train_u, train_i, test_u, test_i, valid_u, valid_i = [], [], [], [], [], []
     for u, its in zip(users, items):
         k = min(test_per_user, its.size - 1)
+        v = k + min(valid_per_user, its.size - 1 - k)
         test_u.append(u[:k]); test_i.append(its[:k])
-        train_u.append(u[k:]); train_i.append(its[k:])
+        valid_u.append(u[k:v]); valid_i.append(its[k:v])
+        train_u.append(u[v:]); train_i.append(its[v:])
+    valid = {"valid_user": np.concatenate(valid_u), "valid_item": np.concatenate(valid_i)} if valid_per_user else {}
     return InteractionData(
         n_users=n_users, n_items=n_items,
         train_user=np.concatenate(train_u), train_item=np.concatenate(train_i),
         test_user=np.concatenate(test_u), test_item=np.concatenate(test_i),
-        name="synthetic-clustered",
+        name="synthetic-clustered", **valid,
     )

@@ -18,6 +18,7 @@ import pytest
 from conftest import write_log
 from gnaq_dist.config import from_dict
 from gnaq_dist.dataset import load_dataset, load_id_maps, read_manifest
+from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.ingest import IngestConfig, ingest
 from gnaq_dist.ingest.cli import add_ingest_arguments, run_ingest_from_args
 from gnaq_dist.storage import AtomicOutput
@@ -327,6 +328,42 @@ def test_cli_module_exit_status(tmp_path):
 
 
 @pytest.mark.shared_data
+def test_valid_fraction_carves_validation_from_a_given_train_split(tmp_path):
+    """A split column (or a LightGCN folder) has train and test only: valid_fraction holds
+    out that share of each user's train rows; test stays as given, every user keeps train."""
+    log = small_log(n_users=40, per_user=8)
+    log["split"] = ["test" if i % 4 == 0 else "train" for i in range(len(log["user_id"]))]
+    src = write_log(tmp_path / "log.parquet", log)
+    columns = {"timestamp": None, "split": "split"}
+    plain = ingest(src, str(tmp_path / "plain"), cfg(columns=columns, split={"strategy": "column"}))
+    m = ingest(src, str(tmp_path / "v"), cfg(columns=columns, split={"strategy": "column", "valid_fraction": 0.25}))
+    assert m["counts"]["test"] == plain["counts"]["test"]
+    assert m["counts"]["train"] + m["counts"]["valid"] == plain["counts"]["train"]
+    assert raw_pairs(str(tmp_path / "v"), "test") == raw_pairs(str(tmp_path / "plain"), "test")
+    assert raw_pairs(str(tmp_path / "v"), "train") | raw_pairs(str(tmp_path / "v"), "valid") == \
+        raw_pairs(str(tmp_path / "plain"), "train")
+    d, p = load_dataset(str(tmp_path / "v")), load_dataset(str(tmp_path / "plain"))
+    per_user = np.bincount(p.train_user, minlength=p.n_users)
+    held = np.bincount(d.valid_user, minlength=d.n_users)
+    wanted = np.where(per_user >= 2, np.clip(np.floor(0.25 * per_user + 0.5), 1, per_user - 1), 0)
+    assert (held == wanted).all() and (np.bincount(d.train_user, minlength=d.n_users) >= 1)[per_user > 0].all()
+    again = ingest(src, str(tmp_path / "v2"), cfg(columns=columns, split={"strategy": "column", "valid_fraction": 0.25}))
+    assert raw_pairs(str(tmp_path / "v2"), "valid") == raw_pairs(str(tmp_path / "v"), "valid") and again["counts"] == m["counts"]
+    # A LightGCN folder likewise.
+    folder = tmp_path / "lgcn"
+    folder.mkdir()
+    (folder / "train.txt").write_text("0 1 2 3 4\n1 0 2 4 5\n2 3\n")
+    (folder / "test.txt").write_text("0 5\n1 3\n2 0\n")
+    m = ingest(str(folder), str(tmp_path / "lg"), cfg(format="lightgcn", split={"valid_fraction": 0.5}))
+    assert m["counts"] == {"train": 5, "test": 3, "valid": 4}  # users 0, 1: 2 of 4 each; user 2 keeps its one
+    # A column that already labels validation rows is not carved twice.
+    log["split"][1] = "valid"
+    src = write_log(tmp_path / "log2.parquet", log)
+    with pytest.raises(GnaqInputError, match="already has validation rows"):
+        ingest(src, str(tmp_path / "x"), cfg(columns=columns, split={"strategy": "column", "valid_fraction": 0.25}))
+    assert not (tmp_path / "x").exists()
+
+
 def test_lastfm_column_split_with_weight(shared_data, tmp_path):
     src = shared_data / "lastfm" / "interactions.parquet"
     if not src.exists():

@@ -55,7 +55,7 @@ class ColumnsConfig:
 class SplitConfig:
     strategy: Literal["random", "temporal_global", "temporal_user", "column"] = "random"  # how test/valid are chosen
     test_fraction: float = 0.2  # random / temporal_user: share of each user's interactions put in test
-    valid_fraction: float = 0.0  # random / temporal_user: share put in validation (0 = no valid split)
+    valid_fraction: float = 0.0  # random / temporal_user: share put in validation; column and a LightGCN folder: share of each user's train rows held out as validation (0 = no valid split)
     test_last_n: int | None = None  # temporal_user: each user's last n interactions go to test (overrides fraction)
     valid_last_n: int | None = None  # temporal_user: the n interactions before the test ones go to valid
     cutoff: str | int | None = None  # temporal_global: rows at/after this time (ISO or unix s) are test

@@ -21,7 +21,7 @@ from gnaq_dist.ingest.edges import SPLIT_NAMES, TEST, TRAIN, TS_NULL, Edges
 from gnaq_dist.ingest.idmap import IdMap, compact
 from gnaq_dist.ingest.lightgcn_text import read_lightgcn
 from gnaq_dist.ingest.reader import open_source, read_parquet
-from gnaq_dist.ingest.split import assign_split
+from gnaq_dist.ingest.split import assign_split, valid_from_train
 from gnaq_dist.ingest.writer import write_dataset
 from gnaq_dist.overwrite import check_disjoint, check_replaceable
 from gnaq_dist.storage import output_exists, resolve
@@ -135,6 +135,8 @@ def ingest(source: str, out: str, config: IngestConfig, *, overwrite: bool = Fal
     else:
         label = assign_split(edges, len(user_raw), config.split, source, require_test=old is None,
                              require_train=old is None)
+    if config.split.valid_fraction > 0 and (config.format == "lightgcn" or config.split.strategy == "column"):
+        label = valid_from_train(edges, label, len(user_raw), config.split, source)
 
     rows_kept = len(edges)
     version, mode, history = 1, ("overwrite" if overwrite else "create"), []

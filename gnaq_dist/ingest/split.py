@@ -59,6 +59,25 @@ def random_split(edges: Edges, n_users: int, cfg: SplitConfig) -> np.ndarray:
     return _rank_labels(edges.user, order, n_users, n_test, n_valid)
 
 
+def valid_from_train(edges: Edges, label: np.ndarray, n_users: int, cfg: SplitConfig, where: str) -> np.ndarray:
+    """A split given by the data (a split column, a LightGCN folder) with no validation rows:
+    hold out ``valid_fraction`` of each user's training rows (seeded, same rounding as
+    ``random``; every user keeps >= 1 training row), so the test rows stay the benchmark's."""
+    if (label == VALID).any():
+        raise GnaqInputError(f"{where}: the split already has validation rows; split.valid_fraction "
+                             f"({cfg.valid_fraction}) would carve a second set from train")
+    train = np.flatnonzero(label == TRAIN)
+    users = edges.user[train].astype(np.int64)
+    rng = np.random.default_rng(cfg.seed)
+    shuffle = rng.integers(0, 1 << 31, size=train.size, dtype=np.int64)
+    order = np.argsort((users << 31) | shuffle, kind="stable")  # by user, then random
+    counts = np.bincount(users, minlength=n_users)
+    _, n_valid = holdout_counts(counts, 0.0, cfg.valid_fraction)
+    out = label.copy()
+    out[train] = _rank_labels(users, order, n_users, np.zeros_like(n_valid), n_valid)
+    return out
+
+
 def _require_time(edges: Edges, strategy: str, where: str) -> np.ndarray:
     ts = edges.timestamp
     if ts is None:

@@ -90,6 +90,20 @@ class OptimConfig:
 
 
 @dataclass
+class EarlyStoppingConfig:
+    patience: int = 0  # stop after this many evaluations (schedule.eval_every apart) without a better metric on split, and keep the best evaluation's tables (0 = off); counted in the run's last phase only (the quantized one of a quantized method)
+    metric: str = "ndcg@20"  # what decides the best evaluation: recall@K or ndcg@K, K one of eval.ks
+    split: Literal["valid", "test"] = "valid"  # held-out split the metric is computed on (the reported metrics stay on eval.split)
+
+    def validate(self) -> None:
+        if self.patience < 0:
+            raise ConfigError(f"schedule.early_stopping.patience must be >= 0, got {self.patience}")
+        name, _, k = self.metric.partition("@")
+        if name not in ("recall", "ndcg") or not k.isdigit() or int(k) < 1:
+            raise ConfigError(f"schedule.early_stopping.metric: {self.metric!r} is not recall@K or ndcg@K")
+
+
+@dataclass
 class ScheduleConfig:
     epochs: int = 40  # total epochs (warm-up included)
     warmup_epochs: int = 20  # full-precision epochs before the quantized phase (ignored for fp)
@@ -104,6 +118,7 @@ class ScheduleConfig:
     eval_every: int = 5  # epochs between evaluations (0 = only at the end)
     max_steps: int | None = None  # stop after this many steps in total (smoke runs)
     max_minutes: float | None = None  # wall-clock budget of the training loop: at it, training stops, then evaluates and writes the final checkpoint (null: none)
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)  # stop when a held-out metric stops improving (one-process trainer)
 
     def validate(self) -> None:
         if self.epochs < 1:
@@ -128,6 +143,9 @@ class ScheduleConfig:
             raise ConfigError(f"schedule.max_steps must be >= 1 or null, got {self.max_steps}")
         if self.eval_every < 0:
             raise ConfigError(f"schedule.eval_every must be >= 0, got {self.eval_every}")
+        self.early_stopping.validate()
+        if self.early_stopping.patience and not self.eval_every:
+            raise ConfigError("schedule.early_stopping.patience needs periodic evaluations (schedule.eval_every >= 1)")
         bad = [f for f in self.fanouts if f == 0 or f < -1]
         if bad:
             raise ConfigError(f"schedule.fanouts: {bad[0]} is not a fanout (>= 1, or -1 for all neighbours)")
@@ -212,6 +230,10 @@ class TrainConfig:
         if self.model.method == "bigear" and self.schedule.propagation != "full":
             raise ConfigError("model.method=bigear needs schedule.propagation=full: its distillation scores "
                               "each user's teacher items, which sampled blocks do not hold")
+        stop = self.schedule.early_stopping
+        if stop.patience and int(stop.metric.partition("@")[2]) not in self.eval.ks:
+            raise ConfigError(f"schedule.early_stopping.metric: {stop.metric} needs its cut-off in eval.ks "
+                              f"({', '.join(map(str, self.eval.ks))})")
         if self.schedule.propagation == "sampled" and len(self.schedule.fanouts) != self.model.num_layers:
             raise ConfigError(
                 f"schedule.fanouts has {len(self.schedule.fanouts)} entries but model.num_layers is "
@@ -223,6 +245,8 @@ class TrainConfig:
         if self.model.method in DISTRIBUTED_UNSUPPORTED:
             raise ConfigError(f"model.method={self.model.method} cannot train distributed (--workers): "
                               f"{DISTRIBUTED_UNSUPPORTED[self.model.method]}; train it in one process")
+        if self.schedule.early_stopping.patience:
+            raise ConfigError("schedule.early_stopping: the one-process trainer only (gnaq train without --workers)")
 
     def check_dataset(self, manifest: dict[str, Any]) -> None:
         """Refuse a dataset this config cannot train on, from its manifest alone (cheap:
@@ -234,6 +258,11 @@ class TrainConfig:
             has = ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
             raise GnaqInputError(f"{where}: eval.split={self.eval.split!r} but the dataset has no "
                                  f"{self.eval.split} rows (splits: {has})")
+        stop = self.schedule.early_stopping
+        if stop.patience and not counts.get(stop.split):
+            has = ", ".join(f"{k} {v:,}" for k, v in counts.items()) or "none"
+            raise GnaqInputError(f"{where}: schedule.early_stopping.split={stop.split!r} but the dataset has no "
+                                 f"{stop.split} rows (splits: {has}; ingest with --valid-fraction to make one)")
         if not counts.get("train"):
             raise GnaqInputError(f"{where}: the dataset has no training rows")
 

@@ -11,6 +11,10 @@ trainer's checkpoint format as a world of one rank (:mod:`gnaq_dist.train.checkp
 under ``config.checkpoint_root``: every ``checkpoint.every_epochs`` epochs and always at
 the end (a ``schedule.max_minutes`` budget included), and resumes as ``checkpoint.resume``
 says. Library callers that only want metrics (the reproduction pipelines) leave it off.
+
+With ``schedule.early_stopping.patience`` the last phase stops once a held-out metric
+stops improving, and the run ends with the best evaluation's tables
+(:mod:`gnaq_dist.train.early_stopping`).
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ from gnaq_dist.sampling import BPRBatches, NeighborBlockSampler
 from gnaq_dist.seeding import seed_everything
 from gnaq_dist.train.ranking_loss import batch_rows, row_loss_gradient
 from gnaq_dist.train.config import TrainConfig
+from gnaq_dist.train.early_stopping import EarlyStopping, early_stopping_for
 from gnaq_dist.train.schedule import PhaseTimes, Schedule, TimeBudget
 
 
@@ -68,6 +73,7 @@ class TrainResult:
     warm_start: WarmStart | None = field(default=None, repr=False)  # fp state captured at capture_epoch
     checkpoint: str | None = None  # URI of the run's final checkpoint (with checkpoints=True)
     resumed_from: dict[str, Any] | None = None  # the checkpoint this run started from, if any
+    early_stopping: dict[str, Any] | None = None  # best epoch, metric, whether it stopped (schedule.early_stopping)
 
 
 class LocalTrainer:
@@ -95,6 +101,7 @@ class LocalTrainer:
         held_user, held_item = data.split(config.eval.split)
         self.test_csr = interactions_csr(held_user, held_item, data.n_users, data.n_items)
         self.eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
+        self.stopper: EarlyStopping | None = early_stopping_for(config, data, self.train_csr)  # one run's
         self.sampler = (
             NeighborBlockSampler(self.graph, config.schedule.fanouts, num_layers=config.model.num_layers)
             if config.schedule.propagation == "sampled"
@@ -182,9 +189,9 @@ class LocalTrainer:
         packed = method.pack(level_dtype=getattr(torch, self.config.model.level_dtype))
         return final_from_packed(self.graph, packed, method.combine, L)
 
-    def evaluate(self, method: EmbeddingMethod) -> dict[str, float]:
+    def evaluate(self, method: EmbeddingMethod, final: torch.Tensor | None = None) -> dict[str, float]:
+        final = self.final_embeddings(method) if final is None else final
         n_users = self.data.n_users
-        final = self.final_embeddings(method)
         bias = method.bias_of(None)
         if bias is not None:  # as the packed table stores it (model.level_dtype)
             bias = bias.detach().to(getattr(torch, self.config.model.level_dtype)).to(torch.float32)
@@ -274,6 +281,8 @@ class LocalTrainer:
         epoch = 0
         first_epoch = 1
         captured: WarmStart | None = None
+        stopper = self.stopper
+        stop = False
         if resume is not None:
             epoch = int(resume.manifest["epoch"])
             first_epoch = epoch + 1
@@ -336,18 +345,35 @@ class LocalTrainer:
                 last = plan.last_epoch(epoch, self.global_step, out_of_time)
                 if last or plan.evaluate_after(epoch):
                     t1 = time.perf_counter()
-                    metrics = self.evaluate(method)
-                    times.seconds["eval"] += time.perf_counter() - t1
+                    final = self.final_embeddings(method)
+                    metrics = self.evaluate(method, final)
                     record = self._log("eval", epoch=epoch, phase=phase, step=self.global_step,
                                        train_seconds=times.train_seconds(), **metrics)
                     history.append(record)
                     bar.write(f"epoch {epoch} [{phase}] " + "  ".join(
                         f"{k}={v:.4f}" for k, v in metrics.items() if k.endswith("@20") or k.endswith("@10")))
+                    if stopper is not None and phase == ("quantized" if cfg.quantized else "fp"):
+                        stop = self._early_stopping_step(stopper, final, metrics, epoch, method, optimizer,
+                                                         times.seconds[phase])
+                        last = last or stop
+                    del final
+                    times.seconds["eval"] += time.perf_counter() - t1
                 # A run whose budget ends inside the warm-up is checkpointed once quantized (below).
-                if every and (last or epoch % every == 0) and not (last and plan.quantize_at_end(phase)):
+                # With early stopping the last state may not be the one kept: the final save is below.
+                if every and (last or epoch % every == 0) and not (last and plan.quantize_at_end(phase)) \
+                        and not (last and stopper is not None):
                     self._save(epoch, phase, method, optimizer)
+                if stop:
+                    break
         finally:
             bar.close()
+        stopping = None
+        if stopper is not None and stopper.best_epoch is not None:
+            stopper.restore(method, optimizer)
+            metrics = stopper.best_metrics
+            stopping = stopper.report(epoch)
+            self._log("early_stopping", **stopping)
+            bar.write(stopper.message(epoch))
         if plan.quantize_at_end(phase):
             # The budget (max_steps, max_minutes) ended inside the warm-up: quantize what we have.
             method = self._start_quantized_phase(method)
@@ -368,11 +394,25 @@ class LocalTrainer:
         result = TrainResult(
             metrics=metrics, history=history, phase_seconds=times.seconds, phase_epochs=times.epochs,
             seconds_per_epoch=times.seconds_per_epoch(), storage=storage, method=method,
-            warm_start=captured, checkpoint=checkpoint, resumed_from=resumed,
+            warm_start=captured, checkpoint=checkpoint, resumed_from=resumed, early_stopping=stopping,
         )
         self._log("end", metrics=metrics, phase_seconds=times.seconds, phase_epochs=times.epochs,
-                  seconds_per_epoch=result.seconds_per_epoch, storage=storage)
+                  seconds_per_epoch=result.seconds_per_epoch, storage=storage,
+                  **({"early_stopping": stopping} if stopping else {}))
         return result
+
+    def _early_stopping_step(self, stopper: EarlyStopping, final: torch.Tensor, metrics: dict[str, float],
+                             epoch: int, method: EmbeddingMethod, optimizer: torch.optim.Optimizer,
+                             seconds: float) -> bool:
+        """One evaluation for early stopping (logged); True when training should stop."""
+        value = stopper.measure(final, metrics)
+        stop = stopper.observe(value, epoch=epoch, step=self.global_step, seconds=seconds, metrics=metrics,
+                               method=method, optimizer=optimizer)
+        s = stopper.settings
+        self._log("stopping_eval", epoch=epoch, step=self.global_step, split=s.split, metric=s.metric,
+                  value=value, best_epoch=stopper.best_epoch, best_value=stopper.best_value,
+                  since_best=stopper.since_best)
+        return stop
 
     def _start_quantized_phase(self, fp_method: EmbeddingMethod) -> EmbeddingMethod:
         cfg = self.config

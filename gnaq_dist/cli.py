@@ -84,13 +84,12 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
         # What the dataset must have for this config (splits, train rows), from its manifest.
         config.check_dataset(read_manifest(config.dataset, config.storage_options))
         if distributed:
-            from gnaq_dist.distributed.ray_launch import ray_storage, train_on_ray, write_run_files
+            from gnaq_dist.distributed.ray_launch import ray_storage, train_on_ray
 
             ray_storage(config.out, config.storage_options)  # a store Ray's workers can reach
             if config.checkpoint.dir:
                 ray_storage(config.checkpoint.dir, config.storage_options)
             summary = train_on_ray(config, args.workers, address=args.address, final_checkpoint=True)
-            write_run_files(summary, config.out, config.storage_options)
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes", "checkpoint")},
                              indent=2, default=str))
             return 0

@@ -120,12 +120,19 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
 
 
 def _train_worker_pids() -> list[int]:
-    """The processes of the live Ray Train worker actors, from Ray's control store (GCS), not
-    from process titles."""
-    from ray._private import state
+    """The live Ray Train worker actors' processes among this test's own descendants, by the
+    title Ray gives an actor's process (``ray::RayTrainWorker...``)."""
+    import psutil
 
-    return [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
-            if a["ActorClassName"].rsplit(".", 1)[-1] == "RayTrainWorker" and a["Pid"]]
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline()[:1])
+        except psutil.Error:
+            continue
+        if title.startswith("ray::RayTrainWorker"):
+            pids.append(proc.pid)
+    return pids
 
 
 def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", killed: list) -> None:
@@ -134,15 +141,10 @@ def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", k
     import os
     import signal
 
-    import psutil
-
     while not done.is_set():
         manifests = sorted(root.glob("ckpt-*/manifest.json")) if root.exists() else []
         if any(json.loads(m.read_text())["epoch"] >= epoch for m in manifests):
-            ours = {p.pid for p in psutil.Process().children(recursive=True)}  # never another Ray's
-            for pid in _train_worker_pids():
-                if pid not in ours:
-                    continue
+            for pid in _train_worker_pids():  # this test's Ray's only, never another's
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

@@ -14,10 +14,12 @@ that raises fails the job with that worker's error.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,9 +34,12 @@ WorkerFn = Callable[..., dict]  # fn(config, report=callable) -> summary dict
 
 
 def ray_environment() -> None:
-    """Defaults for local runs: no usage stats, no auth token written to ~/.ray."""
+    """Defaults for local runs: no usage stats, no auth token written to ~/.ray; and where the
+    driver's output is not a terminal (a log file), the workers' lines without colour codes."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -242,6 +247,54 @@ def run_config_for(config: TrainConfig, run_config: Any = None) -> Any:
     return dataclasses.replace(run_config, **changes)
 
 
+#: Worker log lines that the driver does not print: a Ray without the dashboard cannot answer
+#: the state API, and Train's placement-group cleaner says so with a warning every second.
+DROPPED_LINES = ("Failed to query Ray Train Controller actor state",)
+
+
+class _LineFilter:
+    """A text stream that passes whole lines on to ``stream``, except those holding one of ``needles``."""
+
+    def __init__(self, stream: Any, needles: tuple[str, ...]) -> None:
+        import threading
+
+        self.stream, self.needles = stream, needles
+        self.pending = ""
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            *lines, self.pending = (self.pending + text).split("\n")
+            kept = [line + "\n" for line in lines if not any(n in line for n in self.needles)]
+            if kept:
+                self.stream.write("".join(kept))
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.pending and not any(n in self.pending for n in self.needles):
+                self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _dropping_lines(needles: tuple[str, ...] = DROPPED_LINES):
+    """While it lasts, this process's stdout and stderr leave out lines holding one of ``needles``."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LineFilter(sys.stdout, needles), _LineFilter(sys.stderr, needles)
+    try:
+        yield
+    finally:
+        for filtered in (sys.stdout, sys.stderr):
+            if isinstance(filtered, _LineFilter):
+                filtered.flush()
+        sys.stdout, sys.stderr = saved
+
+
 def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any = None, *,
                address: str | None = None, worker_fn: WorkerFn | None = None,
                final_checkpoint: bool = False) -> Any:
@@ -275,7 +328,8 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
             run_config=run,
         )
         try:
-            result = trainer.fit()
+            with _dropping_lines():
+                result = trainer.fit()
         except Exception as exc:  # ray.train.WorkerGroupError / TrainingFailedError
             raise DistributedTrainingError(str(exc)) from exc
         if result.error is not None:

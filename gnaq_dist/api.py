@@ -137,8 +137,8 @@ def evaluate(model: Any = None, dataset: str | None = None, **options: Any) -> d
     """Recall@K / NDCG@K of a checkpoint (a URI or ``Result.checkpoint``) or a bundle on
     ``dataset``'s held-out split (``gnaq evaluate``). ``options``: ``ks``, ``split``,
     ``max_users``, ``seed``, ``batch_size``, ``storage_options``, ``progress``; or, with no
-    model, ``popularity=True`` or ``oracle=LOG`` (:func:`gnaq_dist.scoring.evaluate`)."""
-    from gnaq_dist.scoring import evaluate as run_evaluate
+    model, ``popularity=True`` or ``oracle=LOG`` (:func:`gnaq_dist.evaluate.evaluate`)."""
+    from gnaq_dist.evaluate import evaluate as run_evaluate
 
     return run_evaluate(None if model is None else checkpoint_uri(model), dataset, **options)
 
@@ -147,7 +147,7 @@ def export(checkpoint: Any, out: str, *, overwrite: bool = False,
            storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
     """A checkpoint (a URI or ``Result.checkpoint``) as a bundle at ``out`` that serves on its own
     (``gnaq export``); returns the bundle's size report."""
-    from gnaq_dist.exporter import export_checkpoint
+    from gnaq_dist.export import export_checkpoint
 
     return export_checkpoint(checkpoint_uri(checkpoint), out, overwrite=overwrite, storage_options=storage_options)
 

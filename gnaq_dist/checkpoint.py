@@ -436,7 +436,7 @@ def load_for_export(uri: str, storage_options: dict[str, Any] | None = None):
 
     Reads every shard into one method over all rows and packs it as the evaluator does:
     ``kind`` is ``"packed"`` (a PackedTable) or ``"fp"`` (a float32 (N, d) numpy array):
-    numpy, as :func:`gnaq_dist.exporter.export_bundle` takes them.
+    numpy, as :func:`gnaq_dist.export.export_bundle` takes them.
     ``data`` is the training dataset the manifest names (its id maps and train edges).
     """
     manifest = verify(uri, storage_options)

@@ -155,7 +155,7 @@ def _cmd_export(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
 
     def run(args: argparse.Namespace) -> int:
         from gnaq_dist.api import export
-        from gnaq_dist.exporter import format_size_report
+        from gnaq_dist.export import format_size_report
 
         report = export(args.checkpoint, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}")
@@ -218,7 +218,7 @@ def _cmd_evaluate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
         import json
 
         from gnaq_dist.api import evaluate
-        from gnaq_dist.scoring import format_report, parse_ks
+        from gnaq_dist.evaluate import format_report, parse_ks
 
         result = evaluate(
             args.model, args.dataset, popularity=args.popularity, oracle=args.oracle, posterior=args.posterior,

@@ -44,7 +44,7 @@ def run_demo(out: str | Path = "runs/demo", configs: list[str] = (), overrides: 
     """Ingest, fp reference (in process), GNAQ on ``workers`` Ray workers, export, serve, report."""
     from gnaq_dist.dataset import load_dataset
     from gnaq_dist.distributed.ray_launch import train_on_ray, write_run_files
-    from gnaq_dist.exporter import export_checkpoint, format_size_report
+    from gnaq_dist.export import export_checkpoint, format_size_report
     from gnaq_dist.reproduce import plot_table
     from gnaq_dist.serving import Bundle
     from gnaq_dist.train.config import TrainConfig

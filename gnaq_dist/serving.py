@@ -5,7 +5,7 @@ torch, DGL, Ray or fsspec. This module imports only the standard library, numpy,
 pyarrow and light gnaq_dist modules (:mod:`gnaq_dist.bundle` for the layout and the
 code decoder, :mod:`gnaq_dist.storage` for its atomic writer, which imports fsspec only
 to resolve URIs); it reads a bundle directory written by
-:func:`gnaq_dist.exporter.export_bundle` (a local path), verifies every file's sha256,
+:func:`gnaq_dist.export.export_bundle` (a local path), verifies every file's sha256,
 and rebuilds the final embeddings with the same maths as
 :func:`gnaq_dist.propagation.final_from_packed`: dequantize, propagate over the
 symmetric-normalised train graph ``A_hat = D^-1/2 A D^-1/2``, mean of layers 0..L (or,

@@ -107,7 +107,7 @@ def documents(root: Path) -> Path:
 
 def bundle(root: Path) -> Path:
     """A real bundle (fp kind: a float32 table) from the real writer."""
-    from gnaq_dist.exporter import export_bundle
+    from gnaq_dist.export import export_bundle
     from gnaq_dist.synthetic import clustered_interactions
 
     data = clustered_interactions(n_users=30, n_items=20, seed=1)

@@ -26,7 +26,7 @@ from gnaq_dist.dataset import load_dataset, load_id_maps
 from gnaq_dist.demo import ingest_bundled
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.evaluation import rank_topk
-from gnaq_dist.exporter import export_bundle
+from gnaq_dist.export import export_bundle
 from gnaq_dist.graph import build_graph
 from gnaq_dist.propagation import final_from_packed, propagate_full
 from gnaq_dist.quant import build_method
@@ -198,7 +198,7 @@ def test_serving_imports_no_torch_and_recommend_cli_stays_light(bundle_dir):
 @pytest.mark.parametrize("module, banned", [
     ("gnaq_dist.bundle", ("torch", "ray", "dgl", "fsspec", "pyarrow")),  # numpy only
     ("gnaq_dist.serving", ("torch", "ray", "dgl", "fsspec")),
-    ("gnaq_dist.exporter", ("torch", "ray", "dgl")),  # tables come in as numpy arrays
+    ("gnaq_dist.export", ("torch", "ray", "dgl")),  # tables come in as numpy arrays
 ])
 def test_import_walls(module, banned):
     code = f"import sys\nimport {module}\nprint([m for m in {banned!r} if m in sys.modules])\n"

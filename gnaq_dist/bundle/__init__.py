@@ -1,4 +1,4 @@
-"""The bundle format, numpy only: what :mod:`gnaq_dist.exporter` writes and :mod:`gnaq_dist.serving` reads.
+"""The bundle format, numpy only: what :mod:`gnaq_dist.export` writes and :mod:`gnaq_dist.serving` reads.
 
 Why a package of its own: the writer (which runs beside training), the edge reader and
 :mod:`gnaq_dist.quant.packing` share one definition of the layout and of the packed-code

@@ -1,6 +1,6 @@
 """A bundle's layout: its files, their columns and the fields of ``bundle.json``.
 
-One definition for the writer (:mod:`gnaq_dist.exporter`) and the reader
+One definition for the writer (:mod:`gnaq_dist.export`) and the reader
 (:mod:`gnaq_dist.serving`); docs/export.md describes the columns' types.
 """
 

@@ -116,10 +116,12 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, scaling_config: Any
 def checkpoint_uri(checkpoint: Any) -> str:
     """A checkpoint's URI: a path or URI as it is; a ``ray.train.Checkpoint`` (``Result.checkpoint``)
     from its path on its filesystem."""
-    if isinstance(checkpoint, (str, os.PathLike)):
-        return os.fspath(checkpoint)
+    if isinstance(checkpoint, str):
+        return checkpoint
     path, fs = getattr(checkpoint, "path", None), getattr(checkpoint, "filesystem", None)
-    if path is None:
+    if path is None or fs is None:  # (a ray.train.Checkpoint is os.PathLike too, but refuses os.fspath)
+        if isinstance(checkpoint, os.PathLike):
+            return os.fspath(checkpoint)
         raise GnaqInputError(f"{checkpoint!r}: expected a checkpoint URI or a ray.train.Checkpoint")
     handler = getattr(fs, "handler", None)
     if handler is not None and hasattr(getattr(handler, "fs", None), "unstrip_protocol"):

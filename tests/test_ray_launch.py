@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -190,3 +191,60 @@ def test_a_killed_worker_process_resumes_from_the_last_checkpoint(local_ray, tmp
     assert crashed["steps"] == reference["steps"]
     for k in ("recall@20", "ndcg@20"):
         assert crashed["metrics"][k] == pytest.approx(reference["metrics"][k], rel=0.01), k
+
+
+@pytest.mark.slow
+def test_a_killed_ray_run_keeps_the_metrics_of_its_finished_epochs(tmp_path):
+    """`gnaq train --workers 2` killed (SIGKILL, the driver and every process it started) after
+    its second epoch: metrics.jsonl at --out already holds the records of the finished epochs,
+    written by rank 0 as they came, not by the driver at the end."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    from gnaq_dist.demo import ingest_bundled
+
+    dataset = ingest_bundled(tmp_path / "lastfm", progress=False)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([
+        sys.executable, "-m", "gnaq_dist.cli", "train", "--workers", "2", "--dataset", dataset, "--out", str(out),
+        "--no-progress", "--set", "model.dim=16", "--set", "model.num_layers=2", "--set", "schedule.epochs=30",
+        "--set", "schedule.warmup_epochs=2", "--set", "schedule.batch_size=2048", "--set", "schedule.eval_every=1",
+        "--set", "schedule.propagation=sampled", "--set", "schedule.fanouts=[5, 5]",
+        "--set", "distributed.partition=hash", "--set", "checkpoint.every_epochs=1",
+    ], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 400
+
+    def epochs_logged() -> list[int]:
+        if not log.exists():
+            return []
+        return [r["epoch"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "epoch"]
+
+    try:
+        while len(epochs_logged()) < 2 and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it was killed"
+        assert len(epochs_logged()) >= 2, "no two epochs logged in time"
+    finally:
+        family = [driver.pid] + [p.pid for p in psutil.Process(driver.pid).children(recursive=True)] \
+            if driver.poll() is None else []
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        driver.wait(timeout=60)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    finished = sorted({r["epoch"] for r in records if r["event"] == "epoch"})
+    assert finished[:2] == [1, 2]
+    for epoch in finished[:2]:
+        mine = [r for r in records if r.get("epoch") == epoch]
+        assert {"epoch", "wire", "eval", "checkpoint"} <= {r["event"] for r in mine}, mine
+        assert next(r for r in mine if r["event"] == "eval")["recall@20"] > 0
+    assert not (out / "summary.json").exists()  # the run did not end: only its per-epoch records are there

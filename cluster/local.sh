@@ -9,7 +9,7 @@
 #   export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0    # let the driver keep 127.0.0.1 (see docs/cluster.md)
 #   gnaq train --address 127.0.0.1:6380 --workers 2 --dataset DATASET ...
 #
-# The work is done by gnaq_dist/cluster_local.py (shared with tests/test_cluster.py). It
+# The work is done by cluster/local_cluster.py (shared with tests/test_cluster.py). It
 # runs with the Python of $PYTHON, else the repository's .venv, else python3.
 set -euo pipefail
 ROOT="$(cd "$(dirname "$0")/.." && pwd)"
@@ -21,4 +21,4 @@ if [[ $# -eq 0 ]]; then
     sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'
     exit 2
 fi
-exec "$PYTHON" -m gnaq_dist.cluster_local "$@"
+exec "$PYTHON" "$ROOT/cluster/local_cluster.py" "$@"

@@ -51,7 +51,6 @@ log = logging.getLogger(__name__)
 FORMAT = "gnaq-checkpoint"
 VERSION = 1
 MANIFEST = "manifest.json"
-POINTER = "gnaq_checkpoint.json"  # what Ray Train keeps: {"uri": ...} of our checkpoint
 _NAME = re.compile(r"^ckpt-(\d{12})$")
 
 
@@ -566,7 +565,7 @@ def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
 
 
 __all__ = [
-    "CheckpointError", "CheckpointStore", "Loaded", "POINTER", "REPLICATED_FILES", "build_for_rows",
+    "CheckpointError", "CheckpointStore", "Loaded", "REPLICATED_FILES", "build_for_rows",
     "check_data", "check_manifest", "check_model", "checkpoint_name", "choose_resume", "data_key",
     "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes", "plain_name",
     "read_manifest", "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name",

@@ -65,46 +65,27 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     def run(args: argparse.Namespace) -> int:
         import json
 
-        from gnaq_dist.config import load_config, to_dict
-        from gnaq_dist.storage import check_writable, write_text
+        from gnaq_dist.api import train
+        from gnaq_dist.config import load_config
         from gnaq_dist.train.config import TrainConfig
-        from gnaq_dist.train.local import train_local
 
         config = load_config(TrainConfig, args.config, _train_overrides(args))
-        if not config.dataset:
-            raise GnaqInputError("no dataset: pass --dataset URI or set dataset: in a config file")
-        distributed = args.workers is not None or bool(args.address)
-        # Where the run writes, checked before any data is read or Ray is started.
-        check_writable(config.out, config.storage_options, "--out")
-        if config.checkpoint.dir:
-            check_writable(config.checkpoint.dir, config.storage_options, "checkpoint.dir")
-        out = config.out.rstrip("/") or config.out
-        from gnaq_dist.dataset import read_manifest
+        if args.workers is not None or args.address:
+            from ray.train import ScalingConfig
 
-        # What the dataset must have for this config (splits, train rows), from its manifest.
-        config.check_dataset(read_manifest(config.dataset, config.storage_options))
-        if distributed:
-            from gnaq_dist.distributed.ray_launch import ray_storage, train_on_ray, write_run_files
+            from gnaq_dist.distributed.ray_launch import read_summary
 
-            ray_storage(config.out, config.storage_options)  # a store Ray's workers can reach
-            if config.checkpoint.dir:
-                ray_storage(config.checkpoint.dir, config.storage_options)
-            summary = train_on_ray(config, args.workers, address=args.address, final_checkpoint=True)
-            write_run_files(summary, config.out, config.storage_options)
+            workers = args.workers if args.workers is not None else config.distributed.workers
+            if workers < 1:
+                raise GnaqInputError(f"--workers {workers}: need at least 1 worker")
+            scaling = ScalingConfig(num_workers=workers, resources_per_worker={"CPU": 1},
+                                    placement_strategy=config.distributed.placement)
+            train(config, scaling_config=scaling, address=args.address)
+            summary = read_summary(config.out, config.storage_options)
             print(json.dumps({k: summary.get(k) for k in ("metrics", "storage", "wire", "worker_nodes", "checkpoint")},
                              indent=2, default=str))
             return 0
-        from gnaq_dist.train.resume_check import check_resume
-
-        check_resume(config)  # a refused resume: one line before the dataset is loaded (train_on_ray checks too)
-        result = train_local(config, log_path=f"{out}/metrics.jsonl", checkpoints=True)
-        summary = {
-            "config": to_dict(config), "metrics": result.metrics, "phase_seconds": result.phase_seconds,
-            "phase_epochs": result.phase_epochs, "seconds_per_epoch": result.seconds_per_epoch,
-            "storage": result.storage, "checkpoint": result.checkpoint, "resumed_from": result.resumed_from,
-            "early_stopping": result.early_stopping,
-        }
-        write_text(f"{out}/summary.json", json.dumps(summary, indent=2, default=str), config.storage_options)
+        result = train(config)
         print(json.dumps({"metrics": result.metrics, "storage": result.storage,
                           "seconds_per_epoch": round(result.seconds_per_epoch, 2),
                           "checkpoint": result.checkpoint,
@@ -174,9 +155,10 @@ def _cmd_export(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace
     parser.add_argument("--overwrite", action="store_true", help="replace an existing bundle at OUT")
 
     def run(args: argparse.Namespace) -> int:
-        from gnaq_dist.export import export_checkpoint, format_size_report
+        from gnaq_dist.api import export
+        from gnaq_dist.export import format_size_report
 
-        report = export_checkpoint(args.checkpoint, args.out, overwrite=args.overwrite)
+        report = export(args.checkpoint, args.out, overwrite=args.overwrite)
         print(f"wrote {args.out}")
         print(format_size_report(report))
         return 0
@@ -236,7 +218,8 @@ def _cmd_evaluate(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespa
     def run(args: argparse.Namespace) -> int:
         import json
 
-        from gnaq_dist.evaluate import evaluate, format_report, parse_ks
+        from gnaq_dist.api import evaluate
+        from gnaq_dist.evaluate import format_report, parse_ks
 
         result = evaluate(
             args.model, args.dataset, popularity=args.popularity, oracle=args.oracle, posterior=args.posterior,

@@ -43,6 +43,10 @@ class RunLog:
 
     def write(self, event: str, **fields: Any) -> dict[str, Any]:
         record = {"event": event, "time": round(time.time() - self.start, 3), **fields}
+        return self.append(record)
+
+    def append(self, record: dict[str, Any]) -> dict[str, Any]:
+        """Add a record made elsewhere (another process's log), as it is."""
         line = json.dumps(record, default=_jsonable) + "\n"
         if self.path is not None:
             with self.path.open("a") as fh:

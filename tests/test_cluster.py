@@ -1,4 +1,4 @@
-"""A real two-node Ray cluster on 127.0.0.1 (gnaq_dist.cluster_local, as cluster/local.sh
+"""A real two-node Ray cluster on 127.0.0.1 (cluster/local_cluster.py, as cluster/local.sh
 starts it): 2 Ray Train workers land on different nodes (STRICT_SPREAD), train on the
 bundled Last.fm sample, write a sharded checkpoint, and the cluster goes away without
 leftover processes, also when the test fails. The head runs the dashboard's job server,
@@ -19,9 +19,20 @@ import pytest
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
-from gnaq_dist import cluster_local  # noqa: E402
-from gnaq_dist.config import load_config  # noqa: E402
-from gnaq_dist.train.config import TrainConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _load_cluster_tool():
+    """cluster/local_cluster.py: test and trial tooling outside the library, loaded by its path."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+cluster_local = _load_cluster_tool()
 
 pytestmark = pytest.mark.slow  # a real two-node Ray cluster: about 90 s
 
@@ -71,18 +82,6 @@ def two_nodes():
         assert left == [], f"Ray processes of the test cluster outlived stop(): {left}"
 
 
-@pytest.fixture
-def loopback_driver(monkeypatch):
-    """This process may ray.init("127.0.0.1:PORT") the loopback cluster; undone afterwards."""
-    import ray._private.ray_constants as ray_constants
-
-    monkeypatch.setenv(cluster_local.LOOPBACK_ENV, "0")
-    monkeypatch.setattr(ray_constants, "ENABLE_RAY_CLUSTER", False)
-    yield
-    if ray.is_initialized():
-        ray.shutdown()
-
-
 def test_the_cluster_has_two_live_nodes_on_loopback(two_nodes):
     assert two_nodes["address"].startswith("127.0.0.1:")
     nodes = two_nodes["nodes"]
@@ -104,23 +103,31 @@ def test_the_cluster_has_two_live_nodes_on_loopback(two_nodes):
     assert outside == []
 
 
-def test_two_workers_train_on_two_nodes(two_nodes, loopback_driver, tmp_path):
+def test_two_workers_train_on_two_nodes(two_nodes, tmp_path):
+    """``gnaq train --address 127.0.0.1:PORT`` from a driver outside the cluster (which keeps
+    127.0.0.1 as its address with the loopback switch set before Ray is imported)."""
     from gnaq_dist.demo import ingest_bundled
-    from gnaq_dist.distributed.ray_launch import train_on_ray
 
     dataset = ingest_bundled(tmp_path / "lastfm", progress=False)
     checkpoints = tmp_path / "checkpoints"
-    config = load_config(TrainConfig, [], [
-        f"dataset={dataset}", f"out={tmp_path / 'run'}", "progress=false", "threads=1",
-        "model.dim=16", "model.num_layers=2", "schedule.epochs=2", "schedule.warmup_epochs=1",
-        "schedule.batch_size=2048", "schedule.max_steps=4", "schedule.eval_every=0",
-        "schedule.propagation=sampled", "schedule.fanouts=[5, 5]", "optim.lr=0.01",
-        "distributed.grad_bits=2", "distributed.partition=hash",
-        f"checkpoint.dir={checkpoints}", "checkpoint.every_epochs=1",
-    ])
+    out = tmp_path / "run"
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env[cluster_local.LOOPBACK_ENV] = "0"
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), env.get("PYTHONPATH", "")])
     t0 = time.time()
-    summary = train_on_ray(config, 2, address=two_nodes["address"], placement_strategy="STRICT_SPREAD")
+    done = subprocess.run([
+        sys.executable, "-m", "gnaq_dist.cli", "train", "--address", two_nodes["address"], "--workers", "2",
+        "--dataset", str(dataset), "--out", str(out), "--no-progress",
+        "--set", "threads=1", "--set", "model.dim=16", "--set", "model.num_layers=2", "--set", "schedule.epochs=2",
+        "--set", "schedule.warmup_epochs=1", "--set", "schedule.batch_size=2048", "--set", "schedule.max_steps=4",
+        "--set", "schedule.eval_every=0", "--set", "schedule.propagation=sampled", "--set", "schedule.fanouts=[5, 5]",
+        "--set", "optim.lr=0.01", "--set", "distributed.grad_bits=2", "--set", "distributed.partition=hash",
+        "--set", "distributed.placement=STRICT_SPREAD",
+        "--set", f"checkpoint.dir={checkpoints}", "--set", "checkpoint.every_epochs=1",
+    ], capture_output=True, text=True, timeout=400, env=env, cwd=tmp_path)
     seconds = time.time() - t0
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    summary = json.loads((out / "summary.json").read_text())
 
     node_ids = {n["node_id"] for n in two_nodes["nodes"]}
     assert len(summary["worker_nodes"]) == 2

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -120,12 +121,19 @@ def test_gnaq_trains_on_two_ray_workers_through_the_cli(local_ray, tmp_path, cap
 
 
 def _train_worker_pids() -> list[int]:
-    """The processes of the live Ray Train worker actors, from Ray's control store (GCS), not
-    from process titles."""
-    from ray._private import state
+    """The live Ray Train worker actors' processes among this test's own descendants, by the
+    title Ray gives an actor's process (``ray::RayTrainWorker...``)."""
+    import psutil
 
-    return [a["Pid"] for a in state.actors(actor_state_name="ALIVE").values()
-            if a["ActorClassName"].rsplit(".", 1)[-1] == "RayTrainWorker" and a["Pid"]]
+    pids = []
+    for proc in psutil.Process().children(recursive=True):
+        try:
+            title = " ".join(proc.cmdline()[:1])
+        except psutil.Error:
+            continue
+        if title.startswith("ray::RayTrainWorker"):
+            pids.append(proc.pid)
+    return pids
 
 
 def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", killed: list) -> None:
@@ -134,15 +142,10 @@ def _kill_a_worker_after_checkpoint(root, epoch: int, done: "threading.Event", k
     import os
     import signal
 
-    import psutil
-
     while not done.is_set():
         manifests = sorted(root.glob("ckpt-*/manifest.json")) if root.exists() else []
         if any(json.loads(m.read_text())["epoch"] >= epoch for m in manifests):
-            ours = {p.pid for p in psutil.Process().children(recursive=True)}  # never another Ray's
-            for pid in _train_worker_pids():
-                if pid not in ours:
-                    continue
+            for pid in _train_worker_pids():  # this test's Ray's only, never another's
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
@@ -188,3 +191,60 @@ def test_a_killed_worker_process_resumes_from_the_last_checkpoint(local_ray, tmp
     assert crashed["steps"] == reference["steps"]
     for k in ("recall@20", "ndcg@20"):
         assert crashed["metrics"][k] == pytest.approx(reference["metrics"][k], rel=0.01), k
+
+
+@pytest.mark.slow
+def test_a_killed_ray_run_keeps_the_metrics_of_its_finished_epochs(tmp_path):
+    """`gnaq train --workers 2` killed (SIGKILL, the driver and every process it started) after
+    its second epoch: metrics.jsonl at --out already holds the records of the finished epochs,
+    written by rank 0 as they came, not by the driver at the end."""
+    import json
+    import os
+    import signal
+    import subprocess
+
+    import psutil
+
+    from gnaq_dist.demo import ingest_bundled
+
+    dataset = ingest_bundled(tmp_path / "lastfm", progress=False)
+    out = tmp_path / "run"
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(Path(__file__).resolve().parent.parent),
+                                                        os.environ.get("PYTHONPATH", "")])}
+    driver = subprocess.Popen([
+        sys.executable, "-m", "gnaq_dist.cli", "train", "--workers", "2", "--dataset", dataset, "--out", str(out),
+        "--no-progress", "--set", "model.dim=16", "--set", "model.num_layers=2", "--set", "schedule.epochs=30",
+        "--set", "schedule.warmup_epochs=2", "--set", "schedule.batch_size=2048", "--set", "schedule.eval_every=1",
+        "--set", "schedule.propagation=sampled", "--set", "schedule.fanouts=[5, 5]",
+        "--set", "distributed.partition=hash", "--set", "checkpoint.every_epochs=1",
+    ], env=env, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    log = out / "metrics.jsonl"
+    deadline = time.time() + 400
+
+    def epochs_logged() -> list[int]:
+        if not log.exists():
+            return []
+        return [r["epoch"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "epoch"]
+
+    try:
+        while len(epochs_logged()) < 2 and driver.poll() is None and time.time() < deadline:
+            time.sleep(0.2)
+        assert driver.poll() is None, "the run ended before it was killed"
+        assert len(epochs_logged()) >= 2, "no two epochs logged in time"
+    finally:
+        family = [driver.pid] + [p.pid for p in psutil.Process(driver.pid).children(recursive=True)] \
+            if driver.poll() is None else []
+        for pid in family:
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        driver.wait(timeout=60)
+    records = [json.loads(line) for line in log.read_text().splitlines()]
+    finished = sorted({r["epoch"] for r in records if r["event"] == "epoch"})
+    assert finished[:2] == [1, 2]
+    for epoch in finished[:2]:
+        mine = [r for r in records if r.get("epoch") == epoch]
+        assert {"epoch", "wire", "eval", "checkpoint"} <= {r["event"] for r in mine}, mine
+        assert next(r for r in mine if r["event"] == "eval")["recall@20"] > 0
+    assert not (out / "summary.json").exists()  # the run did not end: only its per-epoch records are there

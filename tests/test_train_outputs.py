@@ -226,8 +226,8 @@ def test_s3_missing_bucket_is_one_line_exit_2(s3_env, dataset, capsys):
 
 @pytest.mark.slow
 def test_s3_out_with_ray_workers(s3_env, dataset, tmp_path, capsys, monkeypatch):
-    """Two Ray workers write their checkpoint to S3; Ray Train's run storage lies under the
-    same --out; metrics and summary land there too."""
+    """Two Ray workers write their checkpoint to S3, into Ray Train's run directory under the
+    same --out (which Ray registers where it lies); metrics and summary land there too."""
     pytest.importorskip("ray")
     monkeypatch.setenv("RAY_USAGE_STATS_ENABLED", "0")
     monkeypatch.chdir(tmp_path)
@@ -237,7 +237,7 @@ def test_s3_out_with_ray_workers(s3_env, dataset, tmp_path, capsys, monkeypatch)
     fs.invalidate_cache()
     assert printed["checkpoint"] == f"{out}/checkpoints/ckpt-000000000006"
     assert {p.rsplit("/", 1)[1] for p in fs.ls(f"{BUCKET}/run-ray")} == {
-        "checkpoints", "metrics.jsonl", "summary.json", "ray"}
+        "checkpoints", "metrics.jsonl", "summary.json"}
     manifest = json.loads(fs.cat(f"{BUCKET}/run-ray/checkpoints/ckpt-000000000006/manifest.json"))
     assert manifest["world_size"] == 2
     assert not (tmp_path / "s3:").exists()

@@ -1,12 +1,13 @@
 """Distributed training: each worker owns a shard of the embedding rows; rows and gradients travel.
 
 Public API: :func:`train_worker` (one rank's run inside a process group),
-:class:`DistributedTrainer`, :func:`train_on_ray` (W workers under Ray Train), and the
+:class:`DistributedTrainer`, :func:`fit_on_ray` / :func:`train_on_ray` (W workers under Ray Train's public ``TorchTrainer``), and the
 partition record :class:`Partition` with :func:`partition_nodes`. The rest is internal.
 
 Modules, from the run down to the wire (each imports only modules listed below it):
 
-* :mod:`.ray_launch`: launches W workers under Ray Train and writes the run's files;
+* :mod:`.ray_launch`: launches W workers under Ray Train with the user's or the config's Scaling/RunConfig;
+* :mod:`.ray_report`: what a worker reports to Ray Train: one report an epoch, with its checkpoint;
 * :mod:`.address_probe`: whether ``--address`` is a Ray cluster, answered within seconds;
 * :mod:`.ray_reaper`: a watchdog process that ends a local Ray whose driver was killed;
 * :mod:`.trainer`: a rank's setup, data-parallel step and run loop (the shared schedule);
@@ -38,6 +39,7 @@ _EXPORTS = {
     "DistributedTrainer": "gnaq_dist.distributed.trainer",
     "train_worker": "gnaq_dist.distributed.trainer",
     "train_on_ray": "gnaq_dist.distributed.ray_launch",
+    "fit_on_ray": "gnaq_dist.distributed.ray_launch",
     "Partition": "gnaq_dist.distributed.partition",
     "partition_nodes": "gnaq_dist.distributed.partition",
 }
@@ -49,4 +51,4 @@ def __getattr__(name: str) -> Any:
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["DistributedTrainer", "Partition", "partition_nodes", "train_on_ray", "train_worker"]
+__all__ = ["DistributedTrainer", "Partition", "fit_on_ray", "partition_nodes", "train_on_ray", "train_worker"]

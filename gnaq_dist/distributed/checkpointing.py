@@ -48,10 +48,12 @@ class Restored:
 class RankCheckpoints:
     """This rank's view of the checkpoints under ``config.checkpoint_root``."""
 
-    def __init__(self, config: TrainConfig, rank: int, world: int, data_key: dict[str, Any]) -> None:
+    def __init__(self, config: TrainConfig, rank: int, world: int, data_key: dict[str, Any],
+                 prune: bool = True) -> None:
         self.config = config
         self.rank, self.world = rank, world
         self.data_key = data_key
+        self.prune = prune  # keep checkpoint.keep_last (False: another owner, Ray Train, decides)
 
     def _model_key(self) -> dict[str, Any]:
         m = self.config.model
@@ -183,7 +185,7 @@ class RankCheckpoints:
                 partition=partition.describe(), files=merged,
                 progress={"positives": positives}, history=history)
             uri = store.commit(name, manifest)
-            removed = store.prune(cfg.checkpoint.keep_last)
+            removed = store.prune(cfg.checkpoint.keep_last) if self.prune else []
             if removed:
                 log.info("removed old checkpoints %s", removed)
             return uri

@@ -1,23 +1,25 @@
-"""Run the distributed training loop as Ray Train workers.
+"""Run the distributed training loop as Ray Train workers, through the public ``TorchTrainer``.
 
-``train_on_ray`` starts (or joins, with ``address``) a Ray cluster, checks that it can
-give the requested workers before any of them starts, and runs one
-``TorchTrainer`` whose workers each call the per-worker loop inside a
-``torch.distributed`` group that Ray Train sets up (gloo on CPU, nccl on GPU).
+:func:`fit_on_ray` starts (or joins, with ``address``) a Ray cluster, checks that it can
+give the requested workers before any of them starts, and runs one ``TorchTrainer`` whose
+workers each call the per-worker loop inside a ``torch.distributed`` group that Ray Train
+sets up (gloo on CPU, nccl on GPU), with the user's ``ScalingConfig`` and ``RunConfig`` or
+ones made from the config; it returns Ray's ``Result``. :func:`train_on_ray` returns the
+run's summary instead (what ``gnaq train --workers`` prints).
 
-Results come back through Ray Train's own channel: rank 0 reports a checkpoint
-directory holding ``summary.json`` (Train v2 keeps metrics only with checkpoints),
-and every rank reports the same number of times, since ``ray.train.report`` is a
-barrier. A worker that raises fails the job with that worker's error.
+Every epoch the workers report its metrics and checkpoint (:mod:`.ray_report`); rank 0 writes
+``metrics.jsonl`` as it goes and ``summary.json`` at the end, at the run's ``out``. A worker
+that raises fails the job with that worker's error.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
 import resource
-import tempfile
+import sys
 from pathlib import Path
 from typing import Any, Callable
 
@@ -32,9 +34,12 @@ WorkerFn = Callable[..., dict]  # fn(config, report=callable) -> summary dict
 
 
 def ray_environment() -> None:
-    """Defaults for local runs: no usage stats, no auth token written to ~/.ray."""
+    """Defaults for local runs: no usage stats, no auth token written to ~/.ray; and where the
+    driver's output is not a terminal (a log file), the workers' lines without colour codes."""
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     os.environ.setdefault("RAY_AUTH_MODE", "disabled")
+    if not (sys.stdout.isatty() and sys.stderr.isatty()):
+        os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
 def check_reachable(address: str, timeout: float = 5.0) -> None:
@@ -87,53 +92,6 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
     return True
 
 
-def one_machine_trainer_class() -> type:
-    """``TorchTrainer`` without three Train actors that a Ray started for one job does not use.
-
-    The dataset manager serves Ray Data shards (we pass none); the placement-group cleaner
-    removes a dead controller's placement group from a cluster that outlives the job (this
-    Ray ends with it), and polls the state API once a second, which a Ray without a
-    dashboard answers with a warning each time; Ray Data's autoscaling coordinator shares a
-    cluster's resources between Train and Data and forwards their requests to an autoscaler
-    (this Ray has neither: Train's fixed scaling policy asks it at every poll for nothing).
-    Each is a Ray Python process (see ``ONE_MACHINE_RAY_ENV``). This reaches into Ray Train's
-    private callbacks and scaling policy (ray is pinned in pyproject.toml;
-    tests/test_ray_one_machine.py checks which actors run): where they have moved, the
-    plain ``TorchTrainer`` is returned.
-    """
-    from ray.train.torch import TorchTrainer
-
-    try:
-        from ray.train.v2._internal.callbacks.datasets import DatasetsCallback
-        from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
-        from ray.train.v2._internal.execution.scaling_policy.fixed import FixedScalingPolicy
-    except ImportError:
-        log.info("Ray Train's internals have moved: the local Ray runs its dataset manager, cleaner and "
-                 "autoscaling coordinator")
-        return TorchTrainer
-
-    class NoAutoscalerScalingPolicy(FixedScalingPolicy):
-        """Train's fixed number of workers, without resource requests to an autoscaler."""
-
-        def after_controller_start(self, train_run_context) -> None:  # noqa: ANN001 - Ray Train's signature
-            pass  # where the fixed policy makes the coordinator and sends its first request
-
-        def _maybe_send_resource_request(self) -> None:
-            pass  # called at every poll; with no coordinator, cancelling at shutdown does nothing
-
-    class OneMachineTorchTrainer(TorchTrainer):
-        def _create_default_callbacks(self):  # noqa: ANN202 - Ray Train's signature
-            unused = (PlacementGroupCleanerCallback,) + (() if self.datasets else (DatasetsCallback,))
-            return [cb for cb in super()._create_default_callbacks() if not isinstance(cb, unused)]
-
-        def _initialize_and_run_controller(self, **controller_init_kwargs):  # noqa: ANN202 - Ray Train's
-            if type(controller_init_kwargs.get("scaling_policy")) is FixedScalingPolicy and not self.datasets:
-                controller_init_kwargs["scaling_policy"] = NoAutoscalerScalingPolicy(self.scaling_config)
-            return super()._initialize_and_run_controller(**controller_init_kwargs)
-
-    return OneMachineTorchTrainer
-
-
 def check_capacity(workers: int, cpus_per_worker: float = 1.0) -> None:
     """Refuse, before any worker starts, a job the cluster cannot place."""
     import ray
@@ -149,64 +107,29 @@ def check_capacity(workers: int, cpus_per_worker: float = 1.0) -> None:
         )
 
 
-def _quiet_report_lines() -> None:
-    """Drop the INFO line Ray Train logs in a worker for every report, with its whole record.
-
-    ``LoggingConfig(log_level="WARNING")`` does not reach it: Ray Train 2.60 names that
-    logger by its file's path, not under ``ray.train``. Our records come back in the
-    summary and metrics.jsonl.
-    """
-    try:
-        from ray.train.v2._internal.execution import context
-    except ImportError:
-        return
-    logging.getLogger(context.__file__).setLevel(logging.WARNING)
-
-
 def _worker_entry(payload: dict[str, Any]) -> None:
     """Runs in every Ray Train worker (a fresh process: imports happen here)."""
-    import ray.train
+    import ray
     import torch.distributed as dist
 
+    from gnaq_dist.distributed.ray_report import EpochReporter, quiet_report_lines, resume_uri, write_summary
     from gnaq_dist.distributed.trainer import train_worker
-
-    from gnaq_dist.checkpoint import POINTER
 
     config = from_dict(TrainConfig, payload["config"])
     custom: WorkerFn | None = payload.get("worker_fn")
     rank = dist.get_rank()
-    _quiet_report_lines()
-
-    def report(record: dict) -> None:
-        if record.get("event") not in (None, "eval", "checkpoint"):
-            return  # epoch and wire records travel in the summary's history, not one report each
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float, str, bool))}
-        if record.get("event") == "checkpoint" and record.get("uri"):
-            # Ray Train keeps a pointer to our sharded checkpoint (its own copy would double the
-            # bytes); get_checkpoint() hands it back to the workers of a restarted run.
-            with tempfile.TemporaryDirectory() as tmp:
-                checkpoint = None
-                if rank == 0:
-                    Path(tmp, POINTER).write_text(json.dumps({"uri": record["uri"]}))
-                    checkpoint = ray.train.Checkpoint.from_directory(tmp)
-                ray.train.report(metrics, checkpoint=checkpoint)
-            return
-        ray.train.report(metrics)
-
-    def resume_hint() -> str | None:
-        checkpoint = ray.train.get_checkpoint()
-        if checkpoint is None:
-            return None
-        with checkpoint.as_directory() as path:
-            pointer = Path(path, POINTER)
-            return json.loads(pointer.read_text())["uri"] if pointer.exists() else None
-
+    quiet_report_lines()
+    # One line an epoch from the reporter instead of the trainer's progress bars, whose
+    # redraws reach the driver's log as lines of escape codes.
+    progress, config.progress = config.progress, False
+    reporter = EpochReporter(rank, config.out, config.storage_options, progress)
     if custom is not None:
-        summary = dict(custom(config, report=report))
+        summary = dict(custom(config, report=reporter))
     else:
-        summary = dict(train_worker(config, report=report, resume_hint=resume_hint,
-                                    final_checkpoint=bool(payload.get("final_checkpoint"))))
-    # Where each worker ran and its peak resident memory (MiB), gathered for rank 0's summary.
+        summary = dict(train_worker(config, report=reporter, resume_hint=lambda: resume_uri(config.checkpoint_root),
+                                    final_checkpoint=bool(payload.get("final_checkpoint")), prune_checkpoints=False))
+    reporter.flush()  # what came after the last epoch's mark (the closing evaluation and checkpoint)
+    # Where each worker ran and its peak resident memory (MiB), gathered for rank 0's summary
     # (and its shard: the rows and non-zeros it propagated, which its memory follows).
     mine = (ray.get_runtime_context().get_node_id(), resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
             summary.get("shard"))
@@ -215,14 +138,9 @@ def _worker_entry(payload: dict[str, Any]) -> None:
     summary["worker_nodes"] = [node for node, _, _ in everyone]
     summary["worker_peak_rss_mb"] = [round(rss, 1) for _, rss, _ in everyone]
     summary["worker_shards"] = [shard for _, _, shard in everyone]
-    with tempfile.TemporaryDirectory() as tmp:
-        checkpoint = None
-        if rank == 0:
-            Path(tmp, "summary.json").write_text(json.dumps(summary, default=str))
-            if summary.get("checkpoint"):
-                Path(tmp, POINTER).write_text(json.dumps({"uri": summary["checkpoint"]}))
-            checkpoint = ray.train.Checkpoint.from_directory(tmp)
-        ray.train.report({"final": 1}, checkpoint=checkpoint)
+    if rank == 0:
+        write_summary(summary, config.out, config.storage_options)
+    dist.barrier()  # the summary is written before any worker returns (and fit() with them)
 
 
 def _absolute_paths(config: TrainConfig) -> None:
@@ -235,61 +153,166 @@ def _absolute_paths(config: TrainConfig) -> None:
         config.checkpoint.resume = str(Path(config.checkpoint.resume).resolve())
 
 
-def ray_storage(out: str, storage_options: dict[str, Any] | None = None) -> tuple[str, Any]:
-    """Ray Train's run storage under the run's ``out``: ``(storage_path, storage_filesystem)``.
+def ray_storage(location: str, storage_options: dict[str, Any] | None = None) -> tuple[str, Any]:
+    """``location`` (a local path or fsspec URI) as Ray Train's ``(storage_path, storage_filesystem)``.
 
-    A local ``out`` (a path or ``file://``): the directory ``<out>/ray``, no filesystem. Any
-    other store: ``<out>/ray`` inside it, through a pyarrow view of the same fsspec filesystem
-    the run writes with (so ``storage_options``, e.g. an S3 endpoint and keys, apply to Ray's
-    files too). ``memory://`` is this process's memory, which Ray's workers cannot reach: refused.
+    Local (a path or ``file://``): the absolute path, no filesystem (Ray's own local one). Any
+    other store: the path inside it, with a pyarrow view of the same fsspec filesystem the run
+    writes with (so ``storage_options``, e.g. an S3 endpoint and keys, apply to Ray's files too,
+    and a checkpoint the ranks wrote is on Ray's storage filesystem). ``memory://`` is this
+    process's memory, which Ray's workers cannot reach: refused.
     """
-    from gnaq_dist.storage import arrow_fs, is_local, join, resolve
+    from gnaq_dist.storage import arrow_fs, is_local, resolve
 
-    fs, path = resolve(out, storage_options)
+    fs, path = resolve(location, storage_options)
     if is_local(fs):
-        return str(Path(path).resolve() / "ray"), None
+        return str(Path(path).resolve()), None
     if "memory" in (fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)):
-        raise GnaqInputError(f"--out {out}: memory:// is this process's memory, which Ray workers cannot "
+        raise GnaqInputError(f"--out {location}: memory:// is this process's memory, which Ray workers cannot "
                              f"write to; use a local path or a shared store (s3://, gs://, ...)")
-    return join(path, "ray"), arrow_fs(fs)
+    return path, arrow_fs(fs)
 
 
-def train_on_ray(
-    config: TrainConfig,
-    workers: int | None = None,
-    address: str | None = None,
-    storage_path: str | None = None,
-    worker_fn: WorkerFn | None = None,
-    use_gpu: bool = False,
-    placement_strategy: str | None = None,
-    final_checkpoint: bool = False,
-) -> dict[str, Any]:
-    """Train ``config`` with Ray Train workers; returns rank 0's summary.
+def scaling_config_for(config: TrainConfig, scaling_config: Any = None) -> Any:
+    """The user's ``ScalingConfig``, or one from the config: ``distributed.workers`` workers of one
+    CPU each, placed by ``distributed.placement``. ``config.distributed.workers`` follows it."""
+    from ray.train import ScalingConfig
 
-    ``workers`` overrides ``config.distributed.workers``. ``placement_strategy`` is the
-    strategy of the workers' placement group (``config.distributed.placement`` when None:
-    ``SPREAD``; ``STRICT_SPREAD``: every worker on its own node; ``STRICT_PACK``).
-    ``storage_path`` is Ray Train's run storage (default: ``<out>/ray``, in whatever store
-    ``out`` names: :func:`ray_storage`). ``final_checkpoint``: a checkpoint at the end
-    even with ``checkpoint.every_epochs`` 0 (what ``gnaq train`` asks for).
+    if scaling_config is None:
+        scaling_config = ScalingConfig(num_workers=config.distributed.workers, resources_per_worker={"CPU": 1},
+                                       placement_strategy=config.distributed.placement)
+    if not isinstance(scaling_config.num_workers, int):
+        raise GnaqInputError(f"ScalingConfig(num_workers={scaling_config.num_workers!r}): gnaq trains on a fixed "
+                             f"number of workers (an int)")
+    config.distributed.workers = scaling_config.num_workers
+    return scaling_config
+
+
+def run_config_for(config: TrainConfig, run_config: Any = None) -> Any:
+    """The Ray run's ``RunConfig``: the user's, completed, or one from the config.
+
+    The run's directory (``storage_path/name``) is where the ranks write their checkpoints
+    (``config.checkpoint.dir`` is set to it), so that Ray Train registers each where it lies and
+    its ``CheckpointConfig`` alone decides which to keep. Without a user's RunConfig: storage
+    ``<out>``, name ``checkpoints`` (the checkpoints at ``<out>/checkpoints``, as a one-process run
+    writes them; ``checkpoint.dir`` moves them), ``CheckpointConfig(num_to_keep=checkpoint.keep_last)``,
+    ``FailureConfig(max_failures=checkpoint.max_failures)``. A user's RunConfig keeps its name,
+    callbacks, failure and checkpoint configs; storage left at Ray's default becomes ``<out>``, a
+    default ``CheckpointConfig()`` becomes ``num_to_keep=checkpoint.keep_last``, and the workers'
+    environment gets the allocator settings (``allocator.py``) where it does not set them.
     """
-    if workers is not None:
-        config.distributed.workers = workers
+    import dataclasses
+    import posixpath
+
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig
+    from ray.train.constants import DEFAULT_STORAGE_PATH
+
+    from gnaq_dist.storage import absolute_if_local, join
+
+    so = config.storage_options
+    keep = CheckpointConfig(num_to_keep=config.checkpoint.keep_last)
+    if run_config is None:
+        parent, name = posixpath.split(config.checkpoint_root.rstrip("/"))
+        storage_path, storage_fs = ray_storage(parent or ".", so)
+        return RunConfig(name=name, storage_path=storage_path, storage_filesystem=storage_fs,
+                         failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
+                         checkpoint_config=keep,
+                         # Ray Train's own INFO logs off (each epoch's report comes back in
+                         # metrics.jsonl and Result.metrics).
+                         logging_config=LoggingConfig(log_level="WARNING"),
+                         # glibc reads these at the worker's start: its loop runs in a thread,
+                         # whose freed blocks are otherwise unmapped (allocator.py).
+                         worker_runtime_env={"env_vars": worker_allocator_env()})
+    if run_config.storage_filesystem is not None:
+        raise GnaqInputError("RunConfig.storage_filesystem: gnaq writes its checkpoints through fsspec; give "
+                             "RunConfig.storage_path as a URI (and storage_options in the config) instead")
+    location = config.out if run_config.storage_path == DEFAULT_STORAGE_PATH else run_config.storage_path
+    storage_path, storage_fs = ray_storage(location, so)
+    config.checkpoint.dir = join(absolute_if_local(location).rstrip("/"), run_config.name)
+    runtime_env = dict(run_config.worker_runtime_env or {})
+    runtime_env["env_vars"] = {**worker_allocator_env(), **dict(runtime_env.get("env_vars") or {})}
+    changes: dict[str, Any] = {"storage_path": storage_path, "storage_filesystem": storage_fs,
+                               "worker_runtime_env": runtime_env}
+    if run_config.checkpoint_config == CheckpointConfig():
+        changes["checkpoint_config"] = keep
+    return dataclasses.replace(run_config, **changes)
+
+
+#: Worker log lines that the driver does not print: a Ray without the dashboard cannot answer
+#: the state API, and Train's placement-group cleaner says so with a warning every second.
+DROPPED_LINES = ("Failed to query Ray Train Controller actor state",)
+
+
+class _LineFilter:
+    """A text stream that passes whole lines on to ``stream``, except those holding one of ``needles``."""
+
+    def __init__(self, stream: Any, needles: tuple[str, ...]) -> None:
+        import threading
+
+        self.stream, self.needles = stream, needles
+        self.pending = ""
+        self.lock = threading.Lock()
+
+    def write(self, text: str) -> int:
+        with self.lock:
+            *lines, self.pending = (self.pending + text).split("\n")
+            kept = [line + "\n" for line in lines if not any(n in line for n in self.needles)]
+            if kept:
+                self.stream.write("".join(kept))
+        return len(text)
+
+    def flush(self) -> None:
+        with self.lock:
+            if self.pending and not any(n in self.pending for n in self.needles):
+                self.stream.write(self.pending)
+            self.pending = ""
+        self.stream.flush()
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.stream, name)
+
+
+@contextlib.contextmanager
+def _dropping_lines(needles: tuple[str, ...] = DROPPED_LINES):
+    """While it lasts, this process's stdout and stderr leave out lines holding one of ``needles``."""
+    saved = sys.stdout, sys.stderr
+    sys.stdout, sys.stderr = _LineFilter(sys.stdout, needles), _LineFilter(sys.stderr, needles)
+    try:
+        yield
+    finally:
+        for filtered in (sys.stdout, sys.stderr):
+            if isinstance(filtered, _LineFilter):
+                filtered.flush()
+        sys.stdout, sys.stderr = saved
+
+
+def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any = None, *,
+               address: str | None = None, worker_fn: WorkerFn | None = None,
+               final_checkpoint: bool = False) -> Any:
+    """Train ``config`` with a public ``TorchTrainer``; returns Ray Train's ``Result``.
+
+    ``scaling_config`` / ``run_config``: the user's (see :func:`scaling_config_for`,
+    :func:`run_config_for`), or made from the config. Connects to ``address`` (or an already
+    initialised Ray), else starts a local Ray for the job and shuts it down after. Every epoch the
+    workers report its metrics and checkpoint (:mod:`.ray_report`): ``Result.metrics`` is the last
+    report's, ``Result.checkpoint`` the last checkpoint (a gnaq sharded checkpoint directory).
+    ``final_checkpoint``: a checkpoint at the end even with ``checkpoint.every_epochs`` 0.
+    """
     config.validate()
     config.check_distributed()
     _absolute_paths(config)
-    workers = config.distributed.workers
-    storage, storage_fs = (storage_path, None) if storage_path else ray_storage(config.out, config.storage_options)
+    scaling = scaling_config_for(config, scaling_config)
+    run = run_config_for(config, run_config)
     from gnaq_dist.train.resume_check import check_resume
 
     check_resume(config)  # what the workers would refuse to resume from, refused before Ray starts
     import ray
-    from ray.train import FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from gnaq_dist import interrupts
     from gnaq_dist.distributed.ray_reaper import start_reaper
 
+    workers = config.distributed.workers
     # a Ray started here goes with this process, even a SIGKILLed one (ray_reaper.py)
     reaper = start_reaper() if not address and not ray.is_initialized() else None
     try:
@@ -300,41 +323,68 @@ def train_on_ray(
         raise
     interrupts.reinstall()  # ray.init replaced our SIGTERM handler
     try:
-        check_capacity(workers)
-        trainer_class = one_machine_trainer_class() if started else TorchTrainer
-        trainer = trainer_class(
+        cpus = float((scaling.resources_per_worker or {}).get("CPU", 1.0))
+        check_capacity(workers, cpus)
+        trainer = TorchTrainer(
             _worker_entry,
             train_loop_config={"config": to_dict(config), "worker_fn": worker_fn,
                                "final_checkpoint": final_checkpoint},
-            torch_config=TorchConfig(backend="nccl" if use_gpu else "gloo"),
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": 1},
-                                         placement_strategy=placement_strategy or config.distributed.placement),
-            run_config=RunConfig(storage_path=storage, storage_filesystem=storage_fs, name="train",
-                                 failure_config=FailureConfig(max_failures=config.checkpoint.max_failures),
-                                 # Ray Train's own INFO logs off (our records come back in the
-                                 # summary); its per-report line escapes this: _quiet_report_lines.
-                                 logging_config=LoggingConfig(log_level="WARNING"),
-                                 # glibc reads these at the worker's start: its loop runs in a
-                                 # thread, whose freed blocks are otherwise unmapped (allocator.py).
-                                 worker_runtime_env={"env_vars": worker_allocator_env()}),
+            torch_config=TorchConfig(backend="nccl" if scaling.use_gpu else "gloo"),
+            scaling_config=scaling,
+            run_config=run,
         )
         try:
-            result = interrupts.call(trainer.fit)  # SIGINT / SIGTERM: Interrupted here, Ray shut down below
+            with _dropping_lines():
+                result = interrupts.call(trainer.fit)  # SIGINT / SIGTERM: Interrupted here, Ray shut down below
         except Exception as exc:  # ray.train.WorkerGroupError / TrainingFailedError
             raise DistributedTrainingError(str(exc)) from exc
         if result.error is not None:
             raise DistributedTrainingError(str(result.error))
-        if result.checkpoint is None:
-            raise DistributedTrainingError("the workers finished without reporting a summary")
-        with result.checkpoint.as_directory() as path:
-            return json.loads(Path(path, "summary.json").read_text())
+        return result
     finally:
         if started:
             ray.shutdown()
         if reaper is not None:
             reaper.close()  # and whatever ray.shutdown left (its agents)
 
+
+def read_summary(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
+    """The ``summary.json`` rank 0 wrote at ``out`` at the end of a run."""
+    from gnaq_dist.storage import read_json, resolve
+
+    fs, path = resolve(f"{out.rstrip('/')}/summary.json", storage_options)
+    if not fs.exists(path):
+        raise DistributedTrainingError(f"the workers finished without writing {out}/summary.json")
+    return read_json(fs, path)
+
+
+def train_on_ray(
+    config: TrainConfig,
+    workers: int | None = None,
+    address: str | None = None,
+    worker_fn: WorkerFn | None = None,
+    use_gpu: bool = False,
+    placement_strategy: str | None = None,
+    final_checkpoint: bool = False,
+) -> dict[str, Any]:
+    """Train ``config`` with Ray Train workers (:func:`fit_on_ray`); returns rank 0's summary.
+
+    ``workers`` overrides ``config.distributed.workers``. ``placement_strategy`` is the
+    strategy of the workers' placement group (``config.distributed.placement`` when None:
+    ``SPREAD``; ``STRICT_SPREAD``: every worker on its own node; ``STRICT_PACK``).
+    ``final_checkpoint``: a checkpoint at the end even with ``checkpoint.every_epochs`` 0
+    (what ``gnaq train`` asks for).
+    """
+    from ray.train import ScalingConfig
+
+    if workers is not None:
+        config.distributed.workers = workers
+    if config.distributed.workers < 1:
+        raise GnaqInputError(f"--workers {config.distributed.workers}: need at least 1 worker")
+    scaling = ScalingConfig(num_workers=config.distributed.workers, use_gpu=use_gpu, resources_per_worker={"CPU": 1},
+                            placement_strategy=placement_strategy or config.distributed.placement)
+    fit_on_ray(config, scaling, address=address, worker_fn=worker_fn, final_checkpoint=final_checkpoint)
+    return read_summary(config.out, config.storage_options)
 
 def write_run_files(summary: dict[str, Any], out: str | Path, storage_options: dict[str, Any] | None = None) -> None:
     """``summary.json`` and the workers' log records as ``metrics.jsonl`` (as a local run writes

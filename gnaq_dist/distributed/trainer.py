@@ -84,7 +84,7 @@ class DistributedTrainer:
     keep_whole_edges: bool = False
 
     def __init__(self, config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
-                 resume_hint: ResumeHint | None = None, final_checkpoint: bool = False):
+                 resume_hint: ResumeHint | None = None, final_checkpoint: bool = False, prune_checkpoints: bool = True):
         if not dist.is_initialized():
             raise RuntimeError("train_worker needs an initialised default process group")
         self.rank, self.world = dist.get_rank(), dist.get_world_size()
@@ -125,7 +125,7 @@ class DistributedTrainer:
         self.n_train = data.n_train
         if split:
             self._release_pairs()
-        self.checkpoints = RankCheckpoints(config, self.rank, self.world, self.data_key)
+        self.checkpoints = RankCheckpoints(config, self.rank, self.world, self.data_key, prune=prune_checkpoints)
         self.resume = self.checkpoints.find_resume(resume_hint)
         self.partition = self._partition()
         all_eval_users = users_to_evaluate(self.test_csr[0], config.eval.max_users, config.seed)
@@ -645,7 +645,7 @@ class DistributedTrainer:
                 phase = "quantized"
             self._reserve_step_tables()  # setup's one-off page faults, not the first step's
             t0 = time.perf_counter()
-            loss_sum, steps = 0.0, 0
+            loss_sum, steps, positives_before = 0.0, 0, self.positives
             self.batches.set_epoch(epoch)
             codes_before = self.shard.method.code_state()
             for batch in self.batches:
@@ -669,7 +669,9 @@ class DistributedTrainer:
             loss, wire = self.wire.allreduce_epoch(loss_sum, steps, self.world)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step,
-                       steps=steps, elapsed=budget.elapsed(), **self._quant_figures(codes_before))
+                       steps=steps, elapsed=budget.elapsed(),
+                       positives_per_s=(self.positives - positives_before) / max(seconds, 1e-9),
+                       **self._quant_figures(codes_before))
             self._emit("wire", epoch=epoch, phase=phase, **wire)
             last = plan.last_epoch(epoch, self.global_step, out_of_time)
             if last and plan.quantize_at_end(phase):
@@ -682,6 +684,8 @@ class DistributedTrainer:
                            train_seconds=times.train_seconds(), **metrics)
             if every and (last or epoch % every == 0):
                 self.save_checkpoint(epoch, phase)
+            if self.report is not None:  # the epoch's records are all out (Ray Train: one report an epoch)
+                self.report({"event": "epoch_end", "epoch": epoch})
         bar.close()
         if plan.quantize_at_end(phase):
             self._start_quantized()
@@ -727,15 +731,18 @@ class DistributedTrainer:
         }
 
 def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,
-                 resume_hint: ResumeHint | None = None, final_checkpoint: bool = False) -> dict:
+                 resume_hint: ResumeHint | None = None, final_checkpoint: bool = False,
+                 prune_checkpoints: bool = True) -> dict:
     """Train ``config`` as this rank of the default process group; every rank returns the same
     metrics, phase times, storage report and wire summary (plus its own ``rows`` and ``rank``).
 
-    ``report(record)`` gets every log record (``epoch``, ``wire``, ``eval``), on every rank
-    the same number of times (Ray Train's ``report`` is a barrier). ``final_checkpoint``: write
-    a checkpoint at the end even with ``checkpoint.every_epochs`` 0 (what ``gnaq train`` asks for).
+    ``report(record)`` gets every log record (``epoch``, ``wire``, ``eval``, ``checkpoint``) and,
+    after each epoch's, an ``{"event": "epoch_end"}`` mark, on every rank the same number of times
+    (Ray Train's ``report`` is a barrier). ``final_checkpoint``: write a checkpoint at the end even
+    with ``checkpoint.every_epochs`` 0 (what ``gnaq train`` asks for). ``prune_checkpoints``: keep
+    only ``checkpoint.keep_last`` (False under Ray Train, whose CheckpointConfig decides).
     """
-    return DistributedTrainer(config, data, report, resume_hint, final_checkpoint).run()
+    return DistributedTrainer(config, data, report, resume_hint, final_checkpoint, prune_checkpoints).run()
 
 
 __all__ = ["DistributedTrainer", "train_worker"]

@@ -187,7 +187,7 @@ class DistributedConfig:
 class CheckpointConfig:
     dir: str | None = None  # URI of the checkpoint root (local, memory://, s3://...); null: <out>/checkpoints
     every_epochs: int = 0  # also write a sharded checkpoint every N epochs (0: none); gnaq train always writes one at the end of training
-    keep_last: int = 3  # complete checkpoints to keep (older ones are deleted)
+    keep_last: int = 3  # complete checkpoints to keep (older ones are deleted); on Ray Train, CheckpointConfig(num_to_keep=keep_last) unless a RunConfig gives its own
     resume: str = "auto"  # auto (with every_epochs > 0: newest complete checkpoint under dir; 0: start afresh), never, or a checkpoint URI
     eval_on_resume: bool = True  # evaluate right after loading (the metrics of the checkpoint, on this W)
     max_failures: int = 0  # Ray Train restarts of the worker group after a worker dies (FailureConfig)
@@ -204,7 +204,7 @@ class CheckpointConfig:
 class TrainConfig:
     dataset: str = ""  # URI of an ingested dataset (gnaq ingest output)
     storage_options: dict = field(default_factory=dict)  # fsspec options for dataset, out and checkpoint.dir (e.g. an S3 endpoint_url; credentials are better left to the environment: this config is copied into summary.json and every checkpoint manifest)
-    out: str = "runs/latest"  # where the run writes metrics.jsonl, summary.json, checkpoints/ (and, with Ray workers, Ray Train's ray/): a local directory or any fsspec URI (s3://, gs://, file://)
+    out: str = "runs/latest"  # where the run writes metrics.jsonl, summary.json, checkpoints/ (with Ray workers, Ray Train's run files go into checkpoints/ too): a local directory or any fsspec URI (s3://, gs://, file://)
     seed: int = 0  # seeds Python, numpy, torch and DGL: same seed and data = same run
     threads: int | None = None  # torch intra-op threads (null: torch's default)
     retain_freed_memory: bool | None = None  # glibc: from the first step on, freed large tensors stay in the heap for reuse (no page faults per tensor, but a peak that never falls). null: on in the distributed loop for batches of at most 65,536 positives, off otherwise and in the one-process loop (gnaq_dist/allocator.py)

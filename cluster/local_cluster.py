@@ -1,26 +1,25 @@
-"""A multi-node Ray cluster on one machine, on the loopback interface only.
+"""A multi-node Ray cluster on one machine, on the loopback interface only (for tests and trials).
 
-    python -m gnaq_dist.cluster_local start [--port 6380] [--node-cpus 2 2] [--dashboard]
-    python -m gnaq_dist.cluster_local status [--port 6380]
-    python -m gnaq_dist.cluster_local stop [--port 6380]
+    python cluster/local_cluster.py start [--port 6380] [--node-cpus 2 2] [--dashboard]
+    python cluster/local_cluster.py status [--port 6380]
+    python cluster/local_cluster.py stop [--port 6380]
 
-(``cluster/local.sh`` calls this.) ``start`` brings up a head node and one more Ray node
-per extra ``--node-cpus`` entry, each a separate raylet with its own CPUs, object store
-and custom resource (``node_a`` for the head, ``node_b``, ``node_c``...), waits until
-``ray.nodes()`` lists them all alive, prints the address (``127.0.0.1:PORT``) and exits;
-the nodes keep running. ``gnaq train --address 127.0.0.1:PORT --workers W`` then trains
-on them. ``stop`` ends this cluster's processes and no others.
+(``cluster/local.sh`` calls this; ``tests/test_cluster.py`` starts a real cluster with it.)
+Not part of the library: nothing in ``gnaq_dist`` imports it. ``start`` brings up a head node
+and one more Ray node per extra ``--node-cpus`` entry with ``ray.cluster_utils.Cluster`` (the
+mini-cluster of Ray's own tests), each a separate raylet with its own CPUs, object store and
+custom resource (``node_a`` for the head, ``node_b``, ``node_c``...), waits until
+``ray.nodes()`` lists them all alive, prints the address (``127.0.0.1:PORT``) and exits; the
+nodes keep running (``shutdown_at_exit=False``). ``gnaq train --address 127.0.0.1:PORT
+--workers W`` then trains on them. ``stop`` ends this cluster's processes and no others.
 
-Why not ``ray start``: Ray 2.60's ``ray start`` turns ``--node-ip-address 127.0.0.1``
-(and an ``--address`` of 127.0.0.1) into the machine's outward IP, and its servers then
-listen on every interface. A node whose IP is exactly 127.0.0.1 binds its GCS, raylet
-and agents to 127.0.0.1 only, but ``ray start`` refuses to add a second node in that
-mode. So each node here is started the way ``ray start`` starts it after its checks
-(``ray._private.node.Node`` with the same parameters; ``ray.cluster_utils.Cluster``, the
-mini-cluster of Ray's own tests, does the same), with node IP 127.0.0.1. Every node
-gets OS-chosen ports (node manager, object manager, workers, agents), so the nodes and
-any other Ray on the machine never compete for a fixed port. ``ray==2.60.0`` is pinned;
-``tests/test_cluster.py`` starts a real cluster, so an upgrade that breaks this fails.
+Why not ``ray start``: it turns ``--node-ip-address 127.0.0.1`` (and an ``--address`` of
+127.0.0.1) into the machine's outward IP, and its servers then listen on every interface. A
+node whose IP is exactly 127.0.0.1 binds its GCS, raylet and agents to 127.0.0.1 only, but
+``ray start`` refuses to add a second node in that mode; ``Cluster.add_node`` starts nodes
+with the same parameters without that check. Every node gets OS-chosen ports (node manager,
+object manager, workers, agents), so the nodes and any other Ray on the machine never
+compete for a fixed port.
 
 Why not ``ray stop``: it kills every Ray process on the machine, other users' and other
 tests' included. All processes of a cluster started here carry its temp dir
@@ -85,22 +84,14 @@ def _environment(node_ip: str) -> None:
     if node_ip == HOST:
         # Ray's Python side turns 127.0.0.1 into the machine's outward IP (where a
         # loopback-only GCS does not answer) unless it runs as a single-host Ray: this
-        # switch (named for Windows and macOS, where that is the default) says so. The
-        # nodes' processes inherit it, so drivers started inside the cluster (ray job
+        # switch (named for Windows and macOS, where that is the default) says so. Ray reads
+        # it when imported, so it must be set first (``start`` runs in a process of its own);
+        # the nodes' processes inherit it, so drivers started inside the cluster (ray job
         # submit) connect; a driver outside needs it too (see loopback_driver()).
+        if "ray" in sys.modules and os.environ.get(LOOPBACK_ENV) != "0":
+            raise RuntimeError(f"a loopback cluster is started from a process that sets {LOOPBACK_ENV}=0 "
+                               f"before importing ray (python cluster/local_cluster.py start)")
         os.environ[LOOPBACK_ENV] = "0"
-        if "ray" in sys.modules:
-            import ray._private.ray_constants as ray_constants
-
-            ray_constants.ENABLE_RAY_CLUSTER = False
-
-
-def loopback_driver() -> None:
-    """Let this process's ``ray.init(address="127.0.0.1:PORT")`` reach a loopback cluster.
-
-    Same as ``export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0`` before starting Python.
-    """
-    _environment(HOST)
 
 
 def _port_open(port: int, host: str = HOST) -> bool:
@@ -118,11 +109,10 @@ def free_port(host: str = HOST) -> int:
         return s.getsockname()[1]
 
 
-def _node_params(spec: NodeSpec, temp_dir: Path, object_store_mb: int, head: bool, port: int,
-                 dashboard: bool, dashboard_port: int, node_ip: str = HOST) -> Any:
-    from ray._private.parameter import RayParams
-
-    params = dict(
+def _node_args(spec: NodeSpec, temp_dir: Path, object_store_mb: int, head: bool, port: int,
+               dashboard: bool, dashboard_port: int, node_ip: str = HOST) -> dict[str, Any]:
+    """``Cluster.add_node``'s keyword arguments for one node."""
+    args: dict[str, Any] = dict(
         node_ip_address=node_ip,
         node_name=spec.name,
         num_cpus=spec.num_cpus,
@@ -141,13 +131,9 @@ def _node_params(spec: NodeSpec, temp_dir: Path, object_store_mb: int, head: boo
         runtime_env_agent_port=0,
     )
     if head:
-        params.update(include_dashboard=dashboard, dashboard_host=HOST, dashboard_port=dashboard_port)
-    else:
-        params.update(gcs_address=f"{node_ip}:{port}", include_log_monitor=False)  # one log monitor a host
-    ray_params = RayParams(**params)
-    if head:
-        ray_params.gcs_server_port = port
-    return ray_params
+        args.update(include_dashboard=dashboard, dashboard_host=HOST, dashboard_port=dashboard_port,
+                    gcs_server_port=port)
+    return args
 
 
 def _check_dashboard_dependencies() -> None:
@@ -155,7 +141,7 @@ def _check_dashboard_dependencies() -> None:
         import ray.dashboard.optional_deps  # noqa: F401
     except ImportError as exc:
         raise RuntimeError(
-            f"--dashboard needs ray[default]'s packages ({exc}): pip install 'ray[default]==2.60.0'"
+            f"--dashboard needs ray[default]'s packages ({exc}): pip install 'ray[default]'"
         ) from exc
 
 
@@ -164,7 +150,7 @@ def start(port: int = DEFAULT_PORT, node_cpus: list[int] | tuple[int, ...] = (2,
           dashboard_port: int = 8265, timeout: float = 90.0, node_ip: str = HOST) -> dict[str, Any]:
     """Start the cluster from this process (its nodes outlive it); returns its state.
 
-    Meant for a process of its own (``python -m gnaq_dist.cluster_local start``, or
+    Meant for a process of its own (``python cluster/local_cluster.py start``, or
     :func:`launch`): it sets Ray's environment for the nodes. The state (address, temp
     dir, nodes with their Ray node ids, dashboard URL) is also written to
     ``TEMP_DIR/gnaq-cluster.json``. On any failure, what was started is stopped.
@@ -175,21 +161,21 @@ def start(port: int = DEFAULT_PORT, node_cpus: list[int] | tuple[int, ...] = (2,
     """
     _environment(node_ip)
     if node_ip == "auto":
-        from ray._private.services import get_node_ip_address
+        from ray.util import get_node_ip_address
 
         node_ip = get_node_ip_address()
     specs = node_specs(node_cpus)
     temp_dir = Path(temp_dir) if temp_dir else default_temp_dir(port)
     if _port_open(port, node_ip) or _port_open(port):
         raise RuntimeError(f"port {port} is in use (a cluster there? "
-                           f"python -m gnaq_dist.cluster_local stop --port {port})")
+                           f"python cluster/local_cluster.py stop --port {port})")
     if cluster_processes(temp_dir):
         raise RuntimeError(f"Ray processes of {temp_dir} are still running: stop them first")
     if dashboard:
         _check_dashboard_dependencies()
     temp_dir.mkdir(parents=True, exist_ok=True)
 
-    from ray._private.node import Node
+    from ray.cluster_utils import Cluster
 
     address = f"{node_ip}:{port}"
     # The nodes' processes inherit it: Ray code that looks for "the" local cluster (Ray
@@ -203,11 +189,12 @@ def start(port: int = DEFAULT_PORT, node_cpus: list[int] | tuple[int, ...] = (2,
     os.environ["PATH"] = os.pathsep.join([scripts, *(p for p in os.environ.get("PATH", "").split(os.pathsep)
                                                      if p and p != scripts)])
     try:
+        # As `ray start` without --block: no reaper, the processes outlive this one.
+        cluster = Cluster(shutdown_at_exit=False)
         for i, spec in enumerate(specs):
-            params = _node_params(spec, temp_dir, object_store_mb, head=i == 0, port=port,
-                                  dashboard=dashboard, dashboard_port=dashboard_port, node_ip=node_ip)
-            # As `ray start` without --block: no reaper, the processes outlive this one.
-            Node(params, head=i == 0, shutdown_at_exit=False, spawn_reaper=False)
+            cluster.add_node(wait=False, **_node_args(spec, temp_dir, object_store_mb, head=i == 0, port=port,
+                                                      dashboard=dashboard, dashboard_port=dashboard_port,
+                                                      node_ip=node_ip))
         nodes = wait_for_nodes(address, specs, timeout)
     except BaseException:
         stop(temp_dir=temp_dir, remove=False)
@@ -231,7 +218,7 @@ def launch(port: int = DEFAULT_PORT, node_cpus: list[int] | tuple[int, ...] = (2
     import tempfile
 
     temp_dir = Path(temp_dir) if temp_dir else default_temp_dir(port)
-    command = [sys.executable, "-m", "gnaq_dist.cluster_local", "start", "--port", str(port),
+    command = [sys.executable, str(Path(__file__).resolve()), "start", "--port", str(port),
                "--temp-dir", str(temp_dir), "--object-store-mb", str(object_store_mb),
                "--timeout", str(timeout), "--node-cpus", *map(str, node_cpus), *extra_args]
     # Output to a file, not a pipe: a daemon that inherited the pipe would keep it open.
@@ -350,7 +337,7 @@ def stop(port: int | None = DEFAULT_PORT, temp_dir: str | Path | None = None, gr
     _signal(raylets)
     psutil.wait_procs(raylets, timeout=grace)
     rest = cluster_processes(temp_dir)
-    monitors = [p for p in rest if "autoscaler/_private/monitor.py" in name(p)]
+    monitors = [p for p in rest if "autoscaler" in name(p) and "monitor.py" in name(p)]
     others = [p for p in rest if p not in monitors]
     _signal(others)
     _signal(monitors, kill=True)
@@ -380,7 +367,7 @@ def status(port: int = DEFAULT_PORT, temp_dir: str | Path | None = None) -> dict
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m gnaq_dist.cluster_local", description=__doc__.split("\n\n")[0])
+    parser = argparse.ArgumentParser(prog="python cluster/local_cluster.py", description=__doc__.split("\n\n")[0])
     sub = parser.add_subparsers(dest="command", required=True)
     for name in ("start", "stop", "status"):
         p = sub.add_parser(name)
@@ -414,7 +401,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"logs: {state['temp_dir']}/session_latest/logs")
         if state["loopback"]:
             print(f"drivers outside the cluster need: export {LOOPBACK_ENV}=0")
-        print(f"stop: python -m gnaq_dist.cluster_local stop --port {args.port}"
+        print(f"stop: python cluster/local_cluster.py stop --port {args.port}"
               + (f" --temp-dir {state['temp_dir']}" if args.temp_dir else ""))
         print(f"address: {state['address']}")
         return 0

@@ -140,8 +140,8 @@ def test_two_ranks_train_exactly_like_one(exact_runs):
         assert two[0]["metrics"][k] == pytest.approx(v, abs=1e-9)
         assert two[1]["metrics"][k] == two[0]["metrics"][k]  # every rank returns the same metrics
     assert one[0]["phase_steps"] == two[0]["phase_steps"] == {"fp": 6, "quantized": 6}
-    # Same records on every rank (Ray's report is a barrier): 2 epochs x (epoch, wire) + 1 eval.
-    assert two[0]["reports"] == two[1]["reports"] == one[0]["reports"] == 5
+    # Same records on every rank (Ray's report is a barrier): 2 epochs x (epoch, wire, epoch_end) + 1 eval.
+    assert two[0]["reports"] == two[1]["reports"] == one[0]["reports"] == 7
     # retain_freed_memory: null keeps a worker's freed blocks (its steps keep their tables).
     assert all(r["retaining"] for r in one + two)
 

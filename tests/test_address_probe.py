@@ -117,7 +117,7 @@ def test_a_real_ray_gcs_and_ray_client_server_pass():
     ray_environment()
     started = not ray.is_initialized()
     if started:
-        ray.init(num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
+        ray.init(address="local", num_cpus=1, include_dashboard=False, object_store_memory=100 * 1024 * 1024)
     try:
         gcs = ray.get_runtime_context().gcs_address
         t0 = time.monotonic()

@@ -38,6 +38,23 @@ cluster_local = _load_cluster_tool()
 pytestmark = pytest.mark.slow  # a real two-node Ray cluster: about 90 s
 
 
+@pytest.fixture(autouse=True)
+def _restore_environment():
+    """launch() points this process at its cluster (RAY_ADDRESS, PATH, the loopback switch, and
+    Ray's record of the machine's current cluster), as the shell that ran local.sh would be;
+    later tests start their own Ray, so put it all back."""
+    saved = dict(os.environ)
+    current = Path(tempfile.gettempdir()) / "ray" / "ray_current_cluster"  # where ray.init() looks for "the" cluster
+    before = current.read_text() if current.exists() else None
+    yield
+    os.environ.clear()
+    os.environ.update(saved)
+    if before is None:
+        current.unlink(missing_ok=True)
+    else:
+        current.write_text(before)
+
+
 def ray_daemons_of(temp_dir: Path) -> list[str]:
     """raylet / gcs_server processes (not zombies) whose command line names ``temp_dir``:
     found independently of cluster_local.cluster_processes."""

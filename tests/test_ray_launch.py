@@ -26,7 +26,7 @@ from gnaq_dist.train.config import TrainConfig  # noqa: E402
 @pytest.fixture(scope="module")
 def local_ray():
     ray_environment()
-    ray.init(num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024 * 1024)
+    ray.init(address="local", num_cpus=3, include_dashboard=False, object_store_memory=300 * 1024 * 1024)
     # Workers unpickle this module's functions by value: tests/ is not importable there.
     ray.cloudpickle.register_pickle_by_value(sys.modules[__name__])
     yield

@@ -84,8 +84,11 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
     added = {name: value for name, value in ONE_MACHINE_RAY_ENV.items() if name not in os.environ}
     os.environ.update(added)
     try:
-        ray.init(num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
-                 object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True)
+        # address="local": a new Ray even where RAY_ADDRESS names another (--address is for that);
+        # WARNING: its "Started a local Ray instance" line stays out of the run's output.
+        ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
+                 object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True,
+                 logging_level=logging.WARNING)
     finally:
         for name in added:
             del os.environ[name]

@@ -1,6 +1,6 @@
 """The Ray that ``train_on_ray`` starts for itself on one machine: which Ray processes run
 beside the training workers. Each Ray Python process wakes 100 times a second, and on a
-machine the workers fill each costs their step about 1 % (docs/notes/2026-12-07-public-ray.md),
+machine the workers fill each slows their step (docs/notes/2026-12-07-public-ray.md),
 so the ones that settings of the public API can leave out must not start: idle pool workers and
 the preemption watcher. Three more that a one-machine job does not use (Train's dataset manager
 and placement-group cleaner, Ray Data's autoscaling coordinator) can only be left out by

@@ -255,6 +255,13 @@ def ray_run(tmp_path: Path):
     return proc, seen, workers_train, ray_tmp
 
 
+def assert_all_gone(pids: set, within: float) -> None:
+    """Every process of ``pids`` has ended within ``within`` seconds (else: their command lines)."""
+    deadline = time.monotonic() + within
+    while alive(pids) and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert alive(pids) == [], [Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in alive(pids)]
+
 @pytest.mark.slow
 @pytest.mark.parametrize("sig", SIGNALS)
 def test_train_workers_interrupted_is_one_line_and_takes_its_ray_along(tmp_path, sig):
@@ -266,10 +273,7 @@ def test_train_workers_interrupted_is_one_line_and_takes_its_ray_along(tmp_path,
         os.kill(proc.pid, sig)
         code, _, err = finish(proc, timeout=180)
         interrupted(code, err, sig)
-        deadline = time.monotonic() + 30
-        while alive(seen) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert alive(seen) == [], [Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in alive(seen)]
+        assert_all_gone(seen, within=30)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
@@ -284,9 +288,6 @@ def test_a_sigkilled_driver_takes_its_local_ray_with_it(tmp_path):
         assert len(seen) >= 5  # the watchdog, GCS, raylet, agents, workers
         os.kill(proc.pid, signal.SIGKILL)
         proc.wait()
-        deadline = time.monotonic() + 60
-        while alive(seen) and time.monotonic() < deadline:
-            time.sleep(0.5)
-        assert alive(seen) == [], [Path(f"/proc/{p}/cmdline").read_text(errors="replace") for p in alive(seen)]
+        assert_all_gone(seen, within=60)
     finally:
         shutil.rmtree(ray_tmp, ignore_errors=True)

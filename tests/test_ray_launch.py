@@ -223,9 +223,18 @@ def test_a_killed_ray_run_keeps_the_metrics_of_its_finished_epochs(tmp_path):
     deadline = time.time() + 400
 
     def epochs_logged() -> list[int]:
+        """Epochs whose last record (the checkpoint's) is in the log; a line still being written is skipped."""
         if not log.exists():
             return []
-        return [r["epoch"] for r in map(json.loads, log.read_text().splitlines()) if r["event"] == "epoch"]
+        done = []
+        for line in log.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if record["event"] == "checkpoint":
+                done.append(record["epoch"])
+        return done
 
     try:
         while len(epochs_logged()) < 2 and driver.poll() is None and time.time() < deadline:

@@ -4,7 +4,7 @@ Starts ``--world`` gloo ranks (one process each, one torch thread), sets each up
 training loop does (GNAQ 2-bit, d = 64, L = 3, batch 8,192, 4 negatives, 2-bit gradients),
 runs ``--warm`` steps unprofiled, then ``--steps`` profiled ones, and prints rank 0's
 seconds per step and its top functions by own time (every rank's full report goes to
-``--out``). docs/scale.md records what it found at 1/10 of the scale benchmark.
+``--out``). docs/notes/scale-history.md records what it found at 1/10 of the scale benchmark.
 
     python benchmarks/profile_step.py --dataset /tmp/gs/s10/ds --world 2 --steps 3
     python benchmarks/profile_step.py --dataset data/gowalla --world 2 --steps 8 --set retain_freed_memory=true

@@ -93,7 +93,7 @@ def retaining_freed_memory() -> bool:
 def release_free_memory() -> None:
     """Give freed memory back to the system: pyarrow's pool (mimalloc or jemalloc keep what
     reading Parquet freed) and glibc's heap (``malloc_trim``). Called after setup, whose
-    transients are several times what training keeps (docs/scale.md)."""
+    transients are several times what training keeps (docs/notes/scale-history.md)."""
     try:
         import pyarrow as pa
 
@@ -128,7 +128,7 @@ def huge_page_table(shape: tuple[int, ...], dtype, device=None):
     Why: the sparse products read rows of their dense operand at random, so with 4 KiB
     pages nearly every row read misses the TLB; 2 MiB pages cover a 1 GiB table with 512
     entries. A product over a 3 M x 64 table with 60 M non-zeros took 2.56 s against 3.22 s
-    (docs/scale.md). The kernel's THP mode is usually ``madvise``, so the range must ask
+    (docs/notes/scale-history.md). The kernel's THP mode is usually ``madvise``, so the range must ask
     for it (``MADV_HUGEPAGE``) before it is first touched; the block is over-allocated by
     2 MiB to start on a 2 MiB boundary. Elsewhere (small tables, GPU, no THP) a plain
     ``torch.empty``.

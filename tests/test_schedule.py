@@ -57,6 +57,51 @@ def test_bad_schedule_values_are_refused(key, value):
         small_config("fp", None, **{key: value}).validate()
 
 
+def test_cosine_decay_runs_each_phase_down_its_own_curve():
+    decayed = {"schedule.epochs": 6, "schedule.warmup_epochs": 3, "optim.lr_decay": "cosine", "optim.lr_final": 0.1}
+    plan = Schedule.of(small_config("gnaq", 2, **decayed), 1001)
+    assert [round(plan.lr_factor(e), 6) for e in range(1, 7)] == [1.0, 0.55, 0.1, 1.0, 0.55, 0.1]
+    fp = Schedule.of(small_config("fp", None, **decayed), 1001)  # one phase: all six epochs
+    assert fp.lr_factor(1) == 1.0 and fp.lr_factor(6) == pytest.approx(0.1) and 0.1 < fp.lr_factor(4) < 0.55
+    plain = Schedule.of(small_config("gnaq", 2, **{"schedule.epochs": 6, "schedule.warmup_epochs": 3}), 1001)
+    assert {plain.lr_factor(e) for e in range(1, 7)} == {1.0}
+
+
+@pytest.mark.parametrize("value", [0, -0.5, 1.5])
+def test_a_final_rate_outside_zero_to_one_is_refused(value):
+    with pytest.raises(ConfigError, match="optim.lr_final"):
+        small_config("fp", None, **{"optim.lr_decay": "cosine", "optim.lr_final": value}).validate()
+
+
+def expected_rates(lr: float, quant_lr: float) -> list[float]:
+    return [lr, lr * 0.2, quant_lr, quant_lr * 0.2]
+
+
+DECAY = {"schedule.epochs": 4, "schedule.warmup_epochs": 2, "optim.lr_decay": "cosine", "optim.lr_final": 0.2,
+         "optim.lr": 0.05, "optim.quant_lr": 0.01}
+
+
+def test_the_one_process_trainer_trains_each_epoch_at_its_decayed_rate():
+    trainer = LocalTrainer(small_config("gnaq", 2, **DECAY), small_data())
+    trainer.run()
+    rates = [r["lr"] for r in trainer.records if r["event"] == "epoch"]
+    assert rates == pytest.approx(expected_rates(0.05, 0.01))
+
+
+def scenario_decay(rank: int, world: int) -> dict:
+    from gnaq_dist.distributed.trainer import DistributedTrainer
+
+    trainer = DistributedTrainer(small_config("gnaq", 2, **DECAY, **{"schedule.propagation": "full"}), small_data())
+    out = trainer.run()
+    return {"rates": [h["lr"] for h in out["history"] if h["event"] == "epoch"], "last": trainer.shard.optimizer.lr}
+
+
+def test_every_rank_trains_each_epoch_at_its_decayed_rate():
+    for r in run_ranks(scenario_decay, 2, timeout=180):
+        assert r["rates"] == pytest.approx(expected_rates(0.05, 0.01))
+        assert r["last"] == pytest.approx(0.01 * 0.2)  # what the optimizer stepped with in the last epoch
+
+
 def test_a_time_limit_ends_training_then_evaluates_the_quantized_table():
     cfg = small_config("gnaq", 2, **{"schedule.epochs": 10_000, "schedule.warmup_epochs": 1,
                                      "schedule.max_minutes": 0.05})

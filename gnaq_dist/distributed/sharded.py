@@ -137,6 +137,13 @@ class MethodShard:
     def num_owned(self) -> int:
         return int(self.owned.shape[0])
 
+    def set_lr(self, lr: float) -> None:
+        """The learning rate of the next steps, rows' and dense parameters' alike."""
+        self.optimizer.lr = float(lr)
+        if self.dense_optimizer is not None:
+            for group in self.dense_optimizer.param_groups:
+                group["lr"] = float(lr)
+
     # -- serving and viewing rows ------------------------------------------------------
     def server(self):
         """This rank's RowServer for the training fetch (the method's wire row format)."""

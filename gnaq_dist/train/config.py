@@ -79,6 +79,8 @@ class ModelConfig:
 class OptimConfig:
     lr: float = 0.05  # Adam learning rate of the full-precision warm-up (large batches take a large rate)
     quant_lr: float | None = 0.01  # Adam learning rate of the quantized phase (null: lr)
+    lr_decay: Literal["none", "cosine"] = "none"  # within each phase, epoch by epoch: none (constant), or cosine from the phase's rate at its first epoch down to lr_final times it at its last
+    lr_final: float = 0.1  # cosine only: the last epoch's rate of a phase, as a fraction of the phase's rate
     l2: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN's decay); not applied by gnaq, whose reference uses none
     grad_clip: float | None = 3.0  # gradient value clip (the reference code's 3); null = off
 
@@ -86,6 +88,8 @@ class OptimConfig:
         _finite("optim.lr", self.lr, strict=True)
         _finite("optim.quant_lr", self.quant_lr, strict=True, none_ok=True)
         _finite("optim.l2", self.l2)
+        if not (math.isfinite(self.lr_final) and 0.0 < self.lr_final <= 1.0):
+            raise ConfigError(f"optim.lr_final must be in (0, 1], got {self.lr_final}")
         _finite("optim.grad_clip", self.grad_clip, strict=True, none_ok=True)
 
 

@@ -312,6 +312,9 @@ class LocalTrainer:
                     optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)
                     phase = "quantized"
                     bar.set_description(f"{cfg.model.method}-{cfg.model.bits}b")
+                phase_lr = cfg.optim.lr if phase == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
+                for group in optimizer.param_groups:  # optim.lr_decay: the epoch's rate
+                    group["lr"] = phase_lr * plan.lr_factor(epoch)
                 t0 = time.perf_counter()
                 losses = []
                 self.batches.set_epoch(epoch)
@@ -339,7 +342,7 @@ class LocalTrainer:
                 quant = epoch_fields(epoch_sums(method, codes_before, getattr(torch, cfg.model.level_dtype)))
                 self._log("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
                           seconds=seconds, step=self.global_step, steps=len(losses),
-                          elapsed=budget.elapsed(), **quant)
+                          elapsed=budget.elapsed(), lr=phase_lr * plan.lr_factor(epoch), **quant)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
                 last = plan.last_epoch(epoch, self.global_step, out_of_time)

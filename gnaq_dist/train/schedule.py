@@ -10,6 +10,7 @@ schedule and report their phases alike (:class:`PhaseTimes`).
 
 from __future__ import annotations
 
+import math
 import time
 from dataclasses import dataclass, field
 
@@ -36,6 +37,8 @@ class Schedule:
     total_steps: int
     eval_every: int
     quantized: bool
+    lr_decay: str = "none"
+    lr_final: float = 1.0
 
     @classmethod
     def of(cls, config: TrainConfig, n_train: int) -> Schedule:
@@ -46,7 +49,21 @@ class Schedule:
         if sched.max_steps is not None:
             total = min(total, sched.max_steps)
         return cls(batch, steps_per_epoch, sched.epochs, config.warmup_epochs, total, sched.eval_every,
-                   config.quantized)
+                   config.quantized, config.optim.lr_decay, config.optim.lr_final)
+
+    def lr_factor(self, epoch: int) -> float:
+        """The fraction of its phase's rate that ``epoch`` trains at (``optim.lr_decay``): 1 without
+        decay; with ``cosine``, 1 at the phase's first epoch down to ``optim.lr_final`` at its last
+        (the fp warm-up and the quantized phase each decay over their own epochs). A function of the
+        epoch alone, so a resumed run continues on the same curve."""
+        if self.lr_decay == "none":
+            return 1.0
+        fp_phase = not self.quantized or epoch <= self.warmup_epochs
+        first, last = (1, self.warmup_epochs) if fp_phase else (self.warmup_epochs + 1, self.epochs)
+        if last <= first:
+            return 1.0
+        progress = min(max((epoch - first) / (last - first), 0.0), 1.0)
+        return self.lr_final + (1.0 - self.lr_final) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
     def quantize_at(self, epoch: int) -> bool:
         """True at the first epoch of the quantized phase."""

@@ -458,12 +458,7 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
             pacsv.write_csv(table, tmp)
 
 
-def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Shorthand for :meth:`Bundle.load`."""
-    return Bundle.load(path, verify)
-
-
 __all__ = [
-    "Bundle", "TrainGraph", "load_bundle", "propagate_mean", "read_user_ids", "recommendations_table", "spmm", "top_k",
+    "Bundle", "TrainGraph", "propagate_mean", "read_user_ids", "recommendations_table", "spmm", "top_k",
     "train_graph", "weight_groups", "write_table_atomic",
 ]

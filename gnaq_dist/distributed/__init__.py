@@ -17,7 +17,7 @@ Modules, from the run down to the wire (each imports only modules listed below i
 * :mod:`.sharded`: a rank's rows of an embedding method: wire format, differentiable view, update;
 * :mod:`.sparse_adam`: lazy, row-sparse Adam over the owned rows;
 * :mod:`.halo`: full-graph propagation split by owner (a rank's rows of ``A_hat`` and its halo);
-* :mod:`.row_exchange`: rows fetched from, gradients pushed to, occurrences counted at their owners;
+* :mod:`.row_exchange`: rows fetched from, gradients pushed to their owners, one request at a time;
 * :mod:`.halo_exchange`: the halo's rows from their owners, planned once, over shared memory on one host;
 * :mod:`.shared_rows`: row tables that ranks on one host map from each other's memory;
 * :mod:`.rows`: row servers: a shard's rows as fixed-size wire rows (quantized, dense, latent);

@@ -1,8 +1,9 @@
 """Distributed training: each worker owns a shard of the embedding rows; rows and gradients travel.
 
-Public API: :func:`train_worker` (one rank's run inside a process group),
+Exports :func:`train_worker` (one rank's run inside a process group),
 :class:`DistributedTrainer`, :func:`fit_on_ray` / :func:`train_on_ray` (W workers under Ray Train's public ``TorchTrainer``), and the
-partition record :class:`Partition` with :func:`partition_nodes`. The rest is internal.
+partition record :class:`Partition` with :func:`partition_nodes`, for the rest of the library
+(``gnaq_dist.train`` with a ``ScalingConfig`` is the public way to train on Ray); the rest is internal.
 
 Modules, from the run down to the wire (each imports only modules listed below it):
 

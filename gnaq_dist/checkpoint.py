@@ -97,14 +97,14 @@ def _array(column: pa.ChunkedArray | pa.Array, shape: tuple[int, ...], dtype=np.
     return np.array(values, dtype=dtype).reshape(shape)  # a writable copy (torch wraps it)
 
 
-def row_names(method: EmbeddingMethod) -> tuple[list[str], list[str]]:
+def _row_names(method: EmbeddingMethod) -> tuple[list[str], list[str]]:
     """Names of the method's row parameters (in ``trainable_row_params`` order) and row buffers."""
     names = {id(p): n for n, p in method.named_parameters()}
     buffers = {id(b): n for n, b in method.named_buffers()}
     return [names[id(p)] for p in method.trainable_row_params()], [buffers[id(b)] for b in method.row_buffers()]
 
 
-def dense_names(method: EmbeddingMethod) -> list[str]:
+def _dense_names(method: EmbeddingMethod) -> list[str]:
     names = {id(p): n for n, p in method.named_parameters()}
     return [names[id(p)] for p in method.dense_params()]
 
@@ -116,7 +116,7 @@ def shard_table(method: EmbeddingMethod, global_ids: np.ndarray, optimizer=None)
     """
     n = int(global_ids.shape[0])
     cols: dict[str, pa.Array] = {"global_id": pa.array(np.asarray(global_ids, dtype=np.int64))}
-    params, buffers = row_names(method)
+    params, buffers = _row_names(method)
     for name, p in zip(params, method.trainable_row_params()):
         cols[f"param.{name}"] = _column(p.detach()[:n].to(torch.float32).numpy())
     for name, b in zip(buffers, method.row_buffers()):
@@ -139,7 +139,7 @@ def dense_table(method: EmbeddingMethod, optimizer: torch.optim.Optimizer | None
     """Replicated parameters (LSQ's step, N2UQ's intervals) and their Adam state, by name."""
     names, kinds, shapes, values = [], [], [], []
     state = optimizer.state_dict()["state"] if optimizer is not None else {}
-    for i, (name, p) in enumerate(zip(dense_names(method), method.dense_params())):
+    for i, (name, p) in enumerate(zip(_dense_names(method), method.dense_params())):
         entries = [("value", p.detach())]
         if i in state:
             entries += [(f"adam.{k}", torch.as_tensor(state[i][k])) for k in ("step", "exp_avg", "exp_avg_sq")]
@@ -171,7 +171,7 @@ def residual_table(residuals: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
 def load_rows(method: EmbeddingMethod, rows: pa.Table, optimizer=None) -> None:
     """Set ``method``'s row parameters, buffers (and ``optimizer``'s row state) from ``rows``."""
     n = rows.num_rows
-    params, buffers = row_names(method)
+    params, buffers = _row_names(method)
     with torch.no_grad():
         for name, p in zip(params, method.trainable_row_params()):
             width = int(np.prod(p.shape[1:])) if p.dim() > 1 else 1
@@ -200,7 +200,7 @@ def load_dense(method: EmbeddingMethod, table: pa.Table, optimizer: torch.optim.
     entries = {(n, k): (s, v) for n, k, s, v in zip(*(table[c].to_pylist() for c in ("name", "kind", "shape", "values")))}
     state: dict[int, dict[str, torch.Tensor]] = {}
     with torch.no_grad():
-        for i, (name, p) in enumerate(zip(dense_names(method), method.dense_params())):
+        for i, (name, p) in enumerate(zip(_dense_names(method), method.dense_params())):
             if (name, "value") not in entries:
                 raise CheckpointError(f"dense.parquet has no value for parameter {name!r}")
             shape, values = entries[(name, "value")]
@@ -321,7 +321,7 @@ _RANK_FILE = re.compile(r"^(shard|residuals)-(\d{5})-of-(\d{5})\.parquet$")
 REPLICATED_FILES = ("dense.parquet", "partition.parquet")
 
 
-def plain_name(name: Any) -> bool:
+def _plain_name(name: Any) -> bool:
     """A file name that stays inside its directory: no separator, no ``..``, not absolute."""
     return (isinstance(name, str) and name not in ("", ".", "..") and not name.startswith("~")
             and not any(c in name for c in "/\\\0:"))
@@ -365,7 +365,7 @@ def check_manifest(uri: str, manifest: Any) -> dict[str, Any]:
         raise CheckpointError(f"{where}: files must be an object naming the checkpoint's files, "
                               f"got {type(files).__name__ if files is not None else 'nothing'}")
     for name, entry in files.items():
-        if not plain_name(name):
+        if not _plain_name(name):
             raise CheckpointError(f"{where}: file name {name!r} is not a plain file name inside the checkpoint "
                                   f"directory")
         if not isinstance(entry, dict) or not _int(entry.get("bytes"), 0) \
@@ -454,7 +454,7 @@ def read_table(uri: str, name: str, storage_options: dict[str, Any] | None = Non
     """One Parquet file of a checkpoint, opened only if ``manifest`` lists it and checked against
     its entry (size and sha256) as it is read; optionally only rows whose global_id is listed."""
     entry = manifest["files"].get(name) if isinstance(manifest.get("files"), dict) else None
-    if entry is None or not plain_name(name):
+    if entry is None or not _plain_name(name):
         raise CheckpointError(f"{uri}: {name} is not listed in its {MANIFEST}; only listed files are read")
     fs, path = resolve(uri, storage_options)
     try:
@@ -567,7 +567,7 @@ def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
 __all__ = [
     "CheckpointError", "CheckpointStore", "Loaded", "REPLICATED_FILES", "build_for_rows",
     "check_data", "check_manifest", "check_model", "checkpoint_name", "choose_resume", "data_key",
-    "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes", "plain_name",
+    "dense_table", "load_dense", "load_for_export", "load_rows", "load_table", "new_manifest", "parquet_bytes",
     "read_manifest", "read_residuals", "read_rows", "read_table", "residual_name", "residual_table", "shard_name",
     "shard_table", "verify",
 ]

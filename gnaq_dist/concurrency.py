@@ -66,7 +66,7 @@ def local_mark(path: str) -> bytes | None:
         return None
 
 
-def is_s3(fs: Any) -> bool:
+def _is_s3(fs: Any) -> bool:
     protocol = fs.protocol if isinstance(fs.protocol, (tuple, list)) else (fs.protocol,)
     return bool({"s3", "s3a"} & set(protocol))
 
@@ -79,9 +79,9 @@ def remote_mark(fs: Any, path: str) -> tuple[bytes | None, str | None]:
     """
     for _ in range(5):
         try:
-            before = fs.info(path, refresh=True).get("ETag") if is_s3(fs) else None
+            before = fs.info(path, refresh=True).get("ETag") if _is_s3(fs) else None
             data = fs.cat_file(path)
-            after = fs.info(path, refresh=True).get("ETag") if is_s3(fs) else None
+            after = fs.info(path, refresh=True).get("ETag") if _is_s3(fs) else None
         except FileNotFoundError:
             return None, None
         if before == after:
@@ -94,7 +94,7 @@ def put_mark(fs: Any, path: str, data: bytes, seen: bytes | None, etag: str | No
 
     Raises :class:`ConcurrentWriteError` when another writer's mark is there instead.
     """
-    if is_s3(fs):
+    if _is_s3(fs):
         try:
             if seen is None:
                 fs.pipe_file(path, data, mode="create")  # If-None-Match: *
@@ -115,4 +115,4 @@ def put_mark(fs: Any, path: str, data: bytes, seen: bytes | None, etag: str | No
         handle.write(data)
 
 
-__all__ = ["ConcurrentWriteError", "LOCK_TIMEOUT_S", "commit_lock", "is_s3", "local_mark", "put_mark", "remote_mark"]
+__all__ = ["ConcurrentWriteError", "LOCK_TIMEOUT_S", "commit_lock", "local_mark", "put_mark", "remote_mark"]

@@ -39,7 +39,7 @@ class Scored:
     cap_batch: bool = False  # bound batch x items (scores that are no dot product)
 
 
-def eval_defaults() -> dict[str, Any]:
+def _eval_defaults() -> dict[str, Any]:
     """The settings a training run evaluates with by default (``eval.*`` and ``seed``)."""
     from gnaq_dist.train.config import EvalConfig, TrainConfig
 
@@ -48,7 +48,7 @@ def eval_defaults() -> dict[str, Any]:
             "batch_size": ev.batch_size}
 
 
-def detect_model(uri: str, storage_options: dict[str, Any] | None = None) -> str:
+def _detect_model(uri: str, storage_options: dict[str, Any] | None = None) -> str:
     """``"checkpoint"`` (``manifest.json`` of a gnaq checkpoint) or ``"bundle"`` (``bundle.json``)."""
     from gnaq_dist.checkpoint import MANIFEST
     from gnaq_dist.bundle import BUNDLE_JSON
@@ -90,7 +90,7 @@ def with_score_bias(final: torch.Tensor, bias: np.ndarray | None, n_users: int) 
     return score_rows(final, b, torch.arange(final.shape[0]) < n_users)
 
 
-def checkpoint_model(uri: str, data, graph, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
+def _checkpoint_model(uri: str, data, graph, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
     """A checkpoint of ``data`` (refused if its data key differs), its final embeddings."""
     from gnaq_dist import checkpoint as ckpt
     from gnaq_dist.dataset import data_key
@@ -127,7 +127,7 @@ def _same_ids(bundle_ids: pa.Array, dataset_ids: pa.Array) -> bool:
     return len(a) == len(b) and a.type == b.type and a.equals(b)
 
 
-def bundle_model(path: str, data, graph, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
+def _bundle_model(path: str, data, graph, dataset: str, storage_options: dict[str, Any] | None = None) -> Scored:
     """A bundle exported from ``data`` (sizes, train graph and raw ids must match), its final
     embeddings recomputed in torch from the stored table (not the numpy ones ``Bundle.load``
     serves with, which may differ in the last bits)."""
@@ -173,7 +173,7 @@ def bundle_model(path: str, data, graph, dataset: str, storage_options: dict[str
     return Scored("bundle", label, final[:n_users], final[n_users:])
 
 
-def popularity_model(data) -> Scored:
+def _popularity_model(data) -> Scored:
     """Items ranked by the number of train users who have them; ties by item index."""
     from gnaq_dist.interactions import unique_pair_keys
 
@@ -185,7 +185,7 @@ def popularity_model(data) -> Scored:
                   torch.ones(data.n_users, 1, dtype=torch.float64), torch.from_numpy(score)[:, None], cap_batch=True)
 
 
-def oracle_model(log: str, data, dataset: str, storage_options: dict[str, Any] | None = None, *,
+def _oracle_model(log: str, data, dataset: str, storage_options: dict[str, Any] | None = None, *,
                  posterior: bool = False) -> Scored:
     """The generator's p(item | user's hidden cluster) of the log ``data`` was ingested from;
     with ``posterior``, p(item | user's train items): the cluster inferred, not known."""
@@ -215,7 +215,7 @@ def parse_ks(text: str) -> list[int]:
 
 
 def _settings(scored: Scored, given: dict[str, Any]) -> dict[str, Any]:
-    out = {**eval_defaults(), **(scored.defaults or {}), **{k: v for k, v in given.items() if v is not None}}
+    out = {**_eval_defaults(), **(scored.defaults or {}), **{k: v for k, v in given.items() if v is not None}}
     ks = out["ks"]
     if isinstance(ks, str):
         ks = parse_ks(ks)
@@ -268,22 +268,22 @@ def evaluate(
     data = load_dataset(dataset, storage_options)
     graph = None
     if model is not None:
-        source = detect_model(model, storage_options)
+        source = _detect_model(model, storage_options)
         graph = build_graph(data)
         if source == "checkpoint":
-            scored = checkpoint_model(model, data, graph, dataset, storage_options)
+            scored = _checkpoint_model(model, data, graph, dataset, storage_options)
         else:
             from gnaq_dist.storage import is_local, resolve
 
             fs, path = resolve(model, storage_options)
             if not is_local(fs):
                 raise GnaqInputError(f"{model}: bundles are read from local paths")
-            scored = bundle_model(path if "://" in str(model) else os.fspath(model), data, graph, dataset,
+            scored = _bundle_model(path if "://" in str(model) else os.fspath(model), data, graph, dataset,
                                   storage_options)
     elif popularity:
-        scored = popularity_model(data)
+        scored = _popularity_model(data)
     else:
-        scored = oracle_model(oracle, data, dataset, storage_options, posterior=posterior)
+        scored = _oracle_model(oracle, data, dataset, storage_options, posterior=posterior)
 
     settings = _settings(scored, {"ks": ks, "split": split, "max_users": max_users, "seed": seed,
                                   "batch_size": batch_size})
@@ -319,5 +319,4 @@ def format_report(result: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-__all__ = ["Scored", "bundle_model", "checkpoint_model", "detect_model", "eval_defaults", "evaluate",
-           "final_embeddings", "format_report", "oracle_model", "parse_ks", "popularity_model"]
+__all__ = ["Scored", "evaluate", "final_embeddings", "format_report", "parse_ks"]

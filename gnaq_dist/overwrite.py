@@ -71,7 +71,7 @@ def _listed_names(mark: dict[str, Any]) -> set[str] | None:
     return None
 
 
-def identify(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]] | None:
+def _identify(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[str, str, dict[str, Any]] | None:
     """``(kind, mark name, mark content)`` of the gnaq output directory at ``uri``, or None."""
     fs, path = resolve(uri, storage_options)
     marks: dict[str, dict[str, Any] | None] = {}
@@ -109,7 +109,7 @@ def check_replaceable(uri: str, storage_options: dict[str, Any] | None, kind: st
         if kind == "generated log" and path.endswith(".parquet") and _is_generated_parquet(fs, path):
             return
         raise GnaqInputError(f"{uri}: exists and is a file, not a gnaq {kind}; {keep}")
-    found = identify(uri, storage_options)
+    found = _identify(uri, storage_options)
     if found is None:
         raise GnaqInputError(f"{uri}: not a gnaq {kind} (no {OUTPUT_KINDS[kind][0]} of one); {keep}")
     found_kind, mark, content = found
@@ -209,4 +209,4 @@ def check_disjoint(out_uri: str, in_uri: str, storage_options: dict[str, Any] | 
                          f"outside the input (nothing was written)")
 
 
-__all__ = ["GENERATED_COLUMNS", "OUTPUT_KINDS", "check_disjoint", "check_replaceable", "identify"]
+__all__ = ["GENERATED_COLUMNS", "OUTPUT_KINDS", "check_disjoint", "check_replaceable"]

@@ -60,10 +60,10 @@ class Row:
 
     @property
     def label(self) -> str:
-        return label_of(self.method, self.bits)
+        return _label_of(self.method, self.bits)
 
 
-def label_of(method: str, bits: int | None) -> str:
+def _label_of(method: str, bits: int | None) -> str:
     name = LABELS.get(method, method)
     return name if bits is None else f"{name} {bits}-bit"
 
@@ -81,10 +81,10 @@ def parse_methods(text: str) -> list[tuple[str, int | None]]:
     return out
 
 
-def method_config(base: TrainConfig, method: str, bits: int | None, out: Path, protocol: str = "shared-warmup",
+def _method_config(base: TrainConfig, method: str, bits: int | None, out: Path, protocol: str = "shared-warmup",
                   seed: int | None = None) -> TrainConfig:
     """``base`` for one method under ``protocol`` (the reference protocol's quantized
-    schedule is set once the fp run has converged: :func:`after_fp`)."""
+    schedule is set once the fp run has converged: :func:`_after_fp`)."""
     if protocol not in PROTOCOLS:
         raise GnaqInputError(f"--protocol: {protocol!r} is not one of {', '.join(PROTOCOLS)}")
     config = copy.deepcopy(base)
@@ -103,7 +103,7 @@ def method_config(base: TrainConfig, method: str, bits: int | None, out: Path, p
     return config
 
 
-def after_fp(config: TrainConfig, fp: WarmStart, budget: int) -> TrainConfig:
+def _after_fp(config: TrainConfig, fp: WarmStart, budget: int) -> TrainConfig:
     """The reference protocol's quantized schedule: from the best fp epoch, ``budget`` more epochs."""
     config = copy.deepcopy(config)
     config.schedule.warmup_epochs = fp.epoch
@@ -112,7 +112,7 @@ def after_fp(config: TrainConfig, fp: WarmStart, budget: int) -> TrainConfig:
     return config
 
 
-def check_protocol_data(protocol: str, base: TrainConfig, data: InteractionData) -> None:
+def _check_protocol_data(protocol: str, base: TrainConfig, data: InteractionData) -> None:
     """The reference protocol stops on a held-out split the dataset must have (exit 2 if not)."""
     if protocol == "reference":
         split = base.schedule.early_stopping.split
@@ -123,7 +123,7 @@ def check_protocol_data(protocol: str, base: TrainConfig, data: InteractionData)
                                  f"split, which the dataset lacks (ingest with --valid-fraction 0.1)") from None
 
 
-def check_protocol_methods(protocol: str, methods: list[tuple[str, int | None]]) -> None:
+def _check_protocol_methods(protocol: str, methods: list[tuple[str, int | None]]) -> None:
     """The reference protocol starts every quantized method from the converged fp run."""
     if protocol == "reference" and not any(m == "fp" for m, _ in methods):
         raise GnaqInputError("--protocol reference: the quantized methods start from fp; add fp to --methods")
@@ -156,11 +156,11 @@ def run_reproduction(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     seed_list = [base.seed + i for i in range(seeds)]
-    check_protocol_data(protocol, base, data)
-    check_protocol_methods(protocol, methods)
+    _check_protocol_data(protocol, base, data)
+    _check_protocol_methods(protocol, methods)
     # Validate every configuration before any training starts.
     for m, b in methods:
-        method_config(base, m, b, out_dir, protocol)
+        _method_config(base, m, b, out_dir, protocol)
     ordered = sorted(methods, key=lambda mb: mb[0] != "fp")  # fp first: it provides the warm start
     rows: list[Row] = []
     timing: list[dict] = []
@@ -169,15 +169,15 @@ def run_reproduction(
     for si, seed in enumerate(seed_list):
         warm_start: WarmStart | None = None
         for mi, (method, bits) in enumerate(ordered):
-            _say(base, f"[{protocol}] seed {seed} ({si + 1}/{len(seed_list)}), {label_of(method, bits)} "
+            _say(base, f"[{protocol}] seed {seed} ({si + 1}/{len(seed_list)}), {_label_of(method, bits)} "
                        f"({mi + 1}/{len(ordered)}), {(time.time() - t0) / 60:.1f} min so far")
-            config = method_config(base, method, bits, _run_dir(out_dir, method, bits, seed, seeds), protocol, seed)
+            config = _method_config(base, method, bits, _run_dir(out_dir, method, bits, seed, seeds), protocol, seed)
             start = None
             if config.quantized and protocol == "shared-warmup" and warm_start is not None \
                     and warm_start.epoch == config.schedule.warmup_epochs:
                 start = warm_start
             elif config.quantized and protocol == "reference":
-                config = after_fp(config, warm_start, base.schedule.epochs)
+                config = _after_fp(config, warm_start, base.schedule.epochs)
                 start = warm_start
             log_path = Path(config.out) / "metrics.jsonl"
             if log_path.exists():
@@ -196,20 +196,20 @@ def run_reproduction(
             if si == 0 and method == "fp" and protocol != "scratch" and warm_start is not None:
                 timing_start = warm_start.weight
             rows.append(Row(method, bits, result, Path(config.out), seed))
-            write_results(rows, base, out_dir, protocol, seed_list, timing)
+            _write_results(rows, base, out_dir, protocol, seed_list, timing)
     if timing_rounds:
         _say(base, f"[{protocol}] timing every method's step round-robin on {timing_batches} batches, "
                    f"{timing_rounds} rounds")
         from gnaq_dist.step_timing import time_steps_round_robin
 
-        configs = [(label_of(m, b), method_config(base, m, b, out_dir / "timing", "shared-warmup", seed_list[0]))
+        configs = [(_label_of(m, b), _method_config(base, m, b, out_dir / "timing", "shared-warmup", seed_list[0]))
                    for m, b in methods]
         for _, c in configs:
             c.schedule.early_stopping.patience = 0
         timed = time_steps_round_robin(configs, data, timing_start, timing_rounds, timing_batches,
                                        progress=base.progress)
         timing = [t.as_dict() for t in timed]
-        write_results(rows, base, out_dir, protocol, seed_list, timing)
+        _write_results(rows, base, out_dir, protocol, seed_list, timing)
     return rows
 
 
@@ -238,7 +238,7 @@ def _mean_std(values: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var)
 
 
-def summarize(rows: list[Row], timing: list[dict]) -> list[dict]:
+def _summarize(rows: list[Row], timing: list[dict]) -> list[dict]:
     """One entry per method: every seed's values, and the mean and sample standard deviation."""
     ms = {t["method"]: t["median_ms"] for t in timing}
     out: dict[str, dict] = {}
@@ -292,7 +292,7 @@ PROTOCOL_TEXT = {
 }
 
 
-def write_results(rows: list[Row], base: TrainConfig, out_dir: Path, protocol: str = "shared-warmup",
+def _write_results(rows: list[Row], base: TrainConfig, out_dir: Path, protocol: str = "shared-warmup",
                   seeds: list[int] | None = None, timing: list[dict] | None = None) -> None:
     timing = timing or []
     seeds = seeds or [base.seed]
@@ -301,7 +301,7 @@ def write_results(rows: list[Row], base: TrainConfig, out_dir: Path, protocol: s
         writer = csv.DictWriter(fh, fieldnames=COLUMNS)
         writer.writeheader()
         writer.writerows(_row_values(r, ms) for r in rows)
-    entries = summarize(rows, timing)
+    entries = _summarize(rows, timing)
     s = base.schedule
     stop = s.early_stopping
     text = PROTOCOL_TEXT[protocol].format(w=s.warmup_epochs, q=s.epochs - s.warmup_epochs, e=s.epochs,
@@ -402,9 +402,9 @@ def run_reproduce_from_args(args: argparse.Namespace) -> int:
     if args.seeds < 1 or args.timing_rounds < 0 or args.timing_batches < 1:
         raise GnaqInputError("--seeds and --timing-batches must be >= 1, --timing-rounds >= 0")
     for m, b in methods or DEFAULT_METHODS:
-        config = method_config(base, m, b, Path(args.out), args.protocol)  # fail before loading data or training
+        config = _method_config(base, m, b, Path(args.out), args.protocol)  # fail before loading data or training
     if args.protocol == "reference":
-        check_protocol_methods(args.protocol, methods or DEFAULT_METHODS)
+        _check_protocol_methods(args.protocol, methods or DEFAULT_METHODS)
         config.check_dataset(read_manifest(base.dataset, base.storage_options))
     data = load_dataset(base.dataset, storage_options=base.storage_options)
     t0 = time.time()

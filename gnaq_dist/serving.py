@@ -66,7 +66,7 @@ class TrainGraph:
     adj_values: np.ndarray  # float32 (2E,): 1 / sqrt(deg_row * deg_col)
 
 
-def train_graph(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> TrainGraph:
+def _train_graph(n_users: int, n_items: int, users: np.ndarray, items: np.ndarray) -> TrainGraph:
     """CSR forms of the train graph, built like ``gnaq_dist.graph.build_graph_from_arrays``."""
     users = np.asarray(users, dtype=np.int64)
     items = np.asarray(items, dtype=np.int64)
@@ -118,7 +118,7 @@ def propagate_mean(graph: TrainGraph, x0: np.ndarray, num_layers: int) -> np.nda
     return total / np.float32(num_layers + 1)
 
 
-def weight_groups(x: np.ndarray, groups: int, weights: Sequence[float] | None) -> np.ndarray:
+def _weight_groups(x: np.ndarray, groups: int, weights: Sequence[float] | None) -> np.ndarray:
     """Tables of already-propagated layers (BiGeaR): scale group g by ``weights[g]``."""
     w = np.asarray(weights if weights is not None else [1.0] * groups, dtype=np.float32)
     n = x.shape[0]
@@ -126,7 +126,7 @@ def weight_groups(x: np.ndarray, groups: int, weights: Sequence[float] | None) -
 
 
 # -- ranking ---------------------------------------------------------------------------------
-def top_k(
+def _top_k(
     user_emb: np.ndarray, item_emb: np.ndarray, seen_indptr: np.ndarray, seen_indices: np.ndarray,
     users: np.ndarray, k: int, batch_size: int = 256,
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -294,12 +294,12 @@ class Bundle:
         n_users, n_items = _int_field(info, "n_users", 1), _int_field(info, "n_items", 1)
         num_layers, dim = _int_field(info, "num_layers"), _int_field(info, "dim", 1)
         train = tables["train"]
-        graph = train_graph(n_users, n_items, train.column("user").to_numpy(), train.column("item").to_numpy())
+        graph = _train_graph(n_users, n_items, train.column("user").to_numpy(), train.column("item").to_numpy())
         x0 = _layer0(path, info, files, tables, n_users + n_items, dim)
         if kind == "fp" or info.get("needs_propagation", True):
             final = propagate_mean(graph, x0, num_layers)
         else:
-            final = weight_groups(x0, int(info["groups"]), info.get("group_weights"))
+            final = _weight_groups(x0, int(info["groups"]), info.get("group_weights"))
         final = with_score_bias(final, _bias(path, files, tables, n_users + n_items), n_users)
         users, items = tables["users"].column("raw_id"), tables["items"].column("raw_id")
         if len(users) != n_users or len(items) != n_items:
@@ -329,9 +329,9 @@ class Bundle:
 
     # -- serving ---------------------------------------------------------------------------
     def top_k_indices(self, users: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """(item indices, scores) for internal user indices, as :func:`top_k`."""
+        """(item indices, scores) for internal user indices, as :func:`_top_k`."""
         g = self.graph
-        return top_k(self.embeddings[: self.n_users], self.embeddings[self.n_users :], g.seen_indptr,
+        return _top_k(self.embeddings[: self.n_users], self.embeddings[self.n_users :], g.seen_indptr,
                      g.seen_indices, users, k)
 
     def recommend(self, raw_user_ids: Sequence[Any], k: int = 10) -> list[tuple[list, np.ndarray]]:
@@ -458,12 +458,7 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
             pacsv.write_csv(table, tmp)
 
 
-def load_bundle(path: str | os.PathLike, verify: bool = True) -> Bundle:
-    """Shorthand for :meth:`Bundle.load`."""
-    return Bundle.load(path, verify)
-
-
 __all__ = [
-    "Bundle", "TrainGraph", "load_bundle", "propagate_mean", "read_user_ids", "recommendations_table", "spmm", "top_k",
-    "train_graph", "weight_groups", "write_table_atomic",
+    "Bundle", "TrainGraph", "propagate_mean", "read_user_ids", "recommendations_table", "spmm",
+    "write_table_atomic",
 ]

@@ -55,7 +55,7 @@ def resolve(uri: str, storage_options: dict[str, Any] | None = None) -> tuple[fs
     return fs, path.rstrip("/") or path
 
 
-def is_uri(location: str) -> bool:
+def _is_uri(location: str) -> bool:
     """Whether ``location`` names a scheme (``s3://...``, ``file://...``) rather than a plain local path."""
     return "://" in str(location)
 
@@ -63,7 +63,7 @@ def is_uri(location: str) -> bool:
 def absolute_if_local(location: str) -> str:
     """A plain local path made absolute (another process, another working directory reads it);
     a URI as it is."""
-    return location if not location or is_uri(location) else os.path.abspath(location)
+    return location if not location or _is_uri(location) else os.path.abspath(location)
 
 
 def _first_line(exc: BaseException) -> str:

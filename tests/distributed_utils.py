@@ -8,6 +8,12 @@ and the parent raises :class:`RankError` with that rank's traceback at once (no
 waiting for the group's own timeout); if the ranks run past ``timeout`` seconds, they
 are terminated and :class:`TimeoutError` is raised.
 
+``remote_rows(x_own, ids, partition, ...)``: a rank's differentiable read of rows of an
+activation split by owner (a test's loss over rows of every rank).
+
+``edge_cut_fraction(partition, graph)``: the share of the train edges whose ends have
+different owners.
+
 ``fn`` must be a module-level function of an importable module (spawn pickles it by
 name); tests/ is on ``sys.path`` under pytest, and spawn passes ``sys.path`` on.
 """
@@ -92,3 +98,23 @@ def run_ranks(fn: Callable, world_size: int, *args: Any, timeout: float = 60.0, 
             if p.is_alive():
                 p.kill()
     return [values[r] for r in range(world_size)]
+
+
+def remote_rows(x_own: Any, ids: Any, partition: Any, counter: Any = None, grad_out: Any = None) -> Any:
+    """Differentiable rows ``ids`` (unique global ids) of an activation split by owner, through a
+    :class:`~gnaq_dist.distributed.halo_exchange.FixedExchange` used once (collective): forward
+    pulls them from their owners, backward sends their gradients back. ``grad_out`` (like
+    ``x_own``) receives ``x_own``'s gradient in place of a new tensor."""
+    from gnaq_dist.distributed.halo import _OwnerRows
+    from gnaq_dist.distributed.halo_exchange import FixedExchange
+
+    return _OwnerRows.apply(x_own, FixedExchange(ids, partition, counter=counter), counter, grad_out)
+
+
+def edge_cut_fraction(partition: Any, graph: Any) -> float:
+    """Share of the train edges whose user and item have different owners (rows that must travel)."""
+    assert graph.n_nodes == partition.num_nodes, (graph.n_nodes, partition.num_nodes)
+    if graph.src.numel() == 0:
+        return 0.0
+    cut = partition.owner[graph.src.numpy()] != partition.owner[graph.dst.numpy()]
+    return float(cut.mean())

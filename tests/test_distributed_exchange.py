@@ -17,7 +17,7 @@ from distributed_utils import RankError, run_ranks
 from gnaq_dist.distributed.compression import ErrorFeedback, RowCompressor
 from gnaq_dist.distributed.comm import allreduce_dense
 from gnaq_dist.distributed.halo_exchange import FixedExchange
-from gnaq_dist.distributed.row_exchange import count_at_owners, fetch_rows, push_row_gradients
+from gnaq_dist.distributed.row_exchange import fetch_rows, push_row_gradients
 from gnaq_dist.distributed.rows import DenseShard, QuantizedShard
 from gnaq_dist.distributed.wire import WireCounter
 from gnaq_dist.distributed.partition import Partition, hash_owner
@@ -190,14 +190,6 @@ def scenario_three_ranks(rank: int, world: int) -> dict:
     rows, summed = push_row_gradients(ids, grads, part, None, None)
     out["push_exact"] = (_to_global(part, rank, rows), summed.numpy())
 
-    # Occurrence counts at the owners: ids with repeats on every rank, none at all on the last.
-    ids, _ = _grads(rank, 1, 4)
-    if rank == 2:
-        ids = ids[:0]
-    count_counter = WireCounter()
-    out["counted"] = (ids.numpy(), count_at_owners(ids, part, int(part.counts()[rank]), counter=count_counter).numpy())
-    out["count_wire"] = count_counter.pop()
-
     # Bad calls: every rank raises, nobody hangs.
     errors = []
     try:  # duplicate ids are refused before any collective
@@ -251,21 +243,6 @@ def test_decode_into_a_kept_table_equals_the_reference():
     assert shard.decode(payload[:0]).shape == (0, DIM)
     with pytest.raises(GnaqInputError, match=rf"out must be a contiguous float32 \({N}, {DIM}\)"):
         shard.decode(payload, out=torch.empty(N, DIM + 1))
-
-
-# -- occurrence counts -----------------------------------------------------------------------
-def test_count_at_owners_gives_each_owner_the_occurrences_of_its_rows_on_every_rank(three):
-    part = _partition(3)
-    total = np.zeros(N, dtype=np.int64)
-    for res in three:
-        np.add.at(total, res["counted"][0], 1)
-    assert total.sum() == 2 * 48  # ranks 0 and 1 sent 48 ids each, rank 2 none
-    for rank, res in enumerate(three):
-        np.testing.assert_array_equal(res["counted"][1], total[part.owned_ids(rank)])
-        # one (row, count) pair of 16 bytes per distinct id sent to another rank
-        ids = np.unique(res["counted"][0])
-        remote = int((part.owner[ids] != rank).sum())
-        assert res["count_wire"]["control_bytes"] == remote * 16 + 2 * 3 * 8  # + the header to 2 peers
 
 
 # -- fetch ------------------------------------------------------------------------------------

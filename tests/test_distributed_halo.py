@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 
-from distributed_utils import run_ranks
+from distributed_utils import remote_rows, run_ranks
 from gnaq_dist.graph import build_graph
 from gnaq_dist.synthetic import clustered_interactions
 
@@ -25,7 +25,7 @@ def scenario_halo(rank: int, world: int, methods: list[str]) -> list[dict]:
 
 def _halo_run(rank: int, world: int, method: str) -> dict:
     from gnaq_dist.distributed.wire import WireCounter
-    from gnaq_dist.distributed.halo import HaloPlan, remote_rows
+    from gnaq_dist.distributed.halo import HaloPlan
     from gnaq_dist.distributed.partition import partition_nodes
 
     graph = _graph()
@@ -62,7 +62,7 @@ def _mean_runs(rank: int, world: int, part, shared_memory_dir: str | None) -> li
     """The fused mean-of-layers propagation against layer by layer, for L = 0..3, twice each
     (the second call reuses the plan's buffers), and fused into the step's kept tables."""
     from gnaq_dist.distributed.wire import WireCounter
-    from gnaq_dist.distributed.halo import HaloPlan, remote_rows
+    from gnaq_dist.distributed.halo import HaloPlan
 
     graph = _graph()
     plan = HaloPlan.build(graph, part, rank, shared_memory_dir=shared_memory_dir)

@@ -7,11 +7,10 @@ import logging
 import numpy as np
 import pytest
 
+from distributed_utils import edge_cut_fraction
 from gnaq_dist.distributed.partition import (
     Partition,
     balance_loads,
-    edge_cut_fraction,
-    edges_for_rank,
     hash_owner,
     partition_nodes,
     rank_loads,
@@ -146,17 +145,6 @@ def test_describe_records_method_sizes_and_checksum(graph):
     assert moved.checksum() != part.checksum()
 
 
-def test_edges_for_rank_split_the_training_edges_by_user_owner(data, graph):
-    part = partition_nodes(graph, 3, method="hash")
-    pieces = [edges_for_rank(part, data.train_user, data.train_item, data.n_users, r) for r in range(3)]
-    assert sum(u.size for u, _ in pieces) == data.train_user.size
-    for r, (u, i) in enumerate(pieces):
-        assert np.all(part.owner[u] == r)
-        assert u.shape == i.shape
-    got = np.sort(np.concatenate([u * data.n_items + i for u, i in pieces]))
-    np.testing.assert_array_equal(got, np.sort(data.train_user * data.n_items + data.train_item))
-
-
 def test_bad_input_raises_one_line_errors(data, graph):
     with pytest.raises(GnaqInputError, match="partition method"):
         partition_nodes(graph, 2, method="random")
@@ -166,8 +154,6 @@ def test_bad_input_raises_one_line_errors(data, graph):
         partition_nodes(graph, 2, max_imbalance=-0.5)
     part = partition_nodes(graph, 2, method="hash")
     with pytest.raises(GnaqInputError, match="rank must lie"):
-        edges_for_rank(part, data.train_user, data.train_item, data.n_users, 2)
-    with pytest.raises(GnaqInputError, match="n_users"):
-        edges_for_rank(part, data.train_user, data.train_item, data.n_users + 1, 0)
+        part.owned_ids(2)
     with pytest.raises(GnaqInputError, match="owner ranks"):
         Partition.from_owner(np.full(part.num_nodes, 5), 2, part.n_users, part.n_items)

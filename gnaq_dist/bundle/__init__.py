@@ -5,10 +5,12 @@ Why a package of its own: the writer (which runs beside training), the edge read
 decoding, and none of them should pull in the others' dependencies. It imports only the
 standard library and numpy.
 
+Internal: the bundle's files are documented in docs/export.md; ``gnaq_dist.Bundle`` reads them.
+
 Modules:
 
-* :mod:`gnaq_dist.bundle.layout` — file names, columns, format constants, bundle.json fields;
-* :mod:`gnaq_dist.bundle.codes` — the bit-packed code layout and its decoder.
+* :mod:`.layout`: file names, columns, format constants, bundle.json fields;
+* :mod:`.codes`: the bit-packed code layout and its decoder.
 """
 
 from gnaq_dist.bundle.codes import SUPPORTED_BITS, dequantize_codes, packed_row_bytes, unpack_bits

@@ -1,8 +1,9 @@
 """Distributed training: each worker owns a shard of the embedding rows; rows and gradients travel.
 
-Public API: :func:`train_worker` (one rank's run inside a process group),
+Exports :func:`train_worker` (one rank's run inside a process group),
 :class:`DistributedTrainer`, :func:`fit_on_ray` / :func:`train_on_ray` (W workers under Ray Train's public ``TorchTrainer``), and the
-partition record :class:`Partition` with :func:`partition_nodes`. The rest is internal.
+partition record :class:`Partition` with :func:`partition_nodes`, for the rest of the library
+(``gnaq_dist.train`` with a ``ScalingConfig`` is the public way to train on Ray); the rest is internal.
 
 Modules, from the run down to the wire (each imports only modules listed below it):
 
@@ -17,7 +18,7 @@ Modules, from the run down to the wire (each imports only modules listed below i
 * :mod:`.sharded`: a rank's rows of an embedding method: wire format, differentiable view, update;
 * :mod:`.sparse_adam`: lazy, row-sparse Adam over the owned rows;
 * :mod:`.halo`: full-graph propagation split by owner (a rank's rows of ``A_hat`` and its halo);
-* :mod:`.row_exchange`: rows fetched from, gradients pushed to, occurrences counted at their owners;
+* :mod:`.row_exchange`: rows fetched from, gradients pushed to their owners, one request at a time;
 * :mod:`.halo_exchange`: the halo's rows from their owners, planned once, over shared memory on one host;
 * :mod:`.shared_rows`: row tables that ranks on one host map from each other's memory;
 * :mod:`.rows`: row servers: a shard's rows as fixed-size wire rows (quantized, dense, latent);

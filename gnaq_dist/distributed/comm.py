@@ -167,7 +167,7 @@ def broadcast_partition(partition: Partition | None, src: int = 0) -> Partition:
 
 
 # -- one rank's failure, every rank's error -------------------------------------------------------
-def raise_if_any_rank_failed(ok: bool, what: str) -> None:
+def _raise_if_any_rank_failed(ok: bool, what: str) -> None:
     """Raise on every rank if some rank failed ``what`` (the failed rank raises its own error first)."""
     flag = allreduce_sum(torch.tensor([0 if ok else 1], dtype=torch.int64))
     if ok and int(flag) > 0:
@@ -175,7 +175,7 @@ def raise_if_any_rank_failed(ok: bool, what: str) -> None:
 
 
 def run_on_rank_then_agree(fn: Callable[[], Any] | None, what: str) -> Any:
-    """``fn()`` on this rank (None: nothing here), then :func:`raise_if_any_rank_failed`: a rank
+    """``fn()`` on this rank (None: nothing here), then :func:`_raise_if_any_rank_failed`: a rank
     that fails makes every rank raise instead of the others hanging in the next collective."""
     value, error = None, None
     try:
@@ -183,7 +183,7 @@ def run_on_rank_then_agree(fn: Callable[[], Any] | None, what: str) -> Any:
             value = fn()
     except BaseException as exc:  # noqa: BLE001 - re-raised below on this rank
         error = exc
-    raise_if_any_rank_failed(error is None, what)
+    _raise_if_any_rank_failed(error is None, what)
     if error is not None:
         raise error
     return value
@@ -200,7 +200,6 @@ __all__ = [
     "exchange_header",
     "group_by_owner",
     "id_dtype",
-    "raise_if_any_rank_failed",
     "rank_and_size",
     "run_on_rank_then_agree",
 ]

@@ -70,7 +70,7 @@ def _packed_server(shard: MethodShard, level_dtype: torch.dtype) -> tuple[Packed
 
 
 @torch.no_grad()
-def gathered_table(trainer: DistributedTrainer) -> tuple[str, Any]:
+def _gathered_table(trainer: DistributedTrainer) -> tuple[str, Any]:
     """The full layer-0 table on every rank, in storage form (collective).
 
     ``("fp", weight)`` for fp (no packed form); ``("packed", PackedTable)`` otherwise,
@@ -136,7 +136,7 @@ def _with_bias_bytes(storage: dict[str, float], trainer: DistributedTrainer) -> 
 
 def evaluate_gathered(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, float]]:
     """Every rank gathers the whole stored table and scores the whole graph (collective)."""
-    kind, table = gathered_table(trainer)
+    kind, table = _gathered_table(trainer)
     bias = _stored_bias(trainer)
     if bias is not None:
         ids = torch.arange(trainer.partition.num_nodes, dtype=torch.int64)
@@ -190,5 +190,4 @@ def evaluate_split(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[
     return _rank_users(trainer, users, items), storage
 
 
-__all__ = ["evaluate", "evaluate_gathered", "evaluate_split", "final_embeddings", "gather_latent",
-           "gathered_table"]
+__all__ = ["evaluate", "evaluate_gathered", "evaluate_split", "final_embeddings", "gather_latent"]

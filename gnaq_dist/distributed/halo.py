@@ -365,14 +365,6 @@ class HaloPlan:
                 "nnz": int(self.inner.values().numel() + self.outer.values().numel())}
 
 
-def remote_rows(x_own: torch.Tensor, ids: torch.Tensor, partition: Partition,
-                counter: WireCounter | None = None, grad_out: torch.Tensor | None = None) -> torch.Tensor:
-    """Differentiable rows ``ids`` (unique global ids) of an activation split by owner, through a
-    plan used once (collective). ``grad_out`` (like ``x_own``) receives ``x_own``'s gradient in
-    place of a new tensor; it may be ``x_own`` itself if nothing reads that after this call."""
-    return _OwnerRows.apply(x_own, FixedExchange(ids, partition, counter=counter), counter, grad_out)
-
-
 def final_own_rows(plan: HaloPlan, method, x_input: torch.Tensor, num_layers: int, counter: WireCounter | None, *,
                    out: torch.Tensor | None = None, grad_input: torch.Tensor | None = None) -> torch.Tensor:
     """The own nodes' final rows of ``method`` (an :class:`~gnaq_dist.quant.base.EmbeddingMethod`)
@@ -384,4 +376,4 @@ def final_own_rows(plan: HaloPlan, method, x_input: torch.Tensor, num_layers: in
     return method.combine(plan.propagate(x_input, num_layers, method.layer_fn, counter=counter))
 
 
-__all__ = ["HaloPlan", "final_own_rows", "remote_rows"]
+__all__ = ["HaloPlan", "final_own_rows"]

@@ -307,40 +307,11 @@ def partition_nodes(graph: BipartiteGraph | TrainCSR, world_size: int, method: s
     return part
 
 
-def edges_for_rank(partition: Partition, train_user: np.ndarray, train_item: np.ndarray, n_users: int,
-                   rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """The training (user, item) pairs whose user ``rank`` owns: that rank's BPR batches."""
-    partition._check_rank(rank)
-    if n_users != partition.n_users:
-        raise GnaqInputError(f"n_users is {n_users} but the partition has {partition.n_users} users")
-    users = np.asarray(train_user, dtype=np.int64)
-    items = np.asarray(train_item, dtype=np.int64)
-    if users.shape != items.shape or users.ndim != 1:
-        raise GnaqInputError(f"train_user and train_item must be 1-D of equal length, got {users.shape} and "
-                             f"{items.shape}")
-    if users.size and (users.min() < 0 or users.max() >= n_users):
-        raise GnaqInputError(f"user ids must lie in [0, {n_users}), got [{users.min()}, {users.max()}]")
-    mask = partition.owner[users] == rank
-    return users[mask], items[mask]
-
-
-def edge_cut_fraction(partition: Partition, graph: BipartiteGraph) -> float:
-    """Share of the train edges whose user and item have different owners (rows that must travel)."""
-    if graph.n_nodes != partition.num_nodes:
-        raise GnaqInputError(f"graph has {graph.n_nodes} nodes, the partition {partition.num_nodes}")
-    if graph.src.numel() == 0:
-        return 0.0
-    cut = partition.owner[graph.src.numpy()] != partition.owner[graph.dst.numpy()]
-    return float(cut.mean())
-
-
 __all__ = [
     "PARTITION_METHODS",
     "Partition",
     "RankLoad",
     "balance_loads",
-    "edge_cut_fraction",
-    "edges_for_rank",
     "hash_owner",
     "partition_nodes",
     "rank_loads",

@@ -42,7 +42,7 @@ def ray_environment() -> None:
         os.environ.setdefault("RAY_COLOR_PREFIX", "0")
 
 
-def check_reachable(address: str, timeout: float = 5.0) -> None:
+def _check_reachable(address: str, timeout: float = 5.0) -> None:
     """Fail fast (one line, exit 2) on an address where no Ray answers: ray.init would wait minutes."""
     from gnaq_dist.distributed.address_probe import probe_ray
 
@@ -70,7 +70,7 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
 
     ray_environment()
     if address:
-        check_reachable(address)
+        _check_reachable(address)
     if ray.is_initialized():
         return False
     if address:
@@ -176,7 +176,7 @@ def ray_storage(location: str, storage_options: dict[str, Any] | None = None) ->
     return path, arrow_fs(fs)
 
 
-def scaling_config_for(config: TrainConfig, scaling_config: Any = None) -> Any:
+def _scaling_config_for(config: TrainConfig, scaling_config: Any = None) -> Any:
     """The user's ``ScalingConfig``, or one from the config: ``distributed.workers`` workers of one
     CPU each, placed by ``distributed.placement``. ``config.distributed.workers`` follows it."""
     from ray.train import ScalingConfig
@@ -294,7 +294,7 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
                final_checkpoint: bool = False) -> Any:
     """Train ``config`` with a public ``TorchTrainer``; returns Ray Train's ``Result``.
 
-    ``scaling_config`` / ``run_config``: the user's (see :func:`scaling_config_for`,
+    ``scaling_config`` / ``run_config``: the user's (see :func:`_scaling_config_for`,
     :func:`run_config_for`), or made from the config. Connects to ``address`` (or an already
     initialised Ray), else starts a local Ray for the job and shuts it down after. Every epoch the
     workers report its metrics and checkpoint (:mod:`.ray_report`): ``Result.metrics`` is the last
@@ -304,7 +304,7 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
     config.validate()
     config.check_distributed()
     _absolute_paths(config)
-    scaling = scaling_config_for(config, scaling_config)
+    scaling = _scaling_config_for(config, scaling_config)
     run = run_config_for(config, run_config)
     from gnaq_dist.train.resume_check import check_resume
 

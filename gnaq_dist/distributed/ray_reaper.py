@@ -65,7 +65,7 @@ def _alive(seen: dict[int, int]) -> list[int]:
     return out
 
 
-def reap(seen: dict[int, int]) -> list[int]:
+def _reap(seen: dict[int, int]) -> list[int]:
     """SIGTERM, then after :data:`GRACE_S` SIGKILL, every process of ``seen`` still alive."""
     targets = _alive(seen)
     for sig in (signal.SIGTERM, signal.SIGKILL):
@@ -83,7 +83,7 @@ def reap(seen: dict[int, int]) -> list[int]:
     return targets
 
 
-def watch(driver: int, pipe_fd: int = 0) -> None:
+def _watch(driver: int, pipe_fd: int = 0) -> None:
     """Record the driver's descendants until ``pipe_fd`` reaches end of file, then reap them."""
     seen: dict[int, int] = {}
     while True:
@@ -91,7 +91,7 @@ def watch(driver: int, pipe_fd: int = 0) -> None:
         if readable and not os.read(pipe_fd, 4096):
             break
         seen.update(descendants(driver))
-    reap(seen)
+    _reap(seen)
 
 
 class Reaper:
@@ -123,4 +123,4 @@ def start_reaper() -> Reaper:
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver's terminal is not ours
-    watch(int(sys.argv[1]))
+    _watch(int(sys.argv[1]))

@@ -27,7 +27,7 @@ log = logging.getLogger(__name__)
 NOT_METRICS = ("event", "time", "uri")
 
 
-def epoch_metrics(records: list[dict[str, Any]]) -> dict[str, float | int]:
+def _epoch_metrics(records: list[dict[str, Any]]) -> dict[str, float | int]:
     """The numbers of one epoch's records, merged in order (later records win a shared key);
     ``phase`` becomes ``quantized`` (0 or 1)."""
     metrics: dict[str, float | int] = {}
@@ -44,7 +44,7 @@ def epoch_metrics(records: list[dict[str, Any]]) -> dict[str, float | int]:
     return metrics
 
 
-def progress_line(metrics: dict[str, Any]) -> str:
+def _progress_line(metrics: dict[str, Any]) -> str:
     """One line for an epoch's report: epoch, step, loss, throughput, and the metrics if evaluated."""
     parts = [f"epoch {metrics['epoch']}" if "epoch" in metrics else "report"]
     if "quantized" in metrics:
@@ -59,7 +59,7 @@ def progress_line(metrics: dict[str, Any]) -> str:
     return " ".join(parts)
 
 
-def ray_checkpoint(uri: str, storage_options: dict[str, Any] | None = None):
+def _ray_checkpoint(uri: str, storage_options: dict[str, Any] | None = None):
     """A ``ray.train.Checkpoint`` for the checkpoint directory at ``uri``, on the same
     filesystem that the Ray run's storage uses (:func:`.ray_launch.ray_storage`)."""
     from ray.train import Checkpoint
@@ -103,14 +103,14 @@ class EpochReporter:
 
         if not self.pending:
             return
-        metrics = epoch_metrics(self.pending)
+        metrics = _epoch_metrics(self.pending)
         uris = [r["uri"] for r in self.pending if r.get("event") == "checkpoint" and r.get("uri")]
-        checkpoint = ray_checkpoint(uris[-1], self.storage_options) if uris and self.rank == 0 else None
+        checkpoint = _ray_checkpoint(uris[-1], self.storage_options) if uris and self.rank == 0 else None
         self.pending = []
         ray.train.report(metrics, checkpoint=checkpoint, checkpoint_upload_mode=CheckpointUploadMode.NO_UPLOAD)
         self.reports += 1
         if self.progress:
-            print(progress_line(metrics), file=sys.stdout, flush=True)
+            print(_progress_line(metrics), file=sys.stdout, flush=True)
 
 
 def resume_uri(checkpoint_root: str) -> str | None:
@@ -151,5 +151,4 @@ def write_summary(summary: dict[str, Any], out: str, storage_options: dict[str, 
     write_text(f"{base}/summary.json", json.dumps(summary, indent=2, default=str), storage_options)
 
 
-__all__ = ["EpochReporter", "epoch_metrics", "progress_line", "quiet_report_lines", "ray_checkpoint", "resume_uri",
-           "write_summary"]
+__all__ = ["EpochReporter", "quiet_report_lines", "resume_uri", "write_summary"]

@@ -5,7 +5,7 @@ touch rows of every shard. As in DGL's distributed sparse optimizers, only the t
 rows move: requests and gradients are grouped by owner, the counts go first (the checked
 header of :func:`.comm.exchange_header`), then one variable-size ``all_to_all_single``
 carries the rows, in the row server's wire form (:mod:`.rows`) or as compressed gradient
-rows (:mod:`.compression`). All three functions are collectives: every rank calls them in
+rows (:mod:`.compression`). Both functions are collectives: every rank calls them in
 the same order, possibly with no ids.
 
 Messages (``n`` rows from one rank to one peer, ids int32 when the graph has fewer than
@@ -59,30 +59,6 @@ def fetch_rows(needed_ids: torch.Tensor, partition: Partition, server: RowServer
                          width=int(server.width), what="fetch_rows")
     rows = plan.pull_wire_rows(server, counter)
     return (server.decode(rows) if decode else rows).to(device)
-
-
-def count_at_owners(ids: torch.Tensor, partition: Partition, n_own: int, *, counts: torch.Tensor | None = None,
-                    counter: WireCounter | None = None) -> torch.Tensor:
-    """How often each of this rank's ``n_own`` rows occurs in all ranks' ``ids`` (int64, collective).
-
-    Why: a row's L2 weight in a step is its number of occurrences in the global batch, and
-    a rank holding only its own users' positives sees only its share of them. Sends one
-    ``(local row, count)`` pair per distinct id to its owner (as ``control`` bytes).
-    ``counts`` given: ``ids`` are already distinct and sorted, each occurring ``counts`` times
-    (``torch.unique(..., return_counts=True)`` of a caller that needs the distinct ids too).
-    """
-    ids = check_ids(ids, partition, "count_at_owners")
-    rank, world = rank_and_size()
-    uniq, cnt = torch.unique(ids, return_counts=True) if counts is None else (ids, counts.to(torch.int64))
-    order, counts = group_by_owner(uniq, partition)
-    pairs = torch.stack([partition.local_of(uniq[order]), cnt[order]], dim=1).reshape(-1)
-    recv = exchange_header(counts, 16, 2, "count_at_owners", counter)
-    got = all_to_all(pairs, (2 * counts).tolist(), (2 * recv).tolist()).reshape(-1, 2)
-    count_bytes(counter, "control", int(counts.sum() - counts[rank]) * 16)
-    out = torch.zeros(int(n_own), dtype=torch.int64)
-    if got.numel() and int(got[:, 0].max()) >= n_own:
-        raise GnaqInputError(f"count_at_owners: a peer sent row {int(got[:, 0].max())} of {n_own}")
-    return out.index_add_(0, got[:, 0], got[:, 1])
 
 
 def push_row_gradients(
@@ -163,4 +139,4 @@ def push_row_gradients(
     return rows.to(device), summed.to(device)
 
 
-__all__ = ["count_at_owners", "fetch_rows", "push_row_gradients"]
+__all__ = ["fetch_rows", "push_row_gradients"]

@@ -11,7 +11,7 @@ import numpy as np
 from gnaq_dist.ingest.edges import Edges
 
 
-def pair_keys(user: np.ndarray, item: np.ndarray) -> np.ndarray:
+def _pair_keys(user: np.ndarray, item: np.ndarray) -> np.ndarray:
     """One int64 per (user, item) pair."""
     return (user.astype(np.int64) << 32) | item.astype(np.int64)
 
@@ -21,7 +21,7 @@ def dedup(edges: Edges) -> tuple[Edges, int]:
     n = len(edges)
     if n == 0:
         return edges, 0
-    keys = pair_keys(edges.user, edges.item)
+    keys = _pair_keys(edges.user, edges.item)
     order = np.argsort(keys, kind="stable")  # grouped by pair, file order within a pair
     sorted_keys = keys[order]
     same = sorted_keys[1:] == sorted_keys[:-1]
@@ -63,6 +63,6 @@ def drop_known_pairs(edges: Edges, known_user: np.ndarray, known_item: np.ndarra
     """Drop rows whose (user, item) pair is already in an existing dataset (incremental ingest)."""
     if len(edges) == 0 or len(known_user) == 0:
         return edges, 0
-    hit = np.isin(pair_keys(edges.user, edges.item), pair_keys(known_user, known_item))
+    hit = np.isin(_pair_keys(edges.user, edges.item), _pair_keys(known_user, known_item))
     dropped = int(hit.sum())
     return (edges.take(np.flatnonzero(~hit)) if dropped else edges), dropped

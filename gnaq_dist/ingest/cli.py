@@ -99,7 +99,7 @@ def _flags(args: argparse.Namespace) -> dict[str, Any]:
     return cfg
 
 
-def config_from_args(args: argparse.Namespace) -> IngestConfig:
+def _config_from_args(args: argparse.Namespace) -> IngestConfig:
     """defaults < --config files < flags < --set."""
     merged: dict[str, Any] = {}
     for path in args.config:
@@ -133,7 +133,7 @@ def run_ingest_from_args(args: argparse.Namespace) -> int:
 
     t0 = time.perf_counter()
     try:
-        config = config_from_args(args)
+        config = _config_from_args(args)
         manifest = ingest(args.source, args.out, config, overwrite=args.overwrite, append=args.append)
     except GnaqInputError as exc:
         print(f"gnaq ingest: error: {exc}", file=sys.stderr)

@@ -23,7 +23,7 @@ def _in_range(seconds: int, where: str) -> int:
     return seconds
 
 
-def parse_cutoff(value: str | int, where: str) -> int:
+def _parse_cutoff(value: str | int, where: str) -> int:
     """ISO date/datetime string or int unix seconds -> int unix seconds (naive = UTC)."""
     if isinstance(value, bool):
         raise ConfigError(f"{where}: expected an ISO date/datetime or unix seconds, got {value!r}")
@@ -75,11 +75,11 @@ class SplitConfig:
             if value is not None and value < 0:
                 raise ConfigError(f"split.{name}: {value} must be >= 0")
         if self.cutoff is not None:
-            parse_cutoff(self.cutoff, "split.cutoff")
+            _parse_cutoff(self.cutoff, "split.cutoff")
         if self.valid_cutoff is not None:
             if self.cutoff is None:
                 raise ConfigError("split.valid_cutoff: needs split.cutoff")
-            if parse_cutoff(self.valid_cutoff, "split.valid_cutoff") >= parse_cutoff(self.cutoff, "split.cutoff"):
+            if _parse_cutoff(self.valid_cutoff, "split.valid_cutoff") >= _parse_cutoff(self.cutoff, "split.cutoff"):
                 raise ConfigError("split.valid_cutoff: must be earlier than split.cutoff")
         if self.strategy == "temporal_global" and self.cutoff is None:
             raise ConfigError("split.cutoff: strategy temporal_global needs a cutoff (ISO date or unix seconds)")
@@ -90,11 +90,11 @@ class SplitConfig:
 
     @property
     def cutoff_s(self) -> int | None:
-        return None if self.cutoff is None else parse_cutoff(self.cutoff, "split.cutoff")
+        return None if self.cutoff is None else _parse_cutoff(self.cutoff, "split.cutoff")
 
     @property
     def valid_cutoff_s(self) -> int | None:
-        return None if self.valid_cutoff is None else parse_cutoff(self.valid_cutoff, "split.valid_cutoff")
+        return None if self.valid_cutoff is None else _parse_cutoff(self.valid_cutoff, "split.valid_cutoff")
 
 
 @dataclass

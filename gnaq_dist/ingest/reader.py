@@ -20,7 +20,7 @@ import pyarrow.compute as pc
 import pyarrow.dataset as ds
 import pyarrow.parquet as pq
 import pyarrow.types as pat
-def has_magic(path: str) -> bool:
+def _has_magic(path: str) -> bool:
     return any(c in path for c in "*?[")
 
 from gnaq_dist.errors import GnaqInputError
@@ -69,11 +69,11 @@ def _hidden(rel: str) -> bool:
     return any(part.startswith((".", "_")) for part in rel.split("/") if part)
 
 
-def list_files(uri: str, storage_options: dict | None = None) -> tuple[Any, str, list[SourceFile]]:
+def _list_files(uri: str, storage_options: dict | None = None) -> tuple[Any, str, list[SourceFile]]:
     """Source URI (file, directory, glob) -> (fs, partition base dir, files); hidden files skipped."""
     fs, path = resolve(uri, storage_options)
     try:
-        if has_magic(path):
+        if _has_magic(path):
             base = path[: min(path.find(c) for c in "*?[" if c in path)].rsplit("/", 1)[0]
             found = fs.glob(path, detail=True)
             infos = {p: i for p, i in found.items() if i.get("type") == "file"}
@@ -102,7 +102,7 @@ def list_files(uri: str, storage_options: dict | None = None) -> tuple[Any, str,
 
 def open_source(uri: str, storage_options: dict | None = None) -> Source:
     """Resolve the source and read every file's footer (row counts, schema)."""
-    fs, base, files = list_files(uri, storage_options)
+    fs, base, files = _list_files(uri, storage_options)
     afs = arrow_fs(fs)
     for f in files:
         try:
@@ -133,7 +133,7 @@ def _is_str(t: pa.DataType) -> bool:
     return pat.is_string(t) or pat.is_large_string(t) or pat.is_string_view(t)
 
 
-def id_kind(t: pa.DataType) -> str | None:
+def _id_kind(t: pa.DataType) -> str | None:
     v = _value_type(t)
     if _is_str(v):
         return "string"
@@ -150,7 +150,7 @@ def _check_schema(f: SourceFile, schema: pa.Schema, config: IngestConfig, kinds:
         name = getattr(cols, role)
         if name not in schema.names:
             raise GnaqInputError(f"{f.path}: missing {role} column {name!r} (columns: {', '.join(schema.names)})")
-        kind = id_kind(schema.field(name).type)
+        kind = _id_kind(schema.field(name).type)
         if kind is None:
             raise GnaqInputError(
                 f"{f.path}: column {name!r} has unsupported type {schema.field(name).type} (ids must be string or integer)"
@@ -230,7 +230,7 @@ def _first(mask: pa.Array | np.ndarray) -> tuple[int, int]:
     return (int(hits[0]) if hits.size else -1), int(hits.size)
 
 
-def check_int64_range(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> None:
+def _check_int64_range(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> None:
     """Unsigned 64-bit values above the int64 range cannot be ids or unix seconds."""
     if pat.is_uint64(arr.type) and len(arr):
         k, count = _first(pc.greater(arr, pa.scalar(INT64_MAX, pa.uint64())))
@@ -239,7 +239,7 @@ def check_int64_range(arr: pa.Array, path: str, name: str, rows: Rows, what: str
                                  f"int64 range ({count} such rows in a batch)")
 
 
-def check_utf8(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> None:
+def _check_utf8(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> None:
     """String values must be valid UTF-8 (Parquet does not check it; invalid bytes break
     the id maps' Python strings, or worse)."""
     if not _is_str(arr.type):
@@ -266,13 +266,13 @@ def check_utf8(arr: pa.Array, path: str, name: str, rows: Rows, what: str) -> No
                              f"valid UTF-8 ({len(bad)} such rows in a batch)")
 
 
-def checked_unix_seconds(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarray:
-    """:func:`to_unix_seconds` of a column whose non-null values must lie in 0001-01-01 ..
+def _checked_unix_seconds(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarray:
+    """:func:`_to_unix_seconds` of a column whose non-null values must lie in 0001-01-01 ..
     9999-12-31 (what datetime and an ISO cutoff can name): -2**63, the missing-time
     sentinel, is not silently read as null, and 2**62 seconds is not a time."""
     arr = _plain(arr)
-    check_int64_range(arr, path, name, rows, "timestamp")
-    vals = to_unix_seconds(arr)
+    _check_int64_range(arr, path, name, rows, "timestamp")
+    vals = _to_unix_seconds(arr)
     out = (vals < TS_MIN) | (vals > TS_MAX)
     if arr.null_count:
         out &= ~np.asarray(arr.is_null().to_numpy(zero_copy_only=False), dtype=bool)
@@ -284,7 +284,7 @@ def checked_unix_seconds(arr: pa.Array, path: str, name: str, rows: Rows) -> np.
     return vals
 
 
-def checked_weights(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarray:
+def _checked_weights(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarray:
     """Weights as float32: nulls, NaN, infinities and values float32 cannot hold are refused."""
     w = _plain(arr)
     if w.null_count:
@@ -299,7 +299,7 @@ def checked_weights(arr: pa.Array, path: str, name: str, rows: Rows) -> np.ndarr
     return weight
 
 
-def to_unix_seconds(arr: pa.Array) -> np.ndarray:
+def _to_unix_seconds(arr: pa.Array) -> np.ndarray:
     """timestamp[*] / date32 / date64 / integer -> int64 unix seconds (TS_NULL for nulls)."""
     arr = _plain(arr)
     t = arr.type
@@ -421,9 +421,9 @@ def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_
         name = getattr(cols, role)
         plain = _plain(batch.column(name))
         if idmap.kind == "int":
-            check_int64_range(plain, f.path, name, rows, f"{role} id")
+            _check_int64_range(plain, f.path, name, rows, f"{role} id")
         else:
-            check_utf8(plain, f.path, name, rows, f"{role} id")
+            _check_utf8(plain, f.path, name, rows, f"{role} id")
         arr = _ids(plain, idmap.kind)
         nulls, empty = _bad_ids(arr, idmap.kind)
         if nulls or empty:
@@ -435,11 +435,11 @@ def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_
                 f"first at row {_first(bad)[0]})"
             )
         mapped.append(idmap.map(arr).astype(np.int32))
-    ts = checked_unix_seconds(batch.column(cols.timestamp), f.path, cols.timestamp, rows) if use_ts else None
-    weight = checked_weights(batch.column(cols.weight), f.path, cols.weight, rows) if cols.weight else None
+    ts = _checked_unix_seconds(batch.column(cols.timestamp), f.path, cols.timestamp, rows) if use_ts else None
+    weight = _checked_weights(batch.column(cols.weight), f.path, cols.weight, rows) if cols.weight else None
     label = None
     if use_split:
-        check_utf8(_plain(batch.column(cols.split)), f.path, cols.split, rows, "split label")
+        _check_utf8(_plain(batch.column(cols.split)), f.path, cols.split, rows, "split label")
         values = _as_str(batch.column(cols.split))
         pos = pc.index_in(values, value_set=label_set)
         if pos.null_count:

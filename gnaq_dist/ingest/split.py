@@ -26,7 +26,7 @@ def _share(n: np.ndarray, room: np.ndarray, fraction: float, fixed: int | None) 
     return np.zeros_like(n)
 
 
-def holdout_counts(n: np.ndarray, test_fraction: float, valid_fraction: float,
+def _holdout_counts(n: np.ndarray, test_fraction: float, valid_fraction: float,
                    test_n: int | None = None, valid_n: int | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Per-user (n_test, n_valid) from user sizes ``n``, keeping >= 1 training row per user."""
     n = n.astype(np.int64)
@@ -55,7 +55,7 @@ def random_split(edges: Edges, n_users: int, cfg: SplitConfig) -> np.ndarray:
     shuffle = rng.integers(0, 1 << 31, size=len(edges), dtype=np.int64)
     order = np.argsort((edges.user.astype(np.int64) << 31) | shuffle, kind="stable")  # by user, then random
     counts = np.bincount(edges.user, minlength=n_users)
-    n_test, n_valid = holdout_counts(counts, cfg.test_fraction, cfg.valid_fraction)
+    n_test, n_valid = _holdout_counts(counts, cfg.test_fraction, cfg.valid_fraction)
     return _rank_labels(edges.user, order, n_users, n_test, n_valid)
 
 
@@ -72,7 +72,7 @@ def valid_from_train(edges: Edges, label: np.ndarray, n_users: int, cfg: SplitCo
     shuffle = rng.integers(0, 1 << 31, size=train.size, dtype=np.int64)
     order = np.argsort((users << 31) | shuffle, kind="stable")  # by user, then random
     counts = np.bincount(users, minlength=n_users)
-    _, n_valid = holdout_counts(counts, 0.0, cfg.valid_fraction)
+    _, n_valid = _holdout_counts(counts, 0.0, cfg.valid_fraction)
     out = label.copy()
     out[train] = _rank_labels(users, order, n_users, np.zeros_like(n_valid), n_valid)
     return out
@@ -94,7 +94,7 @@ def temporal_user_split(edges: Edges, n_users: int, cfg: SplitConfig, where: str
     pos = np.arange(len(edges), dtype=np.int64)
     order = np.lexsort((-pos, -ts, edges.user))  # newest first; equal times: later row first
     counts = np.bincount(edges.user, minlength=n_users)
-    n_test, n_valid = holdout_counts(counts, cfg.test_fraction, cfg.valid_fraction, cfg.test_last_n, cfg.valid_last_n)
+    n_test, n_valid = _holdout_counts(counts, cfg.test_fraction, cfg.valid_fraction, cfg.test_last_n, cfg.valid_last_n)
     return _rank_labels(edges.user, order, n_users, n_test, n_valid)
 
 

@@ -16,7 +16,7 @@ FORMAT = "gnaq-dataset"
 SCHEMA_VERSION = 1
 
 
-def split_table(edges: Edges, has_timestamp: bool, has_weight: bool) -> pa.Table:
+def _split_table(edges: Edges, has_timestamp: bool, has_weight: bool) -> pa.Table:
     """Columns user int32, item int32, [timestamp int64 nullable], [weight float32]."""
     cols: dict[str, pa.Array] = {
         "user": pa.array(edges.user.astype(np.int32, copy=False)),
@@ -69,7 +69,7 @@ def write_dataset(
             rows = np.flatnonzero(label == code)
             if code == VALID and len(rows) == 0:
                 continue
-            files[name] = target.write_parquet(file_name(name, version), split_table(edges.take(rows), has_timestamp, has_weight))
+            files[name] = target.write_parquet(file_name(name, version), _split_table(edges.take(rows), has_timestamp, has_weight))
             counts[name] = int(len(rows))
         files["user_map"] = target.write_parquet(file_name("user_map", version), IdMap.to_table(user_raw))
         files["item_map"] = target.write_parquet(file_name("item_map", version), IdMap.to_table(item_raw))

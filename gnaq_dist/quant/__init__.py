@@ -1,7 +1,21 @@
 """Embedding methods: full precision, GNAQ (its variants: see ``gnaq_dist.methods``), LSQ, N2UQ, BiGeaR.
 
 ``build_method`` is the one entry point the trainers use; it validates the method name,
-the bit width and the options, so a bad config fails before any training starts.
+the bit width and the options, so a bad config fails before any training starts. Internal
+(the methods are chosen by the config's ``model.method``); never imports Ray,
+``torch.distributed`` or ``gnaq_dist.distributed`` (docs/architecture.md, "The walls").
+
+Modules:
+
+* :mod:`.base`: ``EmbeddingMethod``, the interface every method offers the training loop;
+* :mod:`.full`: full-precision embeddings, the warm-up model and the fp baseline;
+* :mod:`.gnaq`: GNAQ, node-aware dynamic quantization (per-node codebooks, codes refined from the graph);
+* :mod:`.lsq`: the LSQ baseline, a uniform grid with a learned step size;
+* :mod:`.n2uq`: the N2UQ baseline, non-uniform input thresholds and uniform output levels;
+* :mod:`.bigear`: the BiGeaR baseline, 1-bit scoring of every layer with distillation;
+* :mod:`.packing`: the storage form of a quantized table, bit-packed codes plus levels (``PackedTable``);
+* :mod:`.dequant_kernels`: packed rows -> float rows and back to level gradients, one pass each (numba);
+* :mod:`.drift`: per-epoch quantization figures: the share of codes changed, the layer-0 error.
 """
 
 from __future__ import annotations

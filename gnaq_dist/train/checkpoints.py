@@ -84,7 +84,7 @@ class DenseAdamView:
                                        "exp_avg_sq": entry["exp_avg_sq"].to(p.dtype).reshape(p.shape).clone()}
 
 
-def whole_partition(n_users: int, n_items: int):
+def _whole_partition(n_users: int, n_items: int):
     """Every node owned by rank 0 (what a one-worker run records)."""
     from gnaq_dist.distributed.partition import Partition
 
@@ -130,7 +130,7 @@ class OneProcessCheckpoints:
         dense_opt = DenseAdamView(method, optimizer) if optimizer is not None else None
         files["dense.parquet"] = store.write_file(
             name, "dense.parquet", ckpt.parquet_bytes(ckpt.dense_table(method, dense_opt)))
-        part = whole_partition(n_users, n_items)
+        part = _whole_partition(n_users, n_items)
         files["partition.parquet"] = store.write_file(
             name, "partition.parquet", ckpt.parquet_bytes(pa.table({"owner": part.owner})))
         manifest = ckpt.new_manifest(step=step, epoch=epoch, phase=phase, shard_method=method.name, world_size=1,
@@ -161,4 +161,4 @@ def restore(loaded: ckpt.Loaded, n_rows: int, graph: BipartiteGraph | None, lr_f
     return method, optimizer
 
 
-__all__ = ["DenseAdamView", "OneProcessCheckpoints", "RowAdamView", "restore", "whole_partition"]
+__all__ = ["DenseAdamView", "OneProcessCheckpoints", "RowAdamView", "restore"]

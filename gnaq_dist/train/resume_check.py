@@ -25,7 +25,7 @@ def _model_key(config: TrainConfig) -> dict[str, Any]:
     return {"method": m.method, "bits": m.bits, "dim": m.dim, "num_layers": m.num_layers}
 
 
-def resume_candidate(config: TrainConfig) -> ckpt.Loaded | None:
+def _resume_candidate(config: TrainConfig) -> ckpt.Loaded | None:
     """The checkpoint ``checkpoint.resume`` names, verified (files and manifest shape), or None.
 
     ``never``, or ``auto`` without ``every_epochs``: None. ``auto``: the newest complete
@@ -43,7 +43,7 @@ def resume_candidate(config: TrainConfig) -> ckpt.Loaded | None:
 def check_resume(config: TrainConfig) -> ckpt.Loaded | None:
     """Refuse (``CheckpointError``, one line) a resume the trainer would refuse; returns the
     checkpoint it would start from (before a Ray restart hands it a newer one), or None."""
-    loaded = resume_candidate(config)
+    loaded = _resume_candidate(config)
     if loaded is None:
         return None
     ckpt.check_model(loaded.uri, loaded.manifest, _model_key(config))
@@ -63,4 +63,4 @@ def check_resume(config: TrainConfig) -> ckpt.Loaded | None:
     return loaded
 
 
-__all__ = ["check_resume", "resume_candidate"]
+__all__ = ["check_resume"]

@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from gnaq_dist.train.config import TrainConfig
 
 
-def batch_size_for(config: TrainConfig, n_train: int) -> int:
+def _batch_size_for(config: TrainConfig, n_train: int) -> int:
     """Positives a step takes: ``schedule.batch_size`` when set, else
     ``ceil(n_train / steps_per_epoch)``."""
     sched = config.schedule
@@ -43,7 +43,7 @@ class Schedule:
     @classmethod
     def of(cls, config: TrainConfig, n_train: int) -> Schedule:
         sched = config.schedule
-        batch = batch_size_for(config, n_train)
+        batch = _batch_size_for(config, n_train)
         steps_per_epoch = max(1, -(-int(n_train) // batch))
         total = sched.epochs * steps_per_epoch
         if sched.max_steps is not None:
@@ -135,4 +135,4 @@ class TimeBudget:
         return self.seconds is not None and self.started is not None and self.elapsed() >= self.seconds
 
 
-__all__ = ["PhaseTimes", "Schedule", "TimeBudget", "batch_size_for"]
+__all__ = ["PhaseTimes", "Schedule", "TimeBudget"]

@@ -11,7 +11,9 @@ A page marks the blocks this script owns with an HTML comment on the line before
     each followed by what it printed. Each command runs in turn, in one directory per page,
     and the lines after it are replaced by its output (stdout and stderr, as a terminal shows
     them; ``(exit status N)`` after a failure). A command shown without output stays so: it
-    still runs (a later command may need what it made), the page chose not to show it.
+    still runs (a later command may need what it made), the page chose not to show it. A
+    command must fail where the page shows ``(exit status N)`` and succeed elsewhere, else the
+    script stops: the page's story no longer holds.
 
 ``<!-- regen: output of COMMAND -->``
     The whole block is COMMAND's standard output (its progress and Ray's logs, on stderr, are
@@ -75,8 +77,9 @@ def marked_blocks(lines: list[str]) -> list[Block]:
     return blocks
 
 
-def transcript_commands(body: list[str]) -> list[tuple[list[str], bool]]:
-    """(the command's lines as printed, whether the page shows its output) for each ``$`` command."""
+def transcript_commands(body: list[str]) -> list[tuple[list[str], bool, bool]]:
+    """(the command's lines as printed, whether the page shows its output, whether the page shows
+    it failing) for each ``$`` command."""
     commands, i = [], 0
     if body and not body[0].startswith("$ "):
         raise ValueError(f"a transcript starts with a command ('$ ...'), not {body[0]!r}")
@@ -87,9 +90,11 @@ def transcript_commands(body: list[str]) -> list[tuple[list[str], bool]]:
             command.append(body[i])
         i += 1
         shown = i < len(body) and not body[i].startswith("$ ")
+        fails = False
         while i < len(body) and not body[i].startswith("$ "):
+            fails = fails or body[i].startswith("(exit status ")
             i += 1
-        commands.append((command, shown))
+        commands.append((command, shown, fails))
     return commands
 
 
@@ -118,13 +123,14 @@ def regenerate(text: str, run: Runner) -> str:
                 raise RuntimeError(f"{block.command!r} failed (exit {code}):\n{stderr[-3000:]}")
             out += stdout.rstrip("\n").splitlines()
         else:
-            for command, shown in transcript_commands(body):
+            for command, shown, fails in transcript_commands(body):
                 code, stdout, stderr = run(shell_text(command))
+                if (code != 0) != fails:  # a new failure, or a refusal that no longer happens
+                    raise RuntimeError(f"{shell_text(command)!r}: exit {code}, the page shows "
+                                       f"{'a failure' if fails else 'success'}:\n{(stdout + stderr)[-3000:]}")
                 out += command
                 if shown:
                     out += _format(code, stdout, stderr)
-                elif code != 0:
-                    raise RuntimeError(f"{shell_text(command)!r} failed (exit {code}):\n{stderr[-3000:]}")
         last = block.end
     out += lines[last:]
     return "\n".join(out) + ("\n" if text.endswith("\n") else "")

@@ -42,6 +42,7 @@ $ ls d        # a comment stays
 old listing
 $ ls nope
 old error
+(exit status 1)
 ```
 
 ```
@@ -54,7 +55,7 @@ def test_marked_blocks_are_rewritten_from_their_commands(tmp_path):
     run = regen.shell_runner(tmp_path / "work")
     new = regen.regenerate(PAGE, run)
     assert new == PAGE.replace("old output", "a\nb").replace("made \\\n    d\nold", "made \\\n    d\nmade d").replace(
-        "old listing", "x").replace("old error", "ls: cannot access 'nope': No such file or directory\n(exit status 2)")
+        "old listing", "x").replace("old error\n(exit status 1)", "ls: cannot access 'nope': No such file or directory\n(exit status 2)")
     assert (tmp_path / "work" / "d" / "x").exists()  # a command shown without output ran too
     assert regen.regenerate(new, regen.shell_runner(tmp_path / "again")) == new
 
@@ -78,6 +79,11 @@ def test_a_failing_output_command_stops_the_script(tmp_path):
         regen.regenerate("<!-- regen: output of exit 3 -->\n```\nx\n```\n", regen.shell_runner(tmp_path))
     with pytest.raises(RuntimeError, match="false"):  # a hidden output would hide the failure
         regen.regenerate("<!-- regen: transcript -->\n```\n$ false\n$ echo\nx\n```\n", regen.shell_runner(tmp_path))
+    with pytest.raises(RuntimeError, match="the page shows success"):  # shown, but the page shows it working
+        regen.regenerate("<!-- regen: transcript -->\n```\n$ ls nope\nnope\n```\n", regen.shell_runner(tmp_path))
+    with pytest.raises(RuntimeError, match="the page shows a failure"):  # a refusal that no longer happens
+        regen.regenerate("<!-- regen: transcript -->\n```\n$ true\n(exit status 2)\n```\n",
+                         regen.shell_runner(tmp_path))
 
 
 @pytest.mark.parametrize("page, message", [
@@ -101,3 +107,4 @@ def test_the_pages_markers_parse_and_cover_the_bundled_data_examples():
             marked[page.relative_to(ROOT).as_posix()] = [b.kind for b in blocks]
     assert marked["README.md"] == ["output", "transcript"]
     assert marked["docs/export.md"] == ["transcript"] * 3
+    assert marked["docs/evaluate.md"] == ["transcript"] * 2

@@ -6,7 +6,7 @@ PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test test-all clean
+.PHONY: setup demo test test-all docs-outputs clean
 
 setup: $(VENV)/.installed
 
@@ -28,6 +28,10 @@ test: setup
 
 test-all: setup
 	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/python -m pytest -q -m "slow or not slow"
+
+# rerun the documented commands and rewrite the example outputs marked in README.md and docs/
+docs-outputs: setup
+	RAY_USAGE_STATS_ENABLED=0 RAY_AUTH_MODE=disabled $(BIN)/python scripts/regen_doc_outputs.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache runs

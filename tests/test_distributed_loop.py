@@ -358,10 +358,10 @@ def scenario_step_failure(rank: int, world: int) -> None:
 
 def test_a_rank_that_fails_setup_makes_every_rank_raise():
     t0 = time.monotonic()
-    errors = run_ranks(scenario_setup_failure, 2, timeout=60)
+    errors = run_ranks(scenario_setup_failure, 2, timeout=180, pg_timeout_s=120)
     assert "GnaqInputError" in errors[1] and "nonexistent" in errors[1]
     assert errors[0].startswith("RuntimeError") and "1 other rank" in errors[0]
-    assert time.monotonic() - t0 < 30
+    assert time.monotonic() - t0 < 90  # the failure is agreed on, not found by the 120 s process-group timeout
 
 
 @pytest.mark.slow

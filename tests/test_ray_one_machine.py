@@ -65,7 +65,7 @@ def ray_processes_beside_me(config: TrainConfig, report) -> dict:
     # The environment the process started with, which is what glibc's malloc read.
     started_with = dict(entry.decode().split("=", 1) for entry in
                         Path("/proc/self/environ").read_bytes().split(b"\0") if b"=" in entry)
-    return {"actors": actors, "raylet_children": children,
+    return {"actors": actors, "raylet_children": children, "niceness": os.nice(0),
             "malloc_env": {k: started_with.get(k) for k in THREAD_ALLOCATION_ENV}}
 
 
@@ -103,3 +103,4 @@ def test_a_ray_started_for_one_job_runs_only_what_a_public_trainer_needs(no_ray_
     # agent, runtime-env agent): no idle pool worker started ahead of the actors.
     assert len(actors) <= summary["raylet_children"] <= len(actors) + 2, summary
     assert summary["malloc_env"] == THREAD_ALLOCATION_ENV
+    assert summary["niceness"] == os.nice(0)  # the workers run at the driver's priority, not Ray's 15

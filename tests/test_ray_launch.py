@@ -258,3 +258,19 @@ def test_a_killed_ray_run_keeps_the_metrics_of_its_finished_epochs(tmp_path):
         assert {"epoch", "wire", "eval", "checkpoint"} <= {r["event"] for r in mine}, mine
         assert next(r for r in mine if r["event"] == "eval")["recall@20"] > 0
     assert not (out / "summary.json").exists()  # the run did not end: only its per-epoch records are there
+
+
+def test_the_driver_leaves_out_the_placement_group_cleaners_lines(capsys):
+    """Ray Train's cleaner actor warns every second without a dashboard, and dies with a traceback
+    where Ray's current-cluster record is stale; the run's own lines pass, whole and in order."""
+    from gnaq_dist.distributed.ray_launch import _dropping_lines
+
+    with _dropping_lines():
+        print("(RayTrainWorker pid=7) epoch 1 [fp] loss 0.5")
+        sys.stderr.write("(PlacementGroupCleaner pid=9) Traceback (most recent call last):\n(Placement")
+        sys.stderr.write("GroupCleaner pid=9) ray.exceptions.RpcError: Timed out\n")
+        sys.stderr.write("(PlacementGroupCleaner pid=9) Failed to query Ray Train Controller actor state.\n")
+        print("(RayTrainWorker pid=7) epoch 2 [fp] loss 0.4", end="")
+    out, err = capsys.readouterr()
+    assert out == "(RayTrainWorker pid=7) epoch 1 [fp] loss 0.5\n(RayTrainWorker pid=7) epoch 2 [fp] loss 0.4"
+    assert err == ""

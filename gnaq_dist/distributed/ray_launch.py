@@ -245,8 +245,10 @@ def run_config_for(config: TrainConfig, run_config: Any = None) -> Any:
 
 
 #: Worker log lines that the driver does not print: a Ray without the dashboard cannot answer
-#: the state API, and Train's placement-group cleaner says so with a warning every second.
-DROPPED_LINES = ("Failed to query Ray Train Controller actor state",)
+#: the state API, and Train's placement-group cleaner says so with a warning every second; where
+#: /tmp/ray/ray_current_cluster names another (or a dead) cluster, the cleaner's state queries
+#: go there and its monitor thread dies with a traceback. Nothing it prints is about the run.
+DROPPED_LINES = ("Failed to query Ray Train Controller actor state", "(PlacementGroupCleaner pid=")
 
 
 class _LineFilter:

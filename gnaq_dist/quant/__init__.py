@@ -14,6 +14,7 @@ from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.bigear import BiGeaR
 from gnaq_dist.quant.full import FullPrecision
 from gnaq_dist.quant.gnaq import GNAQ
+from gnaq_dist.quant.gnaq_latent import GNAQLatent
 from gnaq_dist.quant.lsq import LSQ
 from gnaq_dist.quant.n2uq import N2UQ
 from gnaq_dist.quant.packing import PackedTable, storage_report
@@ -24,7 +25,8 @@ from gnaq_dist.quant.packing import PackedTable, storage_report
 #: unknown option name is an error.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "fp": (),
-    **{name: ("phi",) for name in GNAQ_VARIANTS},
+    **{name: ("phi",) + (("latent_bits", "latent_lr") if spec.latent_bits else ())
+       for name, spec in GNAQ_VARIANTS.items()},
     "lsq": ("per_row",),
     "n2uq": (),
     "bigear": ("gaussian_a", "graph", "top_r"),
@@ -52,6 +54,8 @@ def build_method(
     opts = {k: v for k, v in options.items() if k in _OPTIONS[name]}
     if name == "fp":
         return FullPrecision(num_nodes, dim, num_layers)
+    if name in GNAQ_VARIANTS and GNAQ_VARIANTS[name].latent_bits:
+        return GNAQLatent(num_nodes, dim, bits, num_layers, variant=name, **opts)
     if name in GNAQ_VARIANTS:
         return GNAQ(num_nodes, dim, bits, num_layers, variant=name, **opts)
     if name == "lsq":
@@ -66,6 +70,7 @@ __all__ = [
     "EmbeddingMethod",
     "FullPrecision",
     "GNAQ",
+    "GNAQLatent",
     "LSQ",
     "METHODS",
     "N2UQ",

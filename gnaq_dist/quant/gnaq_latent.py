@@ -1,0 +1,222 @@
+"""``gnaq_lat``: GNAQ trained quantized from the first step, with a low-precision latent.
+
+Why: GNAQ from scratch (no fp warm-up) collapses (docs/notes/2026-12-07-gnaq-from-scratch.md):
+re-assigning every node's codes from its propagated embedding makes all nodes' code patterns
+alike within an epoch, and with the codes frozen instead a node can learn only its 2^b levels.
+GNAQ-STE escapes both by letting a latent table decide the codes, but that latent is an fp32
+``(N, d)`` table with Adam's two fp32 tables beside it: what quantized training from scratch
+should not hold.
+
+This variant keeps GNAQ's per-node levels and codes and gives each node a **b_lat-bit integer
+latent** (``model.latent_bits``, default 8: one uint8 a dimension) in place of the fp32 one:
+
+* forward: ``x_i[d] = phi(c_i[q_i[d]])`` as GNAQ; the codes ``q_i`` are the equal-width bins
+  of the latent row ``u_i`` over its ``[min, max]`` (as GNAQ bins its rows), so they are never
+  stored apart while training;
+* backward: the levels get GNAQ's gather gradient (through the graph, Adam as every
+  parameter); ``dL/dx_i`` reaches the latent straight through (as GNAQ-STE), stashed for the
+  update below and clipped at ``optim.grad_clip`` like every gradient;
+* the latent update (after each optimizer step, in :meth:`refine`, the trainers' hook for
+  code re-assignment): a row-wise Adam without first moment, ``v_i <- b v_i + (1-b) mean_d g_i^2``
+  (one fp32 a node), ``u_i <- clamp(SR(u_i - eta (2^b_lat - 1) g_i / (sqrt(v_hat_i) + eps)), 0, 2^b_lat - 1)``
+  with SR stochastic rounding (an update smaller than one step still moves a value with
+  probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
+  range a step);
+* re-binning: a row whose latent spans less than the full integer range is stretched back to
+  it (``round((u - min) (2^b_lat - 1) / (max - min))``). Equal-width bins do not change under
+  an affine map of the row, so this keeps the codes and restores the latent's resolution.
+
+Nothing of size ``(N, d)`` in fp32 lives across steps: the state per node is the latent
+(``b_lat d / 8`` bytes as stored), the levels and their Adam moments, and ``v``. The step's
+``dL/dx`` is a transient ``(N, d)`` array, as every propagated layer is.
+
+Counted bytes per node (``storage_report`` plus :attr:`latent_bytes_per_node`): the codes and
+levels of the packed table, plus the latent a checkpoint needs to go on training (at b_lat =
+8, d = 64: 16 + 8 + 64 = 88 B). A model that is done training ships the packed table only.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.quant.base import init_normal_table
+from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes, paper_levels
+from gnaq_dist.quant.packing import PackedTable
+
+LATENT_BITS = (2, 3, 4, 5, 6, 7, 8)
+_EPS = 1e-12
+
+
+class _GradSink(torch.autograd.Function):
+    """Identity whose backward hands ``dL/dx`` to the method (the latent's straight-through path)."""
+
+    @staticmethod
+    def forward(ctx, x: torch.Tensor, method: "GNAQLatent", ids: torch.Tensor | None) -> torch.Tensor:  # type: ignore[override]
+        ctx.method = method
+        ctx.ids = ids
+        return x.view_as(x)
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        ctx.method._stash(ctx.ids, grad.detach())
+        return grad, None, None
+
+
+class GNAQLatent(GNAQ):
+    """GNAQ's levels and codes, the codes driven by a b_lat-bit integer latent; see the module docstring."""
+
+    def __init__(self, num_nodes: int, dim: int, bits: int = 2, num_layers: int = 3, variant: str = "gnaq_lat",
+                 phi: str | None = None, latent_bits: int | None = None, latent_lr: float = 0.01,
+                 latent_beta: float = 0.999, latent_clip: float | None = 3.0, seed: int | None = None) -> None:
+        from gnaq_dist.methods import GNAQ_VARIANTS
+
+        spec = GNAQ_VARIANTS.get(variant)
+        if spec is None or not spec.latent_bits:
+            raise GnaqInputError(f"{variant!r} is not a GNAQ variant with a low-precision latent")
+        latent_bits = spec.latent_bits if latent_bits is None else int(latent_bits)
+        if latent_bits not in LATENT_BITS:
+            raise GnaqInputError(f"latent_bits must be one of {LATENT_BITS}, got {latent_bits}")
+        if latent_bits < bits:
+            raise GnaqInputError(f"latent_bits ({latent_bits}) must be >= the code width ({bits})")
+        if not latent_lr > 0:
+            raise GnaqInputError(f"latent_lr must be > 0, got {latent_lr}")
+        self.latent_bits = latent_bits
+        self.latent_max = (1 << latent_bits) - 1
+        self.latent_lr = float(latent_lr)
+        self.latent_beta = float(latent_beta)
+        self.latent_clip = latent_clip
+        self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
+        super().__init__(num_nodes, dim, bits, num_layers, variant=variant, phi=phi)
+        self.refines = True  # the trainers' post-step hook applies the latent update
+        self.register_buffer("latent_int", torch.zeros(num_nodes, dim, dtype=torch.uint8))
+        self.register_buffer("grad_sq", torch.zeros(num_nodes))  # row-wise second moment of dL/dx
+        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        self._gen = torch.Generator()
+        self._gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        self.init_from_full_precision(init_normal_table(num_nodes, dim))
+
+    @property
+    def latent_bytes_per_node(self) -> float:
+        """Bytes a node's latent takes as stored (b_lat bits a dimension), beside the packed table."""
+        return self.latent_bits * self.dim / 8
+
+    # -- codes and forward ----------------------------------------------------------------
+    def _codes_of(self, ids: torch.Tensor | None) -> torch.Tensor:
+        if not hasattr(self, "latent_int"):  # during GNAQ.__init__, before the latent exists
+            return super()._codes_of(ids)
+        u = self.latent_int if ids is None else self.latent_int[ids]
+        return equal_width_codes(u.to(torch.float32), self.num_levels)
+
+    def embed(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        ids = self._ids(ids)
+        c = self.levels if ids is None else self.levels[ids]
+        x = torch.gather(self.phi(c), 1, self._codes_of(ids).long())
+        if torch.is_grad_enabled():
+            self._pending = []
+            x = _GradSink.apply(x, self, ids)
+        return x
+
+    def _stash(self, ids: torch.Tensor | None, grad: torch.Tensor) -> None:
+        self._pending.append((ids, grad))
+
+    # -- initialisation, update and re-binning --------------------------------------------
+    @torch.no_grad()
+    def init_from_full_precision(self, weight: torch.Tensor) -> None:
+        """Levels as GNAQ's (the rows' value domain); latent = each row stretched onto 0 .. 2^b_lat - 1."""
+        if not hasattr(self, "latent_int"):  # GNAQ.__init__'s own call: the latent comes after
+            return super().init_from_full_precision(weight)
+        e = self._check_weight(weight)
+        self.levels.copy_(paper_levels(e, self.num_levels))
+        self.latent_int.copy_(self._stretch(e))
+        self.packed_codes.zero_()  # unused: the codes are the latent's bins
+        self.grad_sq.zero_()
+        self.updates.zero_()
+        self._pending = []
+        if self.bias is not None:
+            self.bias.zero_()
+
+    def _stretch(self, values: torch.Tensor) -> torch.Tensor:
+        """Each row mapped affinely onto [0, 2^b_lat - 1], rounded (a constant row: all 0)."""
+        lo = values.amin(dim=1, keepdim=True)
+        width = values.amax(dim=1, keepdim=True) - lo
+        scale = torch.where(width > 0, self.latent_max / width, torch.zeros_like(width))
+        return ((values - lo) * scale).round_().clamp_(0, self.latent_max).to(torch.uint8)
+
+    @torch.no_grad()
+    def refine(self, ids: torch.Tensor | None, propagated: torch.Tensor) -> None:
+        """Apply the stashed ``dL/dx`` to the latent (row-wise normalised, stochastic rounding), then
+        re-bin the rows whose latent no longer spans the full range. ``propagated`` is not used:
+        this variant's codes follow its latent, not the propagated rows."""
+        pending, self._pending = self._pending, []
+        if not pending:
+            return None
+        self.updates += 1
+        t = int(self.updates)
+        b = self.latent_beta
+        for rows, g in pending:
+            g = g.to(torch.float32)
+            if self.latent_clip is not None:
+                g = g.clamp(-self.latent_clip, self.latent_clip)
+            v_old = self.grad_sq if rows is None else self.grad_sq[rows]
+            v = b * v_old + (1 - b) * g.pow(2).mean(1)
+            if rows is None:
+                self.grad_sq.copy_(v)
+            else:
+                self.grad_sq[rows] = v
+            v_hat = v / (1 - b**t)
+            step = g * (self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8)).unsqueeze(1)
+            u = (self.latent_int if rows is None else self.latent_int[rows]).to(torch.float32)
+            noise = torch.rand(u.shape, generator=self._gen)
+            new = (u - step + noise).floor_().clamp_(0, self.latent_max)
+            new = self._rebin(new)
+            if rows is None:
+                self.latent_int.copy_(new.to(torch.uint8))
+            else:
+                self.latent_int[rows] = new.to(torch.uint8)
+        return None
+
+    def _rebin(self, u: torch.Tensor) -> torch.Tensor:
+        """Rows spanning less than the full range stretched back onto it (codes unchanged)."""
+        lo = u.amin(dim=1, keepdim=True)
+        hi = u.amax(dim=1, keepdim=True)
+        narrow = ((hi - lo) < self.latent_max) & (hi > lo)
+        if not bool(narrow.any()):
+            return u
+        return torch.where(narrow, self._stretch(u).to(u.dtype), u)
+
+    # -- state ---------------------------------------------------------------------------
+    def code_state(self) -> torch.Tensor | None:
+        return self._codes_of(None)
+
+    def codes_changed(self, before: torch.Tensor) -> tuple[int, int]:
+        now = self._codes_of(None)
+        return int((before != now).sum()), int(now.numel())
+
+    @torch.no_grad()
+    def layer0_error(self, level_dtype: torch.dtype = torch.float16) -> tuple[float, float]:
+        """As GNAQ's (there is no fp table): the rows with fp32 levels against fp16-stored levels."""
+        x = self.embed(None)
+        stored = self.phi(self.levels.detach()).to(level_dtype).to(torch.float32)
+        q = torch.gather(stored, 1, self._codes_of(None).long())
+        return float((x - q).abs().sum()), float(x.abs().sum())
+
+    @torch.no_grad()
+    def load_packed(self, table: PackedTable) -> None:
+        """Levels and codes from a packed table; the latent is rebuilt from the codes
+        (``q (2^b_lat - 1) / (2^b - 1)``: its bins are exactly the stored codes when each row uses
+        codes 0 and 2^b - 1), not the trained latent: resume training from a state_dict."""
+        super().load_packed(table)
+        q = torch.from_numpy(table.unpacked_codes()).to(self.levels.device).to(torch.float32)
+        self.latent_int.copy_((q * (self.latent_max / (self.num_levels - 1))).round_().to(torch.uint8))
+        self.grad_sq.zero_()
+        self._pending = []
+
+    def trainable_row_params(self) -> list[torch.nn.Parameter]:
+        return [self.levels] + ([self.bias] if self.bias is not None else [])
+
+    def row_buffers(self) -> list[torch.Tensor]:
+        return [self.latent_int, self.grad_sq]
+
+
+__all__ = ["GNAQLatent", "LATENT_BITS"]

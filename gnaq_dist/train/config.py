@@ -37,7 +37,7 @@ def _finite(key: str, value: float | None, *, low: float = 0.0, strict: bool = F
 
 @dataclass
 class ModelConfig:
-    method: str = "gnaq"  # fp | gnaq (the reference code) | gnaq_static (frozen codes) | gnaq_ste | lsq | n2uq | bigear
+    method: str = "gnaq"  # fp | gnaq (the reference code) | gnaq_static (frozen codes) | gnaq_ste | gnaq_lat (an integer latent drives the codes) | lsq | n2uq | bigear
     bits: int | None = 2  # code width of the quantized table: 1, 2, 4 or 8 (fp: null)
     dim: int = 64  # embedding dimension d
     num_layers: int = 3  # LightGCN propagation layers L

@@ -157,3 +157,31 @@ def test_the_distributed_loop_refuses_it():
         cfg.check_distributed()
     with pytest.raises(ConfigError, match="latent_bits"):
         load_config(TrainConfig, [], ["model.method=gnaq_lat", "model.bits=4", "model.latent_bits=2"]).validate()
+
+
+def test_checkpoint_rows_round_trip_and_a_run_resumes(tmp_path):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from gnaq_dist import checkpoint as ckpt
+    from gnaq_dist.train.local import train_local
+
+    m = fresh(latent_lr=0.05)
+    (m.embed(None) * torch.randn(6, 8)).sum().backward()
+    m.refine(None, None)
+    table = pq.read_table(pa.BufferReader(ckpt.parquet_bytes(ckpt.shard_table(m, np.arange(6)))))
+    other = fresh()
+    ckpt.load_rows(other, table)
+    assert torch.equal(other.latent_int, m.latent_int) and torch.equal(other.grad_sq, m.grad_sq)
+    torch.testing.assert_close(other.levels, m.levels)
+
+    data = clustered_interactions(n_users=60, n_items=40, seed=1)
+    over = ["model.method=gnaq_lat", "model.bits=2", "model.dim=8", "model.num_layers=2", "model.latent_bits=4",
+            "schedule.warmup_epochs=0", "schedule.batch_size=128", "schedule.num_negatives=2",
+            "schedule.eval_every=0", "progress=false", "eval.ks=[10]", f"out={tmp_path / 'run'}",
+            "checkpoint.every_epochs=1"]
+    first = train_local(load_config(TrainConfig, [], over + ["schedule.epochs=2"]), data, checkpoints=True)
+    assert int(first.method.latent_int.max()) == 15  # 4-bit latent
+    again = train_local(load_config(TrainConfig, [], over + ["schedule.epochs=3"]), data, checkpoints=True)
+    assert again.resumed_from is not None and again.resumed_from["epoch"] == 2
+    assert again.method.latent_bits == 4 and int(again.method.latent_int.max()) <= 15

@@ -18,7 +18,9 @@ latent** (``model.latent_bits``, default 8: one uint8 a dimension) in place of t
   update below and clipped at ``optim.grad_clip`` like every gradient;
 * the latent update (after each optimizer step, in :meth:`refine`, the trainers' hook for
   code re-assignment): a row-wise Adam without first moment, ``v_i <- b v_i + (1-b) mean_d g_i^2``
-  (one fp32 a node), ``u_i <- clamp(SR(u_i - eta (2^b_lat - 1) g_i / (sqrt(v_hat_i) + eps)), 0, 2^b_lat - 1)``
+  and ``v_hat_i = v_i / (1 - b^t_i)`` with the row's own update count ``t_i`` (two fp32 a node,
+  checkpointed with the row), ``u_i <- clamp(SR(u_i - eta (2^b_lat - 1) g_i / (sqrt(v_hat_i) + eps)),
+  0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
   range a step);
@@ -27,7 +29,7 @@ latent** (``model.latent_bits``, default 8: one uint8 a dimension) in place of t
   an affine map of the row, so this keeps the codes and restores the latent's resolution.
 
 Nothing of size ``(N, d)`` in fp32 lives across steps: the state per node is the latent
-(``b_lat d / 8`` bytes as stored), the levels and their Adam moments, and ``v``. The step's
+(``b_lat d / 8`` bytes as stored), the levels and their Adam moments, and ``v_i, t_i``. The step's
 ``dL/dx`` is a transient ``(N, d)`` array, as every propagated layer is.
 
 Counted bytes per node (``storage_report`` plus :attr:`latent_bytes_per_node`): the codes and
@@ -90,8 +92,8 @@ class GNAQLatent(GNAQ):
         super().__init__(num_nodes, dim, bits, num_layers, variant=variant, phi=phi)
         self.refines = True  # the trainers' post-step hook applies the latent update
         self.register_buffer("latent_int", torch.zeros(num_nodes, dim, dtype=torch.uint8))
-        self.register_buffer("grad_sq", torch.zeros(num_nodes))  # row-wise second moment of dL/dx
-        self.register_buffer("updates", torch.zeros((), dtype=torch.int64))
+        # per row: the second moment of dL/dx (an EMA of its mean square) and the row's update count
+        self.register_buffer("grad_sq", torch.zeros(num_nodes, 2))
         self._gen = torch.Generator()
         self._gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
         self.init_from_full_precision(init_normal_table(num_nodes, dim))
@@ -131,7 +133,6 @@ class GNAQLatent(GNAQ):
         self.latent_int.copy_(self._stretch(e))
         self.packed_codes.zero_()  # unused: the codes are the latent's bins
         self.grad_sq.zero_()
-        self.updates.zero_()
         self._pending = []
         if self.bias is not None:
             self.bias.zero_()
@@ -151,21 +152,21 @@ class GNAQLatent(GNAQ):
         pending, self._pending = self._pending, []
         if not pending:
             return None
-        self.updates += 1
-        t = int(self.updates)
         b = self.latent_beta
         for rows, g in pending:
             g = g.to(torch.float32)
             if self.latent_clip is not None:
                 g = g.clamp(-self.latent_clip, self.latent_clip)
-            v_old = self.grad_sq if rows is None else self.grad_sq[rows]
-            v = b * v_old + (1 - b) * g.pow(2).mean(1)
+            state = self.grad_sq if rows is None else self.grad_sq[rows]  # (n, 2): v and the row's step count
+            t = state[:, 1:] + 1
+            v = b * state[:, :1] + (1 - b) * g.pow(2).mean(1, keepdim=True)
+            new_state = torch.cat([v, t], dim=1)
             if rows is None:
-                self.grad_sq.copy_(v)
+                self.grad_sq.copy_(new_state)
             else:
-                self.grad_sq[rows] = v
+                self.grad_sq[rows] = new_state
             v_hat = v / (1 - b**t)
-            step = g * (self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8)).unsqueeze(1)
+            step = g * (self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8))
             u = (self.latent_int if rows is None else self.latent_int[rows]).to(torch.float32)
             noise = torch.rand(u.shape, generator=self._gen)
             new = (u - step + noise).floor_().clamp_(0, self.latent_max)

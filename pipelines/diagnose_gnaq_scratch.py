@@ -45,6 +45,10 @@ RUNS = {
     "gnaq_lat-b2": ("gnaq_lat", {"model.latent_bits": 2}),
     "gnaq_lat-lr0.003": ("gnaq_lat", {"model.latent_lr": 0.003}),
     "gnaq_lat-lr0.03": ("gnaq_lat", {"model.latent_lr": 0.03}),
+    "gnaq_lat-lr0.1": ("gnaq_lat", {"model.latent_lr": 0.1}),
+    "gnaq_lat-b4-lr0.03": ("gnaq_lat", {"model.latent_bits": 4, "model.latent_lr": 0.03}),
+    "gnaq_lat-b4-lr0.1": ("gnaq_lat", {"model.latent_bits": 4, "model.latent_lr": 0.1}),
+    "gnaq_lat-b2-lr0.03": ("gnaq_lat", {"model.latent_bits": 2, "model.latent_lr": 0.03}),
 }
 
 

@@ -35,7 +35,11 @@ def test_registered_as_a_gnaq_variant_of_its_own():
     assert GNAQ_VARIANTS["gnaq"].latent_bits == 0 and GNAQ_VARIANTS["gnaq_static"].latent_bits == 0
     m = fresh()
     assert isinstance(m, GNAQLatent) and m.latent_bits == 8 and m.latent_bytes_per_node == 8.0
-    assert build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=4).latent_bytes_per_node == 4.0
+    m4 = build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=4)
+    assert m4.latent_bytes_per_node == 4.0 and tuple(m4.latent_packed.shape) == (6, 4)  # held packed
+    assert int(m4.latent_int.max()) == 15
+    with pytest.raises(GnaqInputError):
+        build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=3)
     with pytest.raises(GnaqInputError):
         build_method("gnaq_lat", 6, 8, 4, 1, latent_bits=2)  # latent narrower than the codes
 
@@ -68,10 +72,10 @@ def test_backward_reaches_the_levels_through_the_codes_and_hands_dx_to_the_laten
 def test_update_moves_the_latent_against_the_gradient_unbiased():
     n, d = 4000, 8
     m = fresh(n, d, latent_lr=0.3 / 255)  # 0.3 of an integer step for a gradient of the row's RMS
-    with torch.no_grad():  # every row spans 0..255 (no re-binning), interior values at 100
-        m.latent_int.fill_(100)
-        m.latent_int[:, 0] = 0
-        m.latent_int[:, 1] = 255
+    u = torch.full((n, d), 100, dtype=torch.uint8)  # every row spans 0..255 (no re-binning), interior at 100
+    u[:, 0] = 0
+    u[:, 1] = 255
+    m.latent_int = u
     g = torch.ones(n, d)
     g[:, :2] = 0.0  # the two end values stay put
     m._pending = [(None, g)]
@@ -84,8 +88,9 @@ def test_update_moves_the_latent_against_the_gradient_unbiased():
     assert float(moved[:, 2:].mean()) == pytest.approx(want, abs=0.01)
     assert float(moved[:, :2].abs().sum()) == 0
     assert m._pending == []  # consumed
+    after = m.latent_packed.clone()
     m.refine(None, None)  # nothing pending: a no-op
-    torch.testing.assert_close(m.latent_int, m.latent_int)
+    assert torch.equal(m.latent_packed, after)
 
 
 def test_rows_update_only_the_rows_of_a_partial_forward():
@@ -172,7 +177,7 @@ def test_checkpoint_rows_round_trip_and_a_run_resumes(tmp_path):
     table = pq.read_table(pa.BufferReader(ckpt.parquet_bytes(ckpt.shard_table(m, np.arange(6)))))
     other = fresh()
     ckpt.load_rows(other, table)
-    assert torch.equal(other.latent_int, m.latent_int) and torch.equal(other.grad_sq, m.grad_sq)
+    assert torch.equal(other.latent_packed, m.latent_packed) and torch.equal(other.grad_sq, m.grad_sq)
     torch.testing.assert_close(other.levels, m.levels)
 
     data = clustered_interactions(n_users=60, n_items=40, seed=1)

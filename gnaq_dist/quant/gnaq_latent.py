@@ -44,9 +44,9 @@ import torch
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.quant.base import init_normal_table
 from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes, paper_levels
-from gnaq_dist.quant.packing import PackedTable
+from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, unpack_codes_torch
 
-LATENT_BITS = (2, 3, 4, 5, 6, 7, 8)
+LATENT_BITS = (2, 4, 8)  # widths that pack whole into bytes: the latent is held packed
 _EPS = 1e-12
 
 
@@ -91,7 +91,9 @@ class GNAQLatent(GNAQ):
         self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         super().__init__(num_nodes, dim, bits, num_layers, variant=variant, phi=phi)
         self.refines = True  # the trainers' post-step hook applies the latent update
-        self.register_buffer("latent_int", torch.zeros(num_nodes, dim, dtype=torch.uint8))
+        # the latent, held packed as it is stored (8 / b_lat values a byte; unpacked per use)
+        self.register_buffer("latent_packed",
+                             torch.zeros(num_nodes, packed_row_bytes(dim, latent_bits), dtype=torch.uint8))
         # per row: the second moment of dL/dx (an EMA of its mean square) and the row's update count
         self.register_buffer("grad_sq", torch.zeros(num_nodes, 2))
         self._gen = torch.Generator()
@@ -100,15 +102,35 @@ class GNAQLatent(GNAQ):
 
     @property
     def latent_bytes_per_node(self) -> float:
-        """Bytes a node's latent takes as stored (b_lat bits a dimension), beside the packed table."""
-        return self.latent_bits * self.dim / 8
+        """Bytes a node's latent takes, held and stored packed (b_lat bits a dimension), beside the packed table."""
+        return float(self.latent_packed.shape[1])
+
+    def _latent(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The latent rows ``ids`` (None: all) unpacked, uint8 (n, d): a fresh tensor."""
+        packed = self.latent_packed if ids is None else self.latent_packed[ids]
+        return unpack_codes_torch(packed, self.latent_bits, self.dim)
+
+    def _set_latent(self, ids: torch.Tensor | None, values: torch.Tensor) -> None:
+        packed = pack_codes_torch(values.to(torch.uint8), self.latent_bits)
+        if ids is None:
+            self.latent_packed.copy_(packed)
+        else:
+            self.latent_packed[ids] = packed
+
+    @property
+    def latent_int(self) -> torch.Tensor:
+        """All latent values unpacked, uint8 (N, d) (a copy; assign ``latent_int = ...`` to set them)."""
+        return self._latent(None)
+
+    @latent_int.setter
+    def latent_int(self, values: torch.Tensor) -> None:
+        self._set_latent(None, values)
 
     # -- codes and forward ----------------------------------------------------------------
     def _codes_of(self, ids: torch.Tensor | None) -> torch.Tensor:
-        if not hasattr(self, "latent_int"):  # during GNAQ.__init__, before the latent exists
+        if "latent_packed" not in self._buffers:  # during GNAQ.__init__, before the latent exists
             return super()._codes_of(ids)
-        u = self.latent_int if ids is None else self.latent_int[ids]
-        return equal_width_codes(u.to(torch.float32), self.num_levels)
+        return equal_width_codes(self._latent(ids).to(torch.float32), self.num_levels)
 
     def embed(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         ids = self._ids(ids)
@@ -126,11 +148,11 @@ class GNAQLatent(GNAQ):
     @torch.no_grad()
     def init_from_full_precision(self, weight: torch.Tensor) -> None:
         """Levels as GNAQ's (the rows' value domain); latent = each row stretched onto 0 .. 2^b_lat - 1."""
-        if not hasattr(self, "latent_int"):  # GNAQ.__init__'s own call: the latent comes after
+        if "latent_packed" not in self._buffers:  # GNAQ.__init__'s own call: the latent comes after
             return super().init_from_full_precision(weight)
         e = self._check_weight(weight)
         self.levels.copy_(paper_levels(e, self.num_levels))
-        self.latent_int.copy_(self._stretch(e))
+        self._set_latent(None, self._stretch(e))
         self.packed_codes.zero_()  # unused: the codes are the latent's bins
         self.grad_sq.zero_()
         self._pending = []
@@ -167,14 +189,10 @@ class GNAQLatent(GNAQ):
                 self.grad_sq[rows] = new_state
             v_hat = v / (1 - b**t)
             step = g * (self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8))
-            u = (self.latent_int if rows is None else self.latent_int[rows]).to(torch.float32)
+            u = self._latent(rows).to(torch.float32)
             noise = torch.rand(u.shape, generator=self._gen)
             new = (u - step + noise).floor_().clamp_(0, self.latent_max)
-            new = self._rebin(new)
-            if rows is None:
-                self.latent_int.copy_(new.to(torch.uint8))
-            else:
-                self.latent_int[rows] = new.to(torch.uint8)
+            self._set_latent(rows, self._rebin(new))
         return None
 
     def _rebin(self, u: torch.Tensor) -> torch.Tensor:
@@ -209,7 +227,7 @@ class GNAQLatent(GNAQ):
         codes 0 and 2^b - 1), not the trained latent: resume training from a state_dict."""
         super().load_packed(table)
         q = torch.from_numpy(table.unpacked_codes()).to(self.levels.device).to(torch.float32)
-        self.latent_int.copy_((q * (self.latent_max / (self.num_levels - 1))).round_().to(torch.uint8))
+        self._set_latent(None, (q * (self.latent_max / (self.num_levels - 1))).round_())
         self.grad_sq.zero_()
         self._pending = []
 
@@ -217,7 +235,7 @@ class GNAQLatent(GNAQ):
         return [self.levels] + ([self.bias] if self.bias is not None else [])
 
     def row_buffers(self) -> list[torch.Tensor]:
-        return [self.latent_int, self.grad_sq]
+        return [self.latent_packed, self.grad_sq]
 
 
 __all__ = ["GNAQLatent", "LATENT_BITS"]

@@ -35,13 +35,13 @@ class GnaqVariant:
 
 #: ``gnaq`` is the authors' reference code; ``gnaq_static`` the frozen-code form this project
 #: trained before (codes fixed at the quantized start, identity levels, no biases, L2);
-#: ``gnaq_ste`` the straight-through ablation; ``gnaq_lat`` GNAQ trained from scratch with an
-#: 8-bit integer latent driving the codes (no fp32 table or Adam state of size (N, d)).
+#: ``gnaq_ste`` the straight-through ablation; ``gnaq_lat`` GNAQ trained from scratch with a
+#: 4-bit integer latent driving the codes (no fp32 table or Adam state of size (N, d)).
 GNAQ_VARIANTS: dict[str, GnaqVariant] = {
     "gnaq": GnaqVariant(phi="tanh", refine_every=1, score_bias=True, l2=False),
     "gnaq_static": GnaqVariant(phi="identity", refine_every=0, score_bias=False, l2=True),
     "gnaq_ste": GnaqVariant(phi="identity", refine_every=0, score_bias=False, l2=True, straight_through=True),
-    "gnaq_lat": GnaqVariant(phi="identity", refine_every=1, score_bias=False, l2=True, latent_bits=8),
+    "gnaq_lat": GnaqVariant(phi="identity", refine_every=1, score_bias=False, l2=True, latent_bits=4),
 }
 
 METHODS = ("fp", *GNAQ_VARIANTS, "lsq", "n2uq", "bigear")

@@ -23,18 +23,22 @@ from gnaq_dist.train.local import LocalTrainer
 
 
 def fresh(n=6, d=8, **kw) -> GNAQLatent:
+    """An 8-bit latent (the variant's own is 4): integer steps small against its range."""
     torch.manual_seed(0)
+    kw.setdefault("latent_bits", 8)
     return build_method("gnaq_lat", n, d, 2, 1, **kw)
 
 
 def test_registered_as_a_gnaq_variant_of_its_own():
     spec = GNAQ_VARIANTS["gnaq_lat"]
-    assert spec.latent_bits == 8 and spec.refine_every == 1 and not spec.straight_through
+    assert spec.latent_bits == 4 and spec.refine_every == 1 and not spec.straight_through
     assert is_gnaq("gnaq_lat") and not is_packed_gnaq("gnaq_lat")
     # the reference form and the frozen form are untouched
     assert GNAQ_VARIANTS["gnaq"].latent_bits == 0 and GNAQ_VARIANTS["gnaq_static"].latent_bits == 0
-    m = fresh()
-    assert isinstance(m, GNAQLatent) and m.latent_bits == 8 and m.latent_bytes_per_node == 8.0
+    m = build_method("gnaq_lat", 6, 8, 2, 1)
+    assert isinstance(m, GNAQLatent) and m.latent_bits == 4 and m.latent_bytes_per_node == 4.0
+    assert m.latent_lr == 0.03
+    assert build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=8).latent_bytes_per_node == 8.0
     m4 = build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=4)
     assert m4.latent_bytes_per_node == 4.0 and tuple(m4.latent_packed.shape) == (6, 4)  # held packed
     assert int(m4.latent_int.max()) == 15
@@ -127,11 +131,12 @@ def test_no_fp32_table_or_adam_state_of_table_size():
             assert t.dtype == torch.uint8, name
     opt = trainer._optimizer(m, 0.01)
     assert all(p.shape[-1] != d for p in opt.param_groups[0]["params"])  # levels (N, 4) only
-    # bytes per node: codes 16*2/8 = 4, fp16 levels 4*2 = 8, the 8-bit latent 16
-    assert result.storage["latent_bytes_per_node"] == 16.0
+    # bytes per node: codes 16*2/8 = 4, fp16 levels 4*2 = 8, the 4-bit latent 8
+    assert tuple(m.latent_packed.shape) == (N, 8)
+    assert result.storage["latent_bytes_per_node"] == 8.0
     assert result.storage["served_bytes_per_node"] == 12.0
-    assert result.storage["bytes_per_node"] == 28.0
-    assert result.storage["compression_ratio"] == pytest.approx(64 / 28)
+    assert result.storage["bytes_per_node"] == 20.0
+    assert result.storage["compression_ratio"] == pytest.approx(64 / 20)
     assert 0 <= result.metrics["recall@10"] <= 1
 
 
@@ -181,12 +186,12 @@ def test_checkpoint_rows_round_trip_and_a_run_resumes(tmp_path):
     torch.testing.assert_close(other.levels, m.levels)
 
     data = clustered_interactions(n_users=60, n_items=40, seed=1)
-    over = ["model.method=gnaq_lat", "model.bits=2", "model.dim=8", "model.num_layers=2", "model.latent_bits=4",
+    over = ["model.method=gnaq_lat", "model.bits=2", "model.dim=8", "model.num_layers=2", "model.latent_bits=8",
             "schedule.warmup_epochs=0", "schedule.batch_size=128", "schedule.num_negatives=2",
             "schedule.eval_every=0", "progress=false", "eval.ks=[10]", f"out={tmp_path / 'run'}",
             "checkpoint.every_epochs=1"]
     first = train_local(load_config(TrainConfig, [], over + ["schedule.epochs=2"]), data, checkpoints=True)
-    assert int(first.method.latent_int.max()) == 15  # 4-bit latent
+    assert int(first.method.latent_int.max()) == 255  # the 8-bit latent asked for, not the variant's 4
     again = train_local(load_config(TrainConfig, [], over + ["schedule.epochs=3"]), data, checkpoints=True)
     assert again.resumed_from is not None and again.resumed_from["epoch"] == 2
-    assert again.method.latent_bits == 4 and int(again.method.latent_int.max()) <= 15
+    assert again.method.latent_bits == 8 and int(again.method.latent_int.max()) == 255

@@ -8,7 +8,7 @@ GNAQ-STE escapes both by letting a latent table decide the codes, but that laten
 should not hold.
 
 This variant keeps GNAQ's per-node levels and codes and gives each node a **b_lat-bit integer
-latent** (``model.latent_bits``, default 8: one uint8 a dimension) in place of the fp32 one:
+latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) in place of the fp32 one:
 
 * forward: ``x_i[d] = phi(c_i[q_i[d]])`` as GNAQ; the codes ``q_i`` are the equal-width bins
   of the latent row ``u_i`` over its ``[min, max]`` (as GNAQ bins its rows), so they are never
@@ -23,7 +23,7 @@ latent** (``model.latent_bits``, default 8: one uint8 a dimension) in place of t
   0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
-  range a step);
+  range a step; default 0.03);
 * re-binning: a row whose latent spans less than the full integer range is stretched back to
   it (``round((u - min) (2^b_lat - 1) / (max - min))``). Equal-width bins do not change under
   an affine map of the row, so this keeps the codes and restores the latent's resolution.
@@ -34,7 +34,7 @@ Nothing of size ``(N, d)`` in fp32 lives across steps: the state per node is the
 
 Counted bytes per node (``storage_report`` plus :attr:`latent_bytes_per_node`): the codes and
 levels of the packed table, plus the latent a checkpoint needs to go on training (at b_lat =
-8, d = 64: 16 + 8 + 64 = 88 B). A model that is done training ships the packed table only.
+4, d = 64: 16 + 8 + 32 = 56 B). A model that is done training ships the packed table only.
 """
 
 from __future__ import annotations
@@ -46,6 +46,7 @@ from gnaq_dist.quant.base import init_normal_table
 from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes, paper_levels
 from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, unpack_codes_torch
 
+DEFAULT_LATENT_LR = 0.03  # of 0.003, 0.01, 0.03, 0.1: the best Recall@20 on Last.fm from scratch (docs/notes)
 LATENT_BITS = (2, 4, 8)  # widths that pack whole into bytes: the latent is held packed
 _EPS = 1e-12
 
@@ -69,7 +70,7 @@ class GNAQLatent(GNAQ):
     """GNAQ's levels and codes, the codes driven by a b_lat-bit integer latent; see the module docstring."""
 
     def __init__(self, num_nodes: int, dim: int, bits: int = 2, num_layers: int = 3, variant: str = "gnaq_lat",
-                 phi: str | None = None, latent_bits: int | None = None, latent_lr: float = 0.01,
+                 phi: str | None = None, latent_bits: int | None = None, latent_lr: float | None = None,
                  latent_beta: float = 0.999, latent_clip: float | None = 3.0, seed: int | None = None) -> None:
         from gnaq_dist.methods import GNAQ_VARIANTS
 
@@ -81,6 +82,7 @@ class GNAQLatent(GNAQ):
             raise GnaqInputError(f"latent_bits must be one of {LATENT_BITS}, got {latent_bits}")
         if latent_bits < bits:
             raise GnaqInputError(f"latent_bits ({latent_bits}) must be >= the code width ({bits})")
+        latent_lr = DEFAULT_LATENT_LR if latent_lr is None else float(latent_lr)
         if not latent_lr > 0:
             raise GnaqInputError(f"latent_lr must be > 0, got {latent_lr}")
         self.latent_bits = latent_bits
@@ -238,4 +240,4 @@ class GNAQLatent(GNAQ):
         return [self.latent_packed, self.grad_sq]
 
 
-__all__ = ["GNAQLatent", "LATENT_BITS"]
+__all__ = ["DEFAULT_LATENT_LR", "GNAQLatent", "LATENT_BITS"]

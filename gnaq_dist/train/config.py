@@ -44,8 +44,8 @@ class ModelConfig:
     phi: Literal["tanh", "identity"] | None = None  # GNAQ level activation; null: the variant's own (gnaq: tanh, gnaq_static and gnaq_ste: identity)
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
     refine_every: int | None = None  # GNAQ: optimizer steps between re-assignments of every node's codes from its propagated embedding in the step's forward (0 = never); null: the variant's own (gnaq: 1, gnaq_static: 0)
-    latent_bits: int | None = None  # gnaq_lat: bits a dimension of the integer latent that drives the codes (2, 4 or 8, >= bits), held packed; null: the variant's own (8); other methods ignore it
-    latent_lr: float = 0.01  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; other methods ignore it
+    latent_bits: int | None = None  # gnaq_lat: bits a dimension of the integer latent that drives the codes (2, 4 or 8, >= bits), held packed; null: the variant's own (4); other methods ignore it
+    latent_lr: float | None = None  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; null: the method's own (0.03); other methods ignore it
     lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:
@@ -68,7 +68,7 @@ class ModelConfig:
         if self.latent_bits is not None and self.bits is not None and self.latent_bits < self.bits \
                 and GNAQ_VARIANTS.get(self.method, None) is not None and GNAQ_VARIANTS[self.method].latent_bits:
             raise ConfigError(f"model.latent_bits: {self.latent_bits} is below the code width model.bits={self.bits}")
-        _finite("model.latent_lr", self.latent_lr, strict=True)
+        _finite("model.latent_lr", self.latent_lr, strict=True, none_ok=True)
         if self.lsq_step not in ("tensor", "node"):
             raise ConfigError(f"model.lsq_step: {self.lsq_step!r} is not one of tensor, node")
 

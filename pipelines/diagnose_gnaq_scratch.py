@@ -40,7 +40,7 @@ RUNS = {
     "gnaq-identity": ("gnaq", {"model.phi": "identity"}),
     "gnaq_static": ("gnaq_static", {}),
     "gnaq_ste": ("gnaq_ste", {}),
-    "gnaq_lat": ("gnaq_lat", {}),  # the variant's defaults: 4-bit latent, latent_lr 0.03
+    "gnaq_lat": ("gnaq_lat", {}),  # the variant's defaults: 4-bit latent, latent_lr 0.01
     "gnaq_lat-b8-lr0.003": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.003}),
     "gnaq_lat-b8-lr0.01": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.01}),
     "gnaq_lat-b8-lr0.03": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.03}),

@@ -37,7 +37,7 @@ def test_registered_as_a_gnaq_variant_of_its_own():
     assert GNAQ_VARIANTS["gnaq"].latent_bits == 0 and GNAQ_VARIANTS["gnaq_static"].latent_bits == 0
     m = build_method("gnaq_lat", 6, 8, 2, 1)
     assert isinstance(m, GNAQLatent) and m.latent_bits == 4 and m.latent_bytes_per_node == 4.0
-    assert m.latent_lr == 0.03
+    assert m.latent_lr == 0.01
     assert build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=8).latent_bytes_per_node == 8.0
     m4 = build_method("gnaq_lat", 6, 8, 2, 1, latent_bits=4)
     assert m4.latent_bytes_per_node == 4.0 and tuple(m4.latent_packed.shape) == (6, 4)  # held packed

@@ -45,7 +45,7 @@ class ModelConfig:
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
     refine_every: int | None = None  # GNAQ: optimizer steps between re-assignments of every node's codes from its propagated embedding in the step's forward (0 = never); null: the variant's own (gnaq: 1, gnaq_static: 0)
     latent_bits: int | None = None  # gnaq_lat: bits a dimension of the integer latent that drives the codes (2, 4 or 8, >= bits), held packed; null: the variant's own (4); other methods ignore it
-    latent_lr: float | None = None  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; null: the method's own (0.03); other methods ignore it
+    latent_lr: float | None = None  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; null: the method's own (0.01); other methods ignore it
     lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:

@@ -195,3 +195,15 @@ def test_checkpoint_rows_round_trip_and_a_run_resumes(tmp_path):
     again = train_local(load_config(TrainConfig, [], over + ["schedule.epochs=3"]), data, checkpoints=True)
     assert again.resumed_from is not None and again.resumed_from["epoch"] == 2
     assert again.method.latent_bits == 8 and int(again.method.latent_int.max()) == 255
+
+
+def test_load_packed_restores_levels_and_codes():
+    m = fresh(latent_bits=4)
+    with torch.no_grad():
+        m.levels.add_(torch.randn_like(m.levels) * 0.01)
+    table = m.pack(torch.float32)
+    other = fresh(latent_bits=4)
+    other.load_packed(table)
+    torch.testing.assert_close(other.embed(None).detach(), m.embed(None).detach())
+    assert torch.equal(other.codes, m.codes)
+    assert m.packed_codes.numel() == 0  # no separate code table is held: the codes are the latent's bins

@@ -15,7 +15,7 @@ latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) 
   stored apart while training;
 * backward: the levels get GNAQ's gather gradient (through the graph, Adam as every
   parameter); ``dL/dx_i`` reaches the latent straight through (as GNAQ-STE), stashed for the
-  update below and clipped at ``optim.grad_clip`` like every gradient;
+  update below and clipped at 3 (``latent_clip``: the value clip every parameter gets by default);
 * the latent update (after each optimizer step, in :meth:`refine`, the trainers' hook for
   code re-assignment): a row-wise Adam without first moment, ``v_i <- b v_i + (1-b) mean_d g_i^2``
   and ``v_hat_i = v_i / (1 - b^t_i)`` with the row's own update count ``t_i`` (two fp32 a node,
@@ -48,7 +48,6 @@ from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_by
 
 DEFAULT_LATENT_LR = 0.01  # chosen on the validation split at the scratch budget (docs/notes/2026-12-07-gnaq-from-scratch.md)
 LATENT_BITS = (2, 4, 8)  # widths that pack whole into bytes: the latent is held packed
-_EPS = 1e-12
 
 
 class _GradSink(torch.autograd.Function):
@@ -93,6 +92,8 @@ class GNAQLatent(GNAQ):
         self._pending: list[tuple[torch.Tensor | None, torch.Tensor]] = []
         super().__init__(num_nodes, dim, bits, num_layers, variant=variant, phi=phi)
         self.refines = True  # the trainers' post-step hook applies the latent update
+        # GNAQ's packed codes are not kept: the codes are the latent's bins (no bytes held for them)
+        self.packed_codes = torch.zeros(0, dtype=torch.uint8)
         # the latent, held packed as it is stored (8 / b_lat values a byte; unpacked per use)
         self.register_buffer("latent_packed",
                              torch.zeros(num_nodes, packed_row_bytes(dim, latent_bits), dtype=torch.uint8))
@@ -129,6 +130,21 @@ class GNAQLatent(GNAQ):
         self._set_latent(None, values)
 
     # -- codes and forward ----------------------------------------------------------------
+    @property
+    def codes(self) -> torch.Tensor:
+        """All codes, uint8 (N, d): the latent's bins (a fresh tensor). Assigning codes sets the
+        latent to ``q (2^b_lat - 1) / (2^b - 1)``, whose bins are those codes when each row
+        uses codes 0 and 2^b - 1."""
+        return self._codes_of(None)
+
+    @codes.setter
+    def codes(self, value: torch.Tensor) -> None:
+        if "latent_packed" not in self._buffers:  # GNAQ.__init__, before the latent exists
+            GNAQ.codes.fset(self, value)
+            return
+        q = value.to(self.latent_packed.device).to(torch.float32)
+        self._set_latent(None, (q * (self.latent_max / (self.num_levels - 1))).round_())
+
     def _codes_of(self, ids: torch.Tensor | None) -> torch.Tensor:
         if "latent_packed" not in self._buffers:  # during GNAQ.__init__, before the latent exists
             return super()._codes_of(ids)
@@ -155,7 +171,6 @@ class GNAQLatent(GNAQ):
         e = self._check_weight(weight)
         self.levels.copy_(paper_levels(e, self.num_levels))
         self._set_latent(None, self._stretch(e))
-        self.packed_codes.zero_()  # unused: the codes are the latent's bins
         self.grad_sq.zero_()
         self._pending = []
         if self.bias is not None:
@@ -224,12 +239,21 @@ class GNAQLatent(GNAQ):
 
     @torch.no_grad()
     def load_packed(self, table: PackedTable) -> None:
-        """Levels and codes from a packed table; the latent is rebuilt from the codes
-        (``q (2^b_lat - 1) / (2^b - 1)``: its bins are exactly the stored codes when each row uses
-        codes 0 and 2^b - 1), not the trained latent: resume training from a state_dict."""
-        super().load_packed(table)
-        q = torch.from_numpy(table.unpacked_codes()).to(self.levels.device).to(torch.float32)
-        self._set_latent(None, (q * (self.latent_max / (self.num_levels - 1))).round_())
+        """Levels (phi^-1 of the stored values) and codes from a packed table; the latent is rebuilt
+        from the codes (``q (2^b_lat - 1) / (2^b - 1)``: its bins are exactly the stored codes when
+        each row uses codes 0 and 2^b - 1), not the trained latent: resume training from a
+        checkpoint, not from a packed table."""
+        self._check_table(table)
+        dev = self.levels.device
+        q = torch.from_numpy(table.unpacked_codes()).to(dev).to(torch.float32)
+        values = torch.from_numpy(table.levels.astype("float32")).to(dev)[:, 0, :]
+        self.levels.copy_(self.phi_inv(values.expand(self.num_nodes, self.num_levels),
+                                       clip=1.0 - torch.finfo(torch.float32).eps))
+        if self.bias is not None:
+            if table.bias is None:
+                raise GnaqInputError(f"{self.name}: the packed table has no score biases")
+            self.bias.copy_(torch.from_numpy(table.bias.astype("float32")).to(dev))
+        self.codes = q
         self.grad_sq.zero_()
         self._pending = []
 

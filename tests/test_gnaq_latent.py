@@ -167,6 +167,8 @@ def test_the_distributed_loop_refuses_it():
         cfg.check_distributed()
     with pytest.raises(ConfigError, match="latent_bits"):
         load_config(TrainConfig, [], ["model.method=gnaq_lat", "model.bits=4", "model.latent_bits=2"]).validate()
+    with pytest.raises(ConfigError, match="refine_every"):
+        load_config(TrainConfig, [], ["model.method=gnaq_lat", "model.refine_every=0"]).validate()
 
 
 def test_checkpoint_rows_round_trip_and_a_run_resumes(tmp_path):

@@ -69,6 +69,10 @@ class ModelConfig:
                 and GNAQ_VARIANTS.get(self.method, None) is not None and GNAQ_VARIANTS[self.method].latent_bits:
             raise ConfigError(f"model.latent_bits: {self.latent_bits} is below the code width model.bits={self.bits}")
         _finite("model.latent_lr", self.latent_lr, strict=True, none_ok=True)
+        spec = GNAQ_VARIANTS.get(self.method)
+        if spec is not None and spec.latent_bits and self.refine_every not in (None, 1):
+            raise ConfigError(f"model.refine_every: {self.method} applies its latent update after every step "
+                              f"(null or 1), got {self.refine_every}")
         if self.lsq_step not in ("tensor", "node"):
             raise ConfigError(f"model.lsq_step: {self.lsq_step!r} is not one of tensor, node")
 

@@ -518,6 +518,8 @@ def build_for_rows(manifest: dict[str, Any], n: int, graph=None) -> EmbeddingMet
     name = manifest["shard_method"]
     bits = None if name == "fp" else model["bits"]
     options = {"phi": model["phi"], "per_row": model.get("lsq_step", "tensor") == "node"}
+    trained = manifest.get("config", {}).get("model", {})  # gnaq_lat's latent width and step, as trained
+    options.update({k: trained[k] for k in ("latent_bits", "latent_lr") if trained.get(k) is not None})
     if graph is not None and name == "bigear":
         options["graph"] = graph
     with torch.random.fork_rng():

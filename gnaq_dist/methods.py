@@ -19,7 +19,10 @@ class GnaqVariant:
     ``phi``: the level activation; ``refine_every``: optimizer steps between code
     re-assignments from the propagated embeddings (0 = never); ``score_bias``: per-user and
     per-item biases in the score; ``l2``: whether ``optim.l2`` applies to the layer-0 rows;
-    ``straight_through``: codes follow a latent fp table (the STE ablation).
+    ``straight_through``: codes follow a latent fp table (the STE ablation);
+    ``latent_bits``: > 0 for a variant whose codes follow a low-precision integer latent of
+    that many bits a dimension, updated after every optimizer step (``gnaq_lat``,
+    ``quant/gnaq_latent.py``); 0 for none.
     """
 
     phi: str
@@ -27,15 +30,18 @@ class GnaqVariant:
     score_bias: bool
     l2: bool
     straight_through: bool = False
+    latent_bits: int = 0
 
 
 #: ``gnaq`` is the authors' reference code; ``gnaq_static`` the frozen-code form this project
 #: trained before (codes fixed at the quantized start, identity levels, no biases, L2);
-#: ``gnaq_ste`` the straight-through ablation.
+#: ``gnaq_ste`` the straight-through ablation; ``gnaq_lat`` GNAQ trained from scratch with a
+#: 4-bit integer latent driving the codes (no fp32 table or Adam state of size (N, d)).
 GNAQ_VARIANTS: dict[str, GnaqVariant] = {
     "gnaq": GnaqVariant(phi="tanh", refine_every=1, score_bias=True, l2=False),
     "gnaq_static": GnaqVariant(phi="identity", refine_every=0, score_bias=False, l2=True),
     "gnaq_ste": GnaqVariant(phi="identity", refine_every=0, score_bias=False, l2=True, straight_through=True),
+    "gnaq_lat": GnaqVariant(phi="identity", refine_every=1, score_bias=False, l2=True, latent_bits=4),
 }
 
 METHODS = ("fp", *GNAQ_VARIANTS, "lsq", "n2uq", "bigear")
@@ -48,7 +54,8 @@ def is_gnaq(name: str) -> bool:
 
 def is_packed_gnaq(name: str) -> bool:
     """A GNAQ variant whose codes are state (not re-derived from a latent): it travels packed and refines."""
-    return name in GNAQ_VARIANTS and not GNAQ_VARIANTS[name].straight_through
+    spec = GNAQ_VARIANTS.get(name)
+    return spec is not None and not spec.straight_through and not spec.latent_bits
 
 
 __all__ = ["GNAQ_VARIANTS", "GnaqVariant", "METHODS", "QUANT_BITS", "is_gnaq", "is_packed_gnaq"]

@@ -43,7 +43,8 @@ from gnaq_dist.runlog import RunLog, read_log
 DEFAULT_METHODS: list[tuple[str, int | None]] = [
     ("fp", None), ("gnaq", 2), ("gnaq_ste", 2), ("lsq", 2), ("n2uq", 2), ("bigear", 1),
 ]
-LABELS = {"fp": "LightGCN fp32", "gnaq": "GNAQ", "gnaq_ste": "GNAQ (STE ablation)", "lsq": "LSQ",
+LABELS = {"fp": "LightGCN fp32", "gnaq": "GNAQ", "gnaq_ste": "GNAQ (STE ablation)",
+          "gnaq_lat": "GNAQ (integer latent)", "lsq": "LSQ",
           "n2uq": "N2UQ", "bigear": "BiGeaR"}
 PROTOCOLS = ("shared-warmup", "scratch", "reference")
 REFERENCE_PATIENCE = 5  # evaluations without a better validation metric, when the config sets none

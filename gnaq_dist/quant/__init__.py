@@ -10,6 +10,7 @@ Modules:
 * :mod:`.base`: ``EmbeddingMethod``, the interface every method offers the training loop;
 * :mod:`.full`: full-precision embeddings, the warm-up model and the fp baseline;
 * :mod:`.gnaq`: GNAQ, node-aware dynamic quantization (per-node codebooks, codes refined from the graph);
+* :mod:`.gnaq_latent`: ``gnaq_lat``, GNAQ trained quantized from the first step, its codes driven by a packed integer latent;
 * :mod:`.lsq`: the LSQ baseline, a uniform grid with a learned step size;
 * :mod:`.n2uq`: the N2UQ baseline, non-uniform input thresholds and uniform output levels;
 * :mod:`.bigear`: the BiGeaR baseline, 1-bit scoring of every layer with distillation;
@@ -28,6 +29,7 @@ from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.bigear import BiGeaR
 from gnaq_dist.quant.full import FullPrecision
 from gnaq_dist.quant.gnaq import GNAQ
+from gnaq_dist.quant.gnaq_latent import GNAQLatent
 from gnaq_dist.quant.lsq import LSQ
 from gnaq_dist.quant.n2uq import N2UQ
 from gnaq_dist.quant.packing import PackedTable, storage_report
@@ -38,7 +40,8 @@ from gnaq_dist.quant.packing import PackedTable, storage_report
 #: unknown option name is an error.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "fp": (),
-    **{name: ("phi",) for name in GNAQ_VARIANTS},
+    **{name: ("phi",) + (("latent_bits", "latent_lr") if spec.latent_bits else ())
+       for name, spec in GNAQ_VARIANTS.items()},
     "lsq": ("per_row",),
     "n2uq": (),
     "bigear": ("gaussian_a", "graph", "top_r"),
@@ -66,6 +69,8 @@ def build_method(
     opts = {k: v for k, v in options.items() if k in _OPTIONS[name]}
     if name == "fp":
         return FullPrecision(num_nodes, dim, num_layers)
+    if name in GNAQ_VARIANTS and GNAQ_VARIANTS[name].latent_bits:
+        return GNAQLatent(num_nodes, dim, bits, num_layers, variant=name, **opts)
     if name in GNAQ_VARIANTS:
         return GNAQ(num_nodes, dim, bits, num_layers, variant=name, **opts)
     if name == "lsq":
@@ -80,6 +85,7 @@ __all__ = [
     "EmbeddingMethod",
     "FullPrecision",
     "GNAQ",
+    "GNAQLatent",
     "LSQ",
     "METHODS",
     "N2UQ",

@@ -17,6 +17,8 @@ from gnaq_dist.methods import GNAQ_VARIANTS, METHODS, QUANT_BITS
 #: Methods the distributed loop refuses, and why.
 DISTRIBUTED_UNSUPPORTED = {
     "bigear": "its distillation ranks every item for each user against the whole fp teacher",
+    "gnaq_lat": "its integer latent is updated by the one-process trainer's post-step hook, which the "
+                "distributed loop's row shards do not carry",
 }
 MAX_SEED = 2**32 - 1  # numpy's legacy seed (np.random.seed) takes 0 .. 2**32 - 1
 
@@ -35,13 +37,15 @@ def _finite(key: str, value: float | None, *, low: float = 0.0, strict: bool = F
 
 @dataclass
 class ModelConfig:
-    method: str = "gnaq"  # fp | gnaq (the reference code) | gnaq_static (frozen codes) | gnaq_ste | lsq | n2uq | bigear
+    method: str = "gnaq"  # fp | gnaq (the reference code) | gnaq_static (frozen codes) | gnaq_ste | gnaq_lat (an integer latent drives the codes) | lsq | n2uq | bigear
     bits: int | None = 2  # code width of the quantized table: 1, 2, 4 or 8 (fp: null)
     dim: int = 64  # embedding dimension d
     num_layers: int = 3  # LightGCN propagation layers L
     phi: Literal["tanh", "identity"] | None = None  # GNAQ level activation; null: the variant's own (gnaq: tanh, gnaq_static and gnaq_ste: identity)
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
     refine_every: int | None = None  # GNAQ: optimizer steps between re-assignments of every node's codes from its propagated embedding in the step's forward (0 = never); null: the variant's own (gnaq: 1, gnaq_static: 0)
+    latent_bits: int | None = None  # gnaq_lat: bits a dimension of the integer latent that drives the codes (2, 4 or 8, >= bits), held packed; null: the variant's own (4); other methods ignore it
+    latent_lr: float | None = None  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; null: the method's own (0.01); other methods ignore it
     lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:
@@ -59,6 +63,16 @@ class ModelConfig:
             raise ConfigError("model.dim must be >= 1 and model.num_layers >= 0")
         if self.refine_every is not None and self.refine_every < 0:
             raise ConfigError(f"model.refine_every must be >= 0 or null, got {self.refine_every}")
+        if self.latent_bits is not None and self.latent_bits not in (2, 4, 8):
+            raise ConfigError(f"model.latent_bits: {self.latent_bits!r} must be 2, 4, 8 or null")
+        if self.latent_bits is not None and self.bits is not None and self.latent_bits < self.bits \
+                and GNAQ_VARIANTS.get(self.method, None) is not None and GNAQ_VARIANTS[self.method].latent_bits:
+            raise ConfigError(f"model.latent_bits: {self.latent_bits} is below the code width model.bits={self.bits}")
+        _finite("model.latent_lr", self.latent_lr, strict=True, none_ok=True)
+        spec = GNAQ_VARIANTS.get(self.method)
+        if spec is not None and spec.latent_bits and self.refine_every not in (None, 1):
+            raise ConfigError(f"model.refine_every: {self.method} applies its latent update after every step "
+                              f"(null or 1), got {self.refine_every}")
         if self.lsq_step not in ("tensor", "node"):
             raise ConfigError(f"model.lsq_step: {self.lsq_step!r} is not one of tensor, node")
 
@@ -72,7 +86,8 @@ class ModelConfig:
 
     def method_options(self) -> dict[str, Any]:
         """What ``build_method`` takes from this config (each method uses its own)."""
-        return {"phi": self.phi, "per_row": self.lsq_step == "node"}
+        return {"phi": self.phi, "per_row": self.lsq_step == "node", "latent_bits": self.latent_bits,
+                "latent_lr": self.latent_lr}
 
 
 @dataclass

@@ -434,6 +434,11 @@ class LocalTrainer:
         packed = method.pack(level_dtype=getattr(torch, self.config.model.level_dtype))
         report = storage_report(packed)  # with the score bias counted, where the method has one
         # Compare with the fp32 layer-0 table the model replaces (d floats per node).
+        latent = float(getattr(method, "latent_bytes_per_node", 0.0))
+        if latent:  # gnaq_lat: the integer latent that training goes on from counts too
+            report["served_bytes_per_node"] = report["bytes_per_node"]
+            report["latent_bytes_per_node"] = latent
+            report["bytes_per_node"] += latent
         report["fp32_bytes_per_node"] = 4.0 * d
         report["compression_ratio"] = 4.0 * d / report["bytes_per_node"]
         return report

@@ -131,6 +131,47 @@ def test_simultaneous_appends_never_lose_rows(tmp_path):
     assert not [p for p in tmp_path.iterdir() if ".staging-" in p.name]
 
 
+def test_an_append_whose_dataset_is_replaced_while_it_reads_loses_the_race(tmp_path, monkeypatch):
+    """Writer B reads the manifest; A's append commits (and removes the version B was reading)
+    before B reads the files: B fails as a lost race (one line, nothing written), not as a
+    damaged dataset."""
+    from gnaq_dist import dataset as dataset_module
+    from gnaq_dist.concurrency import ConcurrentWriteError
+    from gnaq_dist.errors import GnaqInputError
+    from gnaq_dist.ingest import IngestConfig, ingest
+    from gnaq_dist.storage import join
+
+    out = str(tmp_path / "ds")
+    ingest(big_log(tmp_path / "base.parquet", "base", 100), out, IngestConfig(progress=False))
+    a_log = big_log(tmp_path / "a.parquet", "a", 50)
+    real_read_tables = dataset_module.read_tables
+
+    def read_while_a_commits(uri, storage_options=None, verify=True, names=None):
+        stale = read_manifest(uri, storage_options)
+        monkeypatch.setattr(dataset_module, "read_tables", real_read_tables)  # A reads as usual
+        ingest(a_log, out, IngestConfig(progress=False), append=True)
+        first = join(uri, next(iter(stale["files"].values()))["path"])
+        assert not Path(first).exists()  # A's commit removed the version B read
+        raise GnaqInputError(f"{first}: file listed in the manifest is missing")  # what B's read then meets
+
+    monkeypatch.setattr(dataset_module, "read_tables", read_while_a_commits)
+    with pytest.raises(ConcurrentWriteError, match="another writer committed it while this one read it"):
+        ingest(big_log(tmp_path / "b.parquet", "b", 50), out, IngestConfig(progress=False), append=True)
+    assert n_rows(out) == (100 + 50) * 8 and read_manifest(out)["version"] == 2  # A's rows, none of B's
+
+
+def test_an_append_to_a_damaged_dataset_is_refused_as_damaged(tmp_path):
+    from gnaq_dist.errors import GnaqInputError
+    from gnaq_dist.ingest import IngestConfig, ingest
+
+    out = tmp_path / "ds"
+    ingest(big_log(tmp_path / "base.parquet", "base", 100), str(out), IngestConfig(progress=False))
+    victim = out / next(iter(read_manifest(str(out))["files"].values()))["path"]
+    victim.unlink()
+    with pytest.raises(GnaqInputError, match="file listed in the manifest is missing"):
+        ingest(big_log(tmp_path / "b.parquet", "b", 50), str(out), IngestConfig(progress=False), append=True)
+
+
 # -- S3: conditional writes on a real moto server ---------------------------------------------------
 @pytest.fixture
 def s3(moto_endpoint):

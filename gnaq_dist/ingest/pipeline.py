@@ -29,9 +29,18 @@ from gnaq_dist.storage import output_exists, resolve
 
 def _existing(out: str, opts: dict[str, Any]) -> tuple[dict[str, Any], Edges, np.ndarray, IdMap, IdMap]:
     """An existing dataset as (manifest, edges, labels, user map, item map), verified."""
-    from gnaq_dist.dataset import read_tables
+    from gnaq_dist.concurrency import ConcurrentWriteError
+    from gnaq_dist.dataset import read_manifest, read_tables
 
-    manifest, tables = read_tables(out, opts, verify=True)
+    version = read_manifest(out, opts).get("version")
+    try:
+        manifest, tables = read_tables(out, opts, verify=True)
+    except (GnaqInputError, OSError):  # a file missing, changed, or gone between exists() and open()
+        if read_manifest(out, opts).get("version") == version:
+            raise  # no commit meanwhile: the dataset's files are missing or damaged
+        # Another writer committed while this one read, and removed the files it was reading.
+        raise ConcurrentWriteError(f"{out}: another writer committed it while this one read it; "
+                                   f"nothing was written, run again") from None
     maps = []
     for name in ("user_map", "item_map"):
         table = tables[name].sort_by("index")

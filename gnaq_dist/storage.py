@@ -308,7 +308,11 @@ class AtomicOutput:
             remove_stale(parent, name)  # staging of writers to this OUT that died (SIGKILL, power cut)
             self.stage = os.path.join(parent, f".{name}.staging-{self.token}")
             os.makedirs(self.stage)
-            self._held = hold(self.stage)  # proves this writer alive to the others
+            try:
+                self._held = hold(self.stage)  # proves this writer alive to the others
+            except BaseException:  # a signal before the with-block owns the folder: no __exit__ will remove it
+                shutil.rmtree(self.stage, ignore_errors=True)
+                raise
         else:
             self.stage = self.path
             if exists:

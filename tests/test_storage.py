@@ -95,3 +95,18 @@ def test_data_key_lives_with_the_dataset():
     a = clustered_interactions(n_users=50, n_items=30, seed=1)
     b = clustered_interactions(n_users=50, n_items=30, seed=2)
     assert data_key(a) == data_key(a) and data_key(a)["train_sha256"] != data_key(b)["train_sha256"]
+
+
+def test_a_signal_between_the_staging_folder_and_the_with_block_leaves_nothing(tmp_path, monkeypatch):
+    """SIGINT (KeyboardInterrupt) right after the staging folder is made, before ``__enter__``
+    returns (so no ``__exit__`` runs): the folder is removed all the same."""
+    import gnaq_dist.staging as staging
+
+    def interrupted(path):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(staging, "hold", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        with AtomicOutput(str(tmp_path / "bundle"), mark="bundle.json"):
+            pass
+    assert list(tmp_path.iterdir()) == []

@@ -6,7 +6,7 @@ rows of the others (a halo grouped by owner, as a ``HaloPlan``'s), pulls them an
 their gradients back ``--calls`` times through each transport, and reports per call and
 rank the wall time and the CPU time of its process (all its threads, the kernel's TCP work
 included), then the ratios. At the scale benchmark's full size a halo is about 1.6 M rows
-of 64 fp32 values (docs/notes/scale-history.md, section "2026-12-05 (morning)").
+of 64 fp32 values (docs/notes/scale-history.md, "the halo's rows through shared memory").
 
     python benchmarks/bench_halo_exchange.py --rows 1600000 --calls 5
 """

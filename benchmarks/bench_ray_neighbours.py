@@ -5,7 +5,7 @@ then beside a local Ray holding N idle actors (``num_cpus=0``, each a Ray Python
 whose core worker wakes 100 times a second), for each N of ``--actors``, ``--repeats``
 times in alternation, and prints seconds per step and the ratio to no Ray. This is why
 the Ray that ``train_on_ray`` starts for one job leaves out the processes it does not use
-(docs/notes/scale-history.md, "2026-12-05 (day)").
+(docs/notes/scale-history.md, "a Ray for one job, without the processes it does not use").
 
     python benchmarks/bench_ray_neighbours.py --actors 0,8,16 -- \\
         --dataset /tmp/gs/1-10/ds --world 2 --warm 2 --steps 20

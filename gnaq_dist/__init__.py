@@ -56,6 +56,7 @@ Modules, along the data flow:
 * :mod:`.configdoc`: docs/config.md generated from the config dataclasses;
 * :mod:`.errors`: ``GnaqInputError`` (the user's input is wrong: exit status 2) and its kin;
 * :mod:`.interrupts`: SIGTERM and SIGINT as one exception, so cleanup runs;
+* :mod:`.lazy`: package attributes imported on first use (``gnaq_dist``, ``train``, ``distributed``);
 * :mod:`.reproduce`: ``gnaq reproduce``: every method on one budget, under a protocol, over seeds;
 * :mod:`.demo`: ``gnaq run``, the main job on the bundled Last.fm sample.
 
@@ -66,6 +67,8 @@ Package data: ``data/`` (the Last.fm sample ``gnaq run`` ingests, with its ORIGI
 import sys
 import types
 from typing import Any
+
+from gnaq_dist.lazy import lazy_exports
 
 __version__ = "0.1.0"
 
@@ -82,12 +85,7 @@ _PUBLIC = {
 }
 #: API functions named like a module of this package.
 _SHADOWED = ("train", "evaluate", "export")
-
-
-def _public(name: str) -> Any:
-    import importlib
-
-    return getattr(importlib.import_module(_PUBLIC[name]), name)
+_public = __getattr__ = lazy_exports(__name__, _PUBLIC)
 
 
 class _Package(types.ModuleType):
@@ -101,12 +99,6 @@ class _Package(types.ModuleType):
 
 
 sys.modules[__name__].__class__ = _Package
-
-
-def __getattr__(name: str) -> Any:
-    if name in _PUBLIC:
-        return _public(name)
-    raise AttributeError(f"module 'gnaq_dist' has no attribute {name!r}")
 
 
 __all__ = [*_PUBLIC, "__version__"]

@@ -310,7 +310,7 @@ def _write_results(rows: list[Row], base: TrainConfig, out_dir: Path, protocol: 
                                           split=stop.split, metric=stop.metric)
     budget = (f"{f'batch {s.batch_size}' if s.batch_size else f'{s.steps_per_epoch} steps an epoch'}, "
               f"{s.num_negatives} negatives, d = {base.model.dim}, L = {base.model.num_layers}, lr {base.optim.lr}"
-              f" (quantized: {base.optim.quant_lr or base.optim.lr})")
+              f" (quantized: {base.optim.rate('quantized')})")
     n = len(seeds)
     lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     lines += ["| " + " | ".join(_cell(e, c, n) for c in MD_COLUMNS) + " |" for e in entries]

@@ -69,7 +69,7 @@ def time_steps_round_robin(
     for trainer, (_, config) in zip(trainers, configs):
         if config.quantized:
             method = trainer._start_quantized_phase(fp)
-            lr = config.optim.quant_lr or config.optim.lr
+            lr = config.optim.rate("quantized")
         else:
             method = build_method("fp", N, d, None, L)
             method.init_from_full_precision(fp.embed(None).detach().clone())

@@ -41,18 +41,9 @@ RUNS = {
     "gnaq_static": ("gnaq_static", {}),
     "gnaq_ste": ("gnaq_ste", {}),
     "gnaq_lat": ("gnaq_lat", {}),  # the variant's defaults: 4-bit latent, latent_lr 0.01
-    "gnaq_lat-b8-lr0.003": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.003}),
-    "gnaq_lat-b8-lr0.01": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.01}),
-    "gnaq_lat-b8-lr0.03": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.03}),
-    "gnaq_lat-b8-lr0.1": ("gnaq_lat", {"model.latent_bits": 8, "model.latent_lr": 0.1}),
-    "gnaq_lat-b4-lr0.003": ("gnaq_lat", {"model.latent_bits": 4, "model.latent_lr": 0.003}),
-    "gnaq_lat-b4-lr0.01": ("gnaq_lat", {"model.latent_bits": 4, "model.latent_lr": 0.01}),
-    "gnaq_lat-b4-lr0.03": ("gnaq_lat", {"model.latent_bits": 4, "model.latent_lr": 0.03}),
-    "gnaq_lat-b4-lr0.1": ("gnaq_lat", {"model.latent_bits": 4, "model.latent_lr": 0.1}),
-    "gnaq_lat-b2-lr0.003": ("gnaq_lat", {"model.latent_bits": 2, "model.latent_lr": 0.003}),
-    "gnaq_lat-b2-lr0.01": ("gnaq_lat", {"model.latent_bits": 2, "model.latent_lr": 0.01}),
-    "gnaq_lat-b2-lr0.03": ("gnaq_lat", {"model.latent_bits": 2, "model.latent_lr": 0.03}),
-    "gnaq_lat-b2-lr0.1": ("gnaq_lat", {"model.latent_bits": 2, "model.latent_lr": 0.1}),
+    # the latent's width and step
+    **{f"gnaq_lat-b{bits}-lr{lr:g}": ("gnaq_lat", {"model.latent_bits": bits, "model.latent_lr": lr})
+       for bits in (8, 4, 2) for lr in (0.003, 0.01, 0.03, 0.1)},
 }
 
 

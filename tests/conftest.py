@@ -9,7 +9,22 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-SHARED_DATA = Path(__file__).resolve().parent.parent / ".." / "shared" / "data"
+ROOT = Path(__file__).resolve().parent.parent
+SHARED_DATA = ROOT / ".." / "shared" / "data"
+
+
+def load_script(relative: str):
+    """A script outside the package (``benchmarks/``, ``cluster/``, ``pipelines/``, ``scripts/``),
+    loaded as a module by its path under the project root."""
+    import importlib.util
+    import sys
+
+    path = ROOT / relative
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module  # its dataclasses look their module up there
+    spec.loader.exec_module(module)
+    return module
 
 
 def _clear_memory() -> None:

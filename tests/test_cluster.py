@@ -16,24 +16,15 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ray = pytest.importorskip("ray")
 psutil = pytest.importorskip("psutil")
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load_cluster_tool():
-    """cluster/local_cluster.py: test and trial tooling outside the library, loaded by its path."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module  # its dataclasses look their module up there
-    spec.loader.exec_module(module)
-    return module
-
-
-cluster_local = _load_cluster_tool()
+cluster_local = load_script("cluster/local_cluster.py")  # test and trial tooling outside the library
 
 pytestmark = pytest.mark.slow  # a real two-node Ray cluster: about 90 s
 

@@ -2,15 +2,12 @@
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 
+from conftest import load_script
 from gnaq_dist.runlog import RunLog
 
-_SPEC = importlib.util.spec_from_file_location(
-    "compare_runs", Path(__file__).resolve().parents[1] / "pipelines" / "compare_runs.py")
-compare_runs = importlib.util.module_from_spec(_SPEC)
-_SPEC.loader.exec_module(compare_runs)
+compare_runs = load_script("pipelines/compare_runs.py")
 
 
 def _run(path: Path, recalls: list[float]) -> Path:

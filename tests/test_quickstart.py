@@ -16,6 +16,8 @@ from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 PAGE = ROOT / "docs" / "quickstart.md"
 ENV_MARK = "<!-- quickstart: environment"
@@ -54,22 +56,12 @@ def test_the_page_has_its_steps_and_the_environment_block_sets_what_the_test_set
         assert step in script, step
 
 
-def _load_cluster_tool():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("local_cluster", ROOT / "cluster" / "local_cluster.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.slow  # a two-node Ray cluster and a 30-epoch run: about 2 minutes on 2 cores
 def test_the_quickstart_runs_as_printed(moto_endpoint, tmp_path):
     pytest.importorskip("ray")
     import s3fs
 
-    cluster = _load_cluster_tool()
+    cluster = load_script("cluster/local_cluster.py")
     _, blocks = page_blocks(PAGE.read_text())
     bucket = "quickstart"
     fs = s3fs.S3FileSystem(key="testing", secret="testing", endpoint_url=moto_endpoint, skip_instance_cache=True)

@@ -4,24 +4,16 @@ script itself, a few minutes on 2 cores)."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from conftest import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _load():
-    spec = importlib.util.spec_from_file_location("regen_doc_outputs", ROOT / "scripts" / "regen_doc_outputs.py")
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[spec.name] = module
-    spec.loader.exec_module(module)
-    return module
-
-
-regen = _load()
+regen = load_script("scripts/regen_doc_outputs.py")
 
 PAGE = """# A page
 

@@ -33,8 +33,7 @@ Importing this package imports none of them (nor torch or DGL): the names above 
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gnaq_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "DistributedTrainer": "gnaq_dist.distributed.trainer",
@@ -45,11 +44,7 @@ _EXPORTS = {
     "partition_nodes": "gnaq_dist.distributed.partition",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["DistributedTrainer", "Partition", "fit_on_ray", "partition_nodes", "train_on_ray", "train_worker"]

@@ -103,7 +103,7 @@ class RankCheckpoints:
         rows = ckpt.read_rows(loaded.uri, m, owned, so, shards=[self.rank] if same else None)
         method = ckpt.build_for_rows(m, len(owned))
         ckpt.load_rows(method, rows)
-        lr = cfg.optim.lr if m["shard_method"] == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
+        lr = cfg.optim.rate("fp" if m["shard_method"] == "fp" else "quantized")
         shard, feedback = start_shard(method, lr)
         ckpt.load_rows(method, rows, shard.optimizer)
         ckpt.load_dense(method, ckpt.read_table(loaded.uri, "dense.parquet", so, manifest=m), shard.dense_optimizer)

@@ -249,7 +249,7 @@ class DistributedTrainer:
         full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
                                     full_table=full, **cfg.model.method_options())
-        self._new_shard(method, cfg.optim.quant_lr or cfg.optim.lr)
+        self._new_shard(method, cfg.optim.rate("quantized"))
         self.wire.allreduce_gather_bytes()
         del fp, own, full
         release_free_memory()
@@ -643,8 +643,8 @@ class DistributedTrainer:
             if phase == "fp" and plan.quantize_at(epoch):
                 self._start_quantized()
                 phase = "quantized"
-            phase_lr = cfg.optim.lr if phase == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
-            self.shard.set_lr(phase_lr * plan.lr_factor(epoch))  # optim.lr_decay: the epoch's rate
+            lr = cfg.optim.rate(phase) * plan.lr_factor(epoch)  # optim.lr_decay: the epoch's rate
+            self.shard.set_lr(lr)
             self._reserve_step_tables()  # setup's one-off page faults, not the first step's
             t0 = time.perf_counter()
             loss_sum, steps, positives_before = 0.0, 0, self.positives
@@ -671,7 +671,7 @@ class DistributedTrainer:
             loss, wire = self.wire.allreduce_epoch(loss_sum, steps, self.world)
             bar.set_postfix(epoch=epoch, loss=f"{loss:.4f}")
             self._emit("epoch", epoch=epoch, phase=phase, loss=loss, seconds=seconds, step=self.global_step,
-                       steps=steps, elapsed=budget.elapsed(), lr=phase_lr * plan.lr_factor(epoch),
+                       steps=steps, elapsed=budget.elapsed(), lr=lr,
                        positives_per_s=(self.positives - positives_before) / max(seconds, 1e-9),
                        **self._quant_figures(codes_before))
             self._emit("wire", epoch=epoch, phase=phase, **wire)

@@ -17,8 +17,7 @@ Modules:
 
 from __future__ import annotations
 
-import importlib
-from typing import Any
+from gnaq_dist.lazy import lazy_exports
 
 _EXPORTS = {
     "TrainConfig": "gnaq_dist.train.config",
@@ -26,11 +25,7 @@ _EXPORTS = {
     "train_local": "gnaq_dist.train.local",
 }
 
-
-def __getattr__(name: str) -> Any:
-    if name in _EXPORTS:
-        return getattr(importlib.import_module(_EXPORTS[name]), name)
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 
 __all__ = ["LocalTrainer", "TrainConfig", "train_local"]

@@ -99,6 +99,10 @@ class OptimConfig:
     l2: float = 1e-4  # L2 on the batch's layer-0 embeddings (LightGCN's decay); not applied by gnaq, whose reference uses none
     grad_clip: float | None = 3.0  # gradient value clip (the reference code's 3); null = off
 
+    def rate(self, phase: str) -> float:
+        """The learning rate a phase starts from: ``lr`` for ``"fp"``, else ``quant_lr`` (or ``lr``)."""
+        return self.lr if phase == "fp" else (self.quant_lr or self.lr)
+
     def validate(self) -> None:
         _finite("optim.lr", self.lr, strict=True)
         _finite("optim.quant_lr", self.quant_lr, strict=True, none_ok=True)

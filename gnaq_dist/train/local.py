@@ -258,7 +258,7 @@ class LocalTrainer:
         else:
             from gnaq_dist.train.checkpoints import restore
 
-            method, optimizer = restore(resume, N, self.graph, cfg.optim.lr, cfg.optim.quant_lr or cfg.optim.lr,
+            method, optimizer = restore(resume, N, self.graph, cfg.optim.lr, cfg.optim.rate("quantized"),
                                         cfg.storage_options)
             m = resume.manifest
             phase = m["phase"]
@@ -309,12 +309,12 @@ class LocalTrainer:
                     break
                 if phase == "fp" and plan.quantize_at(epoch):
                     method = self._start_quantized_phase(method)
-                    optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)
+                    optimizer = self._optimizer(method, cfg.optim.rate("quantized"))
                     phase = "quantized"
                     bar.set_description(f"{cfg.model.method}-{cfg.model.bits}b")
-                phase_lr = cfg.optim.lr if phase == "fp" else (cfg.optim.quant_lr or cfg.optim.lr)
-                for group in optimizer.param_groups:  # optim.lr_decay: the epoch's rate
-                    group["lr"] = phase_lr * plan.lr_factor(epoch)
+                lr = cfg.optim.rate(phase) * plan.lr_factor(epoch)  # optim.lr_decay: the epoch's rate
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
                 t0 = time.perf_counter()
                 losses = []
                 self.batches.set_epoch(epoch)
@@ -342,7 +342,7 @@ class LocalTrainer:
                 quant = epoch_fields(epoch_sums(method, codes_before, getattr(torch, cfg.model.level_dtype)))
                 self._log("epoch", epoch=epoch, phase=phase, loss=float(np.mean(losses)),
                           seconds=seconds, step=self.global_step, steps=len(losses),
-                          elapsed=budget.elapsed(), lr=phase_lr * plan.lr_factor(epoch), **quant)
+                          elapsed=budget.elapsed(), lr=lr, **quant)
                 if on_epoch_end is not None:
                     on_epoch_end(epoch, method)
                 last = plan.last_epoch(epoch, self.global_step, out_of_time)
@@ -380,7 +380,7 @@ class LocalTrainer:
         if plan.quantize_at_end(phase):
             # The budget (max_steps, max_minutes) ended inside the warm-up: quantize what we have.
             method = self._start_quantized_phase(method)
-            optimizer = self._optimizer(method, cfg.optim.quant_lr or cfg.optim.lr)  # the phase's own, checkpointed
+            optimizer = self._optimizer(method, cfg.optim.rate("quantized"))  # the phase's own, checkpointed
             phase = "quantized"
             metrics = {}
         if plan.evaluate_at_end(metrics, bool(history) and history[-1]["step"] == self.global_step):

@@ -520,6 +520,8 @@ def build_for_rows(manifest: dict[str, Any], n: int, graph=None) -> EmbeddingMet
     options = {"phi": model["phi"], "per_row": model.get("lsq_step", "tensor") == "node"}
     trained = manifest.get("config", {}).get("model", {})  # gnaq_lat's latent width and step, as trained
     options.update({k: trained[k] for k in ("latent_bits", "latent_lr") if trained.get(k) is not None})
+    if manifest.get("config", {}).get("seed") is not None:  # gnaq_lat's rounding noise is keyed by the run's seed
+        options["seed"] = manifest["config"]["seed"]
     if graph is not None and name == "bigear":
         options["graph"] = graph
     with torch.random.fork_rng():

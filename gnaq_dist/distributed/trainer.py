@@ -225,7 +225,7 @@ class DistributedTrainer:
             self.halo.reserve(self.shard.method.dim, input_table=not self._plain_rows())
         if self.shard is not None:
             self.shard.optimizer.reserve()  # Adam's moments (8 bytes a value)
-            if self.shard.format == "packed":
+            if self.shard.format in ("packed", "derived"):
                 warm_up(self.shard.method.bits)  # numba's first call, not the first step's
         if self.world > 1:
             dist.barrier()
@@ -248,7 +248,7 @@ class DistributedTrainer:
                                  **cfg.model.method_options())
         full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                    full_table=full, **cfg.model.method_options())
+                                    full_table=full, **cfg.model.method_options(), seed=cfg.seed)
         self._new_shard(method, cfg.optim.rate("quantized"))
         self.wire.allreduce_gather_bytes()
         del fp, own, full
@@ -326,7 +326,9 @@ class DistributedTrainer:
                 g[: bias.shape[0], 0] = bias.grad
             extra.append(g)
         self._apply_gradients(view, input_nodes=input_nodes, extra=extra)
-        if self._refine_now():
+        if shard.format == "derived":  # the owners' latent update, from the dL/dx their rows received
+            shard.update_latent()
+        elif self._refine_now():
             self._refine(batch_nodes, final)
         self.global_step += 1
         return bpr_value
@@ -431,6 +433,8 @@ class DistributedTrainer:
         del final_own
         extra = [] if bias is None else [bias.grad if bias.grad is not None else torch.zeros_like(bias)]
         self._apply_gradients(view, plan=plan, extra=extra)
+        if shard.format == "derived":  # each owner updates its rows' latent; the halo reads the new codes next step
+            shard.update_latent()
         if refine_rows is not None:
             # Each rank re-assigns its own rows' codes from the forward it just ran: no bytes move
             # here; the halo copies on other ranks get the new codes with the next step's pull.
@@ -542,8 +546,10 @@ class DistributedTrainer:
         return epoch_fields(sums)
 
     def _refine_now(self) -> bool:
+        """Whether this step re-assigns codes from the propagated rows (a latent's update is not that)."""
         every = self.config.model.refine_steps
-        return bool(every) and self.shard.method.refines and (self.global_step + 1) % every == 0
+        return bool(every) and self.shard.method.refines and self.shard.format == "packed" \
+            and (self.global_step + 1) % every == 0
 
     def _refine(self, batch_nodes: torch.Tensor, final: torch.Tensor | None) -> None:
         """Sampled blocks: owners re-assign codes of the step's batch nodes (the only rows

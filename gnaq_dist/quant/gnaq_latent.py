@@ -57,6 +57,7 @@ from gnaq_dist.quant.base import init_normal_table
 from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes, paper_levels
 from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, unpack_codes_torch
 
+UPDATE_ROWS = 8192  # rows the latent update and the code packing handle at once (bounds their temporaries)
 _NOISE_PURPOSE = 0x6C6174656E74  # keeps the rounding noise's key apart from the run's other keyed draws
 
 DEFAULT_LATENT_LR = 0.01  # chosen on the validation split at the scratch budget (docs/notes/2026-12-07-gnaq-from-scratch.md)
@@ -249,7 +250,7 @@ class GNAQLatent(GNAQ):
             g = g.clamp_(-self.latent_clip, self.latent_clip)
         state = self.grad_sq if rows is None else self.grad_sq[rows]  # (n, 2): v and the row's step count
         t = state[:, 1:] + 1
-        v = b * state[:, :1] + (1 - b) * g.pow(2).mean(1, keepdim=True)
+        v = b * state[:, :1] + (1 - b) * (torch.einsum("nd,nd->n", g, g) / self.dim).unsqueeze(1)
         new_state = torch.cat([v, t], dim=1)
         if rows is None:
             self.grad_sq.copy_(new_state)
@@ -259,16 +260,24 @@ class GNAQLatent(GNAQ):
         step = g.mul_(self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8))
         local = torch.arange(self.num_nodes) if rows is None else rows
         gids = local if self.global_ids is None else self.global_ids[local]
-        u = self._latent(rows).to(torch.float32)
-        noise = rounding_noise(self.noise_key, gids, t[:, 0], self.dim)
-        new = u.sub_(step).add_(noise).floor_().clamp_(0, self.latent_max)
-        self._set_latent(rows, self._rebin(new))
+        # a piece of rows at a time: the update's float and hash temporaries stay a piece's size
+        for lo in range(0, int(local.shape[0]), UPDATE_ROWS):
+            sl = slice(lo, lo + UPDATE_ROWS)
+            piece = local[sl]
+            u = self._latent(piece).to(torch.float32)
+            noise = rounding_noise(self.noise_key, gids[sl], t[sl, 0], self.dim)
+            new = u.sub_(step[sl]).add_(noise).floor_().clamp_(0, self.latent_max)
+            self._set_latent(piece, self._rebin(new))
         return None
 
     def packed_codes_of(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The codes of rows ``ids`` (None: all), packed as a PackedTable stores them: what the
-        distributed loop serves for the rows (uint8 (n, ceil(d b / 8)))."""
-        return pack_codes_torch(self._codes_of(ids), self.bits)
+        distributed loop serves for the rows (uint8 (n, ceil(d b / 8))), a piece of rows at a time."""
+        ids = torch.arange(self.num_nodes) if ids is None else ids
+        out = torch.empty((int(ids.shape[0]), packed_row_bytes(self.dim, self.bits)), dtype=torch.uint8)
+        for lo in range(0, int(ids.shape[0]), UPDATE_ROWS):
+            out[lo: lo + UPDATE_ROWS] = pack_codes_torch(self._codes_of(ids[lo: lo + UPDATE_ROWS]), self.bits)
+        return out
 
     def _rebin(self, u: torch.Tensor) -> torch.Tensor:
         """Rows spanning less than the full range stretched back onto it (codes unchanged)."""

@@ -248,6 +248,7 @@ def resharded(tmp_path_factory):
     return out, a, b, c
 
 
+@pytest.mark.slow
 def test_checkpoints_carry_the_latent_and_its_row_state(resharded):
     out, a, _, _ = resharded
     store = ckpt.CheckpointStore(f"{out}/a/checkpoints")
@@ -264,6 +265,7 @@ def test_checkpoints_carry_the_latent_and_its_row_state(resharded):
     np.testing.assert_array_equal(m.latent_int.numpy(), latent)
 
 
+@pytest.mark.slow
 def test_resume_and_reshard_two_one_two_continue_the_run_exactly(resharded):
     _, a, b, c = resharded
     assert b[0]["resumed_from"]["world_size_then"] == 2 and b[0]["world_size"] == 1
@@ -280,6 +282,7 @@ def test_resume_and_reshard_two_one_two_continue_the_run_exactly(resharded):
     assert resume_eval["recall@20"] == pytest.approx(written["recall@20"], abs=1e-9)
 
 
+@pytest.mark.slow
 def test_export_gives_the_served_table(resharded, tmp_path):
     from gnaq_dist.export import export_bundle
 

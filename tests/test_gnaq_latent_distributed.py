@@ -129,7 +129,8 @@ def test_a_step_equals_the_one_process_trainers_on_one_and_two_ranks(step_runs, 
     start = _global([r["start"] for r in one], "latent")
     assert (want["latent"] != start).mean() > 0.01  # the latent moved
     if propagation == "full":
-        assert np.all(_global([r["end"] for r in one], "state")[:, 1] == 2)  # every row updated every step
+        # every row took the propagation's update each step, the batch's rows the L2 term's too
+        assert np.all(_global([r["end"] for r in one], "state")[:, 1] >= 2)
 
 
 # -- whole runs: 1 and 2 ranks, memory, bytes ---------------------------------------------------------

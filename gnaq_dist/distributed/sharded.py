@@ -12,8 +12,9 @@ alike, but the methods differ in what a row *is* on the wire. Two row formats:
 * ``"derived"`` (gnaq_lat): the same wire rows as ``"packed"``, the codes derived from the
   owner's integer latent (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.packed_codes_of`).
   The requester's leaf is the dequantized row ``x`` itself, so the gradient it sends back is
-  ``dL/dx`` (d values a row, what the latent trains on, as GNAQ-STE's); the owner derives the
-  levels' gradient from it and its own codes (``dL/dc_k = sum_{d: q_d = k} dL/dx_d``, what
+  ``dL/dx`` (d values a row, what the latent trains on, as GNAQ-STE's); the L2 term's is
+  computed by the owner in closed form (:meth:`MethodShard.set_l2_gradient`). The owner derives the
+  levels' gradient from them and its own codes (``dL/dc_k = sum_{d: q_d = k} dL/dx_d``, what
   autograd's gather gives in one process), steps the levels with Adam and hands ``dL/dx`` to
   the latent's update (:meth:`MethodShard.update_latent`). No fp32 ``(N, d)`` table and no Adam
   state of that size: the latent stays packed at its owner.
@@ -136,6 +137,7 @@ class MethodShard:
         # gradients the step computes apart (:meth:`apply_row_gradients`' ``extra``).
         self.extra_params = self.row_params[1:] if self.format != "latent" else []
         self._served_codes: torch.Tensor | None = None  # derived: the own rows' codes this step serves
+        self._l2: tuple[torch.Tensor, torch.Tensor] | None = None  # derived: this step's L2 gradient of own rows
         if self.format == "derived":
             # the rounding noise of a row's latent is keyed by its global id: the same for every W
             method.global_ids = torch.from_numpy(owned).to(torch.int64)
@@ -238,7 +240,13 @@ class MethodShard:
             codes = self._served_codes if self._served_codes is not None else self.method.packed_codes_of(None)
             packed = codes if rows is None else codes[rows]
             g = level_gradients(packed.contiguous(), dx.contiguous(), self.method.bits)
-            self.method.stash(rows, dx)  # the latent's gradient, applied by update_latent after the step
+            l2, self._l2 = self._l2, None
+            if l2 is not None:  # the L2 term's dL/dx of the batch's rows: into their levels, and its own update
+                l2_rows, l2_g = l2
+                at = l2_rows if rows is None else torch.searchsorted(rows, l2_rows)
+                g.index_add_(0, at, level_gradients(codes[l2_rows].contiguous(), l2_g.contiguous(), self.method.bits))
+                self.method.stash(l2_rows, l2_g)
+            self.method.stash(rows, dx)  # the latent's gradients, applied by update_latent after the step
             wire_grads = [g]
         if self.format in ("packed", "derived"):
             (g,) = wire_grads
@@ -276,6 +284,20 @@ class MethodShard:
         if clip is not None:
             torch.nn.utils.clip_grad_value_(self.dense, clip)
         self.dense_optimizer.step()
+
+    def set_l2_gradient(self, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
+        """Derived rows: the L2 term's ``dL/dx = weights_i x_i`` of own ``rows`` (local, sorted; ``x``
+        their layer-0 rows), in closed form at the owner. It reaches the levels with the step's
+        gradient and the latent as an update of its own, before the propagation's, as the backward
+        of one process hands them over (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.refine`)."""
+        self._l2 = (rows, x * weights.to(x.dtype).unsqueeze(1))
+
+    def own_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Derived rows: the layer-0 rows of own ``rows`` as the wire serves them (levels in
+        ``model.level_dtype``), float32 (n, d)."""
+        levels = self.method.phi(self.method.levels.detach()[rows]).to(self.level_dtype).to(torch.float32)
+        return dequantize_rows(self.method.packed_codes_of(rows), levels.contiguous(), self.method.bits,
+                               self.method.dim)
 
     @torch.no_grad()
     def update_latent(self) -> None:

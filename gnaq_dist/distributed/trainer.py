@@ -315,7 +315,7 @@ class DistributedTrainer:
             final = shard.method.combine(layers)
             scored = score_rows(final, bias, batch_nodes < n_users)
             reg = None
-            if shard.method.uses_l2:
+            if shard.method.uses_l2 and shard.format != "derived":
                 x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
                 reg = cfg.optim.l2 * 0.5 * (rows.counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
             bpr_value = self._backward(scored, rows, global_batch, reg)
@@ -325,6 +325,8 @@ class DistributedTrainer:
             if bias.grad is not None:
                 g[: bias.shape[0], 0] = bias.grad
             extra.append(g)
+        if shard.format == "derived" and shard.method.uses_l2:
+            self._derived_l2(batch_nodes, rows.counts, global_batch)
         self._apply_gradients(view, input_nodes=input_nodes, extra=extra)
         if shard.format == "derived":  # the owners' latent update, from the dL/dx their rows received
             shard.update_latent()
@@ -332,6 +334,16 @@ class DistributedTrainer:
             self._refine(batch_nodes, final)
         self.global_step += 1
         return bpr_value
+
+    def _derived_l2(self, batch_nodes: torch.Tensor, counts: torch.Tensor, global_batch: int) -> None:
+        """Sampled blocks, derived rows: every rank sends its batch nodes' occurrence counts to their
+        owners (one fp32 value a row, counted), and each owner computes its rows' L2 gradient in
+        closed form (collective)."""
+        msg = counts.to(torch.float32).reshape(-1, 1)
+        rows, summed = push_row_gradients(batch_nodes, msg, self.partition, None, None, counter=self.wire.train)
+        if rows.numel():
+            self.shard.set_l2_gradient(rows, summed[:, 0] * (self.config.optim.l2 / global_batch),
+                                       self.shard.own_rows(rows))
 
     def _fetch_bias(self, nodes: torch.Tensor) -> torch.Tensor | None:
         """The score biases of ``nodes`` from their owners, as a differentiable leaf (None: the
@@ -409,9 +421,14 @@ class DistributedTrainer:
         del payload  # what the view needs of it, it holds (latent rows: their own copies)
         shard.zero_dense_grads()
         reg = None
-        if shard.method.uses_l2:
+        derived = shard.format == "derived"
+        if shard.method.uses_l2 and not derived:
             reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, occurrences.to(torch.float32)) / global_batch
         x_input = view.pop_embeddings()
+        if shard.method.uses_l2 and derived:  # its own rows' L2 gradient, at the owner in closed form
+            l2_rows = torch.nonzero(occurrences).squeeze(1)
+            shard.set_l2_gradient(l2_rows, occurrences[l2_rows].to(torch.float32) * (cfg.optim.l2 / global_batch),
+                                  x_input.detach()[l2_rows])
         bias = shard.method.bias_of(None)
         if x_buf is not None and (x_input.shape[1] != x_buf.shape[1] or bias is not None):
             x_buf = out_buf = None  # rows wider than d (a latent, or the score bias's columns): fresh tables

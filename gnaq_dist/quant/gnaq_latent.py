@@ -23,8 +23,9 @@ latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) 
   0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
-  range a step; default 0.01). One update a step per row: the step's gradients of a row (the
-  propagation's and the L2 term's) are summed first. The rounding noise is a hash of (seed,
+  range a step; default 0.01). The stashed gradients are applied in the order the backward
+  handed them over: the L2 term's (the batch's rows) first, then the propagation's (every row
+  the forward read), each an update of its own (its own ``t_i``). The rounding noise is a hash of (seed,
   the row's global id, its update count ``t_i``, the dimension) (:func:`rounding_noise`), so a
   row draws the same noise whichever process holds it: 1 and W ranks round alike, and a run
   resumed from a checkpoint continues the same draws;
@@ -216,35 +217,19 @@ class GNAQLatent(GNAQ):
         backward of :meth:`embed` does: the distributed owner's path, whose rows are not embedded here."""
         self._pending.append((ids, grad.detach()))
 
-    def _summed_pending(self) -> tuple[torch.Tensor | None, torch.Tensor]:
-        """The step's stashed gradients summed per row: ``(rows, g)``, rows None (every row) when any
-        message covered every row, else the sorted union of their rows."""
-        pending, self._pending = self._pending, []
-        if any(ids is None for ids, _ in pending):
-            total = None
-            for ids, g in pending:
-                g = g.to(torch.float32)
-                if ids is None:  # the stashed tensors are this update's to spend: summed in place
-                    total = g if total is None else total.add_(g)
-            for ids, g in pending:
-                if ids is not None:
-                    total.index_add_(0, ids, g.to(torch.float32))
-            return None, total
-        rows = torch.unique(torch.cat([ids for ids, _ in pending]))
-        total = torch.zeros(rows.shape[0], self.dim)
-        for ids, g in pending:
-            total.index_add_(0, torch.searchsorted(rows, ids), g.to(torch.float32))
-        return rows, total
-
     @torch.no_grad()
     def refine(self, ids: torch.Tensor | None, propagated: torch.Tensor | None) -> None:
-        """Apply the step's stashed ``dL/dx`` to the latent (one update a row: the row's gradients
-        summed; row-wise normalised, stochastic rounding), then re-bin the rows whose latent no
-        longer spans the full range. ``ids`` and ``propagated`` are not used: this variant's codes
-        follow its latent, not the propagated rows."""
-        if not self._pending:
-            return None
-        rows, g = self._summed_pending()
+        """Apply the step's stashed ``dL/dx`` to the latent, one stashed message after the other
+        in the order they came (row-wise normalised, stochastic rounding), then re-bin the rows
+        whose latent no longer spans the full range. ``ids`` and ``propagated`` are not used:
+        this variant's codes follow its latent, not the propagated rows."""
+        pending, self._pending = self._pending, []
+        for rows, g in pending:
+            self._update(rows, g.to(torch.float32))
+        return None
+
+    def _update(self, rows: torch.Tensor | None, g: torch.Tensor) -> None:
+        """One update of rows ``rows`` (None: all) from their gradient ``g`` (spent in place)."""
         b = self.latent_beta
         if self.latent_clip is not None:
             g = g.clamp_(-self.latent_clip, self.latent_clip)
@@ -268,7 +253,6 @@ class GNAQLatent(GNAQ):
             noise = rounding_noise(self.noise_key, gids[sl], t[sl, 0], self.dim)
             new = u.sub_(step[sl]).add_(noise).floor_().clamp_(0, self.latent_max)
             self._set_latent(piece, self._rebin(new))
-        return None
 
     def packed_codes_of(self, ids: torch.Tensor | None = None) -> torch.Tensor:
         """The codes of rows ``ids`` (None: all), packed as a PackedTable stores them: what the

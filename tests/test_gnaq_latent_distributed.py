@@ -7,6 +7,7 @@ that size, the bytes moved are counted, and sharded checkpoints resume and resha
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 import pytest
 import torch
 
@@ -260,6 +261,8 @@ def test_checkpoints_carry_the_latent_and_its_row_state(resharded):
     names = set(rows.column_names)
     assert {"param.levels", "buffer.latent_packed", "buffer.grad_sq", "adam.m.levels"} <= names
     assert not any(n.startswith("param.") and n != "param.levels" for n in names)  # no fp latent
+    col = rows.schema.field("buffer.latent_packed").type
+    assert col.value_type == pa.uint8() and col.list_size == DIM * 4 // 8  # the bytes as held
     latent = _global([r["rows_state"] for r in a], "latent")
     m = ckpt.build_for_rows(manifest, 500)
     ckpt.load_rows(m, rows)

@@ -125,6 +125,8 @@ def shard_table(method: EmbeddingMethod, global_ids: np.ndarray, optimizer=None)
             width = packed.shape[1]
             cols["buffer.codes"] = pa.FixedSizeBinaryArray.from_buffers(
                 pa.binary(width), n, [None, pa.py_buffer(np.ascontiguousarray(packed).tobytes())])
+        elif b.dtype == torch.uint8:  # bytes as held (gnaq_lat's packed latent): one byte a value on disk
+            cols[f"buffer.{name}"] = _column(b[:n].numpy())
         else:
             cols[f"buffer.{name}"] = _column(b[:n].to(torch.float32).numpy())
     if optimizer is not None:
@@ -186,7 +188,8 @@ def load_rows(method: EmbeddingMethod, rows: pa.Table, optimizer=None) -> None:
                                     count=n * col.type.byte_width, offset=col.offset * col.type.byte_width)
                 b[:n] = torch.from_numpy(raw.reshape(n, col.type.byte_width).copy())
             else:
-                b[:n] = torch.from_numpy(_array(rows[f"buffer.{name}"], (n, b.shape[1]))).to(b.dtype)
+                dtype = np.uint8 if b.dtype == torch.uint8 else np.float32  # older checkpoints: float32 columns
+                b[:n] = torch.from_numpy(_array(rows[f"buffer.{name}"], (n, b.shape[1]), dtype)).to(b.dtype)
     if optimizer is not None:
         for name, m, v in zip(params, optimizer.exp_avg, optimizer.exp_avg_sq):
             width = int(np.prod(m.shape[1:])) if m.dim() > 1 else 1
@@ -520,6 +523,8 @@ def build_for_rows(manifest: dict[str, Any], n: int, graph=None) -> EmbeddingMet
     options = {"phi": model["phi"], "per_row": model.get("lsq_step", "tensor") == "node"}
     trained = manifest.get("config", {}).get("model", {})  # gnaq_lat's latent width and step, as trained
     options.update({k: trained[k] for k in ("latent_bits", "latent_lr") if trained.get(k) is not None})
+    if manifest.get("config", {}).get("seed") is not None:  # gnaq_lat's rounding noise is keyed by the run's seed
+        options["seed"] = manifest["config"]["seed"]
     if graph is not None and name == "bigear":
         options["graph"] = graph
     with torch.random.fork_rng():

@@ -4,7 +4,7 @@ Forward (codes = equal-width bins of the latent row, values = the node's levels)
 (the levels' gather gradient; dL/dx handed to the latent), the latent update (row-wise
 normalised, unbiased stochastic rounding, re-binning that keeps the codes), what the method
 holds (no fp32 (N, d) table, no Adam state of that size), its bytes per node, and a run in
-the one-process trainer from scratch (the distributed loop refuses it)."""
+the one-process trainer from scratch (the distributed loop: tests/test_gnaq_latent_distributed.py)."""
 
 from __future__ import annotations
 
@@ -161,10 +161,9 @@ def test_learns_from_scratch_where_frozen_codes_cannot():
     assert losses["gnaq_lat"] < losses["gnaq_static"]
 
 
-def test_the_distributed_loop_refuses_it():
+def test_config_checks_and_the_distributed_loop_takes_it():
     cfg = load_config(TrainConfig, [], ["model.method=gnaq_lat", "model.bits=2"])
-    with pytest.raises(ConfigError, match="gnaq_lat"):
-        cfg.check_distributed()
+    cfg.check_distributed()  # trained distributed too (tests/test_gnaq_latent_distributed.py)
     with pytest.raises(ConfigError, match="latent_bits"):
         load_config(TrainConfig, [], ["model.method=gnaq_lat", "model.bits=4", "model.latent_bits=2"]).validate()
     with pytest.raises(ConfigError, match="refine_every"):

@@ -42,9 +42,22 @@ def evaluate(trainer: DistributedTrainer) -> tuple[dict[str, float], dict[str, f
     """
     if trainer.halo is not None:
         trainer.halo.release_buffers()  # evaluation's own tables take their place
-    if trainer.halo is not None:
-        return evaluate_split(trainer)
-    return evaluate_gathered(trainer)
+    metrics, storage = evaluate_split(trainer) if trainer.halo is not None else evaluate_gathered(trainer)
+    return metrics, _with_latent_bytes(storage, trainer)
+
+
+def _with_latent_bytes(storage: dict[str, float], trainer: DistributedTrainer) -> dict[str, float]:
+    """gnaq_lat: the storage report with the integer latent counted, as the one-process trainer counts
+    it (what a checkpoint holds to go on training, beside the served table)."""
+    latent = float(getattr(trainer.shard.method, "latent_bytes_per_node", 0.0))
+    if not latent or "latent_bytes_per_node" in storage:
+        return storage
+    out = dict(storage)
+    out["served_bytes_per_node"] = out["bytes_per_node"]
+    out["latent_bytes_per_node"] = latent
+    out["bytes_per_node"] += latent
+    out["compression_ratio"] = out["fp32_bytes_per_node"] / out["bytes_per_node"]
+    return out
 
 
 def gather_latent(method, partition: Partition, counter: WireCounter) -> torch.Tensor:

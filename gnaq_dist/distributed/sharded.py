@@ -9,6 +9,15 @@ alike, but the methods differ in what a row *is* on the wire. Two row formats:
   view is ``x = gather(levels, codes)`` with the fetched levels as the leaf, so the
   gradient it sends back has ``2^b`` values a row. The owner chains it through
   ``phi`` with its own fp32 levels (``dL/dc = phi'(c) dL/dphi(c)``).
+* ``"derived"`` (gnaq_lat): the same wire rows as ``"packed"``, the codes derived from the
+  owner's integer latent (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.packed_codes_of`).
+  The requester's leaf is the dequantized row ``x`` itself, so the gradient it sends back is
+  ``dL/dx`` (d values a row, what the latent trains on, as GNAQ-STE's); the L2 term's is
+  computed by the owner in closed form (:meth:`MethodShard.set_l2_gradient`). The owner derives the
+  levels' gradient from them and its own codes (``dL/dc_k = sum_{d: q_d = k} dL/dx_d``, what
+  autograd's gather gives in one process), steps the levels with Adam and hands ``dL/dx`` to
+  the latent's update (:meth:`MethodShard.update_latent`). No fp32 ``(N, d)`` table and no Adam
+  state of that size: the latent stays packed at its owner.
 * ``"latent"`` (fp, gnaq_ste, lsq, n2uq): the trainable row parameters as fp32,
   concatenated (``4 * sum(widths)`` bytes a row: ``4d`` for fp/lsq/n2uq,
   ``4(d + 2^b)`` for gnaq_ste). Straight-through methods train a d-dim latent, so
@@ -34,7 +43,7 @@ from gnaq_dist.distributed.partition import Partition
 from gnaq_dist.distributed.rows import LatentShard, QuantizedShard
 from gnaq_dist.distributed.sparse_adam import RowSparseAdam
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.methods import is_packed_gnaq
+from gnaq_dist.methods import GNAQ_VARIANTS, is_packed_gnaq
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.quant.dequant_kernels import code_counts, dequantize_rows, level_gradients
@@ -120,11 +129,18 @@ class MethodShard:
         self.rank = rank
         self.owned = owned
         self.level_dtype = level_dtype
-        self.format = "packed" if is_packed_gnaq(method.name) else "latent"
+        spec = GNAQ_VARIANTS.get(method.name)
+        self.format = "packed" if is_packed_gnaq(method.name) else \
+            "derived" if spec is not None and spec.latent_bits else "latent"
         self.row_params = list(method.trainable_row_params())
         # Packed rows: the wire carries the levels; the rest (GNAQ's score bias) learns from
         # gradients the step computes apart (:meth:`apply_row_gradients`' ``extra``).
-        self.extra_params = self.row_params[1:] if self.format == "packed" else []
+        self.extra_params = self.row_params[1:] if self.format != "latent" else []
+        self._served_codes: torch.Tensor | None = None  # derived: the own rows' codes this step serves
+        self._l2: tuple[torch.Tensor, torch.Tensor] | None = None  # derived: this step's L2 gradient of own rows
+        if self.format == "derived":
+            # the rounding noise of a row's latent is keyed by its global id: the same for every W
+            method.global_ids = torch.from_numpy(owned).to(torch.int64)
         self.dense = [p for p in method.dense_params() if p.requires_grad]
         self.optimizer = RowSparseAdam(self.row_params, lr)
         self.dense_optimizer = torch.optim.Adam(self.dense, lr=lr) if self.dense else None
@@ -147,13 +163,19 @@ class MethodShard:
     # -- serving and viewing rows ------------------------------------------------------
     def server(self):
         """This rank's RowServer for the training fetch (the method's wire row format)."""
-        if self.format == "packed":
+        if self.format in ("packed", "derived"):
             levels = self.method.phi(self.method.levels.detach()).to(self.level_dtype).unsqueeze(1)
-            return QuantizedShard(self.method.packed_codes, levels, self.method.bits, self.method.dim)
+            if self.format == "packed":
+                codes = self.method.packed_codes
+            else:  # the latent's bins, kept until the step's update (the owner's level gradients read them)
+                codes = self._served_codes = self.method.packed_codes_of(None)
+            return QuantizedShard(codes, levels, self.method.bits, self.method.dim)
         return self._latent
 
     def gradient_widths(self) -> list[int]:
         """Values per row of each gradient message (one message per row parameter)."""
+        if self.format == "derived":
+            return [self.method.dim]
         return [1 << self.method.bits] if self.format == "packed" else list(self._latent.widths)
 
     def view(self, server, payload: torch.Tensor, out: torch.Tensor | None = None) -> RowView:
@@ -164,6 +186,16 @@ class MethodShard:
             leaf = levels[:, 0, :].expand(payload.shape[0], -1).clone().requires_grad_(True)
             x = _DequantizePacked.apply(leaf, packed, server.bits, server.width, out)
             return RowView([leaf], x, packed, server.bits, server.width)
+        if self.format == "derived":  # the dequantized rows are the leaf: their gradient is dL/dx
+            packed, levels = server.split_payload(payload)
+            n = int(payload.shape[0])
+            if out is not None and (tuple(out.shape) != (n, server.width) or out.dtype != torch.float32
+                                    or not out.is_contiguous()):
+                out = None
+            levels = levels[:, 0, :].contiguous()
+            x = dequantize_rows(packed, levels, server.bits, server.width, out=out)
+            leaf = x.detach().requires_grad_(True)
+            return RowView([leaf], leaf)
         values = server.decode(payload)
         if values.shape[0] == 0:  # nothing fetched (a rank without positives): no forward to run
             leaves = [v.reshape((0,) + tuple(p.shape[1:])).clone().requires_grad_(True)
@@ -203,7 +235,20 @@ class MethodShard:
 
     # -- applying summed gradients at the owner ------------------------------------------
     def _param_grads(self, rows: torch.Tensor | None, wire_grads: list[torch.Tensor]) -> list[torch.Tensor]:
-        if self.format == "packed":
+        if self.format == "derived":  # dL/dx -> the levels' gradient through the rows' own codes
+            (dx,) = wire_grads
+            codes = self._served_codes if self._served_codes is not None else self.method.packed_codes_of(None)
+            packed = codes if rows is None else codes[rows]
+            g = level_gradients(packed.contiguous(), dx.contiguous(), self.method.bits)
+            l2, self._l2 = self._l2, None
+            if l2 is not None:  # the L2 term's dL/dx of the batch's rows: into their levels, and its own update
+                l2_rows, l2_g = l2
+                at = l2_rows if rows is None else torch.searchsorted(rows, l2_rows)
+                g.index_add_(0, at, level_gradients(codes[l2_rows].contiguous(), l2_g.contiguous(), self.method.bits))
+                self.method.stash(l2_rows, l2_g)
+            self.method.stash(rows, dx)  # the latent's gradients, applied by update_latent after the step
+            wire_grads = [g]
+        if self.format in ("packed", "derived"):
             (g,) = wire_grads
             if self.method.phi_name == "identity":
                 return [g]
@@ -240,6 +285,28 @@ class MethodShard:
             torch.nn.utils.clip_grad_value_(self.dense, clip)
         self.dense_optimizer.step()
 
+    def set_l2_gradient(self, rows: torch.Tensor, weights: torch.Tensor, x: torch.Tensor) -> None:
+        """Derived rows: the L2 term's ``dL/dx = weights_i x_i`` of own ``rows`` (local, sorted; ``x``
+        their layer-0 rows), in closed form at the owner. It reaches the levels with the step's
+        gradient and the latent as an update of its own, before the propagation's, as the backward
+        of one process hands them over (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.refine`)."""
+        self._l2 = (rows, x * weights.to(x.dtype).unsqueeze(1))
+
+    def own_rows(self, rows: torch.Tensor) -> torch.Tensor:
+        """Derived rows: the layer-0 rows of own ``rows`` as the wire serves them (levels in
+        ``model.level_dtype``), float32 (n, d)."""
+        levels = self.method.phi(self.method.levels.detach()[rows]).to(self.level_dtype).to(torch.float32)
+        return dequantize_rows(self.method.packed_codes_of(rows), levels.contiguous(), self.method.bits,
+                               self.method.dim)
+
+    @torch.no_grad()
+    def update_latent(self) -> None:
+        """Derived rows, after the step: the owner applies the summed ``dL/dx`` its rows received
+        to their latent (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.refine`). Nothing moves:
+        the other ranks read the new codes with the next step's rows."""
+        self._served_codes = None
+        self.method.refine(None, None)
+
     @torch.no_grad()
     def refine(self, rows: torch.Tensor | None, propagated: torch.Tensor) -> None:
         """Re-assign codes of owned ``rows`` (None: every owned row; the method's packed codes are
@@ -269,6 +336,8 @@ class MethodShard:
         table = sum(t.numel() * t.element_size() for t in self.row_params + self.method.row_buffers())
         if self.format == "packed":
             floor = self.method.dim * self.method.bits / 8 + 4 * (1 << self.method.bits) + 4 * len(self.extra_params)
+        elif self.format == "derived":  # the packed latent (the codes are its bins), fp32 levels, (v, t)
+            floor = self.method.latent_bytes_per_node + 4 * (1 << self.method.bits) + 8
         else:
             floor = float(self._latent.row_bytes)
         per_node = table / n

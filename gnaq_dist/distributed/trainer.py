@@ -225,7 +225,7 @@ class DistributedTrainer:
             self.halo.reserve(self.shard.method.dim, input_table=not self._plain_rows())
         if self.shard is not None:
             self.shard.optimizer.reserve()  # Adam's moments (8 bytes a value)
-            if self.shard.format == "packed":
+            if self.shard.format in ("packed", "derived"):
                 warm_up(self.shard.method.bits)  # numba's first call, not the first step's
         if self.world > 1:
             dist.barrier()
@@ -248,7 +248,7 @@ class DistributedTrainer:
                                  **cfg.model.method_options())
         full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                    full_table=full, **cfg.model.method_options())
+                                    full_table=full, **cfg.model.method_options(), seed=cfg.seed)
         self._new_shard(method, cfg.optim.rate("quantized"))
         self.wire.allreduce_gather_bytes()
         del fp, own, full
@@ -315,7 +315,7 @@ class DistributedTrainer:
             final = shard.method.combine(layers)
             scored = score_rows(final, bias, batch_nodes < n_users)
             reg = None
-            if shard.method.uses_l2:
+            if shard.method.uses_l2 and shard.format != "derived":
                 x0 = view.embeddings[: batch_nodes.shape[0]]  # the seeds lead the input nodes
                 reg = cfg.optim.l2 * 0.5 * (rows.counts.to(x0.dtype) * x0.pow(2).sum(1)).sum() / global_batch
             bpr_value = self._backward(scored, rows, global_batch, reg)
@@ -325,11 +325,25 @@ class DistributedTrainer:
             if bias.grad is not None:
                 g[: bias.shape[0], 0] = bias.grad
             extra.append(g)
+        if shard.format == "derived" and shard.method.uses_l2:
+            self._derived_l2(batch_nodes, rows.counts, global_batch)
         self._apply_gradients(view, input_nodes=input_nodes, extra=extra)
-        if self._refine_now():
+        if shard.format == "derived":  # the owners' latent update, from the dL/dx their rows received
+            shard.update_latent()
+        elif self._refine_now():
             self._refine(batch_nodes, final)
         self.global_step += 1
         return bpr_value
+
+    def _derived_l2(self, batch_nodes: torch.Tensor, counts: torch.Tensor, global_batch: int) -> None:
+        """Sampled blocks, derived rows: every rank sends its batch nodes' occurrence counts to their
+        owners (one fp32 value a row, counted), and each owner computes its rows' L2 gradient in
+        closed form (collective)."""
+        msg = counts.to(torch.float32).reshape(-1, 1)
+        rows, summed = push_row_gradients(batch_nodes, msg, self.partition, None, None, counter=self.wire.train)
+        if rows.numel():
+            self.shard.set_l2_gradient(rows, summed[:, 0] * (self.config.optim.l2 / global_batch),
+                                       self.shard.own_rows(rows))
 
     def _fetch_bias(self, nodes: torch.Tensor) -> torch.Tensor | None:
         """The score biases of ``nodes`` from their owners, as a differentiable leaf (None: the
@@ -407,9 +421,14 @@ class DistributedTrainer:
         del payload  # what the view needs of it, it holds (latent rows: their own copies)
         shard.zero_dense_grads()
         reg = None
-        if shard.method.uses_l2:
+        derived = shard.format == "derived"
+        if shard.method.uses_l2 and not derived:
             reg = cfg.optim.l2 * 0.5 * shard.row_l2(view, occurrences.to(torch.float32)) / global_batch
         x_input = view.pop_embeddings()
+        if shard.method.uses_l2 and derived:  # its own rows' L2 gradient, at the owner in closed form
+            l2_rows = torch.nonzero(occurrences).squeeze(1)
+            shard.set_l2_gradient(l2_rows, occurrences[l2_rows].to(torch.float32) * (cfg.optim.l2 / global_batch),
+                                  x_input.detach()[l2_rows])
         bias = shard.method.bias_of(None)
         if x_buf is not None and (x_input.shape[1] != x_buf.shape[1] or bias is not None):
             x_buf = out_buf = None  # rows wider than d (a latent, or the score bias's columns): fresh tables
@@ -431,6 +450,8 @@ class DistributedTrainer:
         del final_own
         extra = [] if bias is None else [bias.grad if bias.grad is not None else torch.zeros_like(bias)]
         self._apply_gradients(view, plan=plan, extra=extra)
+        if shard.format == "derived":  # each owner updates its rows' latent; the halo reads the new codes next step
+            shard.update_latent()
         if refine_rows is not None:
             # Each rank re-assigns its own rows' codes from the forward it just ran: no bytes move
             # here; the halo copies on other ranks get the new codes with the next step's pull.
@@ -542,8 +563,10 @@ class DistributedTrainer:
         return epoch_fields(sums)
 
     def _refine_now(self) -> bool:
+        """Whether this step re-assigns codes from the propagated rows (a latent's update is not that)."""
         every = self.config.model.refine_steps
-        return bool(every) and self.shard.method.refines and (self.global_step + 1) % every == 0
+        return bool(every) and self.shard.method.refines and self.shard.format == "packed" \
+            and (self.global_step + 1) % every == 0
 
     def _refine(self, batch_nodes: torch.Tensor, final: torch.Tensor | None) -> None:
         """Sampled blocks: owners re-assign codes of the step's batch nodes (the only rows

@@ -40,7 +40,7 @@ from gnaq_dist.quant.packing import PackedTable, storage_report
 #: unknown option name is an error.
 _OPTIONS: dict[str, tuple[str, ...]] = {
     "fp": (),
-    **{name: ("phi",) + (("latent_bits", "latent_lr") if spec.latent_bits else ())
+    **{name: ("phi",) + (("latent_bits", "latent_lr", "seed") if spec.latent_bits else ())
        for name, spec in GNAQ_VARIANTS.items()},
     "lsq": ("per_row",),
     "n2uq": (),

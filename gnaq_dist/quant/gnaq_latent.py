@@ -23,10 +23,20 @@ latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) 
   0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
-  range a step; default 0.01);
+  range a step; default 0.01). The stashed gradients are applied in the order the backward
+  handed them over: the L2 term's (the batch's rows) first, then the propagation's (every row
+  the forward read), each an update of its own (its own ``t_i``). The rounding noise is a hash of (seed,
+  the row's global id, its update count ``t_i``, the dimension) (:func:`rounding_noise`), so a
+  row draws the same noise whichever process holds it: 1 and W ranks round alike, and a run
+  resumed from a checkpoint continues the same draws;
 * re-binning: a row whose latent spans less than the full integer range is stretched back to
   it (``round((u - min) (2^b_lat - 1) / (max - min))``). Equal-width bins do not change under
   an affine map of the row, so this keeps the codes and restores the latent's resolution.
+
+In the distributed loop (:mod:`gnaq_dist.distributed.sharded`) the owner of a row holds its
+latent and ``(v, t)``; ``dL/dx`` of the row reaches it from every rank that used the row and is
+applied with :meth:`GNAQLatent.stash` then :meth:`GNAQLatent.refine`, and the other ranks read
+the row's codes (:meth:`GNAQLatent.packed_codes_of`) with its levels.
 
 Nothing of size ``(N, d)`` in fp32 lives across steps: the state per node is the latent
 (``b_lat d / 8`` bytes as stored), the levels and their Adam moments, and ``v_i, t_i``. The step's
@@ -39,15 +49,32 @@ levels of the packed table, plus the latent a checkpoint needs to go on training
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 from gnaq_dist.errors import GnaqInputError
+from gnaq_dist.keyed import derive_key, splitmix64
 from gnaq_dist.quant.base import init_normal_table
 from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes, paper_levels
 from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, unpack_codes_torch
 
+UPDATE_ROWS = 8192  # rows the latent update and the code packing handle at once (bounds their temporaries)
+_NOISE_PURPOSE = 0x6C6174656E74  # keeps the rounding noise's key apart from the run's other keyed draws
+
 DEFAULT_LATENT_LR = 0.01  # chosen on the validation split at the scratch budget (docs/notes/2026-12-07-gnaq-from-scratch.md)
 LATENT_BITS = (2, 4, 8)  # widths that pack whole into bytes: the latent is held packed
+
+
+def rounding_noise(key: int | np.uint64, global_ids: torch.Tensor, counts: torch.Tensor, dim: int) -> torch.Tensor:
+    """Uniform [0, 1) float32 (n, dim): element (i, d) a hash of (key, ``global_ids[i]``,
+    ``counts[i]``, d). Counter-based, so a row's draws do not depend on which process holds it,
+    on the other rows updated beside it or on their order."""
+    ids = global_ids.to(torch.int64).numpy().astype(np.uint64)
+    t = counts.to(torch.int64).numpy().astype(np.uint64)
+    with np.errstate(over="ignore"):
+        row = splitmix64(splitmix64(ids ^ np.uint64(key)) ^ t)
+        z = splitmix64(row[:, None] ^ np.arange(dim, dtype=np.uint64)[None, :])
+    return torch.from_numpy((z >> np.uint64(40)).astype(np.float32) * np.float32(1.0 / (1 << 24)))
 
 
 class _GradSink(torch.autograd.Function):
@@ -99,8 +126,10 @@ class GNAQLatent(GNAQ):
                              torch.zeros(num_nodes, packed_row_bytes(dim, latent_bits), dtype=torch.uint8))
         # per row: the second moment of dL/dx (an EMA of its mean square) and the row's update count
         self.register_buffer("grad_sq", torch.zeros(num_nodes, 2))
-        self._gen = torch.Generator()
-        self._gen.manual_seed(int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed))
+        seed = int(torch.randint(0, 2**62, (1,)).item()) if seed is None else int(seed)
+        self.noise_key = int(derive_key(seed, _NOISE_PURPOSE))
+        # the global id of each held row (a distributed shard's own rows); None: row i is node i
+        self.global_ids: torch.Tensor | None = None
         self.init_from_full_precision(init_normal_table(num_nodes, dim))
 
     @property
@@ -183,34 +212,56 @@ class GNAQLatent(GNAQ):
         scale = torch.where(width > 0, self.latent_max / width, torch.zeros_like(width))
         return ((values - lo) * scale).round_().clamp_(0, self.latent_max).to(torch.uint8)
 
+    def stash(self, ids: torch.Tensor | None, grad: torch.Tensor) -> None:
+        """Hand ``dL/dx`` of rows ``ids`` (None: every held row) to the next :meth:`refine`, as the
+        backward of :meth:`embed` does: the distributed owner's path, whose rows are not embedded here."""
+        self._pending.append((ids, grad.detach()))
+
     @torch.no_grad()
-    def refine(self, ids: torch.Tensor | None, propagated: torch.Tensor) -> None:
-        """Apply the stashed ``dL/dx`` to the latent (row-wise normalised, stochastic rounding), then
-        re-bin the rows whose latent no longer spans the full range. ``propagated`` is not used:
+    def refine(self, ids: torch.Tensor | None, propagated: torch.Tensor | None) -> None:
+        """Apply the step's stashed ``dL/dx`` to the latent, one stashed message after the other
+        in the order they came (row-wise normalised, stochastic rounding), then re-bin the rows
+        whose latent no longer spans the full range. ``ids`` and ``propagated`` are not used:
         this variant's codes follow its latent, not the propagated rows."""
         pending, self._pending = self._pending, []
-        if not pending:
-            return None
-        b = self.latent_beta
         for rows, g in pending:
-            g = g.to(torch.float32)
-            if self.latent_clip is not None:
-                g = g.clamp(-self.latent_clip, self.latent_clip)
-            state = self.grad_sq if rows is None else self.grad_sq[rows]  # (n, 2): v and the row's step count
-            t = state[:, 1:] + 1
-            v = b * state[:, :1] + (1 - b) * g.pow(2).mean(1, keepdim=True)
-            new_state = torch.cat([v, t], dim=1)
-            if rows is None:
-                self.grad_sq.copy_(new_state)
-            else:
-                self.grad_sq[rows] = new_state
-            v_hat = v / (1 - b**t)
-            step = g * (self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8))
-            u = self._latent(rows).to(torch.float32)
-            noise = torch.rand(u.shape, generator=self._gen)
-            new = (u - step + noise).floor_().clamp_(0, self.latent_max)
-            self._set_latent(rows, self._rebin(new))
+            self._update(rows, g.to(torch.float32))
         return None
+
+    def _update(self, rows: torch.Tensor | None, g: torch.Tensor) -> None:
+        """One update of rows ``rows`` (None: all) from their gradient ``g`` (spent in place)."""
+        b = self.latent_beta
+        if self.latent_clip is not None:
+            g = g.clamp_(-self.latent_clip, self.latent_clip)
+        state = self.grad_sq if rows is None else self.grad_sq[rows]  # (n, 2): v and the row's step count
+        t = state[:, 1:] + 1
+        v = b * state[:, :1] + (1 - b) * (torch.einsum("nd,nd->n", g, g) / self.dim).unsqueeze(1)
+        new_state = torch.cat([v, t], dim=1)
+        if rows is None:
+            self.grad_sq.copy_(new_state)
+        else:
+            self.grad_sq[rows] = new_state
+        v_hat = v / (1 - b**t)
+        step = g.mul_(self.latent_lr * self.latent_max / (v_hat.sqrt() + 1e-8))
+        local = torch.arange(self.num_nodes) if rows is None else rows
+        gids = local if self.global_ids is None else self.global_ids[local]
+        # a piece of rows at a time: the update's float and hash temporaries stay a piece's size
+        for lo in range(0, int(local.shape[0]), UPDATE_ROWS):
+            sl = slice(lo, lo + UPDATE_ROWS)
+            piece = local[sl]
+            u = self._latent(piece).to(torch.float32)
+            noise = rounding_noise(self.noise_key, gids[sl], t[sl, 0], self.dim)
+            new = u.sub_(step[sl]).add_(noise).floor_().clamp_(0, self.latent_max)
+            self._set_latent(piece, self._rebin(new))
+
+    def packed_codes_of(self, ids: torch.Tensor | None = None) -> torch.Tensor:
+        """The codes of rows ``ids`` (None: all), packed as a PackedTable stores them: what the
+        distributed loop serves for the rows (uint8 (n, ceil(d b / 8))), a piece of rows at a time."""
+        ids = torch.arange(self.num_nodes) if ids is None else ids
+        out = torch.empty((int(ids.shape[0]), packed_row_bytes(self.dim, self.bits)), dtype=torch.uint8)
+        for lo in range(0, int(ids.shape[0]), UPDATE_ROWS):
+            out[lo: lo + UPDATE_ROWS] = pack_codes_torch(self._codes_of(ids[lo: lo + UPDATE_ROWS]), self.bits)
+        return out
 
     def _rebin(self, u: torch.Tensor) -> torch.Tensor:
         """Rows spanning less than the full range stretched back onto it (codes unchanged)."""

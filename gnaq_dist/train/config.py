@@ -17,8 +17,6 @@ from gnaq_dist.methods import GNAQ_VARIANTS, METHODS, QUANT_BITS
 #: Methods the distributed loop refuses, and why.
 DISTRIBUTED_UNSUPPORTED = {
     "bigear": "its distillation ranks every item for each user against the whole fp teacher",
-    "gnaq_lat": "its integer latent is updated by the one-process trainer's post-step hook, which the "
-                "distributed loop's row shards do not carry",
 }
 MAX_SEED = 2**32 - 1  # numpy's legacy seed (np.random.seed) takes 0 .. 2**32 - 1
 

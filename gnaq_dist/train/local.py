@@ -421,7 +421,7 @@ class LocalTrainer:
         cfg = self.config
         method = build_method(
             cfg.model.method, self.data.n_nodes, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-            **cfg.model.method_options(), graph=self.graph,
+            **cfg.model.method_options(), graph=self.graph, seed=cfg.seed,
         )
         with torch.no_grad():
             method.init_from_full_precision(fp_method.embed(None).detach().clone())

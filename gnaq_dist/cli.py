@@ -11,6 +11,7 @@ import sys
 from typing import Callable, Sequence
 
 from gnaq_dist.errors import EXIT_BAD_INPUT, DistributedTrainingError, GnaqInputError
+from gnaq_dist.methods import METHODS
 
 
 def _add_config_args(parser: argparse.ArgumentParser) -> None:
@@ -47,7 +48,7 @@ def _cmd_train(parser: argparse.ArgumentParser) -> Callable[[argparse.Namespace]
     parser.add_argument("--dataset", help="ingested dataset URI (overrides the config)")
     parser.add_argument("--out", help="where the run's metrics.jsonl, summary.json and checkpoints/ go: a local "
                                       "directory or any fsspec URI (s3://bucket/run, gs://..., file://...)")
-    parser.add_argument("--method", help="fp | gnaq | gnaq_ste | lsq | n2uq | bigear")
+    parser.add_argument("--method", help=" | ".join(METHODS))
     parser.add_argument("--bits", type=int)
     parser.add_argument("--epochs", type=int)
     parser.add_argument("--seed", type=int)

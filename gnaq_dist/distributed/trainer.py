@@ -245,10 +245,10 @@ class DistributedTrainer:
         own = fp.weight.detach()[: self.shard.num_owned].clone()
         with torch.random.fork_rng():
             probe = build_method(cfg.model.method, 1, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                 **cfg.model.method_options())
+                                 **self.schedule.method_options(cfg))
         full = gather_latent(fp, self.partition, self.wire.gather) if probe.dense_params() else None
         method = build_shard_method(cfg.model.method, own, cfg.model.dim, cfg.model.bits, cfg.model.num_layers,
-                                    full_table=full, **cfg.model.method_options())
+                                    full_table=full, **self.schedule.method_options(cfg))
         self._new_shard(method, cfg.optim.rate("quantized"))
         self.wire.allreduce_gather_bytes()
         del fp, own, full

@@ -23,7 +23,8 @@ latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) 
   0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
-  range a step; default 0.01);
+  range a step; by default ``model.latent_budget`` over the run's quantized steps, resolved by
+  the trainers' schedule, ``train/schedule.py``);
 * re-binning: a row whose latent spans less than the full integer range is stretched back to
   it (``round((u - min) (2^b_lat - 1) / (max - min))``). Equal-width bins do not change under
   an affine map of the row, so this keeps the codes and restores the latent's resolution.
@@ -46,7 +47,7 @@ from gnaq_dist.quant.base import init_normal_table
 from gnaq_dist.quant.gnaq import GNAQ, equal_width_codes, paper_levels
 from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_bytes, unpack_codes_torch
 
-DEFAULT_LATENT_LR = 0.01  # chosen on the validation split at the scratch budget (docs/notes/2026-12-07-gnaq-from-scratch.md)
+DEFAULT_LATENT_LR = 0.01  # a method built without a run's plan (tests, export); the trainers pass model.latent_lr resolved
 LATENT_BITS = (2, 4, 8)  # widths that pack whole into bytes: the latent is held packed
 
 

@@ -39,6 +39,7 @@ class Schedule:
     quantized: bool
     lr_decay: str = "none"
     lr_final: float = 1.0
+    quantized_steps: int = 0  # optimizer steps the quantized phase plans (0 for fp): what latent_lr=auto divides by
 
     @classmethod
     def of(cls, config: TrainConfig, n_train: int) -> Schedule:
@@ -48,8 +49,14 @@ class Schedule:
         total = sched.epochs * steps_per_epoch
         if sched.max_steps is not None:
             total = min(total, sched.max_steps)
+        quantized_steps = max(0, total - config.warmup_epochs * steps_per_epoch) if config.quantized else 0
         return cls(batch, steps_per_epoch, sched.epochs, config.warmup_epochs, total, sched.eval_every,
-                   config.quantized, config.optim.lr_decay, config.optim.lr_final)
+                   config.quantized, config.optim.lr_decay, config.optim.lr_final, quantized_steps)
+
+    def method_options(self, config: TrainConfig) -> dict:
+        """``build_method``'s options for this run: ``config.model``'s, ``latent_lr: auto`` resolved
+        against :attr:`quantized_steps` (the one place both trainers take them from)."""
+        return config.model.method_options(self.quantized_steps)
 
     def lr_factor(self, epoch: int) -> float:
         """The fraction of its phase's rate that ``epoch`` trains at (``optim.lr_decay``): 1 without

@@ -46,7 +46,7 @@ class ModelConfig:
     refine_every: int | None = None  # GNAQ: optimizer steps between re-assignments of every node's codes from its propagated embedding in the step's forward (0 = never); null: the variant's own (gnaq: 1, gnaq_static: 0)
     latent_bits: int | None = None  # gnaq_lat: bits a dimension of the integer latent that drives the codes (2, 4 or 8, >= bits), held packed; null: the variant's own (4); other methods ignore it
     latent_lr: float | Literal["auto"] = "auto"  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; auto: model.latent_budget / the quantized optimizer steps the run plans (quantized epochs x steps an epoch, max_steps included), so a run of few large steps takes larger latent steps than one of many small ones; a number sets it; other methods ignore it
-    latent_budget: float = 8.0  # gnaq_lat with latent_lr=auto: the latent step times the run's quantized steps, i.e. how many times over the run a row-RMS gradient would carry a latent value across its range (chosen on validation splits of Last.fm and Gowalla: docs/method.md)
+    latent_budget: float = 12.0  # gnaq_lat with latent_lr=auto: the latent step times the run's quantized steps, i.e. how many times over the run a row-RMS gradient would carry a latent value across its range (chosen on the validation splits of Last.fm and Gowalla: docs/method.md)
     lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:

@@ -1,4 +1,4 @@
-"""``model.latent_lr: auto``: gnaq_lat's latent step from the run's plan.
+"""``model.latent_lr: auto`` and ``model.latent_decay``: gnaq_lat's latent step from the run's plan.
 
 The step is ``model.latent_budget`` over the quantized optimizer steps the schedule plans
 (quantized epochs x steps an epoch, ``max_steps`` included), resolved by the schedule for
@@ -46,6 +46,21 @@ def test_auto_is_the_budget_over_the_planned_quantized_steps(overrides, n_train,
         assert plan.method_options(cfg)["latent_lr"] == pytest.approx(budget / steps, rel=1e-12)
 
 
+@pytest.mark.parametrize("warmup", [0, 3])
+def test_cosine_decay_runs_from_twice_the_step_to_zero_with_mean_one(warmup):
+    cfg = config("schedule.epochs=13", f"schedule.warmup_epochs={warmup}", "schedule.steps_per_epoch=4")
+    plan = Schedule.of(cfg, 1000)
+    first = warmup * 4
+    T = plan.quantized_steps
+    assert T == (13 - warmup) * 4
+    factors = [plan.latent_factor(first + t) for t in range(T)]
+    assert factors[0] == 2.0 and plan.latent_factor(first + T // 2) == pytest.approx(1.0)
+    assert 0 < factors[-1] < 0.01 and sum(factors) / T == pytest.approx(1 + 1 / T)  # the sampled cosine's mean
+    assert plan.latent_factor(first + T + 5) == pytest.approx(0.0, abs=1e-12)  # past the plan: 0, never negative
+    flat = Schedule.of(config("schedule.epochs=13", "schedule.warmup_epochs=0", "model.latent_decay=none"), 1000)
+    assert {flat.latent_factor(s) for s in range(60)} == {1.0}
+
+
 def test_a_number_sets_the_step_and_edge_plans_stay_finite():
     cfg = config("schedule.epochs=40", "schedule.warmup_epochs=0", "model.latent_lr=0.05")
     assert Schedule.of(cfg, 1000).method_options(cfg)["latent_lr"] == 0.05
@@ -68,6 +83,7 @@ def test_a_number_sets_the_step_and_edge_plans_stay_finite():
     ("model.latent_budget=-4", "model.latent_budget"),
     ("model.latent_budget=.nan", "model.latent_budget"),
     ("model.latent_budget=auto", "model.latent_budget"),
+    ("model.latent_decay=linear", "model.latent_decay"),
 ])
 def test_bad_values_are_refused_in_one_line(override, message):
     with pytest.raises(ConfigError, match=message) as info:
@@ -76,7 +92,7 @@ def test_bad_values_are_refused_in_one_line(override, message):
     # set on the dataclass directly, validate() refuses it too
     cfg = TrainConfig()
     key, _, value = override.partition("=")
-    setattr(cfg.model, key.split(".")[1], {"fast": "fast", "auto": "auto", ".nan": math.nan,
+    setattr(cfg.model, key.split(".")[1], {"fast": "fast", "auto": "auto", "linear": "linear", ".nan": math.nan,
                                           ".inf": math.inf}.get(value, None) or float(value))
     with pytest.raises(ConfigError, match=message):
         cfg.validate()
@@ -93,12 +109,30 @@ def test_the_one_process_trainer_trains_with_the_resolved_step_and_reports_it():
     trainer = LocalTrainer(cfg, data)
     steps = 3 * trainer.steps_per_epoch
     assert steps > 3  # several steps an epoch, so a wrong count shows
-    result = trainer.run()
-    assert result.method.latent_lr == pytest.approx(2 / steps) and result.latent_lr == result.method.latent_lr
+    seen = []
+    original = LocalTrainer.step
+
+    def step(self, method, *args):  # the step each refinement took, as the trainer set it
+        loss = original(self, method, *args)
+        seen.append(method.latent_lr)
+        return loss
+
+    LocalTrainer.step = step
+    try:
+        result = trainer.run()
+        constant = LocalTrainer(config(*SMALL, "model.latent_lr=0.07", "model.latent_decay=none"), data).run()
+    finally:
+        LocalTrainer.step = original
+    assert result.latent_lr == pytest.approx(2 / steps)  # the mean step the run reports
     start = next(r for r in trainer.records if r["event"] == "start")
-    assert start["latent_lr"] == pytest.approx(2 / steps)
-    # a number is what the method trains with; other methods report no latent step
-    assert LocalTrainer(config(*SMALL, "model.latent_lr=0.07"), data).run().method.latent_lr == 0.07
+    assert start["latent_lr"] == pytest.approx(2 / steps) and start["latent_decay"] == "cosine"
+    # cosine (the default): twice the mean step first, falling every step, mean about the resolved step
+    assert len(seen) == 2 * steps and seen[0] == pytest.approx(4 / steps)
+    assert all(a > b for a, b in zip(seen[:steps], seen[1:steps]))
+    assert sum(seen[:steps]) / steps == pytest.approx(2 / steps * (1 + 1 / steps))
+    # a number with no decay is what the method trains with at every step
+    assert seen[steps:] == [0.07] * steps and constant.method.latent_lr == 0.07
+    # other methods report no latent step
     lsq = load_config(TrainConfig, [], ["model.method=lsq", "model.bits=2", *SMALL])
     assert LocalTrainer(lsq, data).latent_step is None
 
@@ -145,7 +179,10 @@ def test_a_resumed_run_takes_the_step_of_its_own_plan(tmp_path):
     over = [*SMALL, f"out={tmp_path / 'run'}", "checkpoint.every_epochs=1"]
     first = train_local(config(*over, "schedule.epochs=2"), data, checkpoints=True)
     spe = LocalTrainer(config(*SMALL), data).steps_per_epoch
-    assert first.method.latent_lr == pytest.approx(2 / (2 * spe))
+    assert first.latent_lr == pytest.approx(2 / (2 * spe))
     again = train_local(config(*over, "schedule.epochs=4"), data, checkpoints=True)
     assert again.resumed_from is not None and again.resumed_from["epoch"] == 2
-    assert again.method.latent_lr == pytest.approx(2 / (4 * spe)) and again.latent_lr == again.method.latent_lr
+    assert again.latent_lr == pytest.approx(2 / (4 * spe))
+    # the last step of the resumed run is on the 4-epoch curve: (1 + cos(pi (T-1)/T)) x the mean step
+    T = 4 * spe
+    assert again.method.latent_lr == pytest.approx(2 / T * (1 + math.cos(math.pi * (T - 1) / T)))

@@ -75,7 +75,7 @@ class TrainResult:
     checkpoint: str | None = None  # URI of the run's final checkpoint (with checkpoints=True)
     resumed_from: dict[str, Any] | None = None  # the checkpoint this run started from, if any
     early_stopping: dict[str, Any] | None = None  # best epoch, metric, whether it stopped (schedule.early_stopping)
-    latent_lr: float | None = None  # gnaq_lat: the latent step the run trained with (model.latent_lr resolved)
+    latent_lr: float | None = None  # gnaq_lat: the (mean) latent step the run trained with (model.latent_lr resolved)
 
 
 class LocalTrainer:
@@ -140,6 +140,8 @@ class LocalTrainer:
         optimizer.step()
         self.positives += int(users.shape[0])
         refine_every = cfg.model.refine_steps
+        if self.latent_step is not None and hasattr(method, "latent_lr"):  # gnaq_lat: this step's latent step
+            method.latent_lr = self.latent_step * self.schedule.latent_factor(self.global_step)
         if refine_every and method.refines and (self.global_step + 1) % refine_every == 0:
             # Re-assign codes from the propagated embeddings of this step's forward (before the
             # optimizer step, as the reference): every node's with full propagation (no extra
@@ -281,7 +283,8 @@ class LocalTrainer:
                   n_items=data.n_items, n_train=data.n_train, steps_per_epoch=self.steps_per_epoch,
                   batch_size=plan.batch_size, epochs=total_epochs,
                   warmup_epochs=warmup_epochs if cfg.quantized else 0, max_minutes=sched.max_minutes,
-                  **({"latent_lr": self.latent_step} if self.latent_step is not None else {}))
+                  **({"latent_lr": self.latent_step, "latent_decay": plan.latent_decay}
+                     if self.latent_step is not None else {}))
         bar = tqdm(total=total_steps, desc=f"{cfg.model.method}", unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
         epoch = 0

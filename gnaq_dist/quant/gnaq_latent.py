@@ -23,8 +23,8 @@ latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) 
   0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
-  range a step; by default ``model.latent_budget`` over the run's quantized steps, resolved by
-  the trainers' schedule, ``train/schedule.py``);
+  range a step; the trainers set it: by default ``model.latent_budget`` over the run's quantized
+  steps, decayed along a cosine over the run, ``train/schedule.py``);
 * re-binning: a row whose latent spans less than the full integer range is stretched back to
   it (``round((u - min) (2^b_lat - 1) / (max - min))``). Equal-width bins do not change under
   an affine map of the row, so this keeps the codes and restores the latent's resolution.

@@ -5,7 +5,9 @@ One place decides how many positives a step takes (``schedule.steps_per_epoch`` 
 when to evaluate (periodically, and once more at the end), what happens when the budget
 ends inside the warm-up, and when the wall-clock budget (``schedule.max_minutes``) ends
 training, so the one-process trainer and every rank of the distributed one walk the same
-schedule and report their phases alike (:class:`PhaseTimes`).
+schedule and report their phases alike (:class:`PhaseTimes`). It also resolves what depends
+on the plan: the methods' options (``gnaq_lat``'s ``latent_lr: auto`` from the quantized
+steps planned) and the latent step's decay over the run.
 """
 
 from __future__ import annotations

@@ -105,6 +105,7 @@ def train(config: TrainConfig | dict | str | os.PathLike, *, scaling_config: Any
             "phase_epochs": result.phase_epochs, "seconds_per_epoch": result.seconds_per_epoch,
             "storage": result.storage, "checkpoint": result.checkpoint, "resumed_from": result.resumed_from,
             "early_stopping": result.early_stopping,
+            **({"latent_lr": result.latent_lr} if result.latent_lr is not None else {}),
         }
         write_text(f"{out}/summary.json", json.dumps(summary, indent=2, default=str), cfg.storage_options)
         return result

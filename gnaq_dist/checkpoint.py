@@ -515,14 +515,20 @@ def new_manifest(*, step: int, epoch: int, phase: str, shard_method: str, world_
     }
 
 
-def build_for_rows(manifest: dict[str, Any], n: int, graph=None) -> EmbeddingMethod:
-    """An empty method of the checkpoint's phase for ``n`` rows (BiGeaR packing needs ``graph``)."""
+def build_for_rows(manifest: dict[str, Any], n: int, graph=None, latent_lr: float | None = None) -> EmbeddingMethod:
+    """An empty method of the checkpoint's phase for ``n`` rows (BiGeaR packing needs ``graph``).
+    ``latent_lr``: gnaq_lat's latent step for a run that goes on training (else the number the
+    checkpoint's config gave, if any: export and evaluation do not step)."""
     model = manifest["model"]
     name = manifest["shard_method"]
     bits = None if name == "fp" else model["bits"]
     options = {"phi": model["phi"], "per_row": model.get("lsq_step", "tensor") == "node"}
-    trained = manifest.get("config", {}).get("model", {})  # gnaq_lat's latent width and step, as trained
-    options.update({k: trained[k] for k in ("latent_bits", "latent_lr") if trained.get(k) is not None})
+    trained = manifest.get("config", {}).get("model", {})  # gnaq_lat's latent width (the rows' shape), as trained
+    if trained.get("latent_bits") is not None:
+        options["latent_bits"] = trained["latent_bits"]
+    step = latent_lr if latent_lr is not None else trained.get("latent_lr")
+    if isinstance(step, (int, float)) and not isinstance(step, bool):  # "auto" resolves against a run's plan
+        options["latent_lr"] = float(step)
     if manifest.get("config", {}).get("seed") is not None:  # gnaq_lat's rounding noise is keyed by the run's seed
         options["seed"] = manifest["config"]["seed"]
     if graph is not None and name == "bigear":

@@ -44,6 +44,12 @@ def _load_yaml(text: str) -> Any:
 
 
 def _type_name(tp: Any) -> str:
+    """What a config error says a key takes: ``float or 'auto'``, not ``Union``."""
+    origin = get_origin(tp)
+    if origin in (Union, types.UnionType):
+        return " or ".join("null" if a is type(None) else _type_name(a) for a in get_args(tp))
+    if origin is Literal:
+        return " or ".join(map(repr, get_args(tp)))
     return getattr(tp, "__name__", None) or str(tp).replace("typing.", "")
 
 

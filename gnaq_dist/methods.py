@@ -58,4 +58,11 @@ def is_packed_gnaq(name: str) -> bool:
     return spec is not None and not spec.straight_through and not spec.latent_bits
 
 
-__all__ = ["GNAQ_VARIANTS", "GnaqVariant", "METHODS", "QUANT_BITS", "is_gnaq", "is_packed_gnaq"]
+def is_latent_gnaq(name: str) -> bool:
+    """A GNAQ variant whose codes follow a low-precision integer latent (``gnaq_lat``): it takes
+    ``model.latent_bits`` and ``model.latent_lr``."""
+    spec = GNAQ_VARIANTS.get(name)
+    return spec is not None and bool(spec.latent_bits)
+
+
+__all__ = ["GNAQ_VARIANTS", "GnaqVariant", "METHODS", "QUANT_BITS", "is_gnaq", "is_latent_gnaq", "is_packed_gnaq"]

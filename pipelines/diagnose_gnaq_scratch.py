@@ -40,7 +40,7 @@ RUNS = {
     "gnaq-identity": ("gnaq", {"model.phi": "identity"}),
     "gnaq_static": ("gnaq_static", {}),
     "gnaq_ste": ("gnaq_ste", {}),
-    "gnaq_lat": ("gnaq_lat", {}),  # the variant's defaults: 4-bit latent, latent_lr 0.01
+    "gnaq_lat": ("gnaq_lat", {}),  # the variant's defaults: 4-bit latent, latent_lr auto (latent_budget / quantized steps)
     # the latent's width and step
     **{f"gnaq_lat-b{bits}-lr{lr:g}": ("gnaq_lat", {"model.latent_bits": bits, "model.latent_lr": lr})
        for bits in (8, 4, 2) for lr in (0.003, 0.01, 0.03, 0.1)},

@@ -112,7 +112,7 @@ def test_a_step_equals_the_one_process_trainers_on_one_and_two_ranks(step_runs, 
     for key in ("levels", "latent", "state"):  # both start from the same seeded table
         np.testing.assert_array_equal(_global([r["start"] for r in one], key), _global([r["start"] for r in two], key))
     local = LocalTrainer(cfg, data)
-    m = build_method("gnaq_lat", data.n_nodes, DIM, 2, 2, **cfg.model.method_options(), seed=cfg.seed)
+    m = build_method("gnaq_lat", data.n_nodes, DIM, 2, 2, **local.schedule.method_options(cfg), seed=cfg.seed)
     with torch.no_grad():
         m.levels.copy_(torch.from_numpy(_global([r["start"] for r in one], "levels")))
         m.latent_int = torch.from_numpy(_global([r["start"] for r in one], "latent"))
@@ -227,7 +227,9 @@ def scenario_ckpt(rank: int, world: int, out: str, tag: str, epochs: int, resume
     from gnaq_dist.distributed.trainer import DistributedTrainer
 
     extra = {"out": f"{out}/{tag}", "checkpoint.every_epochs": 1, "checkpoint.keep_last": 5,
-             "schedule.epochs": epochs, "schedule.eval_every": 1, "model.level_dtype": "float16"}
+             "schedule.epochs": epochs, "schedule.eval_every": 1, "model.level_dtype": "float16",
+             # a constant latent step: the cosine's curve follows each run's own plan, and b plans 3 epochs
+             "model.latent_decay": "none"}
     if resume:
         extra["checkpoint.resume"] = resume
     trainer = DistributedTrainer(lat_config(**extra), small_data())

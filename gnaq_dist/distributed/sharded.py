@@ -300,11 +300,12 @@ class MethodShard:
                                self.method.dim)
 
     @torch.no_grad()
-    def update_latent(self) -> None:
+    def update_latent(self, step: float) -> None:
         """Derived rows, after the step: the owner applies the summed ``dL/dx`` its rows received
-        to their latent (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.refine`). Nothing moves:
-        the other ranks read the new codes with the next step's rows."""
+        to their latent with latent step ``step`` (:meth:`~gnaq_dist.quant.gnaq_latent.GNAQLatent.refine`).
+        Nothing moves: the other ranks read the new codes with the next step's rows."""
         self._served_codes = None
+        self.method.latent_lr = step
         self.method.refine(None, None)
 
     @torch.no_grad()

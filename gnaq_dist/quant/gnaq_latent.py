@@ -23,7 +23,8 @@ latent** (``model.latent_bits``: 2, 4 or 8; the variant's 4, two values a byte) 
   0, 2^b_lat - 1)``
   with SR stochastic rounding (an update smaller than one step still moves a value with
   probability equal to its size), ``eta`` = ``model.latent_lr`` (a fraction of the latent's
-  range a step; default 0.01). The stashed gradients are applied in the order the backward
+  range a step; the trainers set it: by default ``model.latent_budget`` over the run's quantized
+  steps, decayed along a cosine over the run, ``train/schedule.py``). The stashed gradients are applied in the order the backward
   handed them over: the L2 term's (the batch's rows) first, then the propagation's (every row
   the forward read), each an update of its own (its own ``t_i``). The rounding noise is a hash of (seed,
   the row's global id, its update count ``t_i``, the dimension) (:func:`rounding_noise`), so a
@@ -61,7 +62,7 @@ from gnaq_dist.quant.packing import PackedTable, pack_codes_torch, packed_row_by
 UPDATE_ROWS = 8192  # rows the latent update and the code packing handle at once (bounds their temporaries)
 _NOISE_PURPOSE = 0x6C6174656E74  # keeps the rounding noise's key apart from the run's other keyed draws
 
-DEFAULT_LATENT_LR = 0.01  # chosen on the validation split at the scratch budget (docs/notes/2026-12-07-gnaq-from-scratch.md)
+DEFAULT_LATENT_LR = 0.01  # a method built without a run's plan (tests, export); the trainers pass model.latent_lr resolved
 LATENT_BITS = (2, 4, 8)  # widths that pack whole into bytes: the latent is held packed
 
 

@@ -144,13 +144,14 @@ class OneProcessCheckpoints:
 
 
 def restore(loaded: ckpt.Loaded, n_rows: int, graph: BipartiteGraph | None, lr_fp: float, lr_quant: float,
-            storage_options: dict[str, Any] | None = None
+            storage_options: dict[str, Any] | None = None, latent_lr: float | None = None
             ) -> tuple[EmbeddingMethod, torch.optim.Optimizer]:
     """A checkpoint's method over all ``n_rows`` rows (written by any number of ranks) and a torch
-    Adam holding its optimizer state."""
+    Adam holding its optimizer state. ``latent_lr``: gnaq_lat's latent step as the resuming run
+    resolves it (its rate, like ``lr_quant``, is the run's, not the checkpoint's)."""
     m = loaded.manifest
     rows = ckpt.read_rows(loaded.uri, m, np.arange(n_rows, dtype=np.int64), storage_options)
-    method = ckpt.build_for_rows(m, n_rows, graph)
+    method = ckpt.build_for_rows(m, n_rows, graph, latent_lr=latent_lr)
     view = RowAdamView(method, None, n_rows)
     ckpt.load_rows(method, rows, view)
     lr = lr_fp if m["shard_method"] == "fp" else lr_quant

@@ -29,7 +29,8 @@ def _finite(key: str, value: float | None, *, low: float = 0.0, strict: bool = F
             return
         raise ConfigError(f"{key}: null is not allowed")
     bound = f"> {low:g}" if strict else f">= {low:g}"
-    if not math.isfinite(value) or value < low or (strict and value == low):
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)  # a dataclass set directly skips coercion
+    if not number or not math.isfinite(value) or value < low or (strict and value == low):
         raise ConfigError(f"{key}: {value!r} must be a finite number {bound}" + (" or null" if none_ok else ""))
 
 
@@ -43,7 +44,9 @@ class ModelConfig:
     level_dtype: Literal["float16", "float32"] = "float16"  # dtype of stored levels
     refine_every: int | None = None  # GNAQ: optimizer steps between re-assignments of every node's codes from its propagated embedding in the step's forward (0 = never); null: the variant's own (gnaq: 1, gnaq_static: 0)
     latent_bits: int | None = None  # gnaq_lat: bits a dimension of the integer latent that drives the codes (2, 4 or 8, >= bits), held packed; null: the variant's own (4); other methods ignore it
-    latent_lr: float | None = None  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; null: the method's own (0.01); other methods ignore it
+    latent_lr: float | Literal["auto"] = "auto"  # gnaq_lat: the latent's step, as a fraction of its integer range, for a gradient of the row's RMS size; auto: model.latent_budget / the quantized optimizer steps the run plans (quantized epochs x steps an epoch, max_steps included), so a run of few large steps takes larger latent steps than one of many small ones; a number sets it; with latent_decay=cosine either is the mean step over the run; other methods ignore it
+    latent_budget: float = 12.0  # gnaq_lat with latent_lr=auto: the mean latent step times the run's quantized steps, i.e. how many times over the run a row-RMS gradient would carry a latent value across its range (chosen on the validation splits of Last.fm and Gowalla: docs/method.md)
+    latent_decay: Literal["cosine", "none"] = "cosine"  # gnaq_lat: the latent step over the quantized phase: cosine: latent_lr x (1 + cos(pi t / T)) at quantized step t of T planned, from twice the step down to 0 (mean: latent_lr, so latent_budget keeps its meaning), fast moves early and settled codes late; none: constant
     lsq_step: Literal["tensor", "node"] = "tensor"  # LSQ's learned step: one for the whole table, or one per node (a grid of its own per row, stored as 2^b levels a node: 24 bytes at d = 64, b = 2, fp16 levels); other methods ignore it
 
     def validate(self) -> None:
@@ -66,7 +69,14 @@ class ModelConfig:
         if self.latent_bits is not None and self.bits is not None and self.latent_bits < self.bits \
                 and GNAQ_VARIANTS.get(self.method, None) is not None and GNAQ_VARIANTS[self.method].latent_bits:
             raise ConfigError(f"model.latent_bits: {self.latent_bits} is below the code width model.bits={self.bits}")
-        _finite("model.latent_lr", self.latent_lr, strict=True, none_ok=True)
+        if isinstance(self.latent_lr, str):
+            if self.latent_lr != "auto":
+                raise ConfigError(f"model.latent_lr: {self.latent_lr!r} must be a number > 0 or auto")
+        else:
+            _finite("model.latent_lr", self.latent_lr, strict=True)
+        _finite("model.latent_budget", self.latent_budget, strict=True)
+        if self.latent_decay not in ("cosine", "none"):
+            raise ConfigError(f"model.latent_decay: {self.latent_decay!r} is not one of cosine, none")
         spec = GNAQ_VARIANTS.get(self.method)
         if spec is not None and spec.latent_bits and self.refine_every not in (None, 1):
             raise ConfigError(f"model.refine_every: {self.method} applies its latent update after every step "
@@ -82,10 +92,21 @@ class ModelConfig:
         spec = GNAQ_VARIANTS.get(self.method)
         return spec.refine_every if spec is not None and not spec.straight_through else 0
 
-    def method_options(self) -> dict[str, Any]:
-        """What ``build_method`` takes from this config (each method uses its own)."""
+    def latent_step(self, quantized_steps: int) -> float:
+        """``gnaq_lat``'s latent step for a run that plans ``quantized_steps`` quantized optimizer
+        steps: ``latent_lr`` when a number, else ``latent_budget / quantized_steps`` (at least one
+        step counted, so a run quantized only at its end gets a finite step). With
+        ``latent_decay: cosine`` this is the mean step (:meth:`Schedule.latent_factor`)."""
+        if self.latent_lr != "auto":
+            return float(self.latent_lr)
+        return float(self.latent_budget) / max(1, int(quantized_steps))
+
+    def method_options(self, quantized_steps: int) -> dict[str, Any]:
+        """What ``build_method`` takes from this config (each method uses its own), for a run that
+        plans ``quantized_steps`` quantized steps (``Schedule.quantized_steps``): both trainers
+        build their methods from this, so ``latent_lr: auto`` resolves the same way in each."""
         return {"phi": self.phi, "per_row": self.lsq_step == "node", "latent_bits": self.latent_bits,
-                "latent_lr": self.latent_lr}
+                "latent_lr": self.latent_step(quantized_steps)}
 
 
 @dataclass

@@ -5,7 +5,9 @@ One place decides how many positives a step takes (``schedule.steps_per_epoch`` 
 when to evaluate (periodically, and once more at the end), what happens when the budget
 ends inside the warm-up, and when the wall-clock budget (``schedule.max_minutes``) ends
 training, so the one-process trainer and every rank of the distributed one walk the same
-schedule and report their phases alike (:class:`PhaseTimes`).
+schedule and report their phases alike (:class:`PhaseTimes`). It also resolves what depends
+on the plan: the methods' options (``gnaq_lat``'s ``latent_lr: auto`` from the quantized
+steps planned) and the latent step's decay over the run.
 """
 
 from __future__ import annotations
@@ -39,6 +41,8 @@ class Schedule:
     quantized: bool
     lr_decay: str = "none"
     lr_final: float = 1.0
+    quantized_steps: int = 0  # optimizer steps the quantized phase plans (0 for fp): what latent_lr=auto divides by
+    latent_decay: str = "none"  # model.latent_decay: how gnaq_lat's latent step changes over the quantized phase
 
     @classmethod
     def of(cls, config: TrainConfig, n_train: int) -> Schedule:
@@ -48,8 +52,27 @@ class Schedule:
         total = sched.epochs * steps_per_epoch
         if sched.max_steps is not None:
             total = min(total, sched.max_steps)
+        quantized_steps = max(0, total - config.warmup_epochs * steps_per_epoch) if config.quantized else 0
         return cls(batch, steps_per_epoch, sched.epochs, config.warmup_epochs, total, sched.eval_every,
-                   config.quantized, config.optim.lr_decay, config.optim.lr_final)
+                   config.quantized, config.optim.lr_decay, config.optim.lr_final, quantized_steps,
+                   config.model.latent_decay)
+
+    def method_options(self, config: TrainConfig) -> dict:
+        """``build_method``'s options for this run: ``config.model``'s, ``latent_lr: auto`` resolved
+        against :attr:`quantized_steps` (the one place both trainers take them from)."""
+        return config.model.method_options(self.quantized_steps)
+
+    def latent_factor(self, global_step: int) -> float:
+        """The multiple of gnaq_lat's (mean) latent step that step ``global_step`` (0-based, warm-up
+        steps included) takes: 1 without decay; with ``cosine``, ``1 + cos(pi t / T)`` at quantized
+        step ``t`` of the ``T`` planned, 2 at the first and near 0 at the last (mean 1: the run's
+        latent travel stays ``latent_budget``). A function of the step alone, so a resumed run
+        continues on the same curve."""
+        if self.latent_decay == "none" or self.quantized_steps <= 0:
+            return 1.0
+        t = global_step - self.warmup_epochs * self.steps_per_epoch
+        progress = min(max(t / self.quantized_steps, 0.0), 1.0)
+        return 1.0 + math.cos(math.pi * progress)
 
     def lr_factor(self, epoch: int) -> float:
         """The fraction of its phase's rate that ``epoch`` trains at (``optim.lr_decay``): 1 without

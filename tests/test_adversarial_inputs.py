@@ -442,6 +442,44 @@ def test_corrupt_data_page_is_one_line(tmp_path, capsys):
             "log.parquet", "cannot read")
 
 
+@pytest.mark.slow
+def test_missing_ids_are_one_line_and_exit_2_every_time(tmp_path):
+    """The real process, many times: the error for null / empty ids used to re-read the file while
+    its scan was open, and one run in eight then aborted at exit ("terminate called without an
+    active exception", status 134, a second line)."""
+    import subprocess
+    import sys
+
+    data = log()
+    data["user_id"][3] = None
+    nulls = write_log(tmp_path / "nulls.parquet", data)
+    data = log()
+    data["item_id"][5] = ""
+    empty = write_log(tmp_path / "empty.parquet", data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    before = tree(tmp_path)
+    for run in range(24):
+        src, needle = (nulls, "'user_id' has 1 null and 0 empty-string user ids (of 24 rows; first at row 3)") \
+            if run % 2 == 0 else (empty, "'item_id' has 0 null and 1 empty-string item ids (of 24 rows; first at row 5)")
+        # as the installed console script runs it (``python -m gnaq_dist.cli`` did not show the abort)
+        proc = subprocess.run([sys.executable, "-c", "import sys; from gnaq_dist.cli import main; sys.exit(main())",
+                               "ingest", src, str(tmp_path / "out"), "--no-progress"],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, (run, proc.returncode, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and needle in proc.stderr, (run, proc.stderr)
+    assert tree(tmp_path) == before
+
+
+def test_missing_ids_are_counted_over_the_whole_file_across_batches(tmp_path, capsys):
+    data = log(n_users=10)
+    data["user_id"][17] = None
+    data["user_id"][30] = ""
+    data["user_id"][31] = None
+    src = write_log(tmp_path / "log.parquet", data)
+    refused(capsys, tmp_path, ["ingest", src, str(tmp_path / "out"), "--no-progress", "--set", "batch_rows=4"],
+            "log.parquet", "'user_id' has 2 null and 1 empty-string user ids (of 40 rows; first at row 17)")
+
+
 def test_a_dataset_path_that_is_a_file_or_a_manifest_that_is_a_list(tmp_path, capsys):
     src = write_log(tmp_path / "log.parquet", log())
     afile = tmp_path / "notes.txt"

@@ -388,6 +388,9 @@ def test_null_timestamps_are_still_allowed(tmp_path, capsys):
     (["--seed", "-1"], "split.seed"),
     (["--split", "temporal_global", "--cutoff", "99999999999999"], "split.cutoff"),
     (["--set", "split.test_fraction=.nan"], "split.test_fraction"),
+    # one column in two roles: a KeyError traceback ("exists 2 times in schema") when read
+    (["--user-col", "item_id"], "columns.item: 'item_id' is already the user column"),
+    (["--event-col", "timestamp", "--keep-events", "a"], "columns.event: 'timestamp' is already the timestamp"),
 ])
 def test_bad_ingest_config_values_are_refused_before_reading(tmp_path, capsys, flags, needle):
     missing = tmp_path / "no-such-log.parquet"  # a config error comes first: the source is never opened
@@ -410,6 +413,19 @@ def test_lightgcn_train_txt_without_rows_is_refused(tmp_path, capsys):
     (folder / "test.txt").write_text("0 1 2\n1 2\n")
     refused(capsys, tmp_path, ["ingest", str(folder), str(tmp_path / "out"), "--format", "lightgcn",
                                "--no-progress"], "train.txt leaves no training data")
+
+
+def test_lightgcn_source_that_is_not_a_folder_of_text_files(tmp_path, capsys):
+    """A Parquet file given with --format lightgcn, and a train.txt that is a directory: used to be
+    NotADirectoryError / IsADirectoryError tracebacks."""
+    src = write_log(tmp_path / "log.parquet", log())
+    refused(capsys, tmp_path, ["ingest", src, str(tmp_path / "out"), "--format", "lightgcn", "--no-progress"],
+            "log.parquet/train.txt", "a LightGCN folder needs train.txt and test.txt")
+    folder = tmp_path / "lgcn"
+    (folder / "train.txt").mkdir(parents=True)
+    (folder / "test.txt").write_text("0 1\n")
+    refused(capsys, tmp_path, ["ingest", str(folder), str(tmp_path / "out"), "--format", "lightgcn",
+                               "--no-progress"], "train.txt: a directory, not a LightGCN text file")
 
 
 @pytest.mark.parametrize("line,needle", [

@@ -506,6 +506,41 @@ def test_a_dataset_path_that_is_a_file_or_a_manifest_that_is_a_list(tmp_path, ca
     refused(capsys, tmp_path, ["ingest", src, str(ds), "--append", "--no-progress"], "a JSON list")
 
 
+def _without(key):
+    return lambda m: {k: v for k, v in m.items() if k != key}
+
+
+def _files(change):
+    return lambda m: {**m, "files": change(dict(m["files"]))}
+
+
+DATASET_MANIFESTS = {  # (change, needle); each used to be a traceback, or a file read from outside the folder
+    "no n_users": (_without("n_users"), "n_users must be an integer >= 0, got None"),
+    "n_users a string": (lambda m: {**m, "n_users": "many"}, "n_users must be an integer >= 0, got 'many'"),
+    "no test file": (_files(lambda f: {k: v for k, v in f.items() if k != "test"}), "no entry for 'test'"),
+    "a path out of the folder": (_files(lambda f: {**f, "train": {**f["train"], "path": "../elsewhere.parquet"}}),
+                                 "'../elsewhere.parquet', is not a plain file name inside the dataset"),
+    "an absolute path": (_files(lambda f: {**f, "train": {**f["train"], "path": "/etc/hostname"}}),
+                         "'/etc/hostname', is not a plain file name"),
+    "an entry without sha256": (_files(lambda f: {**f, "test": {"path": f["test"]["path"], "rows": 1}}),
+                                "the entry of 'test' needs sha256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_MANIFESTS))
+def test_a_dataset_manifest_of_the_wrong_shape_is_one_line(tmp_path, capsys, case):
+    change, needle = DATASET_MANIFESTS[case]
+    src = write_log(tmp_path / "log.parquet", log())
+    ds = ingested(capsys, tmp_path)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    (ds / "manifest.json").write_text(json.dumps(change(manifest)))
+    refused(capsys, tmp_path, ["train", "--dataset", str(ds), "--out", str(tmp_path / "run"), "--epochs", "1",
+                               "--set", "schedule.warmup_epochs=0", "--no-progress"], "manifest.json", needle)
+    refused(capsys, tmp_path, ["ingest", src, str(ds), "--append", "--no-progress"], "manifest.json", needle)
+    refused(capsys, tmp_path, ["partition", str(ds), str(tmp_path / "part"), "--workers", "2"], "manifest.json",
+            needle)
+
+
 # == item 5: train config values, validated before any data is read ================================
 
 

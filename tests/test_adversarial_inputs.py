@@ -286,6 +286,26 @@ def test_export_existing_out_without_overwrite_is_refused_before_reading(tmp_pat
     refused(capsys, tmp_path, ["export", str(ck), str(out)], "already exists")
 
 
+def test_recommend_output_replaces_only_a_recommendation_list(tmp_path, capsys):
+    """``recommend --output`` used to replace any file (an interaction log, someone's notes)."""
+    from gnaq_dist.serving import Bundle
+
+    b = bundle(tmp_path)
+
+    raw = Bundle.load(str(b)).user_ids[0]
+    src = write_log(tmp_path / "log.parquet", log())
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,notes\n")
+    for target in (src, str(notes)):
+        refused(capsys, tmp_path, ["recommend", str(b), "--user", str(raw), "--output", target],
+                target, "is not a recommendation list")
+    for name in ("recs.csv", "recs.parquet"):  # its own output: written, then replaced
+        ok(capsys, ["recommend", str(b), "--user", str(raw), "--output", str(tmp_path / name), "-k", "3"])
+        ok(capsys, ["recommend", str(b), "--user", str(raw), "--output", str(tmp_path / name), "-k", "2"])
+    assert pq.read_table(tmp_path / "recs.parquet").num_rows == 2
+    assert len((tmp_path / "recs.csv").read_text().splitlines()) == 3
+
+
 def test_generate_overwrite_replaces_only_a_generated_log(tmp_path, capsys):
     common = ["--users", "10", "--items", "5", "--rows", "60", "--no-progress", "--overwrite"]
     refused(capsys, tmp_path, ["generate", str(documents(tmp_path)), *common], "not a gnaq generated log")

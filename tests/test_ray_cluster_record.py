@@ -8,14 +8,17 @@ that record names a decoy: another live Ray on this machine, with a dashboard th
 state API. The run must train to the end, the cleaner must never have asked the decoy, and the
 decoy's record must be left as it was (``ray_launch.connect``, docs/reliability.md).
 
+A root that a killed driver left (its reaper killed with it) is removed by the next run.
 The test keeps the machine's own record untouched: the decoy and the run get a private
 ``RAY_TMPDIR`` (where Ray reads and writes its record), and the environment is put back.
 """
 
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
+import time
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,11 @@ def decoy(monkeypatch):
 
 def test_the_placement_group_cleaner_asks_our_ray_not_the_recorded_one(decoy, tmp_path):
     root, record = decoy
+    # a root left by a driver killed together with its reaper: nobody holds its lock
+    stale = root / "tmp" / ".gnaq-ray.tmp-dead"
+    (stale / "ray").mkdir(parents=True)
+    (stale / "ray" / "ray_current_cluster").write_text("127.0.0.1:1")
+    os.utime(stale, (time.time() - 3600, time.time() - 3600))
     dataset = tiny_dataset(tmp_path)
     proc = gnaq("train", "--workers", "2", "--dataset", str(dataset), "--out", str(tmp_path / "run"),
                 "--no-progress", "--epochs", "6", "--set", "schedule.warmup_epochs=1", "--set", "model.dim=8",
@@ -75,4 +83,4 @@ def test_the_placement_group_cleaner_asks_our_ray_not_the_recorded_one(decoy, tm
     assert f"Connecting to latest cluster at {record.strip()}." not in cleaner[0], cleaner[0][-3000:]
     assert "Failed to query Ray Train Controller actor state" in cleaner[0], cleaner[0][-3000:]
     assert (root / "ray" / "ray_current_cluster").read_text() == record  # the machine's record as it was
-    assert list((root / "tmp").glob("gnaq-ray-root-*")) == []  # the run's private Ray root removed
+    assert list((root / "tmp").glob(".gnaq-ray.tmp-*")) == []  # the run's private Ray root removed, the stale one too

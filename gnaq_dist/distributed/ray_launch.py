@@ -69,6 +69,8 @@ ONE_MACHINE_RAY_ENV = {
 #: controller. Ray's record of the machine's current cluster (``<RAY_TMPDIR or /tmp>/ray/
 #: ray_current_cluster``, written by ``ray start``) may name another live cluster, or a dead one.
 CLUSTER_ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+#: The private temp roots of :func:`connect` are ``<TMPDIR>/.gnaq-ray.tmp-*``.
+RECORD_ROOT_NAME = "gnaq-ray"
 
 
 def own_cluster_record(root: str, gcs_address: str) -> None:
@@ -356,8 +358,15 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
 
     workers = config.distributed.workers
     starts_ray = not address and not ray.is_initialized()
-    # its processes' view of "the current cluster": this Ray (connect)
-    record_root = tempfile.mkdtemp(prefix="gnaq-ray-root-") if starts_ray else None
+    record_root, held = None, None
+    if starts_ray:
+        from gnaq_dist import staging
+
+        # its processes' view of "the current cluster": this Ray (connect). Held (flock) while
+        # this process lives; roots of dead drivers whose reaper died too are removed here.
+        staging.remove_stale(tempfile.gettempdir(), RECORD_ROOT_NAME, kinds=("tmp",))
+        record_root = tempfile.mkdtemp(prefix=f".{RECORD_ROOT_NAME}.tmp-")
+        held = staging.hold(record_root)
     # a Ray started here goes with this process, even a SIGKILLed one (ray_reaper.py)
     reaper = start_reaper(remove=(record_root,)) if record_root is not None else None
 
@@ -366,6 +375,7 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
             reaper.close()  # and whatever ray.shutdown left (its agents)
         if record_root is not None:
             shutil.rmtree(record_root, ignore_errors=True)
+            staging.release(held)
 
     try:
         started = connect(address, workers, record_root=record_root)

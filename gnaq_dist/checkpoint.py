@@ -42,7 +42,7 @@ import torch
 from gnaq_dist.dataset import data_key, load_dataset  # data_key re-exported: the trainers check checkpoints with it
 from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.interactions import InteractionData
-from gnaq_dist.quant import build_method
+from gnaq_dist.quant import METHODS, build_method
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.storage import join, resolve, write_file
 
@@ -170,9 +170,43 @@ def residual_table(residuals: list[tuple[np.ndarray, np.ndarray]]) -> pa.Table:
     return pa.concat_tables(tables)
 
 
+def _check_row_columns(method: EmbeddingMethod, columns: list[str], with_optimizer: bool) -> None:
+    """A one-line :class:`CheckpointError` unless ``columns`` hold every row column ``method`` stores."""
+    params, buffers = _row_names(method)
+    needed = [f"param.{name}" for name in params]
+    needed += ["buffer.codes" if name == "packed_codes" else f"buffer.{name}" for name in buffers]
+    if with_optimizer:
+        needed += [f"adam.{m}.{name}" for name in params for m in ("m", "v")] + ["adam.steps"]
+    missing = [name for name in needed if name not in columns]
+    if missing:
+        raise CheckpointError(f"the shard rows have no column {missing[0]!r}, which method {method.name!r} stores "
+                              f"(its manifest's shard_method does not match its shard files)")
+
+
+def check_shard_columns(uri: str, manifest: dict[str, Any], storage_options: dict[str, Any] | None = None) -> None:
+    """Every shard of a checkpoint holds the row columns its ``shard_method`` stores, optimizer state
+    included (what a resume loads); read from the Parquet footers only, so that a driver can refuse
+    before any worker starts."""
+    method = build_for_rows(manifest, 1)
+    fs, path = resolve(uri, storage_options)
+    for rank in range(manifest["world_size"]):
+        name = shard_name(rank, manifest["world_size"])
+        with fs.open(join(path, name), "rb") as handle:
+            columns = pq.read_schema(handle).names
+        try:
+            _check_row_columns(method, columns, with_optimizer=True)
+        except CheckpointError as exc:
+            raise CheckpointError(f"{uri}/{name}: {exc}") from None
+
+
 def load_rows(method: EmbeddingMethod, rows: pa.Table, optimizer=None) -> None:
-    """Set ``method``'s row parameters, buffers (and ``optimizer``'s row state) from ``rows``."""
+    """Set ``method``'s row parameters, buffers (and ``optimizer``'s row state) from ``rows``.
+
+    Rows without a column the method stores (a manifest whose ``shard_method`` is not the one
+    that wrote the shards) are a one-line :class:`CheckpointError`, not a ``KeyError``.
+    """
     n = rows.num_rows
+    _check_row_columns(method, rows.column_names, optimizer is not None)
     params, buffers = _row_names(method)
     with torch.no_grad():
         for name, p in zip(params, method.trainable_row_params()):
@@ -354,8 +388,9 @@ def check_manifest(uri: str, manifest: Any) -> dict[str, Any]:
     for key in ("step", "epoch"):
         if not _int(manifest.get(key), 0):
             raise CheckpointError(f"{where}: {key} must be an integer >= 0, got {manifest.get(key)!r}")
-    if not isinstance(manifest.get("shard_method"), str):
-        raise CheckpointError(f"{where}: shard_method must be a string, got {manifest.get('shard_method')!r}")
+    if manifest.get("shard_method") not in METHODS:
+        raise CheckpointError(f"{where}: shard_method must name a method ({', '.join(METHODS)}), "
+                              f"got {manifest.get('shard_method')!r}")
     for key in ("model", "data", "partition", "config", "progress"):
         if not isinstance(manifest.get(key), dict):
             raise CheckpointError(f"{where}: {key} must be an object, got {type(manifest.get(key)).__name__}")
@@ -363,6 +398,11 @@ def check_manifest(uri: str, manifest: Any) -> dict[str, Any]:
     if not _int(model.get("dim"), 1) or not _int(model.get("num_layers"), 0):
         raise CheckpointError(f"{where}: model.dim and model.num_layers must be integers "
                               f"(got {model.get('dim')!r}, {model.get('num_layers')!r})")
+    for key, allowed in (("level_dtype", ("float16", "float32")), ("phi", ("tanh", "identity", None)),
+                         ("lsq_step", ("tensor", "node"))):
+        if key in model and model[key] not in allowed:
+            raise CheckpointError(f"{where}: model.{key} {model[key]!r} is not one of "
+                                  f"{', '.join(repr(a) for a in allowed)}")
     files = manifest.get("files")
     if not isinstance(files, dict) or not files:
         raise CheckpointError(f"{where}: files must be an object naming the checkpoint's files, "
@@ -566,8 +606,11 @@ def load_table(uri: str, manifest: dict[str, Any], data: InteractionData,
     n = data.n_nodes
     rows = read_rows(uri, manifest, np.arange(n, dtype=np.int64), storage_options)
     graph = build_graph(data) if manifest["shard_method"] == "bigear" else None
-    method = build_for_rows(manifest, n, graph)
-    load_rows(method, rows)
+    try:
+        method = build_for_rows(manifest, n, graph)
+        load_rows(method, rows)
+    except GnaqInputError as exc:
+        raise CheckpointError(f"{uri}: {exc}") from None
     load_dense(method, read_table(uri, "dense.parquet", storage_options, manifest=manifest), None)
     if method.name == "fp":
         return "fp", method.weight.detach().clone()

@@ -179,8 +179,10 @@ def _cmd_recommend(parser: argparse.ArgumentParser) -> Callable[[argparse.Namesp
 
     def run(args: argparse.Namespace) -> int:
         # numpy + pyarrow only: this path must not import torch, DGL, Ray or fsspec.
-        from gnaq_dist.serving import Bundle, read_user_ids, recommendations_table, write_table_atomic
+        from gnaq_dist.serving import Bundle, check_output, read_user_ids, recommendations_table, write_table_atomic
 
+        if args.output:
+            check_output(args.output)  # before anything is read
         users = args.user if args.user else read_user_ids(args.users_file)
         table = recommendations_table(Bundle.load(args.bundle), users, args.k)
         if args.output:

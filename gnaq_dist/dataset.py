@@ -22,6 +22,7 @@ from gnaq_dist.interactions import InteractionData
 from gnaq_dist.storage import MANIFEST, join, resolve, sha256_of
 
 SPLITS = ("train", "test", "valid")
+REQUIRED_FILES = ("train", "test", "user_map", "item_map")  # every dataset's manifest lists these
 
 
 def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -47,6 +48,21 @@ def read_manifest(uri: str, storage_options: dict[str, Any] | None = None) -> di
     if not isinstance(files, dict) or not all(isinstance(e, dict) and isinstance(e.get("path"), str)
                                               for e in files.values()):
         raise GnaqInputError(f"{mpath}: 'files' is not a mapping of file entries")
+    for key in ("n_users", "n_items"):
+        value = manifest.get(key)
+        if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+            raise GnaqInputError(f"{mpath}: {key} must be an integer >= 0, got {value!r}")
+    missing = [name for name in REQUIRED_FILES if name not in files]
+    if missing:
+        raise GnaqInputError(f"{mpath}: 'files' has no entry for {missing[0]!r} (a dataset has "
+                             f"{', '.join(REQUIRED_FILES)})")
+    for name, entry in files.items():
+        where = entry["path"]
+        if not where or where in (".", "..") or "/" in where or "\\" in where or "\0" in where:
+            raise GnaqInputError(f"{mpath}: the path of {name!r}, {where!r}, is not a plain file name inside the "
+                                 f"dataset directory")
+        if not isinstance(entry.get("sha256"), str) or not isinstance(entry.get("rows"), int):
+            raise GnaqInputError(f"{mpath}: the entry of {name!r} needs sha256 (a string) and rows (an integer)")
     return manifest
 
 

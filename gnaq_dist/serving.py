@@ -21,6 +21,7 @@ the lists are deterministic and do not depend on the device's BLAS.
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -440,6 +441,42 @@ def recommendations_table(bundle: Bundle, raw_user_ids: Sequence[Any], k: int) -
     })
 
 
+#: The columns of a recommendation list (:func:`recommendations_table`), in order.
+RECOMMENDATION_COLUMNS = ("user", "rank", "item", "score")
+
+
+def check_output(path: str | os.PathLike, columns: Sequence[str] = RECOMMENDATION_COLUMNS) -> None:
+    """Refuse (one line) an output file name that would replace something other than a list
+    with ``columns`` that this writer wrote: ``--output`` used to replace any file, a raw
+    interaction log included. A Parquet file is recognised by its columns, a CSV file by its
+    header line; a directory or a missing parent directory is refused too."""
+    import pyarrow.csv as pacsv
+
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise GnaqInputError(f"{path}: is a directory, expected an output file name")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise GnaqInputError(f"{parent}: output directory does not exist")
+    if not os.path.lexists(path):
+        return
+    found: list[str] | None = None
+    try:
+        if path.endswith(".parquet"):
+            found = pq.read_schema(path).names
+        else:
+            with open(path, "rb") as handle:
+                first = handle.readline()
+            header = io.BytesIO()
+            pacsv.write_csv(pa.table({c: pa.array([], pa.string()) for c in columns}), header)
+            found = list(columns) if first == header.getvalue().splitlines(keepends=True)[0] else None
+    except (OSError, pa.ArrowInvalid):
+        found = None
+    if found != list(columns):
+        raise GnaqInputError(f"{path}: exists and is not a recommendation list ({', '.join(columns)}) that gnaq "
+                             f"wrote; it is left as it is: choose another --output, or remove it")
+
+
 def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     """Parquet if ``path`` ends in .parquet, CSV otherwise; all or nothing
     (:func:`gnaq_dist.storage.atomic_path`), so a failed write leaves no partial output."""
@@ -459,6 +496,6 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
 
 
 __all__ = [
-    "Bundle", "TrainGraph", "propagate_mean", "read_user_ids", "recommendations_table", "spmm",
-    "write_table_atomic",
+    "RECOMMENDATION_COLUMNS", "Bundle", "TrainGraph", "check_output", "propagate_mean", "read_user_ids",
+    "recommendations_table", "spmm", "write_table_atomic",
 ]

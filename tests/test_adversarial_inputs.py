@@ -286,6 +286,26 @@ def test_export_existing_out_without_overwrite_is_refused_before_reading(tmp_pat
     refused(capsys, tmp_path, ["export", str(ck), str(out)], "already exists")
 
 
+def test_recommend_output_replaces_only_a_recommendation_list(tmp_path, capsys):
+    """``recommend --output`` used to replace any file (an interaction log, someone's notes)."""
+    from gnaq_dist.serving import Bundle
+
+    b = bundle(tmp_path)
+
+    raw = Bundle.load(str(b)).user_ids[0]
+    src = write_log(tmp_path / "log.parquet", log())
+    notes = tmp_path / "notes.csv"
+    notes.write_text("my,own,notes\n")
+    for target in (src, str(notes)):
+        refused(capsys, tmp_path, ["recommend", str(b), "--user", str(raw), "--output", target],
+                target, "is not a recommendation list")
+    for name in ("recs.csv", "recs.parquet"):  # its own output: written, then replaced
+        ok(capsys, ["recommend", str(b), "--user", str(raw), "--output", str(tmp_path / name), "-k", "3"])
+        ok(capsys, ["recommend", str(b), "--user", str(raw), "--output", str(tmp_path / name), "-k", "2"])
+    assert pq.read_table(tmp_path / "recs.parquet").num_rows == 2
+    assert len((tmp_path / "recs.csv").read_text().splitlines()) == 3
+
+
 def test_generate_overwrite_replaces_only_a_generated_log(tmp_path, capsys):
     common = ["--users", "10", "--items", "5", "--rows", "60", "--no-progress", "--overwrite"]
     refused(capsys, tmp_path, ["generate", str(documents(tmp_path)), *common], "not a gnaq generated log")
@@ -388,6 +408,9 @@ def test_null_timestamps_are_still_allowed(tmp_path, capsys):
     (["--seed", "-1"], "split.seed"),
     (["--split", "temporal_global", "--cutoff", "99999999999999"], "split.cutoff"),
     (["--set", "split.test_fraction=.nan"], "split.test_fraction"),
+    # one column in two roles: a KeyError traceback ("exists 2 times in schema") when read
+    (["--user-col", "item_id"], "columns.item: 'item_id' is already the user column"),
+    (["--event-col", "timestamp", "--keep-events", "a"], "columns.event: 'timestamp' is already the timestamp"),
 ])
 def test_bad_ingest_config_values_are_refused_before_reading(tmp_path, capsys, flags, needle):
     missing = tmp_path / "no-such-log.parquet"  # a config error comes first: the source is never opened
@@ -410,6 +433,19 @@ def test_lightgcn_train_txt_without_rows_is_refused(tmp_path, capsys):
     (folder / "test.txt").write_text("0 1 2\n1 2\n")
     refused(capsys, tmp_path, ["ingest", str(folder), str(tmp_path / "out"), "--format", "lightgcn",
                                "--no-progress"], "train.txt leaves no training data")
+
+
+def test_lightgcn_source_that_is_not_a_folder_of_text_files(tmp_path, capsys):
+    """A Parquet file given with --format lightgcn, and a train.txt that is a directory: used to be
+    NotADirectoryError / IsADirectoryError tracebacks."""
+    src = write_log(tmp_path / "log.parquet", log())
+    refused(capsys, tmp_path, ["ingest", src, str(tmp_path / "out"), "--format", "lightgcn", "--no-progress"],
+            "log.parquet/train.txt", "a LightGCN folder needs train.txt and test.txt")
+    folder = tmp_path / "lgcn"
+    (folder / "train.txt").mkdir(parents=True)
+    (folder / "test.txt").write_text("0 1\n")
+    refused(capsys, tmp_path, ["ingest", str(folder), str(tmp_path / "out"), "--format", "lightgcn",
+                               "--no-progress"], "train.txt: a directory, not a LightGCN text file")
 
 
 @pytest.mark.parametrize("line,needle", [
@@ -442,6 +478,44 @@ def test_corrupt_data_page_is_one_line(tmp_path, capsys):
             "log.parquet", "cannot read")
 
 
+@pytest.mark.slow
+def test_missing_ids_are_one_line_and_exit_2_every_time(tmp_path):
+    """The real process, many times: the error for null / empty ids used to re-read the file while
+    its scan was open, and one run in eight then aborted at exit ("terminate called without an
+    active exception", status 134, a second line)."""
+    import subprocess
+    import sys
+
+    data = log()
+    data["user_id"][3] = None
+    nulls = write_log(tmp_path / "nulls.parquet", data)
+    data = log()
+    data["item_id"][5] = ""
+    empty = write_log(tmp_path / "empty.parquet", data)
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parent.parent)}
+    before = tree(tmp_path)
+    for run in range(24):
+        src, needle = (nulls, "'user_id' has 1 null and 0 empty-string user ids (of 24 rows; first at row 3)") \
+            if run % 2 == 0 else (empty, "'item_id' has 0 null and 1 empty-string item ids (of 24 rows; first at row 5)")
+        # as the installed console script runs it (``python -m gnaq_dist.cli`` did not show the abort)
+        proc = subprocess.run([sys.executable, "-c", "import sys; from gnaq_dist.cli import main; sys.exit(main())",
+                               "ingest", src, str(tmp_path / "out"), "--no-progress"],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 2, (run, proc.returncode, proc.stderr)
+        assert proc.stderr.count("\n") == 1 and needle in proc.stderr, (run, proc.stderr)
+    assert tree(tmp_path) == before
+
+
+def test_missing_ids_are_counted_over_the_whole_file_across_batches(tmp_path, capsys):
+    data = log(n_users=10)
+    data["user_id"][17] = None
+    data["user_id"][30] = ""
+    data["user_id"][31] = None
+    src = write_log(tmp_path / "log.parquet", data)
+    refused(capsys, tmp_path, ["ingest", src, str(tmp_path / "out"), "--no-progress", "--set", "batch_rows=4"],
+            "log.parquet", "'user_id' has 2 null and 1 empty-string user ids (of 40 rows; first at row 17)")
+
+
 def test_a_dataset_path_that_is_a_file_or_a_manifest_that_is_a_list(tmp_path, capsys):
     src = write_log(tmp_path / "log.parquet", log())
     afile = tmp_path / "notes.txt"
@@ -450,6 +524,41 @@ def test_a_dataset_path_that_is_a_file_or_a_manifest_that_is_a_list(tmp_path, ca
     ds = ingested(capsys, tmp_path)
     (ds / "manifest.json").write_text("[]")
     refused(capsys, tmp_path, ["ingest", src, str(ds), "--append", "--no-progress"], "a JSON list")
+
+
+def _without(key):
+    return lambda m: {k: v for k, v in m.items() if k != key}
+
+
+def _files(change):
+    return lambda m: {**m, "files": change(dict(m["files"]))}
+
+
+DATASET_MANIFESTS = {  # (change, needle); each used to be a traceback, or a file read from outside the folder
+    "no n_users": (_without("n_users"), "n_users must be an integer >= 0, got None"),
+    "n_users a string": (lambda m: {**m, "n_users": "many"}, "n_users must be an integer >= 0, got 'many'"),
+    "no test file": (_files(lambda f: {k: v for k, v in f.items() if k != "test"}), "no entry for 'test'"),
+    "a path out of the folder": (_files(lambda f: {**f, "train": {**f["train"], "path": "../elsewhere.parquet"}}),
+                                 "'../elsewhere.parquet', is not a plain file name inside the dataset"),
+    "an absolute path": (_files(lambda f: {**f, "train": {**f["train"], "path": "/etc/hostname"}}),
+                         "'/etc/hostname', is not a plain file name"),
+    "an entry without sha256": (_files(lambda f: {**f, "test": {"path": f["test"]["path"], "rows": 1}}),
+                                "the entry of 'test' needs sha256"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(DATASET_MANIFESTS))
+def test_a_dataset_manifest_of_the_wrong_shape_is_one_line(tmp_path, capsys, case):
+    change, needle = DATASET_MANIFESTS[case]
+    src = write_log(tmp_path / "log.parquet", log())
+    ds = ingested(capsys, tmp_path)
+    manifest = json.loads((ds / "manifest.json").read_text())
+    (ds / "manifest.json").write_text(json.dumps(change(manifest)))
+    refused(capsys, tmp_path, ["train", "--dataset", str(ds), "--out", str(tmp_path / "run"), "--epochs", "1",
+                               "--set", "schedule.warmup_epochs=0", "--no-progress"], "manifest.json", needle)
+    refused(capsys, tmp_path, ["ingest", src, str(ds), "--append", "--no-progress"], "manifest.json", needle)
+    refused(capsys, tmp_path, ["partition", str(ds), str(tmp_path / "part"), "--workers", "2"], "manifest.json",
+            needle)
 
 
 # == item 5: train config values, validated before any data is read ================================

@@ -89,6 +89,13 @@ BAD_MANIFESTS = {
     "an entry without sha256": (with_files(lambda f: {k: {"bytes": v["bytes"]} for k, v in f.items()}),
                                 "needs bytes (an integer) and sha256"),
     "model not an object": (set_key("model", "gnaq"), "model must be an object"),
+    "an unknown shard_method": (set_key("shard_method", "nosuch"), "shard_method must name a method"),
+    # the shards hold gnaq's columns; used to be a KeyError traceback
+    "the shard_method of another method (fp)": (set_key("shard_method", "fp"), "no column 'param.weight'"),
+    "the shard_method of another method (lsq)": (set_key("shard_method", "lsq"), "no column 'param.latent'"),
+    "a level dtype torch has not": (lambda m: {**m, "model": {**m["model"], "level_dtype": "nosuch"}},
+                                    "model.level_dtype 'nosuch' is not one of"),
+    "an unknown phi": (lambda m: {**m, "model": {**m["model"], "phi": "relu"}}, "model.phi 'relu' is not one of"),
 }
 
 

@@ -19,7 +19,9 @@ import json
 import logging
 import os
 import resource
+import shutil
 import sys
+import tempfile
 from pathlib import Path
 from typing import Any, Callable
 
@@ -61,13 +63,44 @@ ONE_MACHINE_RAY_ENV = {
 }
 
 
-def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> bool:
+#: Where a Ray process that is not given an address looks for "the" cluster: Train v2's
+#: placement-group cleaner (a detached actor) asks the state API about the Train controller
+#: there, and removes the run's placement group when that cluster does not know the
+#: controller. Ray's record of the machine's current cluster (``<RAY_TMPDIR or /tmp>/ray/
+#: ray_current_cluster``, written by ``ray start``) may name another live cluster, or a dead one.
+CLUSTER_ADDRESS_ENV = ("RAY_ADDRESS", "RAY_API_SERVER_ADDRESS")
+#: The private temp roots of :func:`connect` are ``<TMPDIR>/.gnaq-ray.tmp-*``.
+RECORD_ROOT_NAME = "gnaq-ray"
+
+
+def own_cluster_record(root: str, gcs_address: str) -> None:
+    """Ray's cluster record under the temp root ``root`` (``root/ray/ray_current_cluster``),
+    naming ``gcs_address``: what the processes of a Ray started with ``RAY_TMPDIR=root`` find."""
+    os.makedirs(os.path.join(root, "ray"), exist_ok=True)
+    with open(os.path.join(root, "ray", "ray_current_cluster"), "w") as handle:
+        handle.write(gcs_address)
+
+
+def _ray_temp_dir() -> str:
+    """Ray's default temp root as Ray documents it: ``$RAY_TMPDIR`` (else ``$TMPDIR`` on Linux,
+    else /tmp) + ``/ray``; read here, not from Ray's private modules."""
+    root = os.environ.get("RAY_TMPDIR") or (os.environ.get("TMPDIR") if sys.platform.startswith("linux") else None)
+    if not root:
+        root = "/tmp" if sys.platform.startswith(("linux", "darwin")) else tempfile.gettempdir()
+    return os.path.join(root, "ray")
+
+
+def connect(address: str | None, workers: int, object_store_mb: int = 1024, record_root: str | None = None) -> bool:
     """Start a local Ray on this machine's CPUs (or join ``address``). True if we started it.
 
     A local Ray declares one logical CPU more than the machine has: Train v2 runs its
     controller as an actor, which is idle most of the time and must not wait for a CPU
     that the workers hold. It starts with ``ONE_MACHINE_RAY_ENV`` (where the environment
-    does not set those variables already).
+    does not set those variables already). With ``record_root`` (an empty private directory),
+    its processes resolve "the current cluster" to this Ray, whatever the machine's record or
+    the environment names: they get ``RAY_TMPDIR=record_root`` and no ``RAY_ADDRESS`` /
+    ``RAY_API_SERVER_ADDRESS``, and ``record_root/ray/ray_current_cluster`` names this Ray
+    (:data:`CLUSTER_ADDRESS_ENV`). Its session and logs stay in Ray's usual temp dir.
     """
     import ray
 
@@ -85,16 +118,26 @@ def connect(address: str | None, workers: int, object_store_mb: int = 1024) -> b
     # The raylet that ray.init starts reads them, and its workers inherit them from it;
     # this process's environment is left as it was.
     added = {name: value for name, value in ONE_MACHINE_RAY_ENV.items() if name not in os.environ}
+    hidden: dict[str, str] = {}
+    extra: dict[str, Any] = {}
+    if record_root is not None:
+        extra["_temp_dir"] = _ray_temp_dir()  # sessions and logs where they always go
+        hidden = {name: os.environ.pop(name) for name in (*CLUSTER_ADDRESS_ENV, "RAY_TMPDIR") if name in os.environ}
+        added["RAY_TMPDIR"] = record_root
     os.environ.update(added)
     try:
         # address="local": a new Ray even where RAY_ADDRESS names another (--address is for that);
         # WARNING: its "Started a local Ray instance" line stays out of the run's output.
         ray.init(address="local", num_cpus=(os.cpu_count() or 1) + 1, include_dashboard=False,
                  object_store_memory=object_store_mb * 1024 * 1024, log_to_driver=True,
-                 logging_level=logging.WARNING)
+                 logging_level=logging.WARNING, **extra)
     finally:
         for name in added:
             del os.environ[name]
+        os.environ.update(hidden)
+    if record_root is not None:
+        # before any actor starts: the cleaner reads it on its first check
+        own_cluster_record(record_root, ray.get_runtime_context().gcs_address)
     return True
 
 
@@ -245,9 +288,9 @@ def run_config_for(config: TrainConfig, run_config: Any = None) -> Any:
 
 
 #: Worker log lines that the driver does not print: a Ray without the dashboard cannot answer
-#: the state API, and Train's placement-group cleaner says so with a warning every second; where
-#: /tmp/ray/ray_current_cluster names another (or a dead) cluster, the cleaner's state queries
-#: go there and its monitor thread dies with a traceback. Nothing it prints is about the run.
+#: the state API, and Train's placement-group cleaner says so (a warning every second, or its
+#: monitor thread ends with a traceback once it finds no API server address in our GCS).
+#: Nothing it prints is about the run.
 DROPPED_LINES = ("Failed to query Ray Train Controller actor state", "(PlacementGroupCleaner pid=")
 
 
@@ -321,13 +364,30 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
     from gnaq_dist.distributed.ray_reaper import start_reaper
 
     workers = config.distributed.workers
+    starts_ray = not address and not ray.is_initialized()
+    record_root, held = None, None
+    if starts_ray:
+        from gnaq_dist import staging
+
+        # its processes' view of "the current cluster": this Ray (connect). Held (flock) while
+        # this process lives; roots of dead drivers whose reaper died too are removed here.
+        staging.remove_stale(tempfile.gettempdir(), RECORD_ROOT_NAME, kinds=("tmp",))
+        record_root = tempfile.mkdtemp(prefix=f".{RECORD_ROOT_NAME}.tmp-")
+        held = staging.hold(record_root)
     # a Ray started here goes with this process, even a SIGKILLed one (ray_reaper.py)
-    reaper = start_reaper() if not address and not ray.is_initialized() else None
-    try:
-        started = connect(address, workers)
-    except BaseException:
+    reaper = start_reaper(remove=(record_root,)) if record_root is not None else None
+
+    def release() -> None:
         if reaper is not None:
-            reaper.close()
+            reaper.close()  # and whatever ray.shutdown left (its agents)
+        if record_root is not None:
+            shutil.rmtree(record_root, ignore_errors=True)
+            staging.release(held)
+
+    try:
+        started = connect(address, workers, record_root=record_root)
+    except BaseException:
+        release()
         raise
     interrupts.reinstall()  # ray.init replaced our SIGTERM handler
     try:
@@ -352,8 +412,7 @@ def fit_on_ray(config: TrainConfig, scaling_config: Any = None, run_config: Any 
     finally:
         if started:
             ray.shutdown()
-        if reaper is not None:
-            reaper.close()  # and whatever ray.shutdown left (its agents)
+        release()
 
 
 def read_summary(out: str, storage_options: dict[str, Any] | None = None) -> dict[str, Any]:

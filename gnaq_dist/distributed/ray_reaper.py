@@ -8,14 +8,16 @@ own session (a Ctrl-C to the driver's terminal does not reach it), holding the r
 a pipe whose only writer is the driver. Twice a second it records every descendant of the
 driver (pid and kernel start time, so a reused pid is never mistaken); when the pipe reaches
 end of file (the driver exited, however it died) it sends SIGTERM to those still alive,
-waits two seconds and SIGKILLs the rest. Linux only (it reads ``/proc``); elsewhere nothing
-is started.
+waits two seconds and SIGKILLs the rest, then removes the directories it was given (the
+private Ray temp root of :func:`.ray_launch.connect`). Linux only (it reads ``/proc``);
+elsewhere nothing is started.
 """
 
 from __future__ import annotations
 
 import os
 import select
+import shutil
 import signal
 import subprocess
 import sys
@@ -83,8 +85,9 @@ def _reap(seen: dict[int, int]) -> list[int]:
     return targets
 
 
-def _watch(driver: int, pipe_fd: int = 0) -> None:
-    """Record the driver's descendants until ``pipe_fd`` reaches end of file, then reap them."""
+def _watch(driver: int, pipe_fd: int = 0, remove: tuple[str, ...] = ()) -> None:
+    """Record the driver's descendants until ``pipe_fd`` reaches end of file, then reap them
+    and remove the directories ``remove``."""
     seen: dict[int, int] = {}
     while True:
         readable, _, _ = select.select([pipe_fd], [], [], SNAPSHOT_S)
@@ -92,6 +95,8 @@ def _watch(driver: int, pipe_fd: int = 0) -> None:
             break
         seen.update(descendants(driver))
     _reap(seen)
+    for path in remove:
+        shutil.rmtree(path, ignore_errors=True)
 
 
 class Reaper:
@@ -111,16 +116,17 @@ class Reaper:
             self.process = None
 
 
-def start_reaper() -> Reaper:
-    """Start the watchdog for this process (a no-op :class:`Reaper` where there is no ``/proc``)."""
+def start_reaper(remove: tuple[str, ...] = ()) -> Reaper:
+    """Start the watchdog for this process (a no-op :class:`Reaper` where there is no ``/proc``);
+    it removes the directories ``remove`` after the reaping."""
     if not sys.platform.startswith("linux") or not os.path.isdir("/proc/self"):
         return Reaper(None)
     # run as a script, not as a module of the package: the standard library is all it imports
-    process = subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), str(os.getpid())],
+    process = subprocess.Popen([sys.executable, "-S", os.path.abspath(__file__), str(os.getpid()), *remove],
                                stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, start_new_session=True)
     return Reaper(process)
 
 
 if __name__ == "__main__":
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the driver's terminal is not ours
-    _watch(int(sys.argv[1]))
+    _watch(int(sys.argv[1]), remove=tuple(sys.argv[2:]))

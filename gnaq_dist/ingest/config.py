@@ -115,6 +115,14 @@ class IngestConfig:
             raise ConfigError("kcore_users / kcore_items: must be >= 0")
         if self.batch_rows < 1:
             raise ConfigError(f"batch_rows: {self.batch_rows} must be >= 1")
+        roles: dict[str, str] = {}
+        for role in ("user", "item", "timestamp", "weight", "event", "split"):
+            name = getattr(self.columns, role)
+            if name and name in roles:
+                raise ConfigError(f"columns.{role}: {name!r} is already the {roles[name]} column (each role needs "
+                                  f"its own column)")
+            if name:
+                roles[name] = role
         if self.keep_events is not None and not self.columns.event:
             raise ConfigError("keep_events: needs columns.event (the column to filter on)")
         if self.keep_events is not None and not self.keep_events:

@@ -35,8 +35,10 @@ def _parse(fs, path: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     try:
         with fs.open(path, "rb") as handle:
             text = handle.read().decode("utf-8")
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # a missing file, or SOURCE is a file, not a folder
         raise GnaqInputError(f"{path}: path not found (a LightGCN folder needs train.txt and test.txt)") from None
+    except IsADirectoryError:
+        raise GnaqInputError(f"{path}: a directory, not a LightGCN text file") from None
     except UnicodeDecodeError:
         raise GnaqInputError(f"{path}: not a LightGCN text file (not UTF-8 text)") from None
     listed, users, items = [], [], []

@@ -386,8 +386,10 @@ def read_parquet(source: Source, config: IngestConfig, users: IdMap, items: IdMa
             fragment = next(iter(dataset.get_fragments()))
             scanner = fragment.scanner(schema=f.schema, columns=names, batch_size=config.batch_rows, use_threads=True)
             offset, rows = 0, Rows(0)
+            batches = scanner.to_batches()
             try:
-                for batch in scanner.to_batches():
+                for batch in batches:
+                    raw = batch
                     n = batch.num_rows
                     rows, offset = Rows(offset), offset + n
                     stats.rows_read += n
@@ -401,8 +403,11 @@ def read_parquet(source: Source, config: IngestConfig, users: IdMap, items: IdMa
                         stats.filtered_by_event += n - batch.num_rows
                         if batch.num_rows == 0:
                             continue
-                    parts.append(_convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set,
-                                          label_codes, rows))
+                    try:
+                        parts.append(_convert(batch, f, config, users, items, use_ts, use_split, label_set,
+                                              label_codes, rows))
+                    except _MissingIds as missing:
+                        raise missing.counted(raw, rows.start, batches) from None
             except (pa.ArrowInvalid, pa.ArrowNotImplementedError, OSError) as exc:
                 # a corrupt page or an undecodable value: the file, not a traceback
                 first = str(exc).splitlines()[0][:160] if str(exc) else exc.__class__.__name__
@@ -412,7 +417,35 @@ def read_parquet(source: Source, config: IngestConfig, users: IdMap, items: IdMa
     return Edges.concat(parts), stats
 
 
-def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_set, label_codes,
+class _MissingIds(Exception):
+    """Null or empty ids in a batch; :meth:`counted` turns it into the error for the whole file."""
+
+    def __init__(self, path: str, name: str, role: str, kind: str) -> None:
+        self.path, self.name, self.role, self.kind = path, name, role, kind
+
+    def counted(self, raw: pa.RecordBatch, start: int, rest) -> GnaqInputError:
+        """The file's totals, counted over this batch (``raw``, before any event filter, at file row
+        ``start``) and the rest of the same scan. Not a second scan of the file: one started while
+        the first was open made the process abort at exit now and then ("terminate called")."""
+        nulls = empty = total = 0
+        first = -1
+        for batch in _chain(raw, rest):
+            arr = _ids(batch.column(self.name), self.kind)
+            n_null, n_empty = _bad_ids(arr, self.kind)
+            if first < 0 and (n_null or n_empty):
+                bad = pc.or_kleene(arr.is_null(), pc.equal(arr, "")) if self.kind == "string" else arr.is_null()
+                first = start + total + _first(bad)[0]
+            nulls, empty, total = nulls + n_null, empty + n_empty, total + batch.num_rows
+        return GnaqInputError(f"{self.path}: column {self.name!r} has {nulls} null and {empty} empty-string "
+                              f"{self.role} ids (of {start + total} rows; first at row {first})")
+
+
+def _chain(first, rest):
+    yield first
+    yield from rest
+
+
+def _convert(batch, f, config, users, items, use_ts, use_split, label_set, label_codes,
              rows: Rows | None = None) -> Edges:
     cols = config.columns
     rows = rows or Rows()
@@ -425,15 +458,8 @@ def _convert(batch, f, fragment, config, users, items, use_ts, use_split, label_
         else:
             _check_utf8(plain, f.path, name, rows, f"{role} id")
         arr = _ids(plain, idmap.kind)
-        nulls, empty = _bad_ids(arr, idmap.kind)
-        if nulls or empty:
-            whole = _ids(fragment.to_table(schema=f.schema, columns=[name]).column(name).combine_chunks(), idmap.kind)
-            nulls, empty = _bad_ids(whole, idmap.kind)
-            bad = whole.is_null() if nulls else pc.equal(whole, "")
-            raise GnaqInputError(
-                f"{f.path}: column {name!r} has {nulls} null and {empty} empty-string {role} ids (of {len(whole)} rows; "
-                f"first at row {_first(bad)[0]})"
-            )
+        if any(_bad_ids(arr, idmap.kind)):
+            raise _MissingIds(f.path, name, role, idmap.kind)
         mapped.append(idmap.map(arr).astype(np.int32))
     ts = _checked_unix_seconds(batch.column(cols.timestamp), f.path, cols.timestamp, rows) if use_ts else None
     weight = _checked_weights(batch.column(cols.weight), f.path, cols.weight, rows) if cols.weight else None

@@ -25,6 +25,7 @@ import pyarrow as pa
 import torch
 
 from gnaq_dist import checkpoint as ckpt
+from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.graph import BipartiteGraph
 from gnaq_dist.quant.base import EmbeddingMethod
 from gnaq_dist.train.config import TrainConfig
@@ -151,9 +152,12 @@ def restore(loaded: ckpt.Loaded, n_rows: int, graph: BipartiteGraph | None, lr_f
     resolves it (its rate, like ``lr_quant``, is the run's, not the checkpoint's)."""
     m = loaded.manifest
     rows = ckpt.read_rows(loaded.uri, m, np.arange(n_rows, dtype=np.int64), storage_options)
-    method = ckpt.build_for_rows(m, n_rows, graph, latent_lr=latent_lr)
-    view = RowAdamView(method, None, n_rows)
-    ckpt.load_rows(method, rows, view)
+    try:
+        method = ckpt.build_for_rows(m, n_rows, graph, latent_lr=latent_lr)
+        view = RowAdamView(method, None, n_rows)
+        ckpt.load_rows(method, rows, view)
+    except GnaqInputError as exc:
+        raise ckpt.CheckpointError(f"{loaded.uri}: {exc}") from None
     lr = lr_fp if m["shard_method"] == "fp" else lr_quant
     optimizer = torch.optim.Adam([p for p in method.parameters() if p.requires_grad], lr=lr)
     view.install(method, optimizer)

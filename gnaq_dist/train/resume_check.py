@@ -17,6 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 from gnaq_dist import checkpoint as ckpt
+from gnaq_dist.errors import GnaqInputError
 from gnaq_dist.train.config import TrainConfig
 
 
@@ -47,6 +48,12 @@ def check_resume(config: TrainConfig) -> ckpt.Loaded | None:
     if loaded is None:
         return None
     ckpt.check_model(loaded.uri, loaded.manifest, _model_key(config))
+    try:
+        ckpt.check_shard_columns(loaded.uri, loaded.manifest, config.storage_options)
+    except ckpt.CheckpointError:
+        raise
+    except GnaqInputError as exc:  # a bit width or option the method refuses
+        raise ckpt.CheckpointError(f"{loaded.uri}: {exc}") from None
     if not config.dataset:
         return loaded
     from gnaq_dist.dataset import load_dataset, read_manifest

@@ -311,11 +311,13 @@ def _write_results(rows: list[Row], base: TrainConfig, out_dir: Path, protocol: 
     budget = (f"{f'batch {s.batch_size}' if s.batch_size else f'{s.steps_per_epoch} steps an epoch'}, "
               f"{s.num_negatives} negatives, d = {base.model.dim}, L = {base.model.num_layers}, lr {base.optim.lr}"
               f" (quantized: {base.optim.rate('quantized')})")
-    n = len(seeds)
+    done = [seed for seed in seeds if any(r.seed == seed for r in rows)]  # a table written while seeds remain
+    n = len(done)
     lines = ["| " + " | ".join(MD_COLUMNS) + " |", "|" + "---|" * len(MD_COLUMNS)]
     lines += ["| " + " | ".join(_cell(e, c, n) for c in MD_COLUMNS) + " |" for e in entries]
+    planned = "" if len(done) == len(seeds) else f" so far, of {', '.join(map(str, seeds))} planned"
     lines += ["", f"Protocol `{protocol}`: {text}. Budget: {budget}. "
-              f"Seeds: {', '.join(map(str, seeds))}" + (" (mean ± sample standard deviation)." if n > 1 else ".")]
+              f"Seeds: {', '.join(map(str, done))}{planned}" + (" (mean ± sample standard deviation)." if n > 1 else ".")]
     if timing:
         t = timing[0]
         lines += [f"ms_per_step: median of {t['steps']} steps per method, timed round-robin on the same batches "

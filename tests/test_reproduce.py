@@ -99,9 +99,22 @@ def test_each_protocol_runs_two_methods_over_two_seeds(tmp_path, protocol):
     assert lsq["ms_per_step"] == out["timing"][1]["median_ms"]
     md = (tmp_path / "results.md").read_text()
     assert md.count("\n| LSQ 2-bit | ") == 1 and " ± " in md and f"Protocol `{protocol}`" in md
+    assert "Seeds: 5, 6 (mean ± sample standard deviation)." in md
     with (tmp_path / "results.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 4
     assert (tmp_path / "seed6" / "lsq-2bit" / "metrics.jsonl").exists()
+
+
+def test_a_table_written_before_the_last_seed_names_the_seeds_it_holds(tmp_path):
+    """results.md is rewritten after every run: while seeds remain it says which seeds it averages."""
+    from gnaq_dist.reproduce import _write_results
+
+    data = clustered_interactions(n_users=120, n_items=80, seed=3)
+    base = tiny_base()
+    rows = run_reproduction(base, data, tmp_path, [("fp", None)], protocol="scratch", seeds=1)
+    _write_results(rows, base, tmp_path, "scratch", [5, 6])
+    md = (tmp_path / "results.md").read_text()
+    assert "Seeds: 5 so far, of 5, 6 planned." in md and " ± " not in md
 
 
 def write_tiny_dataset(tmp_path, valid: bool) -> str:

@@ -445,6 +445,17 @@ def recommendations_table(bundle: Bundle, raw_user_ids: Sequence[Any], k: int) -
 RECOMMENDATION_COLUMNS = ("user", "rank", "item", "score")
 
 
+def _output_file(path: str | os.PathLike) -> str:
+    """``path`` made absolute, refused (one line) where it is a directory or its folder is missing."""
+    path = os.path.abspath(os.fspath(path))
+    if os.path.isdir(path):
+        raise GnaqInputError(f"{path}: is a directory, expected an output file name")
+    parent = os.path.dirname(path)
+    if not os.path.isdir(parent):
+        raise GnaqInputError(f"{parent}: output directory does not exist")
+    return path
+
+
 def check_output(path: str | os.PathLike, columns: Sequence[str] = RECOMMENDATION_COLUMNS) -> None:
     """Refuse (one line) an output file name that would replace something other than a list
     with ``columns`` that this writer wrote: ``--output`` used to replace any file, a raw
@@ -452,12 +463,7 @@ def check_output(path: str | os.PathLike, columns: Sequence[str] = RECOMMENDATIO
     header line; a directory or a missing parent directory is refused too."""
     import pyarrow.csv as pacsv
 
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise GnaqInputError(f"{path}: is a directory, expected an output file name")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise GnaqInputError(f"{parent}: output directory does not exist")
+    path = _output_file(path)
     if not os.path.lexists(path):
         return
     found: list[str] | None = None
@@ -482,12 +488,7 @@ def write_table_atomic(table: pa.Table, path: str | os.PathLike) -> None:
     (:func:`gnaq_dist.storage.atomic_path`), so a failed write leaves no partial output."""
     import pyarrow.csv as pacsv
 
-    path = os.path.abspath(os.fspath(path))
-    if os.path.isdir(path):
-        raise GnaqInputError(f"{path}: is a directory, expected an output file name")
-    parent = os.path.dirname(path)
-    if not os.path.isdir(parent):
-        raise GnaqInputError(f"{parent}: output directory does not exist")
+    path = _output_file(path)
     with atomic_path(path) as tmp:
         if path.endswith(".parquet"):
             pq.write_table(table, tmp)

@@ -163,18 +163,24 @@ def whole_runs():
     return {w: run_ranks(scenario_runs, w, timeout=240) for w in (1, 2)}
 
 
+def assert_same_run(x: list[dict], y: list[dict]) -> None:
+    """Two runs' ranks (their rows and metrics) ended in the same place: levels and row state to
+    float tolerance, the latent but for a rounding flipped by summation order, the metrics."""
+    gx = {k: _global([r["rows_state"] for r in x], k) for k in ("levels", "latent", "state")}
+    gy = {k: _global([r["rows_state"] for r in y], k) for k in ("levels", "latent", "state")}
+    np.testing.assert_allclose(gx["levels"], gy["levels"], rtol=0, atol=1e-4)
+    np.testing.assert_allclose(gx["state"], gy["state"], rtol=1e-3, atol=1e-12)
+    assert (gx["latent"] != gy["latent"]).mean() < 1e-3
+    for k, v in x[0]["metrics"].items():
+        assert y[0]["metrics"][k] == pytest.approx(v, abs=1e-3)
+
+
 @pytest.mark.parametrize("i", [0, 1], ids=["full", "sampled"])
 def test_two_ranks_train_like_one_from_scratch(whole_runs, i):
     one = [r[i] for r in whole_runs[1]]
     two = [r[i] for r in whole_runs[2]]
-    g1 = {k: _global([r["rows_state"] for r in one], k) for k in ("levels", "latent", "state")}
-    g2 = {k: _global([r["rows_state"] for r in two], k) for k in ("levels", "latent", "state")}
-    np.testing.assert_allclose(g1["levels"], g2["levels"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(g1["state"], g2["state"], rtol=1e-3, atol=1e-12)
-    assert (g1["latent"] != g2["latent"]).mean() < 1e-3
-    for k, v in one[0]["metrics"].items():
-        assert two[0]["metrics"][k] == pytest.approx(v, abs=1e-3)
-        assert two[1]["metrics"][k] == two[0]["metrics"][k]
+    assert_same_run(one, two)
+    assert two[1]["metrics"] == two[0]["metrics"]  # every rank reports the same metrics
     assert one[0]["phase_steps"] == two[0]["phase_steps"] == {"fp": 0, "quantized": 18}  # 6 steps an epoch, no warm-up
     epochs = [r for r in two[0]["history"] if r["event"] == "epoch"]
     assert all(r["phase"] == "quantized" and 0 < r["codes_changed"] < 1 for r in epochs)  # the codes move
@@ -276,13 +282,7 @@ def test_resume_and_reshard_two_one_two_continue_the_run_exactly(resharded):
     _, a, b, c = resharded
     assert b[0]["resumed_from"]["world_size_then"] == 2 and b[0]["world_size"] == 1
     assert c[0]["resumed_from"]["world_size_then"] == 1 and c[0]["world_size"] == 2
-    ga = {k: _global([r["rows_state"] for r in a], k) for k in ("levels", "latent", "state")}
-    gc = {k: _global([r["rows_state"] for r in c], k) for k in ("levels", "latent", "state")}
-    np.testing.assert_allclose(ga["levels"], gc["levels"], rtol=0, atol=1e-4)
-    np.testing.assert_allclose(ga["state"], gc["state"], rtol=1e-3, atol=1e-12)
-    assert (ga["latent"] != gc["latent"]).mean() < 1e-3
-    for k, v in a[0]["metrics"].items():
-        assert c[0]["metrics"][k] == pytest.approx(v, abs=1e-3)
+    assert_same_run(a, c)
     resume_eval = [r for r in b[0]["history"] if r["event"] == "eval" and r["phase"] == "resume"][0]
     written = [r for r in a[0]["history"] if r["event"] == "eval" and r["epoch"] == 2][0]
     assert resume_eval["recall@20"] == pytest.approx(written["recall@20"], abs=1e-9)

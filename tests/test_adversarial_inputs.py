@@ -480,9 +480,9 @@ def test_corrupt_data_page_is_one_line(tmp_path, capsys):
 
 @pytest.mark.slow
 def test_missing_ids_are_one_line_and_exit_2_every_time(tmp_path):
-    """The real process, many times: the error for null / empty ids used to re-read the file while
-    its scan was open, and one run in eight then aborted at exit ("terminate called without an
-    active exception", status 134, a second line)."""
+    """The real process, many times: the refusal of null / empty ids is one line and exit 2 on
+    every run, never an abort at exit (status 134, a second line), which a second read of the
+    file while its scan was open caused."""
     import subprocess
     import sys
 

@@ -134,7 +134,7 @@ def test_the_one_process_trainer_trains_with_the_resolved_step_and_reports_it():
     assert seen[steps:] == [0.07] * steps and constant.method.latent_lr == 0.07
     # other methods report no latent step
     lsq = load_config(TrainConfig, [], ["model.method=lsq", "model.bits=2", *SMALL])
-    assert LocalTrainer(lsq, data).latent_step is None
+    assert LocalTrainer(lsq, data).schedule.latent_lr is None
 
 
 def test_summary_json_records_the_resolved_step(tmp_path):

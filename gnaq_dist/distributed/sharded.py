@@ -136,7 +136,7 @@ class MethodShard:
         # Packed rows: the wire carries the levels; the rest (GNAQ's score bias) learns from
         # gradients the step computes apart (:meth:`apply_row_gradients`' ``extra``).
         self.extra_params = self.row_params[1:] if self.format != "latent" else []
-        self._served_codes: torch.Tensor | None = None  # derived: the own rows' codes this step serves
+        self._served_codes: torch.Tensor | None = None  # derived: the own rows' codes until the latent moves (_own_codes)
         self._l2: tuple[torch.Tensor, torch.Tensor] | None = None  # derived: this step's L2 gradient of own rows
         if self.format == "derived":
             # the rounding noise of a row's latent is keyed by its global id: the same for every W
@@ -167,10 +167,17 @@ class MethodShard:
             levels = self.method.phi(self.method.levels.detach()).to(self.level_dtype).unsqueeze(1)
             if self.format == "packed":
                 codes = self.method.packed_codes
-            else:  # the latent's bins, kept until the step's update (the owner's level gradients read them)
-                codes = self._served_codes = self.method.packed_codes_of(None)
+            else:
+                codes = self._own_codes()
             return QuantizedShard(codes, levels, self.method.bits, self.method.dim)
         return self._latent
+
+    def _own_codes(self) -> torch.Tensor:
+        """Derived rows: the packed codes of every own row, the latent's bins, computed once a step
+        (served, read by the level gradients and the L2 term) until :meth:`update_latent` moves the latent."""
+        if self._served_codes is None:
+            self._served_codes = self.method.packed_codes_of(None)
+        return self._served_codes
 
     def gradient_widths(self) -> list[int]:
         """Values per row of each gradient message (one message per row parameter)."""
@@ -237,7 +244,7 @@ class MethodShard:
     def _param_grads(self, rows: torch.Tensor | None, wire_grads: list[torch.Tensor]) -> list[torch.Tensor]:
         if self.format == "derived":  # dL/dx -> the levels' gradient through the rows' own codes
             (dx,) = wire_grads
-            codes = self._served_codes if self._served_codes is not None else self.method.packed_codes_of(None)
+            codes = self._own_codes()
             packed = codes if rows is None else codes[rows]
             g = level_gradients(packed.contiguous(), dx.contiguous(), self.method.bits)
             l2, self._l2 = self._l2, None
@@ -296,8 +303,7 @@ class MethodShard:
         """Derived rows: the layer-0 rows of own ``rows`` as the wire serves them (levels in
         ``model.level_dtype``), float32 (n, d)."""
         levels = self.method.phi(self.method.levels.detach()[rows]).to(self.level_dtype).to(torch.float32)
-        return dequantize_rows(self.method.packed_codes_of(rows), levels.contiguous(), self.method.bits,
-                               self.method.dim)
+        return dequantize_rows(self._own_codes()[rows], levels.contiguous(), self.method.bits, self.method.dim)
 
     @torch.no_grad()
     def update_latent(self, step: float) -> None:

@@ -51,7 +51,6 @@ from gnaq_dist.distributed.row_exchange import fetch_rows, push_row_gradients
 from gnaq_dist.distributed.rows import LatentShard
 from gnaq_dist.distributed.sharded import MethodShard, build_shard_method
 from gnaq_dist.errors import GnaqInputError
-from gnaq_dist.methods import is_latent_gnaq
 from gnaq_dist.evaluation import users_to_evaluate
 from gnaq_dist.graph import BipartiteGraph, TrainCSR, build_graph_from_arrays, csr_rows_of, interactions_csr
 from gnaq_dist.interactions import InteractionData
@@ -151,9 +150,6 @@ class DistributedTrainer:
                                        config.schedule.num_negatives, seed=config.seed)
         self.steps_per_epoch = len(self.batches)
         self.global_step = 0
-        # gnaq_lat's (mean) latent step as this run resolves it (model.latent_lr, auto: from the plan)
-        self.latent_step: float | None = (self.schedule.method_options(config)["latent_lr"]
-                                          if is_latent_gnaq(config.model.method) else None)
         self.owned_t = torch.from_numpy(self.partition.owned_ids(self.rank))
         self._items: FixedExchange | None = None  # every item's final row (full-graph steps)
         self.wire = RunWire()  # bytes of the steps, refinement and whole-table gathers
@@ -259,10 +255,6 @@ class DistributedTrainer:
         release_free_memory()
 
     # -- one step --------------------------------------------------------------------------
-    def _latent_step(self) -> float:
-        """gnaq_lat's latent step for this step: the resolved step times the decay's factor (as one process)."""
-        return self.latent_step * self.schedule.latent_factor(self.global_step)
-
     def step(self, users: torch.Tensor, pos: torch.Tensor, neg: torch.Tensor, global_size: int) -> float:
         """One data-parallel step on this rank's positives (an :class:`~gnaq_dist.sampling.OwnedBatch`)
         of a global batch of ``global_size``; returns this rank's share of the global BPR loss."""
@@ -337,7 +329,7 @@ class DistributedTrainer:
             self._derived_l2(batch_nodes, rows.counts, global_batch)
         self._apply_gradients(view, input_nodes=input_nodes, extra=extra)
         if shard.format == "derived":  # the owners' latent update, from the dL/dx their rows received
-            shard.update_latent(self._latent_step())
+            shard.update_latent(self.schedule.latent_lr_at(self.global_step))
         elif self._refine_now():
             self._refine(batch_nodes, final)
         self.global_step += 1
@@ -459,7 +451,7 @@ class DistributedTrainer:
         extra = [] if bias is None else [bias.grad if bias.grad is not None else torch.zeros_like(bias)]
         self._apply_gradients(view, plan=plan, extra=extra)
         if shard.format == "derived":  # each owner updates its rows' latent; the halo reads the new codes next step
-            shard.update_latent(self._latent_step())
+            shard.update_latent(self.schedule.latent_lr_at(self.global_step))
         if refine_rows is not None:
             # Each rank re-assigns its own rows' codes from the forward it just ran: no bytes move
             # here; the halo copies on other ranks get the new codes with the next step's pull.
@@ -642,7 +634,7 @@ class DistributedTrainer:
             n_items=self.data.n_items, n_train=self.n_train, steps_per_epoch=self.steps_per_epoch,
             batch_size=plan.batch_size, epochs=sched.epochs, warmup_epochs=warmup_epochs if cfg.quantized else 0,
             max_minutes=sched.max_minutes, world_size=self.world,
-            **({"latent_lr": self.latent_step, "latent_decay": plan.latent_decay} if self.latent_step is not None else {})))
+            **({"latent_lr": self.schedule.latent_lr, "latent_decay": plan.latent_decay} if self.schedule.latent_lr is not None else {})))
         if self.resume is not None:
             restored = self.checkpoints.restore(self.resume, self.partition, self._new_shard)
             self.global_step, self.positives, self.history = restored.step, restored.positives, restored.history
@@ -762,7 +754,7 @@ class DistributedTrainer:
             "steps": self.global_step,
             "resumed_from": resumed,
             "checkpoint": checkpoint,
-            **({"latent_lr": self.latent_step} if self.latent_step is not None else {}),
+            **({"latent_lr": self.schedule.latent_lr} if self.schedule.latent_lr is not None else {}),
         }
 
 def train_worker(config: TrainConfig, data: InteractionData | None = None, report: Report | None = None,

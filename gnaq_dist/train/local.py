@@ -32,7 +32,6 @@ from gnaq_dist.allocator import retain_freed_memory
 from gnaq_dist.evaluation import evaluate_ranking, finalize, users_to_evaluate
 from gnaq_dist.graph import BipartiteGraph, build_graph, interactions_csr
 from gnaq_dist.interactions import InteractionData
-from gnaq_dist.methods import is_latent_gnaq
 from gnaq_dist.propagation import final_from_packed, propagate_blocks, propagate_full
 from gnaq_dist.quant import build_method
 from gnaq_dist.quant.base import EmbeddingMethod, score_rows
@@ -114,9 +113,6 @@ class LocalTrainer:
                                   seed=config.seed)
         self.steps_per_epoch = len(self.batches)
         self.global_step = 0
-        # gnaq_lat's latent step as this run resolves it (model.latent_lr, auto: from the plan); None for other methods
-        self.latent_step: float | None = (self.schedule.method_options(config)["latent_lr"]
-                                          if is_latent_gnaq(config.model.method) else None)
 
     # -- one optimisation step -------------------------------------------------------
     def _final_embeddings_for(self, method: EmbeddingMethod, node_ids: torch.Tensor):
@@ -140,8 +136,8 @@ class LocalTrainer:
         optimizer.step()
         self.positives += int(users.shape[0])
         refine_every = cfg.model.refine_steps
-        if self.latent_step is not None and hasattr(method, "latent_lr"):  # gnaq_lat: this step's latent step
-            method.latent_lr = self.latent_step * self.schedule.latent_factor(self.global_step)
+        if self.schedule.latent_lr is not None:  # gnaq_lat: this step's latent step
+            method.latent_lr = self.schedule.latent_lr_at(self.global_step)
         if refine_every and method.refines and (self.global_step + 1) % refine_every == 0:
             # Re-assign codes from the propagated embeddings of this step's forward (before the
             # optimizer step, as the reference): every node's with full propagation (no extra
@@ -266,7 +262,7 @@ class LocalTrainer:
             from gnaq_dist.train.checkpoints import restore
 
             method, optimizer = restore(resume, N, self.graph, cfg.optim.lr, cfg.optim.rate("quantized"),
-                                        cfg.storage_options, latent_lr=self.latent_step)
+                                        cfg.storage_options, latent_lr=self.schedule.latent_lr)
             m = resume.manifest
             phase = m["phase"]
             self.global_step = int(m["step"])
@@ -283,8 +279,8 @@ class LocalTrainer:
                   n_items=data.n_items, n_train=data.n_train, steps_per_epoch=self.steps_per_epoch,
                   batch_size=plan.batch_size, epochs=total_epochs,
                   warmup_epochs=warmup_epochs if cfg.quantized else 0, max_minutes=sched.max_minutes,
-                  **({"latent_lr": self.latent_step, "latent_decay": plan.latent_decay}
-                     if self.latent_step is not None else {}))
+                  **({"latent_lr": self.schedule.latent_lr, "latent_decay": plan.latent_decay}
+                     if self.schedule.latent_lr is not None else {}))
         bar = tqdm(total=total_steps, desc=f"{cfg.model.method}", unit="step", disable=not cfg.progress,
                    dynamic_ncols=True)
         epoch = 0
@@ -407,7 +403,7 @@ class LocalTrainer:
             metrics=metrics, history=history, phase_seconds=times.seconds, phase_epochs=times.epochs,
             seconds_per_epoch=times.seconds_per_epoch(), storage=storage, method=method,
             warm_start=captured, checkpoint=checkpoint, resumed_from=resumed, early_stopping=stopping,
-            latent_lr=self.latent_step,
+            latent_lr=self.schedule.latent_lr,
         )
         self._log("end", metrics=metrics, phase_seconds=times.seconds, phase_epochs=times.epochs,
                   seconds_per_epoch=result.seconds_per_epoch, storage=storage,

@@ -16,6 +16,7 @@ import math
 import time
 from dataclasses import dataclass, field
 
+from gnaq_dist.methods import is_latent_gnaq
 from gnaq_dist.train.config import TrainConfig
 
 
@@ -43,6 +44,7 @@ class Schedule:
     lr_final: float = 1.0
     quantized_steps: int = 0  # optimizer steps the quantized phase plans (0 for fp): what latent_lr=auto divides by
     latent_decay: str = "none"  # model.latent_decay: how gnaq_lat's latent step changes over the quantized phase
+    latent_lr: float | None = None  # gnaq_lat's (mean) latent step, model.latent_lr resolved against the plan; None for other methods
 
     @classmethod
     def of(cls, config: TrainConfig, n_train: int) -> Schedule:
@@ -53,9 +55,10 @@ class Schedule:
         if sched.max_steps is not None:
             total = min(total, sched.max_steps)
         quantized_steps = max(0, total - config.warmup_epochs * steps_per_epoch) if config.quantized else 0
+        latent_lr = config.model.latent_step(quantized_steps) if is_latent_gnaq(config.model.method) else None
         return cls(batch, steps_per_epoch, sched.epochs, config.warmup_epochs, total, sched.eval_every,
                    config.quantized, config.optim.lr_decay, config.optim.lr_final, quantized_steps,
-                   config.model.latent_decay)
+                   config.model.latent_decay, latent_lr)
 
     def method_options(self, config: TrainConfig) -> dict:
         """``build_method``'s options for this run: ``config.model``'s, ``latent_lr: auto`` resolved
@@ -73,6 +76,10 @@ class Schedule:
         t = global_step - self.warmup_epochs * self.steps_per_epoch
         progress = min(max(t / self.quantized_steps, 0.0), 1.0)
         return 1.0 + math.cos(math.pi * progress)
+
+    def latent_lr_at(self, global_step: int) -> float:
+        """gnaq_lat's latent step at step ``global_step``: :attr:`latent_lr` times :meth:`latent_factor`."""
+        return self.latent_lr * self.latent_factor(global_step)
 
     def lr_factor(self, epoch: int) -> float:
         """The fraction of its phase's rate that ``epoch`` trains at (``optim.lr_decay``): 1 without
